@@ -1,0 +1,1 @@
+//! (chat: not yet built)

@@ -1,0 +1,371 @@
+//! Configuration: every bound the server enforces, in one place.
+//!
+//! `Config` is read once at start (TOML file, then command-line overrides),
+//! validated, and then shared read-only by every shard (`Arc<Config>`). Each
+//! field's doc gives its unit, default, why it exists and what it costs.
+//! `Config::for_tests()` shrinks everything so tests reach roll-over, full
+//! windows and full queues cheaply.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Who may create accounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationPolicy {
+    /// Anyone who can reach the port (the local default).
+    Open,
+    /// Only a client presenting one of `server.registration_tokens`.
+    Token,
+    /// Nobody; accounts exist already.
+    Closed,
+}
+
+/// When a ServerAck (✓) may be sent for an appended message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the group commit's fdatasync of the segment returned: survives
+    /// power loss (to the extent the device honours flushes).
+    Fsync,
+    /// After the record is written into the shared mapping: survives a crash
+    /// of the process (the page cache holds it), not of the machine.
+    Os,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Client listener, bound by every shard with SO_REUSEPORT. Default 127.0.0.1:7700.
+    pub listen: SocketAddr,
+    /// Admin HTTP listener (metrics, health). Default 127.0.0.1:7701.
+    pub admin_listen: SocketAddr,
+    /// Directory of the metadata database and the shards' logs. Default `./data`.
+    pub data_dir: PathBuf,
+    /// Shard count; 0 means one per CPU this process may run on. Default 0.
+    pub shards: u32,
+    /// Whether each shard's executor is pinned to one CPU. Default true.
+    pub pin_cpus: bool,
+    /// Who may register. Default `open`.
+    pub registration: RegistrationPolicy,
+    /// Tokens accepted when `registration = "token"`.
+    pub registration_tokens: Vec<String>,
+    /// Log filter (tracing `EnvFilter` syntax). Default `info`.
+    pub log_level: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7700".parse().expect("literal address"),
+            admin_listen: "127.0.0.1:7701".parse().expect("literal address"),
+            data_dir: PathBuf::from("./data"),
+            shards: 0,
+            pin_cpus: true,
+            registration: RegistrationPolicy::Open,
+            registration_tokens: Vec::new(),
+            log_level: "info".to_string(),
+        }
+    }
+}
+
+/// Bounds on what one peer can make the server hold or do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame (type byte + body) accepted or sent, bytes. Default 66,560
+    /// (the largest payload plus 1 KiB of envelope). Checked from the 4-byte
+    /// length prefix before any memory is reserved for the frame.
+    pub frame_bytes_max: u32,
+    /// Largest Send payload, bytes. Default 65,536. Costs at most this much per
+    /// in-flight Send in shard channels and per unflushed Deliver.
+    pub payload_bytes_max: u32,
+    /// Open connections per shard, authenticated or not. Default 1,000,000.
+    /// Beyond it a new connection gets SERVER_BUSY and is closed.
+    pub connections_per_shard_max: u32,
+    /// Time from accept to a complete Hello or Register, ms. Default 10,000.
+    pub handshake_timeout_ms: u32,
+    /// A session that sends nothing (not even Ping) for this long is closed, ms.
+    /// Default 120,000; clients ping at a third of it.
+    pub idle_timeout_ms: u32,
+    /// Deliver/Receipt frames sent and not yet acknowledged, per device.
+    /// Default 64. A device that stops acknowledging costs inbox index entries,
+    /// never more buffered payloads than this window.
+    pub delivery_window_messages: u32,
+    /// Payload bytes sent and not yet acknowledged, per device. Default 262,144.
+    /// At least one message is always allowed in flight.
+    pub delivery_window_bytes: u32,
+    /// Sends read from a connection and not yet answered (ServerAck or Error).
+    /// Default 256. At the bound the connection is not read until answers go out.
+    pub sends_in_flight_max: u32,
+    /// Unsent output queued for one connection, bytes. Default 1,048,576. At
+    /// the bound the server stops reading that connection until it drains.
+    pub output_queue_bytes_max: u32,
+    /// Capacity of each shard-to-shard channel, messages. Default 1,024. A full
+    /// channel stops the sending connection's reads: backpressure, no drops.
+    pub shard_channel_capacity: u32,
+    /// Sequences listed in one Ack, ids in one ReadReceipt. Default 1,024.
+    pub ids_per_frame_max: u32,
+    /// Failed Hellos from one address before its next attempts are delayed.
+    /// Default 5.
+    pub auth_failures_before_delay: u32,
+    /// Delay imposed on an address past its failure budget, ms. Default 1,000;
+    /// it doubles per further failure up to 30 s and resets after a success or
+    /// a minute without failures.
+    pub auth_failure_delay_ms: u32,
+    /// Addresses tracked for failed Hellos per shard. Default 65,536 (about
+    /// 40 bytes each); the oldest entry is evicted first.
+    pub auth_failure_addresses_max: u32,
+    /// Remembered (sender device, client message id) pairs per shard for
+    /// dedupe of retried Sends. Default 4,194,304 (about 48 bytes each). Entries
+    /// for messages still in the log are also rebuilt on recovery.
+    pub dedupe_entries_max: u32,
+    /// Time given to a graceful shutdown to flush commits and say GoAway, ms.
+    /// Default 5,000.
+    pub shutdown_deadline_ms: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_bytes_max: 65_536 + 1_024,
+            payload_bytes_max: 65_536,
+            connections_per_shard_max: 1_000_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            delivery_window_messages: 64,
+            delivery_window_bytes: 262_144,
+            sends_in_flight_max: 256,
+            output_queue_bytes_max: 1_048_576,
+            shard_channel_capacity: 1_024,
+            ids_per_frame_max: 1_024,
+            auth_failures_before_delay: 5,
+            auth_failure_delay_ms: 1_000,
+            auth_failure_addresses_max: 65_536,
+            dedupe_entries_max: 4_194_304,
+            shutdown_deadline_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Size of each preallocated segment file, bytes. Default 67,108,864
+    /// (64 MiB). Must hold the largest record. Each shard maps its live
+    /// segments, so address space is segments × this.
+    pub segment_size_bytes: u64,
+    /// When a ServerAck may go out. Default `fsync`.
+    pub durability: Durability,
+    /// Longest a record waits for the next group commit to start, µs.
+    /// Default 200. Larger batches cost latency; the commit also starts at once
+    /// when `commit_batch_records_max` records are waiting.
+    pub commit_interval_us: u32,
+    /// Records that start a commit without waiting for the interval. Default 4,096.
+    pub commit_batch_records_max: u32,
+    /// Cap on the bytes of all of one shard's segments; 0 means no cap (bounded
+    /// by the disk). Default 0. At the cap a Send gets STORE_FULL.
+    pub log_bytes_max: u64,
+    /// Messages and receipts not delivered within this are dropped, s.
+    /// Default 2,592,000 (30 days).
+    pub message_ttl_s: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            segment_size_bytes: 64 << 20,
+            durability: Durability::Fsync,
+            commit_interval_us: 200,
+            commit_batch_records_max: 4_096,
+            log_bytes_max: 0,
+            message_ttl_s: 30 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub store: StoreConfig,
+}
+
+/// Bytes a record needs beyond its payload (header, fixed fields, CRC); a
+/// generous upper bound the store's record format stays below.
+pub const RECORD_OVERHEAD_BYTES_MAX: u64 = 256;
+
+impl Config {
+    /// Reads a TOML file; missing fields take their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Tiny bounds so tests reach every limit quickly.
+    pub fn for_tests(data_dir: &Path) -> Config {
+        Config {
+            server: ServerConfig {
+                listen: "127.0.0.1:0".parse().expect("literal address"),
+                admin_listen: "127.0.0.1:0".parse().expect("literal address"),
+                data_dir: data_dir.to_path_buf(),
+                shards: 2,
+                pin_cpus: false,
+                ..ServerConfig::default()
+            },
+            limits: Limits {
+                frame_bytes_max: 4_096 + 512,
+                payload_bytes_max: 4_096,
+                connections_per_shard_max: 64,
+                handshake_timeout_ms: 1_000,
+                idle_timeout_ms: 3_000,
+                delivery_window_messages: 4,
+                delivery_window_bytes: 16_384,
+                sends_in_flight_max: 8,
+                output_queue_bytes_max: 65_536,
+                shard_channel_capacity: 4,
+                ids_per_frame_max: 64,
+                auth_failures_before_delay: 2,
+                auth_failure_delay_ms: 200,
+                auth_failure_addresses_max: 16,
+                dedupe_entries_max: 4_096,
+                shutdown_deadline_ms: 2_000,
+            },
+            store: StoreConfig {
+                segment_size_bytes: 64 << 10,
+                durability: Durability::Fsync,
+                commit_interval_us: 100,
+                commit_batch_records_max: 64,
+                log_bytes_max: 0,
+                message_ttl_s: 3_600,
+            },
+        }
+    }
+
+    /// Rejects contradictions before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let s = &self.store;
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if l.payload_bytes_max == 0 || l.frame_bytes_max < l.payload_bytes_max + 64 {
+            return invalid(format!(
+                "limits.frame_bytes_max ({}) must exceed limits.payload_bytes_max ({}) by at least 64",
+                l.frame_bytes_max, l.payload_bytes_max
+            ));
+        }
+        if l.frame_bytes_max > 16 << 20 {
+            return invalid("limits.frame_bytes_max must be at most 16 MiB".into());
+        }
+        if s.segment_size_bytes < 4 * (l.frame_bytes_max as u64 + RECORD_OVERHEAD_BYTES_MAX) {
+            return invalid(format!(
+                "store.segment_size_bytes ({}) must hold at least 4 of the largest records ({} bytes each)",
+                s.segment_size_bytes,
+                l.frame_bytes_max as u64 + RECORD_OVERHEAD_BYTES_MAX
+            ));
+        }
+        if s.segment_size_bytes > u32::MAX as u64 {
+            return invalid("store.segment_size_bytes must be below 4 GiB".into());
+        }
+        if s.log_bytes_max != 0 && s.log_bytes_max < 2 * s.segment_size_bytes {
+            return invalid("store.log_bytes_max must be 0 or at least two segments".into());
+        }
+        if l.delivery_window_messages == 0 || l.sends_in_flight_max == 0 {
+            return invalid("delivery and send windows must be at least 1".into());
+        }
+        if l.shard_channel_capacity == 0 {
+            return invalid("limits.shard_channel_capacity must be at least 1".into());
+        }
+        if l.output_queue_bytes_max < l.frame_bytes_max {
+            return invalid("limits.output_queue_bytes_max must hold one largest frame".into());
+        }
+        if l.ids_per_frame_max == 0 || l.handshake_timeout_ms == 0 || l.idle_timeout_ms == 0 {
+            return invalid("ids_per_frame_max and timeouts must be positive".into());
+        }
+        if s.message_ttl_s == 0 {
+            return invalid("store.message_ttl_s must be positive".into());
+        }
+        if self.server.registration == RegistrationPolicy::Token
+            && self.server.registration_tokens.is_empty()
+        {
+            return invalid("registration = \"token\" needs registration_tokens".into());
+        }
+        Ok(())
+    }
+
+    /// Shard count after resolving 0 to the CPUs this process may use.
+    pub fn shard_count(&self) -> u32 {
+        if self.server.shards > 0 {
+            return self.server.shards;
+        }
+        usable_cpus().len().max(1) as u32
+    }
+}
+
+/// CPUs in this process's affinity mask (which a cgroup cpuset also narrows).
+pub fn usable_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .collect(),
+        Err(_) => (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_test_config_validate() {
+        Config::default().validate().expect("defaults are valid");
+        Config::for_tests(Path::new("/nonexistent"))
+            .validate()
+            .expect("test config is valid");
+    }
+
+    #[test]
+    fn rejects_segment_smaller_than_largest_record() {
+        let mut config = Config::default();
+        config.store.segment_size_bytes = 64 << 10;
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn parses_partial_toml_with_defaults() {
+        let config: Config =
+            toml::from_str("[server]\nshards = 3\n[store]\ndurability = \"os\"\n").unwrap();
+        assert_eq!(config.server.shards, 3);
+        assert_eq!(config.store.durability, Durability::Os);
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn rejects_unknown_keys() {
+        assert!(toml::from_str::<Config>("[server]\nshard = 3\n").is_err());
+    }
+}

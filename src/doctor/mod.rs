@@ -1,0 +1,1 @@
+//! (doctor: not yet built)

@@ -1,0 +1,1 @@
+//! (shard: not yet built)
