@@ -1,1 +1,181 @@
-fn main() {}
+//! The `switchboard` binary: command-line parsing and wiring only.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+
+use switchboard::config::{Config, Durability, RegistrationPolicy};
+use switchboard::metrics::ShardMetrics;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A store-and-forward messaging server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (defaults: 127.0.0.1:7700, data in ./data).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Client listener address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin (metrics, health) listener address.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Data directory (metadata database and shard logs).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Shard count; 0 = one per usable CPU.
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Do not pin shard executors to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// When a ServerAck may go out: fsync or os.
+    #[arg(long, value_parser = parse_durability)]
+    durability: Option<Durability>,
+    /// Who may register: open, token or closed.
+    #[arg(long, value_parser = parse_registration)]
+    registration: Option<RegistrationPolicy>,
+    /// A registration token (repeatable) for `--registration token`.
+    #[arg(long = "registration-token")]
+    registration_tokens: Vec<String>,
+    /// Segment file size in bytes.
+    #[arg(long)]
+    segment_size_bytes: Option<u64>,
+    /// Log filter, e.g. `info` or `switchboard=debug`.
+    #[arg(long, env = "SWITCHBOARD_LOG")]
+    log_level: Option<String>,
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "fsync" => Ok(Durability::Fsync),
+        "os" => Ok(Durability::Os),
+        _ => Err("expected fsync or os".into()),
+    }
+}
+
+fn parse_registration(s: &str) -> Result<RegistrationPolicy, String> {
+    match s {
+        "open" => Ok(RegistrationPolicy::Open),
+        "token" => Ok(RegistrationPolicy::Token),
+        "closed" => Ok(RegistrationPolicy::Closed),
+        _ => Err("expected open, token or closed".into()),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.listen {
+        config.server.listen = v;
+    }
+    if let Some(v) = args.admin_listen {
+        config.server.admin_listen = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.server.data_dir = v;
+    }
+    if let Some(v) = args.shards {
+        config.server.shards = v;
+    }
+    if args.no_pin {
+        config.server.pin_cpus = false;
+    }
+    if let Some(v) = args.durability {
+        config.store.durability = v;
+    }
+    if let Some(v) = args.registration {
+        config.server.registration = v;
+    }
+    if !args.registration_tokens.is_empty() {
+        config.server.registration_tokens = args.registration_tokens;
+    }
+    if let Some(v) = args.segment_size_bytes {
+        config.store.segment_size_bytes = v;
+    }
+    if let Some(v) = args.log_level {
+        config.server.log_level = v;
+    }
+    config.validate()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.server.log_level)
+                .context("invalid log filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    // A bug in any shard ends the process: a half-running server would hold
+    // connections it no longer serves. The supervisor restarts it and
+    // recovery rebuilds everything acknowledged.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+
+    // SIGINT/SIGTERM are blocked here, so every thread inherits the mask,
+    // and taken synchronously by one waiting thread.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("blocking signals")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(signal) = signals.wait() {
+                    tracing::info!(?signal, "stopping: draining sessions and commits");
+                    stop.store(true, Ordering::SeqCst);
+                }
+            })
+            .context("starting the signal thread")?;
+    }
+
+    let shards = config.shard_count();
+    let metrics: Vec<Arc<ShardMetrics>> = (0..shards)
+        .map(|_| Arc::new(ShardMetrics::default()))
+        .collect();
+    switchboard::shard::server::run(config, metrics, stop, |running| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "switchboard listening on {} with {} shards",
+            running.listen, running.shards
+        );
+        let _ = out.flush();
+    })?;
+    Ok(())
+}

@@ -1,1 +1,69 @@
 //! Messages between shards.
+//!
+//! Two meshes of bounded channels connect every pair of shards: `Request`s,
+//! sent by connection tasks (which may wait on a full channel: that is the
+//! backpressure that stops a connection's reads), and `Reply`s, sent by a
+//! shard's request handler and commit task. A reply handler only writes into
+//! local connection queues and never sends on a channel, so replies always
+//! drain and the two meshes cannot deadlock each other.
+
+use std::os::fd::OwnedFd;
+
+use bytes::Bytes;
+
+use crate::ids::{ClientMessageId, InboxKey, ShardId, UserId};
+use crate::proto::ErrorCode;
+use crate::store::ReceiptKind;
+
+/// A connection, named across shards: the shard it lives on and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    pub shard: ShardId,
+    pub id: u64,
+}
+
+/// Work one shard asks of another (the target is always the home shard of
+/// the user or device the request is about).
+#[derive(Debug)]
+pub enum Request {
+    /// Store a message in `recipient`'s inbox and answer `origin` when durable.
+    Store {
+        origin: ConnRef,
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+        recipient: UserId,
+        payload: Bytes,
+    },
+    /// Store a receipt in `recipient`'s inbox (the original sender device).
+    StoreReceipt {
+        recipient: InboxKey,
+        kind: ReceiptKind,
+        by: InboxKey,
+        client_message_ids: Vec<u64>,
+    },
+    /// An authenticated connection moving to its device's home shard: the
+    /// socket and the bytes already read past the Hello.
+    Handoff {
+        fd: OwnedFd,
+        device: InboxKey,
+        buffered: Bytes,
+    },
+}
+
+/// The answer to a `Request::Store`.
+#[derive(Debug)]
+pub enum Reply {
+    /// Durable: send ServerAck (✓).
+    Stored {
+        origin: ConnRef,
+        client_message_id: ClientMessageId,
+        seq: u64,
+        timestamp_ms: u64,
+    },
+    /// Not stored: send Error with the client message id.
+    Refused {
+        origin: ConnRef,
+        client_message_id: ClientMessageId,
+        code: ErrorCode,
+    },
+}

@@ -1,1 +1,92 @@
-//! (session: not yet built)
+//! Per-connection protocol logic that does no I/O.
+//!
+//! The delivery window, the handshake checks, the validation of client
+//! frames and the failed-login throttle are plain values driven by the
+//! connection task in `net` (on the shard thread that owns the connection).
+//! They take the time as an argument, so tests drive them deterministically.
+
+pub mod throttle;
+pub mod window;
+
+use crate::config::Limits;
+use crate::proto::{pb, ErrorCode, FrameType, PROTOCOL_VERSION};
+
+pub use throttle::AuthThrottle;
+pub use window::DeliveryWindow;
+
+/// The version a session speaks with a client offering `offered`, or the
+/// error that ends the handshake.
+pub fn negotiate_version(offered: u32) -> Result<u32, ErrorCode> {
+    if offered == 0 {
+        Err(ErrorCode::UnsupportedVersion)
+    } else {
+        Ok(offered.min(PROTOCOL_VERSION))
+    }
+}
+
+/// Why a Send is refused before it is routed (answered with a non-fatal
+/// Error carrying its client message id).
+pub fn check_send(send: &pb::Send, limits: &Limits) -> Result<(), ErrorCode> {
+    if !send.device_payloads.is_empty() {
+        return Err(ErrorCode::UnsupportedFeature);
+    }
+    if send.payload.len() > limits.payload_bytes_max as usize {
+        return Err(ErrorCode::PayloadTooLarge);
+    }
+    Ok(())
+}
+
+/// Whether a client may send this frame type at all once authenticated.
+/// Server-to-client types and handshake frames are answered with a fatal
+/// UNEXPECTED_FRAME.
+pub fn client_may_send_in_session(frame_type: FrameType) -> bool {
+    matches!(
+        frame_type,
+        FrameType::Send
+            | FrameType::Ack
+            | FrameType::ReadReceipt
+            | FrameType::Ping
+            | FrameType::Pong
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn negotiates_down_to_our_version_and_rejects_zero() {
+        assert_eq!(negotiate_version(1), Ok(1));
+        assert_eq!(negotiate_version(7), Ok(PROTOCOL_VERSION));
+        assert_eq!(negotiate_version(0), Err(ErrorCode::UnsupportedVersion));
+    }
+
+    #[test]
+    fn refuses_oversized_payload_and_device_payloads() {
+        let limits = Limits::default();
+        let mut send = pb::Send {
+            client_message_id: 1,
+            recipient_user_id: 2,
+            payload: Bytes::from(vec![0u8; limits.payload_bytes_max as usize]),
+            device_payloads: vec![],
+        };
+        assert_eq!(check_send(&send, &limits), Ok(()));
+        send.payload = Bytes::from(vec![0u8; limits.payload_bytes_max as usize + 1]);
+        assert_eq!(check_send(&send, &limits), Err(ErrorCode::PayloadTooLarge));
+        send.payload = Bytes::new();
+        send.device_payloads.push(pb::DevicePayload::default());
+        assert_eq!(
+            check_send(&send, &limits),
+            Err(ErrorCode::UnsupportedFeature)
+        );
+    }
+
+    #[test]
+    fn session_rejects_server_frames_and_handshake_frames() {
+        assert!(client_may_send_in_session(FrameType::Send));
+        assert!(!client_may_send_in_session(FrameType::Deliver));
+        assert!(!client_may_send_in_session(FrameType::Hello));
+        assert!(!client_may_send_in_session(FrameType::Welcome));
+    }
+}

@@ -1,1 +1,806 @@
-//! (shard: not yet built)
+//! Shards: one pinned glommio executor per CPU, each owning its users.
+//!
+//! A shard owns, with no locks: its log (and so its users' inboxes, sequence
+//! counters and dedupe state), the live connections of its users' devices,
+//! and the queue of actions waiting for a group commit. Everything here is
+//! `!Send` (`Rc`/`RefCell`) and touched only by the shard's thread. Other
+//! shards reach it only through the request and reply channel meshes
+//! (`route::message`), built once at start.
+//!
+//! Invariants:
+//! - a ServerAck (✓) is queued only after `Log::durable_ticket()` covers the
+//!   record (or its duplicate), so every acknowledged message survives a crash
+//!   at the configured durability level;
+//! - an inbox entry is delivered only once durable, in sequence order, within
+//!   the device's window;
+//! - at most one live connection per device (a newer one replaces it).
+
+pub mod server;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use glommio::channels::shared_channel::ConnectedSender;
+use tracing::{debug, error, warn};
+
+use crate::config::{Config, Durability};
+use crate::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
+use crate::meta::MetaStore;
+use crate::metrics::ShardMetrics;
+use crate::net::conn::{CloseReason, Conn};
+use crate::proto::{error_frame, pb, ErrorCode, Frame, GoAwayReason};
+use crate::route::home_shard;
+use crate::route::message::{ConnRef, Reply, Request};
+use crate::session::AuthThrottle;
+use crate::store::{
+    CommitTicket, Log, NewMessage, NewReceipt, ReceiptKind, StoreError, StoredEntry,
+};
+
+/// The device every v1 message is addressed to: registration creates device
+/// 1 and v1 has no call that adds devices. Multi-device Sends will carry one
+/// payload per device (`Send.device_payloads`).
+pub const PRIMARY_DEVICE: DeviceId = DeviceId(1);
+
+/// Bytes of the shard's read scratch buffer: every connection reads into it
+/// and keeps only the incomplete tail of a frame, so idle connections hold no
+/// read buffer.
+pub const READ_SCRATCH_BYTES: usize = 64 * 1024;
+
+/// The value a failed channel send hands back.
+fn channel_item<T>(err: glommio::GlommioError<T>) -> Option<T> {
+    match err {
+        glommio::GlommioError::Closed(glommio::ResourceType::Channel(item))
+        | glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(item)) => Some(item),
+        _ => None,
+    }
+}
+
+/// What to do once the log is durable up to a ticket.
+#[derive(Debug)]
+enum AfterCommit {
+    /// Answer the Send with ServerAck.
+    Ack {
+        origin: ConnRef,
+        client_message_id: ClientMessageId,
+        seq: u64,
+        timestamp_ms: u64,
+    },
+    /// An inbox entry became durable: deliverable.
+    Visible { inbox: InboxKey, seq: u64 },
+}
+
+pub struct Shard {
+    pub id: ShardId,
+    pub shards: u32,
+    pub config: Arc<Config>,
+    pub meta: Arc<MetaStore>,
+    pub metrics: Arc<ShardMetrics>,
+    pub log: RefCell<Log>,
+    /// Live sessions by connection id.
+    pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    /// The live session of each device homed here.
+    pub devices: RefCell<HashMap<InboxKey, Rc<Conn>>>,
+    /// Open sockets on this shard, handshaking or in session.
+    pub open_connections: Cell<u32>,
+    next_conn_id: Cell<u64>,
+    pending: RefCell<VecDeque<(CommitTicket, AfterCommit)>>,
+    /// Per inbox with appended-but-not-durable entries: (first such seq,
+    /// how many). Bounded by the commit batch.
+    unsettled: RefCell<HashMap<InboxKey, (u64, u32)>>,
+    pub requests: Vec<Option<ConnectedSender<Request>>>,
+    pub replies: Vec<Option<ConnectedSender<Reply>>>,
+    pub throttle: RefCell<AuthThrottle>,
+    pub scratch: RefCell<Vec<u8>>,
+    pending_positions: RefCell<Vec<(InboxSeq, crate::store::LogPosition)>>,
+    commit_waker: Cell<Option<std::task::Waker>>,
+    started: Instant,
+    pub stopping: Cell<bool>,
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: ShardId,
+        shards: u32,
+        config: Arc<Config>,
+        meta: Arc<MetaStore>,
+        metrics: Arc<ShardMetrics>,
+        log: Log,
+        requests: Vec<Option<ConnectedSender<Request>>>,
+        replies: Vec<Option<ConnectedSender<Reply>>>,
+    ) -> Shard {
+        let throttle = AuthThrottle::new(&config.limits);
+        Shard {
+            id,
+            shards,
+            config,
+            meta,
+            metrics,
+            log: RefCell::new(log),
+            conns: RefCell::new(HashMap::new()),
+            devices: RefCell::new(HashMap::new()),
+            open_connections: Cell::new(0),
+            next_conn_id: Cell::new(1),
+            pending: RefCell::new(VecDeque::new()),
+            unsettled: RefCell::new(HashMap::new()),
+            requests,
+            replies,
+            throttle: RefCell::new(throttle),
+            scratch: RefCell::new(vec![0u8; READ_SCRATCH_BYTES]),
+            pending_positions: RefCell::new(Vec::new()),
+            commit_waker: Cell::new(None),
+            started: Instant::now(),
+            stopping: Cell::new(false),
+        }
+    }
+
+    /// Coarse clock for idle tracking: seconds since the shard started.
+    pub fn now_s(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    pub fn home_of(&self, user: UserId) -> ShardId {
+        home_shard(user, self.shards)
+    }
+
+    // ---- sessions -------------------------------------------------------
+
+    /// Opens the session of an authenticated device homed here; returns the
+    /// connection the session task drives.
+    pub fn open_session(&self, device: InboxKey, protocol_version: u32) -> Rc<Conn> {
+        assert_eq!(
+            self.home_of(device.user),
+            self.id,
+            "sessions run on the home shard"
+        );
+        let id = self.next_conn_id.get();
+        self.next_conn_id.set(id + 1);
+        let deliverable_up_to = self
+            .unsettled
+            .borrow()
+            .get(&device)
+            .map_or(u64::MAX, |&(first, _)| first - 1);
+        let conn = Rc::new(Conn::new(id, device, self.now_s(), deliverable_up_to));
+        let limits = &self.config.limits;
+        conn.enqueue(&Frame::Welcome(pb::Welcome {
+            protocol_version,
+            server_time_ms: self.now_ms(),
+            max_payload_bytes: limits.payload_bytes_max,
+            max_frame_bytes: limits.frame_bytes_max,
+            delivery_window: limits.delivery_window_messages,
+            idle_timeout_ms: limits.idle_timeout_ms,
+        }));
+        self.conns.borrow_mut().insert(id, conn.clone());
+        let previous = self.devices.borrow_mut().insert(device, conn.clone());
+        if let Some(previous) = previous {
+            debug!(%device, "session replaced by a newer connection");
+            previous.close_with(
+                &Frame::GoAway(pb::GoAway {
+                    reason: GoAwayReason::Replaced as i32,
+                    reconnect_after_ms: 0,
+                }),
+                CloseReason::Replaced,
+            );
+        }
+        self.pump(&conn);
+        conn
+    }
+
+    /// Forgets a session whose task ended.
+    pub fn close_session(&self, conn: &Rc<Conn>) {
+        self.conns.borrow_mut().remove(&conn.id);
+        let mut devices = self.devices.borrow_mut();
+        if devices
+            .get(&conn.device)
+            .is_some_and(|c| Rc::ptr_eq(c, conn))
+        {
+            devices.remove(&conn.device);
+        }
+    }
+
+    /// Handles one frame of an authenticated session.
+    pub async fn on_frame(self: &Rc<Self>, conn: &Rc<Conn>, frame: Frame) {
+        conn.state.borrow_mut().last_activity_s = self.now_s();
+        match frame {
+            Frame::Send(send) => self.on_send(conn, send).await,
+            Frame::Ack(ack) => self.on_ack(conn, ack).await,
+            Frame::ReadReceipt(read) => self.on_read_receipt(conn, read).await,
+            Frame::Ping(ping) => conn.enqueue(&Frame::Pong(pb::Pong { nonce: ping.nonce })),
+            Frame::Pong(_) => {}
+            other => conn.fatal(
+                ErrorCode::UnexpectedFrame,
+                match other {
+                    Frame::Hello(_) | Frame::Register(_) => "already authenticated",
+                    _ => "a client does not send this frame type",
+                },
+            ),
+        }
+    }
+
+    fn refuse_send(conn: &Conn, client_message_id: u64, code: ErrorCode, message: &str) {
+        conn.enqueue(&Frame::Error(pb::Error {
+            code: code as i32,
+            message: message.to_string(),
+            client_message_id,
+            fatal: false,
+            retry_after_ms: 0,
+        }));
+    }
+
+    async fn on_send(self: &Rc<Self>, conn: &Rc<Conn>, send: pb::Send) {
+        if let Err(code) = crate::session::check_send(&send, &self.config.limits) {
+            Self::refuse_send(conn, send.client_message_id, code, "send refused");
+            return;
+        }
+        let recipient = UserId(send.recipient_user_id);
+        if !self.meta.user_exists(recipient) {
+            Self::refuse_send(
+                conn,
+                send.client_message_id,
+                ErrorCode::UnknownRecipient,
+                "no such user",
+            );
+            return;
+        }
+        conn.state.borrow_mut().sends_in_flight += 1;
+        let request = Request::Store {
+            origin: ConnRef {
+                shard: self.id,
+                id: conn.id,
+            },
+            sender: conn.device,
+            client_message_id: ClientMessageId(send.client_message_id),
+            recipient,
+            payload: send.payload,
+        };
+        self.route_request(self.home_of(recipient), request).await;
+    }
+
+    async fn on_ack(self: &Rc<Self>, conn: &Rc<Conn>, ack: pb::Ack) {
+        if ack.sequences.len() > self.config.limits.ids_per_frame_max as usize {
+            conn.enqueue(&error_frame(
+                ErrorCode::TooManyIds,
+                "too many sequences in one Ack",
+                false,
+            ));
+            return;
+        }
+        let list: Vec<InboxSeq> = ack.sequences.iter().map(|&s| InboxSeq(s)).collect();
+        let outcome = self
+            .log
+            .borrow_mut()
+            .ack(conn.device, InboxSeq(ack.up_to_sequence), &list);
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                error!(shard = %self.id, %err, "appending an ack record failed");
+                conn.enqueue(&error_frame(
+                    ErrorCode::StoreFailed,
+                    "ack not recorded",
+                    false,
+                ));
+                return;
+            }
+        };
+        conn.state
+            .borrow_mut()
+            .window
+            .on_ack(ack.up_to_sequence, &ack.sequences);
+        self.metrics.add_acked(outcome.removed as u64);
+        self.kick_commit();
+        // One delivered receipt per sender device, listing its message ids.
+        let mut acked = outcome.acked_messages;
+        acked.sort_by_key(|m| m.sender);
+        let mut start = 0;
+        while start < acked.len() {
+            let sender = acked[start].sender;
+            let end = start + acked[start..].partition_point(|m| m.sender == sender);
+            let ids: Vec<u64> = acked[start..end]
+                .iter()
+                .map(|m| m.client_message_id.0)
+                .collect();
+            start = end;
+            let request = Request::StoreReceipt {
+                recipient: sender,
+                kind: ReceiptKind::Delivered,
+                by: conn.device,
+                client_message_ids: ids,
+            };
+            self.route_request(self.home_of(sender.user), request).await;
+        }
+        self.pump(conn);
+    }
+
+    async fn on_read_receipt(self: &Rc<Self>, conn: &Rc<Conn>, read: pb::ReadReceipt) {
+        if read.client_message_ids.len() > self.config.limits.ids_per_frame_max as usize {
+            conn.enqueue(&error_frame(
+                ErrorCode::TooManyIds,
+                "too many ids in one ReadReceipt",
+                false,
+            ));
+            return;
+        }
+        let sender = UserId(read.sender_user_id);
+        if !self.meta.user_exists(sender) || read.client_message_ids.is_empty() {
+            conn.enqueue(&error_frame(
+                ErrorCode::UnknownRecipient,
+                "read receipt for an unknown sender",
+                false,
+            ));
+            return;
+        }
+        let request = Request::StoreReceipt {
+            recipient: InboxKey {
+                user: sender,
+                device: DeviceId(read.sender_device_id),
+            },
+            kind: ReceiptKind::Read,
+            by: conn.device,
+            client_message_ids: read.client_message_ids,
+        };
+        self.route_request(self.home_of(sender), request).await;
+    }
+
+    /// Handles a request here or sends it to its shard, waiting while that
+    /// channel is full (the caller's connection is not read meanwhile).
+    pub async fn route_request(self: &Rc<Self>, target: ShardId, request: Request) {
+        if target == self.id {
+            self.handle_request(request);
+            return;
+        }
+        let sender = self.requests[target.0 as usize]
+            .as_ref()
+            .expect("a channel to every other shard");
+        if let Err(err) = sender.send(request).await {
+            // The target shard has stopped (shutdown): answer what we can.
+            if let Some(Request::Store {
+                origin,
+                client_message_id,
+                ..
+            }) = channel_item(err)
+            {
+                self.on_reply(Reply::Refused {
+                    origin,
+                    client_message_id,
+                    code: ErrorCode::Internal,
+                });
+            }
+        }
+    }
+
+    /// Applies a request addressed to this shard. Never waits: replies are
+    /// queued behind the commit that makes the record durable.
+    pub fn handle_request(self: &Rc<Self>, request: Request) {
+        match request {
+            Request::Store {
+                origin,
+                sender,
+                client_message_id,
+                recipient,
+                payload,
+            } => {
+                let inbox = InboxKey {
+                    user: recipient,
+                    device: PRIMARY_DEVICE,
+                };
+                let duplicate = self.log.borrow().find_duplicate(sender, client_message_id);
+                if let Some(dup) = duplicate {
+                    self.push_after_commit(
+                        dup.ticket,
+                        AfterCommit::Ack {
+                            origin,
+                            client_message_id,
+                            seq: dup.seq.0,
+                            timestamp_ms: dup.timestamp_ms,
+                        },
+                    );
+                    return;
+                }
+                let appended = self.log.borrow_mut().append_message(&NewMessage {
+                    recipient: inbox,
+                    sender,
+                    client_message_id,
+                    payload: &payload,
+                });
+                match appended {
+                    Ok(appended) => {
+                        self.metrics.add_accepted(1);
+                        self.note_unsettled(inbox, appended.seq.0);
+                        self.push_after_commit(
+                            appended.ticket,
+                            AfterCommit::Ack {
+                                origin,
+                                client_message_id,
+                                seq: appended.seq.0,
+                                timestamp_ms: appended.timestamp_ms,
+                            },
+                        );
+                        self.push_after_commit(
+                            appended.ticket,
+                            AfterCommit::Visible {
+                                inbox,
+                                seq: appended.seq.0,
+                            },
+                        );
+                    }
+                    Err(err) => {
+                        let code = match err {
+                            StoreError::Full(_) => ErrorCode::StoreFull,
+                            _ => ErrorCode::StoreFailed,
+                        };
+                        warn!(shard = %self.id, %err, "message not stored");
+                        self.send_reply(Reply::Refused {
+                            origin,
+                            client_message_id,
+                            code,
+                        });
+                    }
+                }
+            }
+            Request::StoreReceipt {
+                recipient,
+                kind,
+                by,
+                client_message_ids,
+            } => {
+                let appended = self.log.borrow_mut().append_receipt(&NewReceipt {
+                    recipient,
+                    kind,
+                    by,
+                    client_message_ids: &client_message_ids,
+                });
+                match appended {
+                    Ok(appended) => {
+                        self.metrics.add_receipts(1);
+                        self.note_unsettled(recipient, appended.seq.0);
+                        self.push_after_commit(
+                            appended.ticket,
+                            AfterCommit::Visible {
+                                inbox: recipient,
+                                seq: appended.seq.0,
+                            },
+                        );
+                    }
+                    Err(err) => {
+                        // The acked messages stay acked; only the tick is lost.
+                        warn!(shard = %self.id, %err, %recipient, "receipt not stored");
+                    }
+                }
+            }
+            Request::Handoff {
+                fd,
+                device,
+                buffered,
+            } => {
+                self.metrics.add_handoff_in();
+                crate::net::adopt_handoff(self.clone(), fd, device, buffered);
+            }
+        }
+    }
+
+    fn note_unsettled(&self, inbox: InboxKey, seq: u64) {
+        self.unsettled
+            .borrow_mut()
+            .entry(inbox)
+            .and_modify(|e| e.1 += 1)
+            .or_insert((seq, 1));
+    }
+
+    fn push_after_commit(self: &Rc<Self>, ticket: CommitTicket, action: AfterCommit) {
+        self.pending.borrow_mut().push_back((ticket, action));
+        self.kick_commit();
+    }
+
+    /// Wakes the commit task.
+    pub fn kick_commit(&self) {
+        if let Some(waker) = self.commit_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Sends a reply to the origin's shard, or applies it here.
+    fn send_reply(self: &Rc<Self>, reply: Reply) {
+        let origin = match &reply {
+            Reply::Stored { origin, .. } | Reply::Refused { origin, .. } => *origin,
+        };
+        if origin.shard == self.id {
+            self.on_reply(reply);
+            return;
+        }
+        let sender = self.replies[origin.shard.0 as usize]
+            .as_ref()
+            .expect("a channel to every other shard");
+        // Reply receivers never wait on anything, so a full reply channel
+        // drains quickly; hand the wait to a small task so the caller never
+        // blocks on it.
+        if let Some(reply) = sender.try_send(reply).err().and_then(channel_item) {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                let sender = shard.replies[origin.shard.0 as usize]
+                    .as_ref()
+                    .expect("a channel to every other shard");
+                let _ = sender.send(reply).await;
+            })
+            .detach();
+        }
+    }
+
+    /// A reply for one of this shard's connections.
+    pub fn on_reply(&self, reply: Reply) {
+        let (origin, frame) = match reply {
+            Reply::Stored {
+                origin,
+                client_message_id,
+                seq,
+                timestamp_ms,
+            } => (
+                origin,
+                Frame::ServerAck(pb::ServerAck {
+                    client_message_id: client_message_id.0,
+                    server_sequence: seq,
+                    timestamp_ms,
+                }),
+            ),
+            Reply::Refused {
+                origin,
+                client_message_id,
+                code,
+            } => (
+                origin,
+                Frame::Error(pb::Error {
+                    code: code as i32,
+                    message: "message not stored".to_string(),
+                    client_message_id: client_message_id.0,
+                    fatal: false,
+                    retry_after_ms: 0,
+                }),
+            ),
+        };
+        let conn = self.conns.borrow().get(&origin.id).cloned();
+        // A connection that went away gets nothing: its client retries the
+        // Send and dedupe answers it with the same ServerAck.
+        if let Some(conn) = conn {
+            {
+                let mut state = conn.state.borrow_mut();
+                state.sends_in_flight = state.sends_in_flight.saturating_sub(1);
+            }
+            conn.enqueue(&frame);
+        }
+    }
+
+    /// Runs every action whose record is now durable, in commit order.
+    pub fn drain_durable(self: &Rc<Self>) {
+        let durable = self.log.borrow().durable_ticket();
+        loop {
+            let next = {
+                let mut pending = self.pending.borrow_mut();
+                match pending.front() {
+                    Some((ticket, _)) if *ticket <= durable => pending.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, action)) = next else { break };
+            match action {
+                AfterCommit::Ack {
+                    origin,
+                    client_message_id,
+                    seq,
+                    timestamp_ms,
+                } => self.send_reply(Reply::Stored {
+                    origin,
+                    client_message_id,
+                    seq,
+                    timestamp_ms,
+                }),
+                AfterCommit::Visible { inbox, seq } => {
+                    {
+                        let mut unsettled = self.unsettled.borrow_mut();
+                        if let Some(entry) = unsettled.get_mut(&inbox) {
+                            entry.1 -= 1;
+                            entry.0 = seq + 1;
+                            if entry.1 == 0 {
+                                unsettled.remove(&inbox);
+                            }
+                        }
+                    }
+                    let conn = self.devices.borrow().get(&inbox).cloned();
+                    if let Some(conn) = conn {
+                        {
+                            let mut state = conn.state.borrow_mut();
+                            let window = &mut state.window;
+                            if window.deliverable_up_to == u64::MAX
+                                || window.deliverable_up_to < seq
+                            {
+                                window.deliverable_up_to = seq;
+                            }
+                        }
+                        self.pump(&conn);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes deliverable inbox entries to the device's connection, in order,
+    /// while its window and output queue have room.
+    pub fn pump(&self, conn: &Rc<Conn>) {
+        let limits = &self.config.limits;
+        let mut positions = self.pending_positions.borrow_mut();
+        let log = self.log.borrow();
+        let mut state = conn.state.borrow_mut();
+        if state.close.is_some() {
+            return;
+        }
+        let mut wrote = false;
+        loop {
+            let room = state.window.room(
+                limits.delivery_window_messages,
+                limits.delivery_window_bytes,
+            );
+            if room == 0 || state.out.len() >= limits.output_queue_bytes_max as usize {
+                break;
+            }
+            positions.clear();
+            log.pending_after(
+                conn.device,
+                InboxSeq(state.window.last_sent),
+                room.min(64),
+                &mut positions,
+            );
+            if positions.is_empty() {
+                break;
+            }
+            let mut progressed = false;
+            for &(seq, position) in positions.iter() {
+                if seq.0 > state.window.deliverable_up_to {
+                    break;
+                }
+                if state.window.room(
+                    limits.delivery_window_messages,
+                    limits.delivery_window_bytes,
+                ) == 0
+                {
+                    break;
+                }
+                progressed = true;
+                match log.read(position) {
+                    Ok(Some(entry)) => {
+                        let (frame, bytes) = match entry {
+                            StoredEntry::Message(m) => {
+                                let bytes = m.payload.len() as u32;
+                                (
+                                    Frame::Deliver(pb::Deliver {
+                                        sequence: m.seq.0,
+                                        sender_user_id: m.sender.user.0,
+                                        sender_device_id: m.sender.device.0,
+                                        client_message_id: m.client_message_id.0,
+                                        timestamp_ms: m.timestamp_ms,
+                                        payload: m.payload,
+                                    }),
+                                    bytes,
+                                )
+                            }
+                            StoredEntry::Receipt(r) => {
+                                let bytes = 8 * r.client_message_ids.len() as u32;
+                                (
+                                    Frame::Receipt(pb::Receipt {
+                                        sequence: r.seq.0,
+                                        kind: match r.kind {
+                                            ReceiptKind::Delivered => {
+                                                pb::ReceiptKind::Delivered as i32
+                                            }
+                                            ReceiptKind::Read => pb::ReceiptKind::Read as i32,
+                                        },
+                                        by_user_id: r.by.user.0,
+                                        by_device_id: r.by.device.0,
+                                        client_message_ids: r.client_message_ids,
+                                        timestamp_ms: r.timestamp_ms,
+                                    }),
+                                    bytes,
+                                )
+                            }
+                        };
+                        frame.encode(&mut state.out);
+                        state.window.on_sent(seq.0, bytes);
+                        self.metrics.add_delivered(1);
+                        wrote = true;
+                    }
+                    Ok(None) => state.window.on_skipped(seq.0),
+                    Err(err) => {
+                        // Reported by recovery or a damaged read: skip it so
+                        // one bad record does not stall the inbox.
+                        error!(shard = %self.id, device = %conn.device, seq = seq.0, %err, "unreadable inbox entry skipped");
+                        state.window.on_skipped(seq.0);
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        drop(state);
+        if wrote {
+            conn.wake();
+        }
+    }
+
+    // ---- metrics --------------------------------------------------------
+
+    pub fn metrics_refused(&self) {}
+    pub fn metrics_handoff_out(&self) {}
+    pub fn metrics_registered(&self) {}
+    pub fn metrics_auth_failed(&self) {}
+    pub fn metrics_session_opened(&self) {}
+    pub fn metrics_session_closed(&self) {}
+    pub fn metrics_frame_in(&self, _frame_type: crate::proto::FrameType) {}
+
+    /// A socket that never became a session here (closed or handed off).
+    pub fn connection_closed_before_session(&self) {
+        self.open_connections
+            .set(self.open_connections.get().saturating_sub(1));
+    }
+
+    // ---- commit ---------------------------------------------------------
+
+    /// The group-commit loop: waits for appends, lets a batch gather for up
+    /// to the commit interval, makes it durable, then runs what waited on it.
+    /// A failed fdatasync is fatal: the page cache's state is unknown, so the
+    /// process exits rather than acknowledge anything more.
+    pub async fn commit_loop(self: Rc<Self>) {
+        let interval =
+            std::time::Duration::from_micros(self.config.store.commit_interval_us as u64);
+        let durability = self.config.store.durability;
+        loop {
+            if self.pending.borrow().is_empty()
+                && self.log.borrow().durable_ticket() >= self.log.borrow().appended_ticket()
+            {
+                if self.stopping.get() && self.pending.borrow().is_empty() {
+                    // Nothing waits; keep serving until the shard ends.
+                }
+                futures_lite::future::poll_fn(|cx| {
+                    if self.pending.borrow().is_empty()
+                        && self.log.borrow().durable_ticket() >= self.log.borrow().appended_ticket()
+                    {
+                        self.commit_waker.set(Some(cx.waker().clone()));
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(())
+                    }
+                })
+                .await;
+            }
+            if durability == Durability::Fsync
+                && self.pending.borrow().len() < self.config.store.commit_batch_records_max as usize
+            {
+                glommio::timer::sleep(interval).await;
+            }
+            let batch = self.log.borrow_mut().begin_commit();
+            if let Some(batch) = batch {
+                let started = Instant::now();
+                if let Err(err) = batch.sync().await {
+                    error!(shard = %self.id, %err, "fdatasync of the log failed; exiting without acknowledging more");
+                    std::process::exit(70);
+                }
+                self.metrics
+                    .record_commit_latency_us(started.elapsed().as_micros() as u64);
+                self.log.borrow_mut().finish_commit(batch);
+            }
+            self.drain_durable();
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    /// Whether every action waiting on a commit has run.
+    pub fn commits_settled(&self) -> bool {
+        self.pending.borrow().is_empty()
+    }
+}

@@ -1,0 +1,113 @@
+//! One client connection's shared state: its output queue, delivery window
+//! and wake-up handle.
+//!
+//! Lives on one shard (`Rc`, never sent). The connection task owns the socket
+//! and is the only writer to it; everyone else (the commit task, the reply
+//! handler, the sweeper) appends encoded frames to `out` and wakes the task,
+//! so all frames due to one connection in a loop turn leave in one send.
+
+use std::cell::{Cell, RefCell};
+use std::task::Waker;
+
+use bytes::BytesMut;
+
+use crate::ids::InboxKey;
+use crate::proto::{error_frame, ErrorCode, Frame};
+use crate::session::DeliveryWindow;
+
+/// Why a connection is being closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A fatal Error frame was queued.
+    Fatal(ErrorCode),
+    /// The device connected again; GoAway(REPLACED) was queued.
+    Replaced,
+    /// The server is stopping; GoAway(SHUTTING_DOWN) was queued.
+    Shutdown,
+}
+
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Encoded frames not yet written. Released (capacity 0) when drained, so
+    /// an idle connection holds no output buffer.
+    pub out: BytesMut,
+    pub window: DeliveryWindow,
+    /// Sends read and not yet answered.
+    pub sends_in_flight: u32,
+    /// Coarse shard clock (seconds) of the last frame received.
+    pub last_activity_s: u32,
+    /// Set once; the task flushes `out` and closes.
+    pub close: Option<CloseReason>,
+}
+
+pub struct Conn {
+    /// Unique on its shard for the life of the process.
+    pub id: u64,
+    pub device: InboxKey,
+    pub state: RefCell<ConnState>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Conn {
+    pub fn new(id: u64, device: InboxKey, now_s: u32, deliverable_up_to: u64) -> Conn {
+        Conn {
+            id,
+            device,
+            state: RefCell::new(ConnState {
+                window: DeliveryWindow::new(deliverable_up_to),
+                last_activity_s: now_s,
+                ..ConnState::default()
+            }),
+            waker: Cell::new(None),
+        }
+    }
+
+    /// Queues a frame and wakes the connection task. Frames queued after a
+    /// close began are dropped (the peer is going away).
+    pub fn enqueue(&self, frame: &Frame) {
+        {
+            let mut state = self.state.borrow_mut();
+            if state.close.is_some() {
+                return;
+            }
+            frame.encode(&mut state.out);
+        }
+        self.wake();
+    }
+
+    /// Queues a final frame and starts the close.
+    pub fn close_with(&self, frame: &Frame, reason: CloseReason) {
+        {
+            let mut state = self.state.borrow_mut();
+            if state.close.is_some() {
+                return;
+            }
+            frame.encode(&mut state.out);
+            state.close = Some(reason);
+        }
+        self.wake();
+    }
+
+    /// Queues a fatal Error and starts the close.
+    pub fn fatal(&self, code: ErrorCode, message: &str) {
+        self.close_with(&error_frame(code, message, true), CloseReason::Fatal(code));
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.state.borrow().close.is_some()
+    }
+
+    pub fn register_waker(&self, waker: &Waker) {
+        let current = self.waker.take();
+        match current {
+            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
+            _ => self.waker.set(Some(waker.clone())),
+        }
+    }
+
+    pub fn wake(&self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}

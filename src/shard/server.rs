@@ -1,0 +1,369 @@
+//! Starting and stopping the server: the listeners, the channel meshes and
+//! one executor per shard.
+//!
+//! The main thread builds everything that crosses threads before any shard
+//! starts (one SO_REUSEPORT listening socket per shard, all on one port; a
+//! request and a reply channel for every ordered pair of shards), then waits
+//! for a stop signal. Each shard thread opens its own log, connects its
+//! channel ends and serves until told to stop.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+};
+use tracing::{error, info, warn};
+
+use crate::config::{usable_cpus, Config};
+use crate::ids::ShardId;
+use crate::meta::MetaStore;
+use crate::metrics::ShardMetrics;
+use crate::route::message::{Reply, Request};
+use crate::shard::Shard;
+use crate::store::{Log, SystemClock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("metadata database: {0}")]
+    Meta(#[from] crate::meta::MetaError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, nix::Error),
+    #[error("cannot start shard executor: {0}")]
+    Executor(String),
+    #[error("shard {0} failed to start: {1}")]
+    Shard(u32, String),
+}
+
+/// Listen backlog per shard socket (the kernel caps it at somaxconn).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// What the caller learns once every shard is serving.
+#[derive(Clone, Debug)]
+pub struct Running {
+    pub listen: SocketAddr,
+    pub shards: u32,
+}
+
+/// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
+/// of 0 is resolved by the first bind and reused by the rest.
+fn bind_listeners(
+    addr: SocketAddr,
+    shards: u32,
+) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
+    let mut bound = addr;
+    let mut fds = Vec::new();
+    for _ in 0..shards {
+        let family = if bound.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let err = |e| ServerError::Listen(addr, e);
+        let fd = socket::socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(err)?;
+        socket::setsockopt(&fd, sockopt::ReusePort, &true).map_err(err)?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(err)?;
+        let storage = SockaddrStorage::from(bound);
+        socket::bind(fd.as_raw_fd(), &storage).map_err(err)?;
+        socket::listen(
+            &fd,
+            Backlog::new(LISTEN_BACKLOG).unwrap_or(Backlog::MAXCONN),
+        )
+        .map_err(err)?;
+        let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd()).map_err(err)?;
+        if let Some(v4) = local.as_sockaddr_in() {
+            bound = SocketAddr::from((v4.ip(), v4.port()));
+        } else if let Some(v6) = local.as_sockaddr_in6() {
+            bound = SocketAddr::from((v6.ip(), v6.port()));
+        }
+        fds.push(fd);
+    }
+    Ok((bound, fds))
+}
+
+type Mesh<T> = (
+    Vec<Vec<Option<SharedSender<T>>>>,
+    Vec<Vec<Option<SharedReceiver<T>>>>,
+);
+
+/// One bounded channel per ordered pair of shards: `senders[from][to]`,
+/// `receivers[to][from]`.
+fn build_mesh<T: Send + 'static>(shards: usize, capacity: usize) -> Mesh<T> {
+    let mut senders: Vec<Vec<Option<SharedSender<T>>>> = (0..shards)
+        .map(|_| (0..shards).map(|_| None).collect())
+        .collect();
+    let mut receivers: Vec<Vec<Option<SharedReceiver<T>>>> = (0..shards)
+        .map(|_| (0..shards).map(|_| None).collect())
+        .collect();
+    for from in 0..shards {
+        for to in 0..shards {
+            if from != to {
+                let (tx, rx) = shared_channel::new_bounded(capacity);
+                senders[from][to] = Some(tx);
+                receivers[to][from] = Some(rx);
+            }
+        }
+    }
+    (senders, receivers)
+}
+
+struct ShardStart {
+    id: ShardId,
+    shards: u32,
+    config: Arc<Config>,
+    meta: Arc<MetaStore>,
+    metrics: Arc<ShardMetrics>,
+    listener: OwnedFd,
+    request_senders: Vec<Option<SharedSender<Request>>>,
+    request_receivers: Vec<Option<SharedReceiver<Request>>>,
+    reply_senders: Vec<Option<SharedSender<Reply>>>,
+    reply_receivers: Vec<Option<SharedReceiver<Reply>>>,
+    stop: Arc<AtomicBool>,
+    ready: crossbeam_channel::Sender<Result<ShardId, String>>,
+}
+
+/// Runs the server until `stop` is set; calls `on_ready` once every shard
+/// serves. Returns after every shard has drained and stopped.
+pub fn run(
+    config: Config,
+    metrics: Vec<Arc<ShardMetrics>>,
+    stop: Arc<AtomicBool>,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let shards = config.shard_count();
+    assert_eq!(
+        metrics.len(),
+        shards as usize,
+        "one metrics block per shard"
+    );
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| ServerError::DataDir(data_dir.clone(), e))?;
+    let meta = Arc::new(MetaStore::open(&data_dir.join("meta.redb"))?);
+    let (listen, listeners) = bind_listeners(config.server.listen, shards)?;
+    let capacity = config.limits.shard_channel_capacity as usize;
+    let (mut req_tx, mut req_rx) = build_mesh::<Request>(shards as usize, capacity);
+    let (mut rep_tx, mut rep_rx) = build_mesh::<Reply>(shards as usize, capacity);
+    let config = Arc::new(config);
+    let cpus = usable_cpus();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards as usize);
+    let mut handles = Vec::new();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let start = ShardStart {
+            id: ShardId(index as u32),
+            shards,
+            config: config.clone(),
+            meta: meta.clone(),
+            metrics: metrics[index].clone(),
+            listener,
+            request_senders: std::mem::take(&mut req_tx[index]),
+            request_receivers: std::mem::take(&mut req_rx[index]),
+            reply_senders: std::mem::take(&mut rep_tx[index]),
+            reply_receivers: std::mem::take(&mut rep_rx[index]),
+            stop: stop.clone(),
+            ready: ready_tx.clone(),
+        };
+        // Placement: one shard per usable CPU when pinning (the thread-per-
+        // core contract); unbound when shards outnumber CPUs or in tests.
+        let placement = if config.server.pin_cpus && (shards as usize) <= cpus.len() {
+            Placement::Fixed(cpus[index])
+        } else {
+            Placement::Unbound
+        };
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{index}"))
+            // Polled I/O is not used; no spinning so an idle shard sleeps.
+            .spin_before_park(Duration::from_millis(0))
+            // Short preemption so long loops yield to the socket and
+            // commit tasks often.
+            .preempt_timer(Duration::from_millis(5));
+        let handle = builder
+            .spawn(move || shard_main(start))
+            .map_err(|e| ServerError::Executor(e.to_string()))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    let mut ready = 0;
+    while ready < shards {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => ready += 1,
+            Ok(Err(message)) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(ServerError::Shard(ready, message));
+            }
+            Err(_) => {
+                return Err(ServerError::Shard(ready, "exited during start".into()));
+            }
+        }
+    }
+    on_ready(&Running { listen, shards });
+    for handle in handles {
+        if let Err(err) = handle.join() {
+            error!(%err, "shard ended with an error");
+        }
+    }
+    Ok(())
+}
+
+async fn shard_main(start: ShardStart) {
+    let id = start.id;
+    let log_dir = start.config.server.data_dir.join(format!("shard-{}", id.0));
+    let opened = Log::open(&log_dir, id, &start.config.store, Rc::new(SystemClock));
+    let log = match opened {
+        Ok((log, report)) => {
+            info!(
+                shard = %id,
+                segments = report.segments,
+                records = report.records,
+                pending = report.messages_pending,
+                torn_tail_bytes = report.torn_tail_truncated_bytes,
+                "log recovered"
+            );
+            for corruption in &report.corruptions {
+                warn!(shard = %id, segment = corruption.segment, offset = corruption.offset, reason = corruption.reason, "corrupt record skipped; inspect with `switchboard log inspect`");
+            }
+            log
+        }
+        Err(err) => {
+            let _ = start.ready.send(Err(format!("opening its log: {err}")));
+            return;
+        }
+    };
+
+    // Connect every channel end; a connect waits for its peer's, so the
+    // receivers connect in their own tasks.
+    let mut receiver_tasks = Vec::new();
+    for rx in start.request_receivers.into_iter().flatten() {
+        receiver_tasks.push(glommio::spawn_local(
+            async move { Some(rx.connect().await) },
+        ));
+    }
+    let mut reply_receiver_tasks = Vec::new();
+    for rx in start.reply_receivers.into_iter().flatten() {
+        reply_receiver_tasks.push(glommio::spawn_local(
+            async move { Some(rx.connect().await) },
+        ));
+    }
+    let mut requests = Vec::new();
+    for tx in start.request_senders {
+        requests.push(match tx {
+            Some(tx) => Some(tx.connect().await),
+            None => None,
+        });
+    }
+    let mut replies = Vec::new();
+    for tx in start.reply_senders {
+        replies.push(match tx {
+            Some(tx) => Some(tx.connect().await),
+            None => None,
+        });
+    }
+    let shard = Rc::new(Shard::new(
+        id,
+        start.shards,
+        start.config.clone(),
+        start.meta,
+        start.metrics,
+        log,
+        requests,
+        replies,
+    ));
+    for task in receiver_tasks {
+        let Some(rx) = task.await else { continue };
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(request) = rx.recv().await {
+                shard.handle_request(request);
+            }
+        })
+        .detach();
+    }
+    for task in reply_receiver_tasks {
+        let Some(rx) = task.await else { continue };
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(reply) = rx.recv().await {
+                shard.on_reply(reply);
+            }
+        })
+        .detach();
+    }
+    glommio::spawn_local(shard.clone().commit_loop()).detach();
+    glommio::spawn_local(maintenance(shard.clone(), start.stop.clone())).detach();
+
+    // SAFETY: the descriptor is a bound, listening, non-blocking TCP socket
+    // made by `bind_listeners`, owned by nothing else from here on.
+    let listener = unsafe { TcpListener::from_raw_fd(start.listener.into_raw_fd()) };
+    shard.metrics.set_ready(true);
+    let _ = start.ready.send(Ok(id));
+    crate::net::accept_loop(shard.clone(), listener).await;
+
+    // Stopping: say GoAway, let sessions flush, finish pending commits.
+    info!(shard = %id, "stopping");
+    crate::net::go_away_all(&shard);
+    let deadline =
+        Instant::now() + Duration::from_millis(start.config.limits.shutdown_deadline_ms as u64);
+    while Instant::now() < deadline {
+        shard.kick_commit();
+        if shard.commits_settled() && shard.conns.borrow().is_empty() {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    // The commit loop also commits what was appended last (acks, receipts).
+    let settle_deadline = Instant::now() + Duration::from_millis(500);
+    while !shard.commits_settled() && Instant::now() < settle_deadline {
+        shard.kick_commit();
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    info!(shard = %id, "stopped");
+}
+
+/// Periodic work: stop requests, idle sessions, expiry.
+async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
+    let mut last_expiry = Instant::now();
+    let mut last_sweep = Instant::now();
+    loop {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        if stop.load(Ordering::Relaxed) && !shard.stopping.get() {
+            shard.stopping.set(true);
+        }
+        // Idle sessions are found by one pass a second over the shard's
+        // sessions rather than a timer per connection (which would cost
+        // memory on every idle socket).
+        if last_sweep.elapsed() >= Duration::from_secs(1) {
+            last_sweep = Instant::now();
+            crate::net::sweep_idle(&shard);
+        }
+        if last_expiry.elapsed() >= Duration::from_secs(10) {
+            last_expiry = Instant::now();
+            let expired = shard.log.borrow_mut().expire_and_reclaim();
+            match expired {
+                Ok(0) => {}
+                Ok(n) => info!(shard = %shard.id, expired = n, "expired inbox entries dropped"),
+                Err(err) => warn!(shard = %shard.id, %err, "expiry pass failed"),
+            }
+        }
+        if shard.stopping.get() && shard.conns.borrow().is_empty() && shard.commits_settled() {
+            return;
+        }
+    }
+}
