@@ -1,0 +1,26 @@
+# Recipes for everyday work; `cargo install just` if you do not have it.
+
+# Run the server on its embedded defaults (127.0.0.1:7700, data in ./data).
+run *ARGS:
+    cargo run --release -- serve {{ARGS}}
+
+# The test suite (what CI runs after the lints).
+test:
+    cargo test --workspace
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# All of CI, locally.
+ci:
+    bash .ci/run
+
+# The store's micro-benchmarks (criterion).
+bench-store:
+    cargo bench -p switchboard-bench --bench store_log
+
+# A two-terminal chat: `just chat alice` in one, `just chat bob` in another.
+chat PROFILE="me":
+    cargo run --release -- chat --profile {{PROFILE}}.cred

@@ -1,0 +1,316 @@
+//! Shared test harness: runs the real `switchboard` binary on a loopback
+//! port with a temporary data directory, and a small blocking client that
+//! speaks the wire protocol byte for byte (so tests can also send bytes a
+//! well-behaved client never would).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use switchboard::config::Config;
+use switchboard::proto::{self, pb, Frame, PROTOCOL_VERSION};
+use switchboard::route::shard_for;
+
+/// A running server process. Killed (SIGKILL) on drop if still running.
+pub struct Server {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: Config,
+}
+
+impl Server {
+    /// Starts a server with `Config::for_tests` bounds, changed by `tweak`.
+    pub fn start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Server {
+        let mut config = Config::for_tests(&dir.join("data"));
+        tweak(&mut config);
+        let config_path = dir.join("switchboard.toml");
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        let mut server = Server {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.to_path_buf(),
+            config_path,
+            config,
+        };
+        server.launch();
+        server
+    }
+
+    /// Starts the process (again) on the same config and data; a restart
+    /// keeps the port it had.
+    pub fn launch(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command.arg("serve").arg("--config").arg(&self.config_path);
+        if self.addr.port() != 0 {
+            command.arg("--listen").arg(self.addr.to_string());
+        }
+        let mut child = command
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start switchboard");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .next()
+            .expect("server printed its address")
+            .expect("read stdout");
+        // "switchboard listening on 127.0.0.1:PORT with N shards"
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        self.addr = addr.parse().unwrap();
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.config.server.shards
+    }
+
+    /// Resident memory of the server process, bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kb * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Credentials returned by Register.
+#[derive(Clone, Debug)]
+pub struct Account {
+    pub user: u64,
+    pub device: u32,
+    pub secret: Bytes,
+}
+
+/// A blocking wire-protocol client.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    pub frame_bytes_max: u32,
+}
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> RawClient {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+            frame_bytes_max: 16 << 20,
+        }
+    }
+
+    pub fn send(&mut self, frame: &Frame) {
+        self.stream.write_all(&frame.to_bytes()).expect("write frame");
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// The next frame, or None on a clean close (EOF or reset).
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(frame) =
+                proto::next_frame(&mut self.buf, self.frame_bytes_max).expect("server frame")
+            {
+                return Some(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no frame from the server within {timeout:?}");
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 16 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    continue
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> Option<Frame> {
+        self.recv_timeout(Duration::from_secs(10))
+    }
+
+    /// Asserts the server closes the connection (after any frames).
+    pub fn expect_closed(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.recv_timeout(Duration::from_secs(10)) {
+                None => return,
+                Some(_) => continue,
+            }
+        }
+        panic!("server kept the connection open");
+    }
+
+    /// Expects an Error frame with `code`; returns it.
+    pub fn expect_error(&mut self, code: proto::ErrorCode) -> pb::Error {
+        match self.recv() {
+            Some(Frame::Error(e)) => {
+                assert_eq!(e.code, code as i32, "unexpected error: {e:?}");
+                e
+            }
+            other => panic!("expected Error {code:?}, got {other:?}"),
+        }
+    }
+
+    pub fn register(addr: SocketAddr) -> Account {
+        let mut c = RawClient::connect(addr);
+        c.send(&Frame::Register(pb::Register {
+            protocol_version: PROTOCOL_VERSION,
+            registration_token: String::new(),
+        }));
+        match c.recv() {
+            Some(Frame::Registered(r)) => Account {
+                user: r.user_id,
+                device: r.device_id,
+                secret: r.secret,
+            },
+            other => panic!("expected Registered, got {other:?}"),
+        }
+    }
+
+    /// Registers until an account homed on `shard` comes up.
+    pub fn register_on_shard(addr: SocketAddr, shard: u32, shards: u32) -> Account {
+        for _ in 0..64 {
+            let account = RawClient::register(addr);
+            if shard_for(account.user, shards).0 == shard {
+                return account;
+            }
+        }
+        panic!("no account landed on shard {shard}");
+    }
+
+    /// Connects and authenticates; returns the client and the Welcome.
+    pub fn login(addr: SocketAddr, account: &Account) -> (RawClient, pb::Welcome) {
+        let mut c = RawClient::connect(addr);
+        c.send(&hello(account));
+        match c.recv() {
+            Some(Frame::Welcome(w)) => (c, w),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub fn send_message(&mut self, to: u64, id: u64, payload: &[u8]) {
+        self.send(&Frame::Send(pb::Send {
+            client_message_id: id,
+            recipient_user_id: to,
+            payload: Bytes::copy_from_slice(payload),
+            device_payloads: vec![],
+        }));
+    }
+
+    pub fn ack(&mut self, up_to: u64) {
+        self.send(&Frame::Ack(pb::Ack {
+            up_to_sequence: up_to,
+            sequences: vec![],
+        }));
+    }
+
+    /// Receives until `n` ServerAcks arrived; returns them (other frames
+    /// are returned in the second vector).
+    pub fn collect_acks(&mut self, n: usize) -> (Vec<pb::ServerAck>, Vec<Frame>) {
+        let mut acks = Vec::new();
+        let mut others = Vec::new();
+        while acks.len() < n {
+            match self.recv() {
+                Some(Frame::ServerAck(a)) => acks.push(a),
+                Some(other) => others.push(other),
+                None => panic!("closed after {} of {n} acks", acks.len()),
+            }
+        }
+        (acks, others)
+    }
+
+    /// Receives until `n` Deliver frames arrived.
+    pub fn collect_delivers(&mut self, n: usize) -> Vec<pb::Deliver> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.recv() {
+                Some(Frame::Deliver(d)) => out.push(d),
+                Some(_) => {}
+                None => panic!("closed after {} of {n} deliveries", out.len()),
+            }
+        }
+        out
+    }
+}
+
+pub fn hello(account: &Account) -> Frame {
+    Frame::Hello(pb::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        user_id: account.user,
+        device_id: account.device,
+        secret: account.secret.clone(),
+    })
+}
