@@ -1,1 +1,692 @@
-fn main() {}
+//! `switchboard-bench`: capacity benchmarks of a Switchboard server, or of an
+//! MQTT 3.1.1 broker with the same workload.
+//!
+//! Wiring only: the coordinator (this process) parses the command line,
+//! plans how the connections are split over worker processes and source
+//! addresses (`limits`), drives the workers through the scenario's phases
+//! (`fleet`, `worker`), samples the server's and the kernel's memory
+//! (`sysmem`) and writes the results (`report`). See docs/benchmarks.md.
+
+mod fleet;
+mod latency;
+mod limits;
+mod link;
+mod mqtt;
+mod report;
+mod sysmem;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::fleet::Fleet;
+use crate::latency::{monotonic_ns, ChainLatency, Latency};
+use crate::link::{Account, Protocol, Target, User};
+use crate::report::Second;
+use crate::sysmem::MemorySample;
+use crate::worker::{Command, P2pStep, Report, StepResult, Subset, WorkerSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard-bench",
+    about = "Capacity benchmarks for Switchboard (and MQTT brokers)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Open N authenticated sessions; sessions/s and time to all connected.
+    Connect(Common),
+    /// Hold N sessions and sample server and kernel memory per connection.
+    Idle(Common),
+    /// Users in pairs exchange messages open-loop at a fixed offered rate.
+    P2p(P2pArgs),
+    /// Queue messages for offline users, connect them, time the drain.
+    Offline(OfflineArgs),
+    /// p2p while clients disconnect and reconnect at a fixed rate.
+    Churn(ChurnArgs),
+    /// Print two JSON results side by side.
+    Compare { a: PathBuf, b: PathBuf },
+    /// Internal: a worker process (started by the coordinator).
+    #[command(hide = true)]
+    Worker,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// `switchboard://IP:PORT` (or bare `IP:PORT`) or `mqtt://IP:PORT`.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    target: String,
+    /// Connections (users; one device each). Rounded down to even.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    connections: u64,
+    /// Seconds the measured phase lasts (hold for idle, send for p2p).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Bound on every wait: a connect, a drain, a worker's answer (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Credentials file (JSON): accounts are reused from it and new ones
+    /// appended, so a run on a warm server skips registration.
+    #[arg(long)]
+    users: Option<PathBuf>,
+    /// The server's pid (memory sampling); found from the listening port
+    /// when not given.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// At least this many worker processes (more are used when the
+    /// open-file limit requires).
+    #[arg(long, default_value_t = 1)]
+    processes: u64,
+    /// Handshakes in flight per worker.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Seconds between keepalive pings on every link.
+    #[arg(long, default_value_t = 30.0)]
+    ping_interval: f64,
+    /// Do not bind to 127.0.0.2, 127.0.0.3, … (loopback targets only).
+    #[arg(long)]
+    no_source_spread: bool,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write HdrHistogram percentile distributions (`*.hgrm`) here.
+    #[arg(long)]
+    hgrm: Option<PathBuf>,
+    /// Draw rate and latency percentiles over time (SVG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Clone)]
+struct P2pArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Offered messages per second (all pairs together), or `max` to search
+    /// for the highest rate delivered in full with p99 under --p99-max-ms.
+    #[arg(long, default_value = "1000")]
+    rate: String,
+    /// Payload bytes (at least 28: the harness's header).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Seconds to wait after the last send for acks, deliveries and receipts.
+    #[arg(long, default_value_t = 10.0)]
+    drain_timeout: f64,
+    /// `--rate max`: first rate tried.
+    #[arg(long, default_value_t = 1000.0)]
+    rate_start: f64,
+    /// `--rate max`: seconds per step.
+    #[arg(long, default_value_t = 5.0)]
+    step_duration: f64,
+    /// `--rate max`: deliver p99 bound, milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    p99_max_ms: f64,
+}
+
+#[derive(Args, Clone)]
+struct OfflineArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Messages queued for each offline user.
+    #[arg(long, short = 'k', default_value_t = 100)]
+    per_user: u64,
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+}
+
+#[derive(Args, Clone)]
+struct ChurnArgs {
+    #[command(flatten)]
+    p2p: P2pArgs,
+    /// Disconnects and reconnects per second.
+    #[arg(long, default_value_t = 10.0)]
+    churn_rate: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Scenario::Worker => worker::run(),
+        Scenario::Compare { a, b } => {
+            let read = |p: &PathBuf| -> anyhow::Result<Value> {
+                Ok(serde_json::from_str(
+                    &std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                )?)
+            };
+            print!("{}", report::compare(&read(&a)?, &read(&b)?));
+            Ok(())
+        }
+        Scenario::Connect(common) => Run::start("connect", common)?.connect(),
+        Scenario::Idle(common) => Run::start("idle", common)?.idle(),
+        Scenario::P2p(args) => Run::start("p2p", args.common.clone())?.p2p(&args, 0.0),
+        Scenario::Churn(args) => {
+            Run::start("churn", args.p2p.common.clone())?.p2p(&args.p2p, args.churn_rate)
+        }
+        Scenario::Offline(args) => Run::start("offline", args.common.clone())?.offline(&args),
+    }
+}
+
+/// The accounts file: `{"accounts": [{user, device, secret}, …]}`.
+fn load_accounts(path: &Option<PathBuf>) -> anyhow::Result<Vec<Account>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: Value = serde_json::from_str(&text)?;
+    Ok(serde_json::from_value(value["accounts"].clone())?)
+}
+
+struct Run {
+    scenario: &'static str,
+    common: Common,
+    target: Target,
+    users: Vec<User>,
+    split: limits::Split,
+    fleet: Fleet,
+    server_pid: Option<u32>,
+    out: Value,
+}
+
+impl Run {
+    fn start(scenario: &'static str, common: Common) -> anyhow::Result<Run> {
+        let target = Target::parse(&common.target)?;
+        let count = common.connections & !1;
+        if count == 0 {
+            bail!("--connections must be at least 2");
+        }
+        let nofile = limits::raise_nofile();
+        let loopback = target.server.ip().is_loopback() && !common.no_source_spread;
+        let split = limits::plan(count, nofile, common.processes, loopback);
+        eprintln!(
+            "open-file limit {}: {} connections over {} worker process(es) ({:?}), source addresses {:?}",
+            split.nofile_limit, count, split.processes, split.users_per_process, split.source_ips
+        );
+        let accounts = if target.protocol == Protocol::Switchboard {
+            load_accounts(&common.users)?
+        } else {
+            Vec::new()
+        };
+        let users: Vec<User> = (0..count)
+            .map(|index| User {
+                index,
+                account: accounts.get(index as usize).cloned(),
+            })
+            .collect();
+        let mut specs = Vec::new();
+        let mut first = 0usize;
+        for (worker, share) in split.users_per_process.iter().enumerate() {
+            let share = *share as usize;
+            specs.push(WorkerSpec {
+                worker: worker as u64,
+                target,
+                users: users[first..first + share].to_vec(),
+                source_ips: split.source_ips.clone(),
+                timeout_s: common.timeout,
+                connect_concurrency: common.connect_concurrency,
+                ping_interval_s: common.ping_interval,
+            });
+            first += share;
+        }
+        let server_pid = common
+            .server_pid
+            .or_else(|| sysmem::find_listener_pid(target.server));
+        if server_pid.is_none() {
+            eprintln!("server pid not found (pass --server-pid); server memory is not sampled");
+        }
+        let fleet = Fleet::start(specs, common.quiet)?;
+        let out = json!({
+            "scenario": scenario,
+            "target": target.url(),
+            "connections": count,
+            "machine": machine(),
+            "split": {
+                "nofile_limit": split.nofile_limit,
+                "connections_per_process_max": split.connections_per_process_max,
+                "processes": split.processes,
+                "users_per_process": split.users_per_process,
+                "source_ips": split.source_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+            },
+            "server": {"pid": server_pid},
+            "kernel": {},
+            "rates": {},
+            "latency_us": {},
+        });
+        let mut run = Run {
+            scenario,
+            common,
+            target,
+            users,
+            split,
+            fleet,
+            server_pid,
+            out,
+        };
+        run.register()?;
+        Ok(run)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.common.timeout + 5.0)
+    }
+
+    fn register(&mut self) -> anyhow::Result<()> {
+        if self.target.protocol != Protocol::Switchboard {
+            return Ok(());
+        }
+        let missing = self.users.iter().filter(|u| u.account.is_none()).count();
+        self.fleet.set_phase("register");
+        self.fleet.broadcast(&Command::Register)?;
+        let answers = self.fleet.collect(self.timeout())?;
+        let mut elapsed: f64 = 0.0;
+        for answer in answers {
+            if let Report::Registered {
+                accounts,
+                elapsed_s,
+            } = answer
+            {
+                elapsed = elapsed.max(elapsed_s);
+                for (index, account) in accounts {
+                    self.users[index as usize].account = Some(account);
+                }
+            }
+        }
+        self.out["registration"] = json!({"registered": missing, "elapsed_s": elapsed});
+        if let Some(path) = &self.common.users {
+            if missing > 0 {
+                let mut accounts = load_accounts(&self.common.users)?;
+                for user in self.users.iter().skip(accounts.len()) {
+                    accounts.push(user.account.clone().expect("every user registered"));
+                }
+                report::write_json(path, &json!({"accounts": accounts}))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn connect_all(&mut self, subset: Subset) -> anyhow::Result<(u64, f64, Latency)> {
+        self.fleet.set_phase("connect");
+        self.fleet.broadcast(&Command::Connect { subset })?;
+        let answers = self.fleet.collect(self.timeout())?;
+        let (mut connected, mut failed, mut elapsed) = (0, 0, 0f64);
+        let mut handshakes = Latency::default();
+        for answer in answers {
+            if let Report::Connected {
+                connected: c,
+                failed: f,
+                elapsed_s,
+                handshake_hex,
+            } = answer
+            {
+                connected += c;
+                failed += f;
+                elapsed = elapsed.max(elapsed_s);
+                handshakes.add(&Latency::from_hex(&handshake_hex)?);
+            }
+        }
+        if failed > 0 {
+            eprintln!("{failed} connections failed");
+        }
+        self.out["connect"] =
+            json!({"connected": connected, "failed": failed, "elapsed_s": elapsed});
+        Ok((connected, elapsed, handshakes))
+    }
+
+    fn connect(mut self) -> anyhow::Result<()> {
+        let (connected, elapsed, handshakes) = self.connect_all(Subset::All)?;
+        self.out["duration_s"] = json!(elapsed);
+        self.out["rates"]["sessions_per_s"] = json!(connected as f64 / elapsed.max(1e-9));
+        self.out["latency_us"]["handshake"] = report::summary_json(&handshakes.summary());
+        let sample = sysmem::sample(self.server_pid)?;
+        self.out["server"]["rss_bytes"] = json!(sample.server_rss_bytes);
+        self.finish(&[("handshake", &handshakes)], &[])
+    }
+
+    fn idle(mut self) -> anyhow::Result<()> {
+        let baseline = sysmem::sample(self.server_pid)?;
+        let (connected, elapsed, handshakes) = self.connect_all(Subset::All)?;
+        self.out["rates"]["sessions_per_s"] = json!(connected as f64 / elapsed.max(1e-9));
+        self.fleet.set_phase("hold");
+        // Let the server settle (allocator, deferred frees) before sampling.
+        self.fleet.wait(Duration::from_secs(2))?;
+        let mut samples = vec![sysmem::sample(self.server_pid)?];
+        let hold_end = std::time::Instant::now() + Duration::from_secs_f64(self.common.duration);
+        while std::time::Instant::now() < hold_end {
+            self.fleet
+                .wait(Duration::from_secs(1).min(hold_end - std::time::Instant::now()))?;
+            samples.push(sysmem::sample(self.server_pid)?);
+        }
+        let last = *samples.last().expect("one sample at least");
+        let per =
+            |after: u64, before: u64| (after as f64 - before as f64) / connected.max(1) as f64;
+        self.out["duration_s"] = json!(self.common.duration);
+        self.out["server"]["rss_bytes"] = json!(last.server_rss_bytes);
+        self.out["server"]["rss_bytes_baseline"] = json!(baseline.server_rss_bytes);
+        self.out["server"]["pss_bytes"] = json!(last.server_pss_bytes);
+        if self.server_pid.is_some() {
+            self.out["server"]["rss_bytes_per_conn"] =
+                json!(per(last.server_rss_bytes, baseline.server_rss_bytes));
+            self.out["server"]["pss_bytes_per_conn"] =
+                json!(per(last.server_pss_bytes, baseline.server_pss_bytes));
+        }
+        self.out["kernel"] = json!({
+            "sockstat_bytes_per_conn": per(last.sockstat_tcp_bytes, baseline.sockstat_tcp_bytes),
+            "slab_bytes_per_conn": per(last.slab_bytes, baseline.slab_bytes),
+            "slab_source": if last.slab_from_slabinfo { "/proc/slabinfo" } else { "/proc/meminfo Slab" },
+            "tcp_sockets_inuse_delta": last.sockstat_tcp_inuse as i64 - baseline.sockstat_tcp_inuse as i64,
+            "note": "loopback: both ends of every connection are in these kernel figures",
+        });
+        self.out["samples"] = json!(samples
+            .iter()
+            .map(|s: &MemorySample| json!({"rss_bytes": s.server_rss_bytes, "pss_bytes": s.server_pss_bytes, "slab_bytes": s.slab_bytes, "sockstat_bytes": s.sockstat_tcp_bytes}))
+            .collect::<Vec<_>>());
+        self.finish(&[("handshake", &handshakes)], &[])
+    }
+
+    fn step(
+        &mut self,
+        args: &P2pArgs,
+        rate: f64,
+        duration: f64,
+        churn_per_s: f64,
+    ) -> anyhow::Result<Step> {
+        let pairs_total = self.users.len() as f64 / 2.0;
+        let start_at_ns = monotonic_ns() + 300_000_000;
+        for (i, share) in self.split.users_per_process.clone().iter().enumerate() {
+            let fraction = (*share as f64 / 2.0) / pairs_total;
+            self.fleet.send(
+                i,
+                &Command::P2p(P2pStep {
+                    rate_per_s: rate * fraction,
+                    duration_s: duration,
+                    payload_bytes: args.payload,
+                    start_at_ns,
+                    drain_timeout_s: args.drain_timeout,
+                    churn_per_s: churn_per_s * fraction,
+                }),
+            )?;
+        }
+        let wait = Duration::from_secs_f64(duration + args.drain_timeout + 10.0);
+        let answers = self.fleet.collect(wait)?;
+        let mut step = Step {
+            rate,
+            duration,
+            ..Default::default()
+        };
+        for answer in answers {
+            if let Report::Step(result) = answer {
+                step.add(&result)?;
+            }
+        }
+        Ok(step)
+    }
+
+    fn p2p(mut self, args: &P2pArgs, churn_per_s: f64) -> anyhow::Result<()> {
+        self.connect_all(Subset::All)?;
+        let step = if args.rate == "max" {
+            self.fleet.set_phase("search");
+            let mut rate = args.rate_start;
+            let mut good: Option<Step> = None;
+            let mut bad: Option<f64> = None;
+            let mut trail = Vec::new();
+            for _ in 0..24 {
+                let step = self.step(args, rate, args.step_duration, churn_per_s)?;
+                let ok = step.ok(args.p99_max_ms);
+                trail.push(json!({"rate": rate, "delivered": step.result.delivered, "offered": step.result.offered,
+                    "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok}));
+                eprintln!(
+                    "rate {rate:.0}/s: offered {} delivered {} p99 {} us: {}",
+                    step.result.offered,
+                    step.result.delivered,
+                    step.chain.deliver.summary().p99,
+                    if ok { "ok" } else { "not met" }
+                );
+                if ok {
+                    good = Some(step);
+                } else {
+                    bad = Some(rate);
+                }
+                let low = good.as_ref().map(|s| s.rate).unwrap_or(0.0);
+                rate = match bad {
+                    None => rate * 2.0,
+                    Some(high) if high - low <= high * 0.05 => break,
+                    Some(high) => (low + high) / 2.0,
+                };
+                if rate < 1.0 {
+                    break;
+                }
+            }
+            self.out["search"] = json!(trail);
+            self.out["rate_max"] = json!(good.as_ref().map(|s| s.rate));
+            good.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no rate met the bound (delivered in full, p99 under {} ms)",
+                    args.p99_max_ms
+                )
+            })?
+        } else {
+            let rate: f64 = args.rate.parse().context("--rate is a number or `max`")?;
+            self.fleet.set_phase("p2p");
+            self.step(args, rate, self.common.duration, churn_per_s)?
+        };
+        let r = &step.result;
+        self.out["duration_s"] = json!(step.duration);
+        self.out["payload_bytes"] = json!(args.payload);
+        self.out["messages"] = json!({"offered": r.offered, "sent": r.sent, "skipped": r.skipped, "acked": r.acked,
+            "delivered": r.delivered, "receipts": r.receipts, "duplicates": r.duplicates, "errors": r.errors});
+        self.out["rates"]["offered_msgs_per_s"] = json!(r.offered as f64 / step.duration);
+        self.out["rates"]["delivered_msgs_per_s"] =
+            json!(r.delivered as f64 / r.elapsed_s.max(step.duration));
+        self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
+        self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
+        self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
+        if churn_per_s > 0.0 {
+            self.out["churn_per_s"] = json!(churn_per_s);
+            self.out["reconnects"] = json!(r.reconnects);
+            self.out["latency_us"]["reconnect"] = report::summary_json(&step.reconnect.summary());
+        }
+        let sample = sysmem::sample(self.server_pid)?;
+        self.out["server"]["rss_bytes"] = json!(sample.server_rss_bytes);
+        let seconds: Vec<Second> = step.seconds.values().cloned().collect();
+        self.out["timeline"] = json!(seconds
+            .iter()
+            .map(|s| json!({"second": s.second, "delivered": s.delivered,
+            "deliver_p50_us": s.deliver.summary().p50, "deliver_p99_us": s.deliver.summary().p99}))
+            .collect::<Vec<_>>());
+        let chain = step.chain.clone();
+        let reconnect = step.reconnect.clone();
+        self.finish(
+            &[
+                ("ack", &chain.ack),
+                ("deliver", &chain.deliver),
+                ("receipt", &chain.receipt),
+                ("reconnect", &reconnect),
+            ],
+            &seconds,
+        )
+    }
+
+    fn offline(mut self, args: &OfflineArgs) -> anyhow::Result<()> {
+        if self.target.protocol == Protocol::Mqtt {
+            // MQTT queues only for a session that exists and is subscribed.
+            self.connect_all(Subset::Recipients)?;
+            self.fleet.broadcast(&Command::Disconnect {
+                subset: Subset::Recipients,
+            })?;
+            self.fleet.collect(self.timeout())?;
+        }
+        self.connect_all(Subset::Senders)?;
+        self.fleet.set_phase("queue");
+        self.fleet.broadcast(&Command::Burst {
+            per_user: args.per_user,
+            payload_bytes: args.payload,
+        })?;
+        let (mut sent, mut acked, mut queue_s) = (0, 0, 0f64);
+        for answer in self.fleet.collect(self.timeout())? {
+            if let Report::BurstDone {
+                sent: s,
+                acked: a,
+                elapsed_s,
+            } = answer
+            {
+                sent += s;
+                acked += a;
+                queue_s = queue_s.max(elapsed_s);
+            }
+        }
+        self.fleet.set_phase("drain");
+        let mut expected_per_worker = Vec::new();
+        for share in &self.split.users_per_process {
+            expected_per_worker.push(share / 2 * args.per_user);
+        }
+        for (i, expected) in expected_per_worker.iter().enumerate() {
+            self.fleet.send(
+                i,
+                &Command::Drain {
+                    expected: *expected,
+                },
+            )?;
+        }
+        let (mut delivered, mut drain_s, mut connect_s) = (0, 0f64, 0f64);
+        for answer in self.fleet.collect(self.timeout())? {
+            if let Report::Drained {
+                delivered: d,
+                elapsed_s,
+                connect_s: c,
+            } = answer
+            {
+                delivered += d;
+                drain_s = drain_s.max(elapsed_s);
+                connect_s = connect_s.max(c);
+            }
+        }
+        self.out["duration_s"] = json!(drain_s);
+        self.out["payload_bytes"] = json!(args.payload);
+        self.out["messages"] = json!({"offered": args.per_user * (self.users.len() as u64 / 2), "sent": sent, "acked": acked, "delivered": delivered});
+        self.out["offline"] = json!({"per_user": args.per_user, "users": self.users.len() / 2, "queue_s": queue_s, "reconnect_s": connect_s, "drain_s": drain_s});
+        self.out["rates"]["queue_msgs_per_s"] = json!(acked as f64 / queue_s.max(1e-9));
+        self.out["rates"]["drain_msgs_per_s"] = json!(delivered as f64 / drain_s.max(1e-9));
+        self.out["rates"]["delivered_msgs_per_s"] = json!(delivered as f64 / drain_s.max(1e-9));
+        let sample = sysmem::sample(self.server_pid)?;
+        self.out["server"]["rss_bytes"] = json!(sample.server_rss_bytes);
+        self.finish(&[], &[])
+    }
+
+    fn finish(self, histograms: &[(&str, &Latency)], seconds: &[Second]) -> anyhow::Result<()> {
+        let Run {
+            fleet,
+            out,
+            common,
+            scenario,
+            ..
+        } = self;
+        fleet.finish();
+        print!("{}", report::table(&out));
+        if let Some(path) = &common.json {
+            report::write_json(path, &out)?;
+        }
+        if let Some(dir) = &common.hgrm {
+            report::write_hgrm(dir, histograms)?;
+        }
+        if let Some(path) = &common.plot {
+            if seconds.is_empty() {
+                eprintln!(
+                    "--plot: the {scenario} scenario has no per-second timeline; nothing drawn"
+                );
+            } else {
+                report::plot(
+                    path,
+                    &format!("{scenario} {}", out["target"].as_str().unwrap_or("")),
+                    seconds,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One p2p step merged over workers.
+#[derive(Default)]
+struct Step {
+    rate: f64,
+    duration: f64,
+    result: StepResult,
+    chain: ChainLatency,
+    reconnect: Latency,
+    seconds: BTreeMap<u64, Second>,
+}
+
+impl Step {
+    fn add(&mut self, r: &StepResult) -> anyhow::Result<()> {
+        let t = &mut self.result;
+        t.offered += r.offered;
+        t.sent += r.sent;
+        t.skipped += r.skipped;
+        t.acked += r.acked;
+        t.delivered += r.delivered;
+        t.receipts += r.receipts;
+        t.duplicates += r.duplicates;
+        t.errors += r.errors;
+        t.reconnects += r.reconnects;
+        t.send_s = t.send_s.max(r.send_s);
+        t.elapsed_s = t.elapsed_s.max(r.elapsed_s);
+        self.chain.ack.add(&Latency::from_hex(&r.ack_hex)?);
+        self.chain.deliver.add(&Latency::from_hex(&r.deliver_hex)?);
+        self.chain.receipt.add(&Latency::from_hex(&r.receipt_hex)?);
+        self.reconnect.add(&Latency::from_hex(&r.reconnect_hex)?);
+        for point in &r.timeline {
+            let second = self.seconds.entry(point.second).or_insert_with(|| Second {
+                second: point.second,
+                ..Default::default()
+            });
+            second.delivered += point.delivered;
+            second.deliver.add(&Latency::from_hex(&point.deliver_hex)?);
+        }
+        Ok(())
+    }
+
+    /// Delivered in full (nothing skipped or missing) with p99 under the bound.
+    fn ok(&self, p99_max_ms: f64) -> bool {
+        let r = &self.result;
+        r.offered > 0
+            && r.sent == r.offered
+            && r.delivered == r.offered
+            && (self.chain.deliver.summary().p99 as f64) <= p99_max_ms * 1000.0
+    }
+}
+
+/// What the numbers were measured on.
+fn machine() -> Value {
+    let uname = nix::sys::utsname::uname().ok();
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024);
+    json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "kernel": uname.as_ref().map(|u| u.release().to_string_lossy().into_owned()),
+        "memory_bytes": memory_bytes,
+        "bench_version": env!("CARGO_PKG_VERSION"),
+        "unix_time_s": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    })
+}

@@ -1,0 +1,237 @@
+//! The run's results: JSON file, final table, `.hgrm` files, SVG plot, and
+//! the side-by-side comparison of two JSON files.
+
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::latency::{Latency, Summary};
+
+/// One second of a p2p run, merged over workers.
+#[derive(Clone, Debug, Default)]
+pub struct Second {
+    pub second: u64,
+    pub delivered: u64,
+    pub deliver: Latency,
+}
+
+pub fn summary_json(s: &Summary) -> Value {
+    serde_json::to_value(s).expect("summaries serialize")
+}
+
+pub fn write_json(path: &Path, value: &Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn write_hgrm(dir: &Path, histograms: &[(&str, &Latency)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, latency) in histograms {
+        if latency.count() == 0 {
+            continue;
+        }
+        let path = dir.join(format!("{name}.hgrm"));
+        std::fs::write(&path, latency.hgrm())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn number(value: &Value, path: &[&str]) -> Option<f64> {
+    let mut v = value;
+    for key in path {
+        v = v.get(key)?;
+    }
+    v.as_f64()
+}
+
+/// The rows of the final table: label and JSON path.
+const ROWS: &[(&str, &[&str])] = &[
+    ("connections", &["connections"]),
+    ("duration s", &["duration_s"]),
+    ("sessions/s", &["rates", "sessions_per_s"]),
+    ("offered msg/s", &["rates", "offered_msgs_per_s"]),
+    ("delivered msg/s", &["rates", "delivered_msgs_per_s"]),
+    ("drain msg/s", &["rates", "drain_msgs_per_s"]),
+    ("server RSS bytes", &["server", "rss_bytes"]),
+    ("server RSS B/conn", &["server", "rss_bytes_per_conn"]),
+    ("server PSS B/conn", &["server", "pss_bytes_per_conn"]),
+    ("sockstat B/conn", &["kernel", "sockstat_bytes_per_conn"]),
+    ("slab B/conn", &["kernel", "slab_bytes_per_conn"]),
+    ("ack p50 us", &["latency_us", "ack", "p50"]),
+    ("ack p99 us", &["latency_us", "ack", "p99"]),
+    ("deliver p50 us", &["latency_us", "deliver", "p50"]),
+    ("deliver p99 us", &["latency_us", "deliver", "p99"]),
+    ("deliver p99.9 us", &["latency_us", "deliver", "p999"]),
+    ("deliver max us", &["latency_us", "deliver", "max"]),
+    ("receipt p50 us", &["latency_us", "receipt", "p50"]),
+    ("receipt p99 us", &["latency_us", "receipt", "p99"]),
+    ("reconnect p99 us", &["latency_us", "reconnect", "p99"]),
+];
+
+fn cell(value: &Value, path: &[&str]) -> String {
+    match number(value, path) {
+        Some(x) if x.fract() == 0.0 => format!("{}", x as i64),
+        Some(x) => format!("{x:.1}"),
+        None => "-".to_string(),
+    }
+}
+
+/// The final table of one run.
+pub fn table(value: &Value) -> String {
+    let mut out = format!(
+        "{} against {}\n",
+        value["scenario"].as_str().unwrap_or("?"),
+        value["target"].as_str().unwrap_or("?")
+    );
+    for (label, path) in ROWS {
+        let text = cell(value, path);
+        if text != "-" {
+            out.push_str(&format!("  {label:<20} {text:>14}\n"));
+        }
+    }
+    out
+}
+
+/// Two runs side by side (e.g. Switchboard and mosquitto).
+pub fn compare(a: &Value, b: &Value) -> String {
+    let name = |v: &Value| {
+        format!(
+            "{} {}",
+            v["scenario"].as_str().unwrap_or("?"),
+            v["target"].as_str().unwrap_or("?")
+        )
+    };
+    let (na, nb) = (name(a), name(b));
+    let width = na.len().max(nb.len()).max(14);
+    let mut out = format!("{:<20} {na:>width$} {nb:>width$}   ratio\n", "");
+    for (label, path) in ROWS {
+        let (x, y) = (cell(a, path), cell(b, path));
+        if x == "-" && y == "-" {
+            continue;
+        }
+        let ratio = match (number(a, path), number(b, path)) {
+            (Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
+            _ => "-".to_string(),
+        };
+        out.push_str(&format!("{label:<20} {x:>width$} {y:>width$}   {ratio}\n"));
+    }
+    out
+}
+
+/// Delivered rate and deliver latency percentiles per second, as SVG.
+pub fn plot(path: &Path, title: &str, seconds: &[Second]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (960, 720)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (upper, lower) = root.split_vertically(360);
+    let x_max = seconds.iter().map(|s| s.second + 1).max().unwrap_or(1);
+    let rate_max = seconds
+        .iter()
+        .map(|s| s.delivered)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let mut chart = ChartBuilder::on(&upper)
+        .caption(
+            format!("{title}: delivered messages per second"),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0u64..x_max, 0f64..rate_max * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("second")
+        .y_desc("msg/s")
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        seconds.iter().map(|s| (s.second, s.delivered as f64)),
+        &BLUE,
+    ))?;
+    let latency_max = seconds
+        .iter()
+        .map(|s| s.deliver.summary().p99)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        / 1000.0;
+    let mut chart = ChartBuilder::on(&lower)
+        .caption(
+            "deliver latency from scheduled send (ms)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0u64..x_max, 0f64..latency_max * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("second")
+        .y_desc("ms")
+        .draw()?;
+    for (label, color, quantile) in [("p50", GREEN, 0.5), ("p90", BLUE, 0.9), ("p99", RED, 0.99)] {
+        chart
+            .draw_series(LineSeries::new(
+                seconds.iter().filter(|s| s.deliver.count() > 0).map(|s| {
+                    (
+                        s.second,
+                        s.deliver.histogram.value_at_quantile(quantile) as f64 / 1000.0,
+                    )
+                }),
+                &color,
+            ))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn compare_shows_both_runs_and_ratio() {
+        let a = json!({"scenario": "p2p", "target": "switchboard://x", "rates": {"delivered_msgs_per_s": 200.0}});
+        let b = json!({"scenario": "p2p", "target": "mqtt://y", "rates": {"delivered_msgs_per_s": 100.0}});
+        let text = compare(&a, &b);
+        assert!(text.contains("delivered msg/s"));
+        assert!(text.contains("2.00"), "{text}");
+    }
+
+    #[test]
+    fn plot_writes_svg() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.svg");
+        let mut second = Second {
+            second: 0,
+            delivered: 10,
+            ..Default::default()
+        };
+        second.deliver.record(0, 500_000);
+        plot(
+            &path,
+            "t",
+            &[
+                second.clone(),
+                Second {
+                    second: 1,
+                    ..second
+                },
+            ],
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"));
+    }
+}

@@ -1,0 +1,853 @@
+//! A worker process: one glommio executor holding a share of the users.
+//!
+//! The coordinator starts `switchboard-bench worker`, writes a [`WorkerSpec`]
+//! line and then [`Command`] lines on its stdin, and reads [`Report`] lines
+//! (JSON) from its stdout. Users come in pairs: local users `2i` and `2i+1`
+//! are each other's peer, so a message never leaves its worker's executor.
+//!
+//! Per user the worker keeps the link, the scheduled send time of each
+//! message still waiting for its ack or receipt, and the last message id
+//! received (duplicates and messages left over from earlier runs are counted
+//! apart). Every wait is bounded by the step's timeout.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::Context;
+use glommio::{LocalExecutorBuilder, Placement};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::latency::{monotonic_ns, ChainLatency, Latency, Schedule};
+use crate::limits::source_ip_for;
+use crate::link::{Account, Event, Link, PayloadHeader, Protocol, SwitchboardLink, Target, User};
+
+/// The first line a worker reads.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub worker: u64,
+    pub target: Target,
+    pub users: Vec<User>,
+    pub source_ips: Vec<IpAddr>,
+    pub timeout_s: f64,
+    pub connect_concurrency: usize,
+    pub ping_interval_s: f64,
+}
+
+/// Which users a command applies to: senders are the even local users.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Subset {
+    All,
+    Senders,
+    Recipients,
+}
+
+impl Subset {
+    fn contains(self, local: usize) -> bool {
+        match self {
+            Subset::All => true,
+            Subset::Senders => local & 1 == 0,
+            Subset::Recipients => local % 2 == 1,
+        }
+    }
+}
+
+/// One open-loop p2p step.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct P2pStep {
+    /// This worker's share of the offered rate, messages per second.
+    pub rate_per_s: f64,
+    pub duration_s: f64,
+    pub payload_bytes: usize,
+    /// `CLOCK_MONOTONIC` time of the first scheduled send.
+    pub start_at_ns: u64,
+    /// How long to wait after the last send for acks, deliveries, receipts.
+    pub drain_timeout_s: f64,
+    /// Disconnects and reconnects per second (this worker's share), 0: none.
+    pub churn_per_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Create accounts for users that have none (Switchboard).
+    Register,
+    Connect {
+        subset: Subset,
+    },
+    Disconnect {
+        subset: Subset,
+    },
+    P2p(P2pStep),
+    /// Each sender queues `per_user` messages to its peer and waits for the
+    /// acks (the peer is offline).
+    Burst {
+        per_user: u64,
+        payload_bytes: usize,
+    },
+    /// Connect the recipients and wait for `expected` deliveries.
+    Drain {
+        expected: u64,
+    },
+    Quit,
+}
+
+/// Running totals, reported every half second.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub connected: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub receipts: u64,
+    pub duplicates: u64,
+    pub errors: u64,
+}
+
+/// Deliveries and their latency in one second of a step.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    pub second: u64,
+    pub delivered: u64,
+    pub deliver_hex: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Messages the schedule held.
+    pub offered: u64,
+    pub sent: u64,
+    /// Scheduled while the sender was reconnecting (churn), not sent.
+    pub skipped: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub receipts: u64,
+    pub duplicates: u64,
+    pub errors: u64,
+    pub ack_hex: String,
+    pub deliver_hex: String,
+    pub receipt_hex: String,
+    pub reconnects: u64,
+    pub reconnect_hex: String,
+    /// Seconds from the scheduled start to the last send.
+    pub send_s: f64,
+    /// Seconds from the scheduled start until everything was in (or the
+    /// drain timeout).
+    pub elapsed_s: f64,
+    pub timeline: Vec<TimelinePoint>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Report {
+    Progress(Counters),
+    Registered {
+        accounts: Vec<(u64, Account)>,
+        elapsed_s: f64,
+    },
+    Connected {
+        connected: u64,
+        failed: u64,
+        elapsed_s: f64,
+        handshake_hex: String,
+    },
+    Disconnected,
+    Step(StepResult),
+    BurstDone {
+        sent: u64,
+        acked: u64,
+        elapsed_s: f64,
+    },
+    Drained {
+        delivered: u64,
+        elapsed_s: f64,
+        connect_s: f64,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+fn emit(report: &Report) {
+    let line = serde_json::to_string(report).expect("reports serialize");
+    let mut out = std::io::stdout().lock();
+    // A coordinator that went away ends this worker at its next command.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+struct Slot {
+    local: usize,
+    user: RefCell<User>,
+    link: RefCell<Option<Rc<Link>>>,
+    reconnecting: Cell<bool>,
+    next_msg_id: Cell<u64>,
+    /// Message id → scheduled send time, until its receipt (Switchboard) or
+    /// ack (MQTT) is in.
+    pending: RefCell<HashMap<u64, u64>>,
+    last_received_msg_id: Cell<u64>,
+    ack_due: Cell<u64>,
+}
+
+#[derive(Default)]
+struct Stats {
+    chain: ChainLatency,
+    reconnect: Latency,
+    timeline: Vec<(u64, Latency)>,
+    step_start_ns: u64,
+    last_delivery_ns: u64,
+}
+
+struct Worker {
+    spec: WorkerSpec,
+    slots: Vec<Rc<Slot>>,
+    counters: Cell<Counters>,
+    stats: RefCell<Stats>,
+    timeout: Duration,
+}
+
+impl Worker {
+    fn bump(&self, f: impl FnOnce(&mut Counters)) {
+        let mut c = self.counters.get();
+        f(&mut c);
+        self.counters.set(c);
+    }
+
+    fn peer(&self, slot: &Slot) -> Rc<Slot> {
+        self.slots[slot.local ^ 1].clone()
+    }
+
+    fn bind_ip(&self, slot: &Slot) -> Option<IpAddr> {
+        source_ip_for(slot.user.borrow().index, &self.spec.source_ips)
+    }
+
+    fn receipts_expected(&self) -> bool {
+        self.spec.target.protocol == Protocol::Switchboard
+    }
+}
+
+/// Runs a worker on this thread until `Quit` or the end of stdin.
+pub fn run() -> anyhow::Result<()> {
+    let mut first = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut first)
+        .context("reading the worker spec")?;
+    let spec: WorkerSpec = serde_json::from_str(&first).context("parsing the worker spec")?;
+    crate::limits::raise_nofile();
+    // Unbound: the operator pins the whole load generator with taskset, away
+    // from the server's CPUs; the executor stays on whatever CPU it is given.
+    let executor = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("bench-worker")
+        .make()
+        .map_err(|e| anyhow::anyhow!("starting the executor: {e}"))?;
+    executor.run(async move {
+        if let Err(error) = serve(spec).await {
+            emit(&Report::Failed {
+                error: format!("{error:#}"),
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn read_command() -> anyhow::Result<Option<Command>> {
+    let line = glommio::executor()
+        .spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).map(|_| line)
+        })
+        .await?;
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::from_str(&line).context("parsing a command")?,
+    ))
+}
+
+async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
+    let msg_id_base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64 * 1000)
+        .unwrap_or(1);
+    let slots = spec
+        .users
+        .iter()
+        .enumerate()
+        .map(|(local, user)| {
+            Rc::new(Slot {
+                local,
+                user: RefCell::new(user.clone()),
+                link: RefCell::new(None),
+                reconnecting: Cell::new(false),
+                next_msg_id: Cell::new(msg_id_base),
+                pending: RefCell::new(HashMap::new()),
+                last_received_msg_id: Cell::new(msg_id_base - 1),
+                ack_due: Cell::new(0),
+            })
+        })
+        .collect();
+    let worker = Rc::new(Worker {
+        timeout: Duration::from_secs_f64(spec.timeout_s),
+        spec,
+        slots,
+        counters: Cell::new(Counters::default()),
+        stats: RefCell::new(Stats::default()),
+    });
+    let done = Rc::new(Cell::new(false));
+    let progress = glommio::spawn_local({
+        let worker = worker.clone();
+        let done = done.clone();
+        async move {
+            while !done.get() {
+                glommio::timer::sleep(Duration::from_millis(500)).await;
+                emit(&Report::Progress(worker.counters.get()));
+            }
+        }
+    })
+    .detach();
+    let pinger = glommio::spawn_local({
+        let worker = worker.clone();
+        let done = done.clone();
+        async move {
+            let mut nonce = 0;
+            let interval = Duration::from_secs_f64(worker.spec.ping_interval_s);
+            let mut since = std::time::Instant::now();
+            while !done.get() {
+                glommio::timer::sleep(Duration::from_millis(250)).await;
+                if since.elapsed() < interval {
+                    continue;
+                }
+                since = std::time::Instant::now();
+                for slot in &worker.slots {
+                    let link = slot.link.borrow().clone();
+                    if let Some(link) = link {
+                        nonce += 1;
+                        link.ping(nonce);
+                        let _ = link.flush().await;
+                    }
+                }
+            }
+        }
+    })
+    .detach();
+    while let Some(command) = read_command().await? {
+        match command {
+            Command::Quit => break,
+            Command::Register => register(&worker).await?,
+            Command::Connect { subset } => connect(&worker, subset).await,
+            Command::Disconnect { subset } => {
+                for slot in worker.slots.iter().filter(|s| subset.contains(s.local)) {
+                    let link = slot.link.borrow_mut().take();
+                    if let Some(link) = link {
+                        link.close().await;
+                        worker.bump(|c| c.connected -= 1);
+                    }
+                }
+                emit(&Report::Disconnected);
+            }
+            Command::P2p(step) => {
+                let result = p2p(&worker, &step).await;
+                emit(&Report::Step(result));
+            }
+            Command::Burst {
+                per_user,
+                payload_bytes,
+            } => burst(&worker, per_user, payload_bytes).await,
+            Command::Drain { expected } => drain(&worker, expected).await,
+        }
+    }
+    done.set(true);
+    for slot in &worker.slots {
+        let link = slot.link.borrow_mut().take();
+        if let Some(link) = link {
+            link.close().await;
+        }
+    }
+    emit(&Report::Progress(worker.counters.get()));
+    drop((progress, pinger));
+    Ok(())
+}
+
+/// Runs `job` for every index in `indices`, `concurrency` at a time.
+async fn pool<F, Fut>(indices: Vec<usize>, concurrency: usize, job: F)
+where
+    F: Fn(usize) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let indices = Rc::new(indices);
+    let next = Rc::new(Cell::new(0usize));
+    let job = Rc::new(job);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1).min(indices.len()) {
+        let (indices, next, job) = (indices.clone(), next.clone(), job.clone());
+        tasks.push(glommio::spawn_local(async move {
+            loop {
+                let i = next.get();
+                if i >= indices.len() {
+                    break;
+                }
+                next.set(i + 1);
+                job(indices[i]).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await;
+    }
+}
+
+async fn register(worker: &Rc<Worker>) -> anyhow::Result<()> {
+    let started = monotonic_ns();
+    let missing: Vec<usize> = worker
+        .slots
+        .iter()
+        .filter(|s| s.user.borrow().account.is_none())
+        .map(|s| s.local)
+        .collect();
+    let created = Rc::new(RefCell::new(Vec::new()));
+    let failures = Rc::new(RefCell::new(Vec::new()));
+    if worker.spec.target.protocol == Protocol::Switchboard {
+        let (w, created2, failures2) = (worker.clone(), created.clone(), failures.clone());
+        pool(missing, worker.spec.connect_concurrency, move |local| {
+            let (w, created, failures) = (w.clone(), created2.clone(), failures2.clone());
+            async move {
+                let slot = w.slots[local].clone();
+                let bind_ip = w.bind_ip(&slot);
+                match SwitchboardLink::register(w.spec.target.server, bind_ip, w.timeout).await {
+                    Ok(account) => {
+                        slot.user.borrow_mut().account = Some(account.clone());
+                        created
+                            .borrow_mut()
+                            .push((slot.user.borrow().index, account));
+                    }
+                    Err(e) => failures.borrow_mut().push(format!("{e:#}")),
+                }
+            }
+        })
+        .await;
+    }
+    if let Some(first) = failures.borrow().first() {
+        anyhow::bail!(
+            "{} registrations failed, the first: {first}",
+            failures.borrow().len()
+        );
+    }
+    let accounts = created.borrow().clone();
+    emit(&Report::Registered {
+        accounts,
+        elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
+    });
+    Ok(())
+}
+
+async fn open(worker: &Rc<Worker>, slot: &Rc<Slot>) -> anyhow::Result<()> {
+    let user = slot.user.borrow().clone();
+    let link = Link::connect(
+        &worker.spec.target,
+        &user,
+        worker.bind_ip(slot),
+        worker.timeout,
+    )
+    .await?;
+    slot.link.replace(Some(link.clone()));
+    worker.bump(|c| c.connected += 1);
+    glommio::spawn_local(receive(worker.clone(), slot.clone(), link)).detach();
+    Ok(())
+}
+
+async fn connect(worker: &Rc<Worker>, subset: Subset) {
+    let started = monotonic_ns();
+    let indices: Vec<usize> = worker
+        .slots
+        .iter()
+        .filter(|s| subset.contains(s.local) && s.link.borrow().is_none())
+        .map(|s| s.local)
+        .collect();
+    let handshakes = Rc::new(RefCell::new(Latency::default()));
+    let failed = Rc::new(Cell::new(0u64));
+    let first_error = Rc::new(RefCell::new(None::<String>));
+    let total = indices.len() as u64;
+    {
+        let (w, h, f, e) = (
+            worker.clone(),
+            handshakes.clone(),
+            failed.clone(),
+            first_error.clone(),
+        );
+        pool(indices, worker.spec.connect_concurrency, move |local| {
+            let (w, h, f, e) = (w.clone(), h.clone(), f.clone(), e.clone());
+            async move {
+                let slot = w.slots[local].clone();
+                let begin = monotonic_ns();
+                match open(&w, &slot).await {
+                    Ok(()) => h.borrow_mut().record(begin, monotonic_ns()),
+                    Err(error) => {
+                        f.set(f.get() + 1);
+                        e.borrow_mut().get_or_insert(format!("{error:#}"));
+                    }
+                }
+            }
+        })
+        .await;
+    }
+    if let Some(error) = first_error.borrow().as_ref() {
+        eprintln!(
+            "worker {}: {} connects failed, the first: {error}",
+            worker.spec.worker,
+            failed.get()
+        );
+    }
+    let handshake_hex = handshakes.borrow().to_hex();
+    emit(&Report::Connected {
+        connected: total - failed.get(),
+        failed: failed.get(),
+        elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
+        handshake_hex,
+    });
+}
+
+/// The receiving task of one link: times acks, deliveries and receipts.
+async fn receive(worker: Rc<Worker>, slot: Rc<Slot>, link: Rc<Link>) {
+    loop {
+        let event = match link.next_event().await {
+            Ok(event) => event,
+            Err(error) => {
+                let current = slot
+                    .link
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|l| Rc::ptr_eq(l, &link));
+                if current {
+                    worker.bump(|c| c.errors += 1);
+                    eprintln!(
+                        "worker {}: user {}: {error:#}",
+                        worker.spec.worker,
+                        slot.user.borrow().index
+                    );
+                }
+                break;
+            }
+        };
+        let now = monotonic_ns();
+        match event {
+            Event::Closed => break,
+            Event::Ack { msg_id } => {
+                let scheduled = if worker.receipts_expected() {
+                    slot.pending.borrow().get(&msg_id).copied()
+                } else {
+                    slot.pending.borrow_mut().remove(&msg_id)
+                };
+                if let Some(scheduled) = scheduled {
+                    worker.stats.borrow_mut().chain.ack.record(scheduled, now);
+                    worker.bump(|c| c.acked += 1);
+                }
+            }
+            Event::Deliver { sequence, payload } => {
+                if sequence > 0 {
+                    slot.ack_due.set(slot.ack_due.get().max(sequence));
+                }
+                let peer_index = worker.peer(&slot).user.borrow().index;
+                match PayloadHeader::decode(&payload) {
+                    Some(h)
+                        if h.sender_index == peer_index
+                            && h.msg_id > slot.last_received_msg_id.get() =>
+                    {
+                        slot.last_received_msg_id.set(h.msg_id);
+                        let mut stats = worker.stats.borrow_mut();
+                        stats.chain.deliver.record(h.scheduled_ns, now);
+                        let second = now.saturating_sub(stats.step_start_ns) / 1_000_000_000;
+                        if let Some((_, latency)) =
+                            stats.timeline.last_mut().filter(|(s, _)| *s == second)
+                        {
+                            latency.record(h.scheduled_ns, now);
+                        } else if stats.timeline.len() < 100_000 {
+                            let mut latency = Latency::default();
+                            latency.record(h.scheduled_ns, now);
+                            stats.timeline.push((second, latency));
+                        }
+                        stats.last_delivery_ns = now;
+                        drop(stats);
+                        worker.bump(|c| c.delivered += 1);
+                    }
+                    _ => worker.bump(|c| c.duplicates += 1),
+                }
+            }
+            Event::Receipt { sequence, msg_ids } => {
+                slot.ack_due.set(slot.ack_due.get().max(sequence));
+                for msg_id in msg_ids {
+                    let scheduled = slot.pending.borrow_mut().remove(&msg_id);
+                    if let Some(scheduled) = scheduled {
+                        worker
+                            .stats
+                            .borrow_mut()
+                            .chain
+                            .receipt
+                            .record(scheduled, now);
+                        worker.bump(|c| c.receipts += 1);
+                    }
+                }
+            }
+        }
+        // Answer once per burst of input, so acks of many deliveries share
+        // one frame and one write.
+        if link.input_buffered() {
+            continue;
+        }
+        let due = slot.ack_due.replace(0);
+        if due > 0 {
+            link.ack(due);
+        }
+        if link.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
+fn reset_stats(worker: &Worker, start_ns: u64) {
+    let mut stats = worker.stats.borrow_mut();
+    *stats = Stats::default();
+    stats.step_start_ns = start_ns;
+}
+
+async fn sleep_until(deadline_ns: u64) {
+    let now = monotonic_ns();
+    if deadline_ns > now {
+        glommio::timer::sleep(Duration::from_nanos(deadline_ns - now)).await;
+    } else {
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// Queues message `msg_id` from `slot` to its peer; false when the sender is
+/// not connected.
+fn send_one(
+    worker: &Worker,
+    slot: &Slot,
+    scheduled_ns: u64,
+    payload_bytes: usize,
+) -> Option<Rc<Link>> {
+    let link = slot.link.borrow().clone()?;
+    if slot.reconnecting.get() {
+        return None;
+    }
+    let msg_id = slot.next_msg_id.get();
+    slot.next_msg_id.set(msg_id + 1);
+    let peer = worker.peer(slot);
+    let header = PayloadHeader {
+        sender_index: slot.user.borrow().index,
+        msg_id,
+        scheduled_ns,
+    };
+    slot.pending.borrow_mut().insert(msg_id, scheduled_ns);
+    let peer_user = peer.user.borrow();
+    if let Err(error) = link.send(&peer_user, msg_id, header.encode(payload_bytes)) {
+        slot.pending.borrow_mut().remove(&msg_id);
+        eprintln!("worker {}: send: {error:#}", worker.spec.worker);
+        return None;
+    }
+    worker.bump(|c| c.sent += 1);
+    Some(link)
+}
+
+/// Messages queued per sender loop turn before the links are flushed.
+const SEND_BATCH_MAX: u64 = 1024;
+
+async fn p2p(worker: &Rc<Worker>, step: &P2pStep) -> StepResult {
+    let pairs = (worker.slots.len() / 2) as u64;
+    let before = worker.counters.get();
+    reset_stats(worker, step.start_at_ns);
+    let mut result = StepResult::default();
+    if pairs == 0 || step.rate_per_s <= 0.0 {
+        return result;
+    }
+    let schedule = Schedule::new(step.start_at_ns, step.rate_per_s, step.duration_s);
+    result.offered = schedule.count;
+    let churn_done = Rc::new(Cell::new(false));
+    let churn = (step.churn_per_s > 0.0).then(|| {
+        glommio::spawn_local(churn_loop(
+            worker.clone(),
+            Schedule::new(step.start_at_ns, step.churn_per_s, step.duration_s),
+            churn_done.clone(),
+        ))
+    });
+    let mut k = 0u64;
+    let mut dirty: Vec<Rc<Link>> = Vec::new();
+    while k < schedule.count {
+        sleep_until(schedule.due_ns(k)).await;
+        let due = schedule.due_count(monotonic_ns()).min(k + SEND_BATCH_MAX);
+        while k < due {
+            let pair = k % pairs;
+            let direction = (k / pairs) % 2;
+            let slot = &worker.slots[(pair * 2 + direction) as usize];
+            match send_one(worker, slot, schedule.due_ns(k), step.payload_bytes) {
+                Some(link) => {
+                    if !dirty.iter().any(|l| Rc::ptr_eq(l, &link)) {
+                        dirty.push(link);
+                    }
+                }
+                None => result.skipped += 1,
+            }
+            k += 1;
+        }
+        for link in dirty.drain(..) {
+            let _ = link.flush().await;
+        }
+    }
+    result.send_s = (monotonic_ns().saturating_sub(step.start_at_ns)) as f64 / 1e9;
+    churn_done.set(true);
+    if let Some(churn) = churn {
+        churn.await;
+    }
+    // Wait for everything sent to come back, bounded.
+    let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
+    loop {
+        let c = worker.counters.get();
+        let sent = c.sent - before.sent;
+        let complete = c.acked - before.acked >= sent
+            && c.delivered - before.delivered >= sent
+            && (!worker.receipts_expected() || c.receipts - before.receipts >= sent);
+        if complete || monotonic_ns() >= deadline {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    let after = worker.counters.get();
+    result.sent = after.sent - before.sent;
+    result.acked = after.acked - before.acked;
+    result.delivered = after.delivered - before.delivered;
+    result.receipts = after.receipts - before.receipts;
+    result.duplicates = after.duplicates - before.duplicates;
+    result.errors = after.errors - before.errors;
+    let stats = worker.stats.borrow();
+    result.elapsed_s =
+        (stats.last_delivery_ns.max(step.start_at_ns) - step.start_at_ns) as f64 / 1e9;
+    result.ack_hex = stats.chain.ack.to_hex();
+    result.deliver_hex = stats.chain.deliver.to_hex();
+    result.receipt_hex = stats.chain.receipt.to_hex();
+    result.reconnects = stats.reconnect.count();
+    result.reconnect_hex = stats.reconnect.to_hex();
+    result.timeline = stats
+        .timeline
+        .iter()
+        .map(|(second, latency)| TimelinePoint {
+            second: *second,
+            delivered: latency.count(),
+            deliver_hex: latency.to_hex(),
+        })
+        .collect();
+    result
+}
+
+/// Disconnects and reconnects random users on a schedule while p2p runs.
+async fn churn_loop(worker: Rc<Worker>, schedule: Schedule, done: Rc<Cell<bool>>) {
+    let mut k = 0;
+    let mut tasks = Vec::new();
+    while k < schedule.count && !done.get() {
+        sleep_until(schedule.due_ns(k)).await;
+        k += 1;
+        let local = rand::thread_rng().gen_range(0..worker.slots.len());
+        let slot = worker.slots[local].clone();
+        if slot.reconnecting.get() {
+            continue;
+        }
+        slot.reconnecting.set(true);
+        let worker = worker.clone();
+        tasks.push(glommio::spawn_local(async move {
+            let old = slot.link.borrow_mut().take();
+            if let Some(old) = old {
+                old.close().await;
+                worker.bump(|c| c.connected -= 1);
+            }
+            let begin = monotonic_ns();
+            match open(&worker, &slot).await {
+                Ok(()) => worker
+                    .stats
+                    .borrow_mut()
+                    .reconnect
+                    .record(begin, monotonic_ns()),
+                Err(error) => {
+                    worker.bump(|c| c.errors += 1);
+                    eprintln!("worker {}: reconnect: {error:#}", worker.spec.worker);
+                }
+            }
+            slot.reconnecting.set(false);
+        }));
+    }
+    for task in tasks {
+        task.await;
+    }
+}
+
+async fn burst(worker: &Rc<Worker>, per_user: u64, payload_bytes: usize) {
+    let started = monotonic_ns();
+    let before = worker.counters.get();
+    reset_stats(worker, started);
+    for slot in worker.slots.iter().filter(|s| s.local & 1 == 0) {
+        for _ in 0..per_user {
+            if send_one(worker, slot, monotonic_ns(), payload_bytes).is_none() {
+                break;
+            }
+        }
+        let link = slot.link.borrow().clone();
+        if let Some(link) = link {
+            let _ = link.flush().await;
+        }
+    }
+    let deadline = monotonic_ns() + worker.timeout.as_nanos() as u64;
+    loop {
+        let c = worker.counters.get();
+        if c.acked - before.acked >= c.sent - before.sent || monotonic_ns() >= deadline {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    let after = worker.counters.get();
+    emit(&Report::BurstDone {
+        sent: after.sent - before.sent,
+        acked: after.acked - before.acked,
+        elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
+    });
+}
+
+async fn drain(worker: &Rc<Worker>, expected: u64) {
+    let started = monotonic_ns();
+    let before = worker.counters.get();
+    reset_stats(worker, started);
+    let recipients: Vec<usize> = worker
+        .slots
+        .iter()
+        .filter(|s| s.local % 2 == 1 && s.link.borrow().is_none())
+        .map(|s| s.local)
+        .collect();
+    let w = worker.clone();
+    pool(recipients, worker.spec.connect_concurrency, move |local| {
+        let w = w.clone();
+        async move {
+            let slot = w.slots[local].clone();
+            if let Err(error) = open(&w, &slot).await {
+                w.bump(|c| c.errors += 1);
+                eprintln!("worker {}: drain connect: {error:#}", w.spec.worker);
+            }
+        }
+    })
+    .await;
+    let connect_s = (monotonic_ns() - started) as f64 / 1e9;
+    let deadline = monotonic_ns() + worker.timeout.as_nanos() as u64;
+    while worker.counters.get().delivered - before.delivered < expected && monotonic_ns() < deadline
+    {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let last = worker.stats.borrow().last_delivery_ns.max(started);
+    emit(&Report::Drained {
+        delivered: worker.counters.get().delivered - before.delivered,
+        elapsed_s: (last - started) as f64 / 1e9,
+        connect_s,
+    });
+}
