@@ -262,10 +262,11 @@ impl Run {
                 "users_per_process": split.users_per_process,
                 "source_ips": split.source_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
             },
-            "server": {"pid": server_pid},
-            "kernel": {},
-            "rates": {},
-            "latency_us": {},
+            "duration_s": null,
+            "server": {"pid": server_pid, "rss_bytes": null, "rss_bytes_per_conn": null, "pss_bytes_per_conn": null},
+            "kernel": {"sockstat_bytes_per_conn": null, "slab_bytes_per_conn": null},
+            "rates": {"sessions_per_s": null, "offered_msgs_per_s": null, "delivered_msgs_per_s": null},
+            "latency_us": {"ack": null, "deliver": null, "receipt": null},
         });
         let mut run = Run {
             scenario,
@@ -344,6 +345,7 @@ impl Run {
         }
         self.out["connect"] =
             json!({"connected": connected, "failed": failed, "elapsed_s": elapsed});
+        self.out["rates"]["sessions_per_s"] = json!(connected as f64 / elapsed.max(1e-9));
         Ok((connected, elapsed, handshakes))
     }
 
@@ -495,6 +497,10 @@ impl Run {
         self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
         self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
         self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
+        if self.target.protocol == Protocol::Mqtt {
+            self.out["latency_us"]["receipt_note"] =
+                json!("MQTT has no delivered receipt; count stays 0");
+        }
         if churn_per_s > 0.0 {
             self.out["churn_per_s"] = json!(churn_per_s);
             self.out["reconnects"] = json!(r.reconnects);

@@ -74,6 +74,7 @@ const ROWS: &[(&str, &[&str])] = &[
 fn cell(value: &Value, path: &[&str]) -> String {
     match number(value, path) {
         Some(x) if x.fract() == 0.0 => format!("{}", x as i64),
+        Some(x) if x.abs() < 10.0 => format!("{x:.3}"),
         Some(x) => format!("{x:.1}"),
         None => "-".to_string(),
     }
@@ -88,7 +89,8 @@ pub fn table(value: &Value) -> String {
     );
     for (label, path) in ROWS {
         let text = cell(value, path);
-        if text != "-" {
+        let empty_receipt = path.contains(&"receipt") && text == "0";
+        if text != "-" && !empty_receipt {
             out.push_str(&format!("  {label:<20} {text:>14}\n"));
         }
     }

@@ -1,0 +1,328 @@
+//! Each scenario briefly, at tiny scale, against a real `switchboard serve`
+//! and (when installed) a real mosquitto; checks the JSON report's fields
+//! and that its numbers add up.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {addr} within 20 s");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The workspace's target directory (this test binary lives in
+/// `target/<profile>/deps/`).
+fn profile_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn server_binary() -> PathBuf {
+    let path = profile_dir().join("switchboard");
+    // Build the server from the same workspace, so the test always runs
+    // against the code next to it.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "switchboard",
+            "--bin",
+            "switchboard",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .expect("running cargo build for the server");
+    assert!(status.success(), "building the server failed");
+    assert!(path.exists(), "no server binary at {}", path.display());
+    path
+}
+
+fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(server_binary())
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin,
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--shards", "2", "--no-pin"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting switchboard serve");
+    wait_listening(addr, &mut child, "switchboard serve");
+    (Guard(child), addr)
+}
+
+fn start_mosquitto(dir: &Path) -> Option<(Guard, SocketAddr)> {
+    let found = Command::new("mosquitto")
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        println!("note: mosquitto is not installed; the MQTT smoke test is skipped");
+        return None;
+    }
+    let port = free_port();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mosquitto.conf")).unwrap();
+    let config: String = shipped
+        .lines()
+        .map(|line| {
+            if line.starts_with("listener ") {
+                format!("listener {port} 127.0.0.1")
+            } else if line.starts_with("persistence_location ") {
+                format!("persistence_location {}/", dir.display())
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.join("mosquitto.conf");
+    std::fs::write(&path, config + "\n").unwrap();
+    let mut child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting mosquitto");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, &mut child, "mosquitto");
+    Some((Guard(child), addr))
+}
+
+/// Runs the harness with `args` plus `--json`, bounded in time; the report.
+fn bench(dir: &Path, name: &str, args: &[&str]) -> Value {
+    let json = dir.join(format!("{name}.json"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .args(args)
+        .args(["--quiet", "--timeout", "20", "--json"])
+        .arg(&json)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("switchboard-bench {args:?} ran past 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "switchboard-bench {args:?} failed: {status}"
+    );
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
+fn number(v: &Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for key in path {
+        x = &x[key];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
+}
+
+fn check_shape(v: &Value, scenario: &str, connections: u64) {
+    assert_eq!(v["scenario"], scenario);
+    assert!(v["target"].as_str().unwrap().contains("://"));
+    assert_eq!(v["connections"], connections);
+    for key in ["duration_s", "server", "kernel", "rates", "latency_us"] {
+        assert!(v.get(key).is_some(), "{key} missing in {v:#}");
+    }
+    for key in [
+        "pid",
+        "rss_bytes",
+        "rss_bytes_per_conn",
+        "pss_bytes_per_conn",
+    ] {
+        assert!(v["server"].get(key).is_some(), "server.{key} missing");
+    }
+    for key in ["sockstat_bytes_per_conn", "slab_bytes_per_conn"] {
+        assert!(v["kernel"].get(key).is_some(), "kernel.{key} missing");
+    }
+    for key in [
+        "sessions_per_s",
+        "offered_msgs_per_s",
+        "delivered_msgs_per_s",
+    ] {
+        assert!(v["rates"].get(key).is_some(), "rates.{key} missing");
+    }
+    assert!(number(v, &["connect", "connected"]) > 0.0);
+    assert_eq!(number(v, &["connect", "failed"]), 0.0);
+    assert!(number(v, &["rates", "sessions_per_s"]) > 0.0);
+}
+
+fn check_summary(v: &Value, which: &str, count: f64) {
+    let s = &v["latency_us"][which];
+    assert_eq!(number(s, &["count"]), count, "{which} count in {v:#}");
+    if count > 0.0 {
+        let (p50, p99, max) = (
+            number(s, &["p50"]),
+            number(s, &["p99"]),
+            number(s, &["max"]),
+        );
+        assert!(p50 >= 1.0 && p50 <= p99 && p99 <= max, "{which}: {s}");
+    }
+}
+
+/// Runs every scenario at tiny scale; `receipts` says whether the target
+/// sends delivered receipts.
+fn scenarios(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(["--target", target].iter())
+            .chain(extra.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |name: &str, args: &[&str]| {
+        let args = with(args);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        bench(dir, name, &refs)
+    };
+
+    let v = run("connect", &["connect", "-n", "40"]);
+    check_shape(&v, "connect", 40);
+    assert_eq!(number(&v, &["connect", "connected"]), 40.0);
+
+    let v = run("idle", &["idle", "-n", "40", "--duration", "1"]);
+    check_shape(&v, "idle", 40);
+    assert!(number(&v, &["server", "rss_bytes"]) > 0.0);
+    number(&v, &["server", "rss_bytes_per_conn"]);
+    number(&v, &["kernel", "slab_bytes_per_conn"]);
+    number(&v, &["kernel", "sockstat_bytes_per_conn"]);
+
+    let v = run(
+        "p2p",
+        &[
+            "p2p",
+            "-n",
+            "20",
+            "--rate",
+            "400",
+            "--duration",
+            "1",
+            "--drain-timeout",
+            "10",
+        ],
+    );
+    check_shape(&v, "p2p", 20);
+    let offered = number(&v, &["messages", "offered"]);
+    assert_eq!(offered, 400.0);
+    assert_eq!(number(&v, &["messages", "sent"]), offered);
+    let delivered = number(&v, &["messages", "delivered"]);
+    assert!(delivered <= offered);
+    assert_eq!(delivered, offered, "a tiny run delivers everything: {v:#}");
+    assert_eq!(number(&v, &["messages", "acked"]), offered);
+    check_summary(&v, "ack", offered);
+    check_summary(&v, "deliver", delivered);
+    check_summary(&v, "receipt", if receipts { offered } else { 0.0 });
+    assert!(
+        number(&v, &["rates", "delivered_msgs_per_s"])
+            <= number(&v, &["rates", "offered_msgs_per_s"]) * 1.01
+    );
+
+    let v = run("offline", &["offline", "-n", "20", "-k", "20"]);
+    check_shape(&v, "offline", 20);
+    assert_eq!(number(&v, &["messages", "acked"]), 200.0);
+    assert_eq!(number(&v, &["messages", "delivered"]), 200.0);
+    assert!(number(&v, &["rates", "drain_msgs_per_s"]) > 0.0);
+
+    let v = run(
+        "churn",
+        &[
+            "churn",
+            "-n",
+            "20",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--churn-rate",
+            "10",
+            "--drain-timeout",
+            "10",
+        ],
+    );
+    check_shape(&v, "churn", 20);
+    let offered = number(&v, &["messages", "offered"]);
+    let sent = number(&v, &["messages", "sent"]);
+    assert_eq!(sent + number(&v, &["messages", "skipped"]), offered);
+    assert!(number(&v, &["messages", "delivered"]) <= sent);
+    assert!(number(&v, &["reconnects"]) > 0.0);
+    check_summary(&v, "deliver", number(&v, &["messages", "delivered"]));
+}
+
+#[test]
+fn every_scenario_reports_consistent_numbers_against_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_broker, addr)) = start_mosquitto(dir.path()) else {
+        return;
+    };
+    scenarios(dir.path(), &format!("mqtt://{addr}"), false, &[]);
+}
+
+#[test]
+fn every_scenario_reports_consistent_numbers_against_switchboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (_server, addr) = start_switchboard(&data);
+    let users = dir.path().join("users.json");
+    let users = users.to_str().unwrap().to_string();
+    scenarios(dir.path(), &addr.to_string(), true, &["--users", &users]);
+    // The accounts file now holds the 40 users of the widest scenario.
+    let text = std::fs::read_to_string(&users).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["accounts"].as_array().unwrap().len(), 40);
+}
