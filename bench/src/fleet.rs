@@ -82,6 +82,19 @@ impl Fleet {
         })
     }
 
+    /// Resident memory of every worker process together, bytes.
+    pub fn worker_rss_bytes(&self) -> u64 {
+        self.children
+            .iter()
+            .filter_map(|c| std::fs::read_to_string(format!("/proc/{}/status", c.id())).ok())
+            .filter_map(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .map(|kb| kb * 1024)
+            .sum()
+    }
+
     pub fn len(&self) -> usize {
         self.children.len()
     }

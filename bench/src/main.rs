@@ -596,11 +596,19 @@ impl Run {
     fn finish(self, histograms: &[(&str, &Latency)], seconds: &[Second]) -> anyhow::Result<()> {
         let Run {
             fleet,
-            out,
+            mut out,
             common,
             scenario,
+            users,
             ..
         } = self;
+        // The load generator's own footprint, while it still holds its links.
+        let worker_rss_bytes = fleet.worker_rss_bytes();
+        out["bench"] = json!({
+            "processes": fleet.len(),
+            "worker_rss_bytes": worker_rss_bytes,
+            "worker_rss_bytes_per_conn": worker_rss_bytes as f64 / users.len().max(1) as f64,
+        });
         fleet.finish();
         print!("{}", report::table(&out));
         if let Some(path) = &common.json {

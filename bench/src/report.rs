@@ -110,12 +110,20 @@ pub fn compare(a: &Value, b: &Value) -> String {
     let width = na.len().max(nb.len()).max(14);
     let mut out = format!("{:<20} {na:>width$} {nb:>width$}   ratio\n", "");
     for (label, path) in ROWS {
-        let (x, y) = (cell(a, path), cell(b, path));
+        let shown = |v: &Value| {
+            let text = cell(v, path);
+            if path.contains(&"receipt") && text == "0" {
+                "-".to_string()
+            } else {
+                text
+            }
+        };
+        let (x, y) = (shown(a), shown(b));
         if x == "-" && y == "-" {
             continue;
         }
         let ratio = match (number(a, path), number(b, path)) {
-            (Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
+            (Some(x), Some(y)) if y != 0.0 && x != 0.0 => format!("{:.2}", x / y),
             _ => "-".to_string(),
         };
         out.push_str(&format!("{label:<20} {x:>width$} {y:>width$}   {ratio}\n"));
