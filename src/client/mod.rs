@@ -26,7 +26,7 @@ mod credentials;
 mod reconnect;
 mod session;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

@@ -9,7 +9,9 @@
 //!   sequence is at or below the highest already surfaced is a redelivery,
 //!   acknowledged again and dropped;
 //! - the session pings when it has sent nothing for a third of the server's
-//!   idle timeout, as long as someone is waiting in `next_event`.
+//!   idle timeout, as long as someone is waiting in `next_event`;
+//! - after GoAway REPLACED it does not reconnect: `next_event` fails with
+//!   `ClientError::GoAway` (two copies of one device would evict each other).
 //!
 //! Acks and read receipts queued while disconnected are lost; acks are
 //! recovered by redelivery (and the automatic re-ack), read receipts are not.
@@ -25,7 +27,7 @@ use rand::Rng;
 
 use super::{ClientError, ConnectOptions, Credentials, Event, Session};
 use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
-use crate::proto::ErrorCode;
+use crate::proto::{ErrorCode, GoAwayReason};
 
 /// How a [`ReconnectingSession`] retries.
 #[derive(Clone, Debug)]
@@ -72,6 +74,9 @@ pub struct ReconnectingSession {
     next_attempt_at: Cell<Instant>,
     last_sent_at: Cell<Instant>,
     ping_nonce: Cell<u64>,
+    /// Set by GoAway REPLACED: another session of this device logged in, and
+    /// reconnecting would only replace it in turn.
+    replaced: Cell<bool>,
     reconnect_turn: Semaphore,
 }
 
@@ -108,6 +113,7 @@ impl ReconnectingSession {
             next_attempt_at: Cell::new(now),
             last_sent_at: Cell::new(now),
             ping_nonce: Cell::new(0),
+            replaced: Cell::new(false),
             reconnect_turn: Semaphore::new(1),
         })
     }
@@ -206,7 +212,7 @@ impl ReconnectingSession {
 
     /// Connects if disconnected, waiting out the backoff; resends unanswered
     /// Sends. Errors only when reconnecting is hopeless (bad credentials,
-    /// attempts exhausted). Cancel safe: the backoff state lives in `self`.
+    /// attempts exhausted, the session was replaced by a newer one). Cancel safe: the backoff state lives in `self`.
     pub async fn ensure_connected(&self) -> Result<Rc<Session>, ClientError> {
         let _turn = self
             .reconnect_turn
@@ -216,6 +222,12 @@ impl ReconnectingSession {
         loop {
             if let Some(session) = self.current() {
                 return Ok(session);
+            }
+            if self.replaced.get() {
+                return Err(ClientError::GoAway {
+                    reason: GoAwayReason::Replaced,
+                    reconnect_after_ms: 0,
+                });
             }
             let wait = self
                 .next_attempt_at
@@ -348,6 +360,9 @@ impl ReconnectingSession {
                 }
                 Event::GoAway(go_away) => {
                     self.disconnect();
+                    if go_away.reason() == GoAwayReason::Replaced {
+                        self.replaced.set(true);
+                    }
                     self.next_attempt_at.set(
                         Instant::now() + Duration::from_millis(go_away.reconnect_after_ms.into()),
                     );

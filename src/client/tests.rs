@@ -16,7 +16,7 @@ use crate::proto::{next_frame, pb, ErrorCode, Frame};
 
 const FRAME_BYTES_MAX: u32 = 66_560;
 
-fn run<F, T>(test: impl FnOnce() -> F + Send + 'static) -> T
+pub(crate) fn run<F, T>(test: impl FnOnce() -> F + Send + 'static) -> T
 where
     F: std::future::Future<Output = T> + 'static,
     T: Send + 'static,
@@ -29,13 +29,13 @@ where
 }
 
 /// The server end of one connection.
-struct Peer {
-    stream: TcpStream,
+pub(crate) struct Peer {
+    pub(crate) stream: TcpStream,
     buffer: BytesMut,
 }
 
 impl Peer {
-    async fn accept(listener: &TcpListener) -> Peer {
+    pub(crate) async fn accept(listener: &TcpListener) -> Peer {
         Peer {
             stream: listener.accept().await.expect("accept"),
             buffer: BytesMut::new(),
@@ -43,7 +43,7 @@ impl Peer {
     }
 
     /// The next frame, or None at end of stream.
-    async fn read(&mut self) -> Option<Frame> {
+    pub(crate) async fn read(&mut self) -> Option<Frame> {
         loop {
             if let Some(frame) = next_frame(&mut self.buffer, FRAME_BYTES_MAX).expect("valid frame")
             {
@@ -58,7 +58,7 @@ impl Peer {
         }
     }
 
-    async fn write(&mut self, frames: &[Frame]) {
+    pub(crate) async fn write(&mut self, frames: &[Frame]) {
         let mut out = BytesMut::new();
         for frame in frames {
             frame.encode(&mut out);
@@ -66,12 +66,12 @@ impl Peer {
         self.stream.write_all(&out).await.expect("server write");
     }
 
-    async fn write_bytes(&mut self, bytes: &[u8]) {
+    pub(crate) async fn write_bytes(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("server write");
     }
 
     /// Expects Hello and answers Welcome.
-    async fn welcome(&mut self) -> pb::Hello {
+    pub(crate) async fn welcome(&mut self) -> pb::Hello {
         let Some(Frame::Hello(hello)) = self.read().await else {
             panic!("expected Hello");
         };
@@ -91,14 +91,14 @@ fn test_welcome() -> pb::Welcome {
     }
 }
 
-fn listen() -> (TcpListener, ConnectOptions) {
+pub(crate) fn listen() -> (TcpListener, ConnectOptions) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let mut opts = ConnectOptions::new(listener.local_addr().expect("local addr"));
     opts.timeout = Duration::from_secs(5);
     (listener, opts)
 }
 
-fn credentials() -> Credentials {
+pub(crate) fn credentials() -> Credentials {
     Credentials {
         user: UserId(12),
         device: DeviceId(1),
@@ -106,7 +106,7 @@ fn credentials() -> Credentials {
     }
 }
 
-fn deliver(sequence: u64, id: u64) -> pb::Deliver {
+pub(crate) fn deliver(sequence: u64, id: u64) -> pb::Deliver {
     pb::Deliver {
         sequence,
         sender_user_id: 30,
@@ -751,4 +751,47 @@ fn credentials_load_rejects_a_short_secret() {
     std::fs::write(&path, "user = 1\ndevice = 1\nsecret = \"abcd\"\n").expect("written");
     let err = Credentials::load(&path).expect_err("rejected");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+}
+
+#[test]
+fn reconnecting_session_stops_after_being_replaced() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let server = glommio::spawn_local(async move {
+            let mut peer = Peer::accept(&listener).await;
+            peer.welcome().await;
+            peer.write(&[Frame::GoAway(pb::GoAway {
+                reason: pb::GoAwayReason::Replaced as i32,
+                reconnect_after_ms: 0,
+            })])
+            .await;
+            // No second connection may come.
+            futures_lite::future::or(
+                async {
+                    Peer::accept(&listener).await;
+                    panic!("reconnected after REPLACED");
+                },
+                glommio::timer::sleep(Duration::from_millis(300)),
+            )
+            .await;
+        });
+        let session =
+            ReconnectingSession::connect(&opts, &credentials(), ReconnectOptions::default())
+                .await
+                .expect("connected");
+        let event = session.next_event().await.expect("event");
+        assert!(matches!(event, Event::GoAway(g) if g.reason() == pb::GoAwayReason::Replaced));
+        let err = session.next_event().await.expect_err("no reconnect");
+        assert!(
+            matches!(
+                err,
+                ClientError::GoAway {
+                    reason: pb::GoAwayReason::Replaced,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        server.await;
+    });
 }
