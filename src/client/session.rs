@@ -35,6 +35,10 @@ pub enum Event {
     Pong(u64),
 }
 
+/// Output buffers up to this size are reused across flushes (no allocation
+/// per flush); a larger burst's buffer is freed once written.
+const QUEUE_REUSE_BYTES_MAX: usize = 16 * 1024;
+
 /// The socket and buffers shared by registration and sessions.
 struct Connection {
     stream: RefCell<TcpStream>,
@@ -115,6 +119,10 @@ impl Connection {
                     // The whole queue goes out in one write; once `writing`
                     // is dropped the queue reclaims the allocation.
                     *writing = queue.split().freeze();
+                    if writing.len() > QUEUE_REUSE_BYTES_MAX {
+                        // A burst: do not keep its large buffer for reuse.
+                        *queue = BytesMut::new();
+                    }
                 }
             }
             let written = poll_fn(|cx| {
@@ -128,7 +136,14 @@ impl Connection {
                     self.closed.set(true);
                     return Err(ClientError::Closed);
                 }
-                Ok(n) => self.writing.borrow_mut().advance(n),
+                Ok(n) => {
+                    let mut writing = self.writing.borrow_mut();
+                    writing.advance(n);
+                    if writing.is_empty() {
+                        // Let go of the buffer so the queue can reuse it.
+                        *writing = Bytes::new();
+                    }
+                }
                 Err(e) => {
                     self.closed.set(true);
                     return Err(closed_or_io(e));
@@ -145,7 +160,16 @@ impl Connection {
             .await
             .map_err(|_| ClientError::Closed)?;
         loop {
-            let decoded = next_frame(&mut self.read_buffer.borrow_mut(), self.frame_bytes_max);
+            let decoded = {
+                let mut buffer = self.read_buffer.borrow_mut();
+                let decoded = next_frame(&mut buffer, self.frame_bytes_max);
+                if buffer.is_empty() && buffer.capacity() > 0 {
+                    // Everything read is decoded: free the buffer rather than
+                    // keep it through an idle spell; the next read allocates.
+                    *buffer = BytesMut::new();
+                }
+                decoded
+            };
             match decoded {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => {}
@@ -166,6 +190,12 @@ impl Connection {
                     _ => 0,
                 };
                 buffer.truncate(start + got);
+                if result.is_pending() && start == 0 {
+                    // Waiting with nothing buffered: glommio waits for
+                    // readiness without our buffer, so an idle session
+                    // holds no read buffer at all.
+                    *buffer = BytesMut::new();
+                }
                 result
             })
             .await;

@@ -795,3 +795,102 @@ fn reconnecting_session_stops_after_being_replaced() {
         server.await;
     });
 }
+
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("resident pages");
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    pages * page
+}
+
+/// Measurement, not a check: `cargo test --lib --release -- --ignored
+/// --nocapture client_memory_per_idle_session`. Opens N raw glommio
+/// streams, then N Sessions, against a server thread doing the same work for
+/// both; the difference per connection is what a Session adds to a stream.
+#[test]
+#[ignore]
+fn client_memory_per_idle_session() {
+    const SESSIONS: usize = 3000;
+    let listener_addr = {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let server = LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+                addr_tx
+                    .send((listener.local_addr().expect("addr"), done_tx))
+                    .expect("addr sent");
+                let welcome = Frame::Welcome(test_welcome()).to_bytes();
+                let mut held = Vec::with_capacity(2 * SESSIONS);
+                while held.len() < 2 * SESSIONS {
+                    let mut stream = listener.accept().await.expect("accept");
+                    let mut hello = [0u8; 128];
+                    let mut got = 0;
+                    while got < crate::proto::HEADER_BYTES
+                        || got
+                            < crate::proto::LENGTH_PREFIX_BYTES
+                                + u32::from_be_bytes([hello[0], hello[1], hello[2], hello[3]])
+                                    as usize
+                    {
+                        got += stream.read(&mut hello[got..]).await.expect("read hello");
+                    }
+                    stream.write_all(&welcome).await.expect("welcome");
+                    held.push(stream);
+                }
+                done_rx.recv().expect("done");
+            })
+            .expect("server thread");
+        let (addr, done_tx) = addr_rx.recv().expect("server address");
+        (addr, done_tx, server)
+    };
+    let (addr, done_tx, server) = listener_addr;
+    let (raw_per, session_per, struct_bytes) = run(move || async move {
+        let hello = Frame::Hello(pb::Hello {
+            protocol_version: 1,
+            user_id: 1,
+            device_id: 1,
+            secret: Bytes::from(vec![0u8; 32]),
+        })
+        .to_bytes();
+        let welcome_len = Frame::Welcome(test_welcome()).wire_len();
+        let before = resident_bytes();
+        let mut raw = Vec::with_capacity(SESSIONS);
+        for _ in 0..SESSIONS {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(&hello).await.expect("hello");
+            let mut welcome = [0u8; 128];
+            let mut got = 0;
+            while got < welcome_len {
+                got += stream.read(&mut welcome[got..]).await.expect("welcome");
+            }
+            raw.push(stream);
+        }
+        let after_raw = resident_bytes();
+        let opts = ConnectOptions::new(addr);
+        let mut sessions = Vec::with_capacity(SESSIONS);
+        for _ in 0..SESSIONS {
+            sessions.push(
+                Session::connect(&opts, &credentials())
+                    .await
+                    .expect("session"),
+            );
+        }
+        let after_sessions = resident_bytes();
+        let raw_per = (after_raw - before) / SESSIONS;
+        let session_per = (after_sessions - after_raw) / SESSIONS;
+        drop(sessions);
+        drop(raw);
+        (raw_per, session_per, std::mem::size_of::<Session>())
+    });
+    done_tx.send(()).expect("server told");
+    server.join().expect("server joined");
+    println!(
+        "{SESSIONS} connections, RSS per connection (client + server side): raw glommio stream {raw_per} B, Session {session_per} B; Session adds {} B; size_of::<Session>() = {struct_bytes} B",
+        session_per as isize - raw_per as isize
+    );
+}
