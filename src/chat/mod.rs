@@ -35,6 +35,9 @@ use state::{format_incoming, parse_command, Command, Outbox, HELP};
 /// Lines typed ahead of the chat loop; the stdin thread waits when full.
 const STDIN_LINES_QUEUED_MAX: usize = 64;
 
+/// At exit, how long to wait for ServerAcks of messages already sent.
+const EXIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Arguments of `switchboard chat`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ChatArgs {
@@ -224,6 +227,38 @@ where
         out.flush()?;
     }
     session.flush().await?;
+    drain(session, &mut outbox, out).await
+}
+
+/// Before leaving, waits (a bounded time) for the server to store what was
+/// sent, so `echo "/msg 2 hi" | switchboard chat` delivers its message.
+async fn drain(
+    session: &ReconnectingSession,
+    outbox: &mut Outbox,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + EXIT_DRAIN_TIMEOUT;
+    while session.unacked_sends() > 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let event = futures_lite::future::or(async { Some(session.next_event().await) }, async {
+            glommio::timer::sleep(left).await;
+            None
+        })
+        .await;
+        match event {
+            Some(Ok(event)) => handle_event(session, outbox, event, out).await?,
+            Some(Err(e)) => return Err(e).context("the session ended"),
+            None => {
+                writeln!(
+                    out,
+                    "! leaving with {} message(s) the server has not confirmed",
+                    session.unacked_sends()
+                )?;
+                break;
+            }
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

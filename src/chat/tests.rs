@@ -214,3 +214,38 @@ fn log_in_registers_when_the_profile_is_missing_and_reuses_it_after() {
         assert!(log_in_or_register(&opts, &clobber, &mut out).await.is_err());
     });
 }
+
+#[test]
+fn chat_waits_for_the_server_ack_before_leaving_at_end_of_input() {
+    let output = run(|| async {
+        let (listener, opts) = listen();
+        let server = glommio::spawn_local(async move {
+            let mut peer = Peer::accept(&listener).await;
+            peer.welcome().await;
+            let Some(Frame::Send(send)) = peer.read().await else {
+                panic!("expected Send")
+            };
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            peer.write(&[Frame::ServerAck(pb::ServerAck {
+                client_message_id: send.client_message_id,
+                server_sequence: 1,
+                timestamp_ms: 1,
+            })])
+            .await;
+            peer
+        });
+        let session =
+            ReconnectingSession::connect(&opts, &credentials(), ReconnectOptions::default())
+                .await
+                .expect("connected");
+        // Piped input: one message, then end of input at once.
+        let mut lines = vec!["/msg 13 bye".to_string()].into_iter();
+        let mut out = Vec::new();
+        chat_loop(&session, || std::future::ready(lines.next()), &mut out)
+            .await
+            .expect("chat ran");
+        drop(server.await);
+        String::from_utf8(out).expect("utf-8")
+    });
+    assert!(output.contains("[#1 → 13] ✓ sent"), "{output}");
+}

@@ -241,10 +241,9 @@ impl ReconnectingSession {
                     let session = Rc::new(session);
                     self.failed_attempts.set(0);
                     self.reconnects.set(self.reconnects.get() + 1);
-                    self.resend(&session);
                     *self.session.borrow_mut() = Some(session.clone());
                     self.last_sent_at.set(Instant::now());
-                    if session.flush().await.is_err() {
+                    if self.resend(&session).await.is_err() || session.flush().await.is_err() {
                         self.disconnect();
                         continue;
                     }
@@ -289,17 +288,25 @@ impl ReconnectingSession {
         Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
     }
 
-    fn resend(&self, session: &Session) {
-        // Queue bound: what does not fit now stays in `unacked` and goes out
-        // after the next reconnect at the latest; the first ones usually fit.
-        for (id, (to, payload)) in self.unacked.borrow().iter() {
-            if session
-                .send(*to, ClientMessageId(*id), payload.clone())
-                .is_err()
-            {
-                break;
+    /// Queues every unanswered Send again, flushing whenever the output
+    /// queue is full, so any number of them goes out.
+    async fn resend(&self, session: &Session) -> Result<(), ClientError> {
+        let pending: Vec<(u64, UserId, Bytes)> = self
+            .unacked
+            .borrow()
+            .iter()
+            .map(|(id, (to, payload))| (*id, *to, payload.clone()))
+            .collect();
+        for (id, to, payload) in pending {
+            loop {
+                match session.send(to, ClientMessageId(id), payload.clone()) {
+                    Ok(()) => break,
+                    Err(ClientError::QueueFull) => session.flush().await?,
+                    Err(e) => return Err(e),
+                }
             }
         }
+        Ok(())
     }
 
     fn ping_interval(&self, session: &Session) -> Duration {

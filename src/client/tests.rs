@@ -894,3 +894,55 @@ fn client_memory_per_idle_session() {
         session_per as isize - raw_per as isize
     );
 }
+
+#[test]
+fn reconnecting_session_resends_more_unacked_sends_than_the_queue_holds() {
+    const SENDS: u64 = 100;
+    run(|| async {
+        let (listener, mut opts) = listen();
+        // A 16 KiB output queue: 100 sends of 900 bytes need several flushes.
+        opts.frame_bytes_max = 1024;
+        let server = glommio::spawn_local(async move {
+            let mut peer = Peer::accept(&listener).await;
+            peer.welcome().await;
+            let mut first = 0;
+            while first < SENDS {
+                if let Some(Frame::Send(_)) = peer.read().await {
+                    first += 1;
+                }
+            }
+            drop(peer);
+            let mut peer = Peer::accept(&listener).await;
+            peer.welcome().await;
+            let mut resent = Vec::new();
+            while resent.len() < SENDS as usize {
+                let Some(Frame::Send(send)) = peer.read().await else {
+                    panic!("expected a resent Send")
+                };
+                resent.push(send.client_message_id);
+            }
+            peer.write(&[Frame::Pong(pb::Pong { nonce: 1 })]).await;
+            resent
+        });
+        let options = ReconnectOptions {
+            backoff_initial: Duration::from_millis(5),
+            ..ReconnectOptions::default()
+        };
+        let session = ReconnectingSession::connect(&opts, &credentials(), options)
+            .await
+            .expect("connected");
+        for id in 1..=SENDS {
+            session
+                .send(UserId(2), ClientMessageId(id), Bytes::from(vec![0u8; 900]))
+                .expect("queued");
+            if id % 10 == 0 {
+                session.flush().await.expect("flushed");
+            }
+        }
+        session.flush().await.expect("flushed");
+        assert_eq!(session.unacked_sends(), SENDS as usize);
+        assert_eq!(session.next_event().await.expect("event"), Event::Pong(1));
+        assert_eq!(session.reconnects(), 1);
+        assert_eq!(server.await, (1..=SENDS).collect::<Vec<_>>());
+    });
+}
