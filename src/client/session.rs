@@ -55,6 +55,9 @@ struct Connection {
     /// One reader at a time, for the same reason.
     read_turn: Semaphore,
     closed: Cell<bool>,
+    /// Write and read calls that moved bytes, for measurements.
+    writes: Cell<u64>,
+    reads: Cell<u64>,
 }
 
 impl Connection {
@@ -81,6 +84,8 @@ impl Connection {
             write_turn: Semaphore::new(1),
             read_turn: Semaphore::new(1),
             closed: Cell::new(false),
+            writes: Cell::new(0),
+            reads: Cell::new(0),
         })
     }
 
@@ -137,6 +142,7 @@ impl Connection {
                     return Err(ClientError::Closed);
                 }
                 Ok(n) => {
+                    self.writes.set(self.writes.get() + 1);
                     let mut writing = self.writing.borrow_mut();
                     writing.advance(n);
                     if writing.is_empty() {
@@ -204,7 +210,7 @@ impl Connection {
                     self.closed.set(true);
                     return Err(ClientError::Closed);
                 }
-                Ok(_) => {}
+                Ok(_) => self.reads.set(self.reads.get() + 1),
                 Err(e) => {
                     self.closed.set(true);
                     return Err(closed_or_io(e));
@@ -392,6 +398,12 @@ impl Session {
         }
         self.connection.queue.borrow_mut().extend_from_slice(bytes);
         Ok(())
+    }
+
+    /// Socket writes and reads that moved bytes since connecting (the
+    /// handshake included): frames per syscall is the coalescing achieved.
+    pub fn io_calls(&self) -> (u64, u64) {
+        (self.connection.writes.get(), self.connection.reads.get())
     }
 
     /// Bytes queued and not yet written.
