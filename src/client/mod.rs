@@ -21,6 +21,32 @@
 //! session alive with Pings.
 //!
 //! Touched by: the thread of the glommio executor that created the session.
+//!
+//! ```no_run
+//! use std::rc::Rc;
+//! use bytes::Bytes;
+//! use switchboard::client::{register, ConnectOptions, Event, Session};
+//! use switchboard::ids::{ClientMessageId, InboxSeq, UserId};
+//!
+//! glommio::LocalExecutor::default().run(async {
+//!     let opts = ConnectOptions::new("127.0.0.1:7700".parse().unwrap());
+//!     let creds = register(&opts, None).await.unwrap();
+//!     let session = Rc::new(Session::connect(&opts, &creds).await.unwrap());
+//!     // Queue any number of frames, then write them with one flush.
+//!     session.send(UserId(2), ClientMessageId(1), Bytes::from_static(b"hi")).unwrap();
+//!     session.flush().await.unwrap();
+//!     loop {
+//!         match session.next_event().await.unwrap() {
+//!             Event::ServerAck(ack) => println!("✓ {}", ack.client_message_id),
+//!             Event::Deliver(message) => {
+//!                 session.ack(InboxSeq(message.sequence)).unwrap();
+//!                 session.flush().await.unwrap();
+//!             }
+//!             _ => {}
+//!         }
+//!     }
+//! });
+//! ```
 
 mod credentials;
 mod reconnect;
