@@ -3,8 +3,9 @@
 //! [`Wire`] is the byte stream both protocols share: a glommio socket split
 //! in a read half (one reading task) and a write half behind a buffered
 //! output queue that any task fills and whoever calls `flush` drains.
-//! [`Link`] is the protocol on top: Switchboard's wire protocol v1 (the codec
-//! of `switchboard::proto`) or MQTT 3.1.1 (`crate::mqtt`).
+//! [`Link`] is the protocol on top: a Switchboard session of the client
+//! library (`switchboard::client`, which has its own socket and buffers), or
+//! MQTT 3.1.1 on a [`Wire`] (`crate::mqtt`).
 //!
 //! Every link lives on the executor that opened it (`Rc`, `Cell`, no locks).
 
@@ -20,7 +21,9 @@ use futures_lite::io::{ReadHalf, WriteHalf};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use serde::{Deserialize, Serialize};
-use switchboard::proto::{self, pb, Frame, PROTOCOL_VERSION};
+use switchboard::client::{self, ClientError, ConnectOptions, Credentials, Session};
+use switchboard::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
+use switchboard::proto::pb;
 
 use crate::mqtt::MqttLink;
 
@@ -185,53 +188,50 @@ impl Wire {
     }
 }
 
-/// A Switchboard device session on the wire protocol.
+/// A Switchboard device session: the client library's [`Session`].
 pub struct SwitchboardLink {
-    wire: Wire,
+    session: Session,
+}
+
+fn connect_options(
+    server: SocketAddr,
+    bind_ip: Option<IpAddr>,
+    timeout: Duration,
+) -> ConnectOptions {
+    let mut options = ConnectOptions::new(server);
+    options.bind_ip = bind_ip;
+    options.frame_bytes_max = FRAME_BYTES_MAX;
+    options.timeout = timeout;
+    options
+}
+
+impl Account {
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        let secret: [u8; 32] = hex::decode(&self.secret)?
+            .try_into()
+            .map_err(|_| anyhow!("the secret of user {} is not 32 bytes", self.user))?;
+        Ok(Credentials {
+            user: UserId(self.user),
+            device: DeviceId(self.device),
+            secret,
+        })
+    }
 }
 
 impl SwitchboardLink {
-    async fn read_frame(&self) -> anyhow::Result<Frame> {
-        loop {
-            let frame = proto::next_frame(&mut self.wire.read_buffer(), FRAME_BYTES_MAX)
-                .map_err(|e| anyhow!("bad frame from the server: {e}"))?;
-            if let Some(frame) = frame {
-                return Ok(frame);
-            }
-            self.wire.fill().await?;
-        }
-    }
-
-    fn queue(&self, frame: &Frame) {
-        frame.encode(&mut self.wire.out.borrow_mut());
-    }
-
-    /// Creates an account (Register → Registered; the server then closes).
+    /// Creates an account (Register → Registered).
     pub async fn register(
         server: SocketAddr,
         bind_ip: Option<IpAddr>,
         timeout: Duration,
     ) -> anyhow::Result<Account> {
-        with_timeout(timeout, "registration", async {
-            let link = SwitchboardLink {
-                wire: Wire::new(crate::mqtt::connect_socket(server, bind_ip)?),
-            };
-            link.queue(&Frame::Register(pb::Register {
-                protocol_version: PROTOCOL_VERSION,
-                registration_token: String::new(),
-            }));
-            link.wire.flush().await?;
-            match link.read_frame().await? {
-                Frame::Registered(r) => Ok(Account {
-                    user: r.user_id,
-                    device: r.device_id,
-                    secret: hex::encode(&r.secret),
-                }),
-                Frame::Error(e) => bail!("registration refused: {e:?}"),
-                other => bail!("expected Registered, got {:?}", other.frame_type()),
-            }
+        let credentials =
+            client::register(&connect_options(server, bind_ip, timeout), None).await?;
+        Ok(Account {
+            user: credentials.user.0,
+            device: credentials.device.0,
+            secret: hex::encode(credentials.secret),
         })
-        .await
     }
 
     pub async fn connect(
@@ -240,69 +240,68 @@ impl SwitchboardLink {
         account: &Account,
         timeout: Duration,
     ) -> anyhow::Result<SwitchboardLink> {
-        with_timeout(timeout, "Hello", async {
-            let link = SwitchboardLink {
-                wire: Wire::new(crate::mqtt::connect_socket(server, bind_ip)?),
-            };
-            link.queue(&Frame::Hello(pb::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                user_id: account.user,
-                device_id: account.device,
-                secret: hex::decode(&account.secret)?.into(),
-            }));
-            link.wire.flush().await?;
-            match link.read_frame().await? {
-                Frame::Welcome(_) => Ok(link),
-                Frame::Error(e) => bail!("Hello refused: {e:?}"),
-                other => bail!("expected Welcome, got {:?}", other.frame_type()),
+        let session = Session::connect(
+            &connect_options(server, bind_ip, timeout),
+            &account.credentials()?,
+        )
+        .await?;
+        Ok(SwitchboardLink { session })
+    }
+
+    fn convert(&self, event: Result<client::Event, ClientError>) -> anyhow::Result<Option<Event>> {
+        match event {
+            Ok(client::Event::ServerAck(ack)) => Ok(Some(Event::Ack {
+                msg_id: ack.client_message_id,
+            })),
+            Ok(client::Event::Deliver(d)) => Ok(Some(Event::Deliver {
+                sequence: d.sequence,
+                payload: d.payload,
+            })),
+            Ok(client::Event::Receipt(r)) if r.kind == pb::ReceiptKind::Delivered as i32 => {
+                Ok(Some(Event::Receipt {
+                    sequence: r.sequence,
+                    msg_ids: r.client_message_ids,
+                }))
             }
-        })
-        .await
+            Ok(client::Event::Receipt(r)) => {
+                // A read receipt: acknowledge it, time nothing.
+                self.session.ack(InboxSeq(r.sequence))?;
+                Ok(None)
+            }
+            Ok(client::Event::Pong(_)) => Ok(None),
+            Ok(client::Event::Error(e)) => bail!("server error: {e:?}"),
+            Ok(client::Event::GoAway(g)) => bail!("server went away: {g:?}"),
+            Err(ClientError::Closed) => Ok(Some(Event::Closed)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn next_event(&self) -> anyhow::Result<Event> {
         loop {
-            let frame = match self.read_frame().await {
-                Ok(frame) => frame,
-                Err(_) if self.wire.is_closed() => return Ok(Event::Closed),
-                Err(e) => return Err(e),
-            };
-            match frame {
-                Frame::ServerAck(ack) => {
-                    return Ok(Event::Ack {
-                        msg_id: ack.client_message_id,
-                    })
-                }
-                Frame::Deliver(d) => {
-                    return Ok(Event::Deliver {
-                        sequence: d.sequence,
-                        payload: d.payload,
-                    })
-                }
-                Frame::Receipt(r) => {
-                    if r.kind == pb::ReceiptKind::Delivered as i32 {
-                        return Ok(Event::Receipt {
-                            sequence: r.sequence,
-                            msg_ids: r.client_message_ids,
-                        });
-                    }
-                    // A read receipt: acknowledge it, time nothing.
-                    self.queue(&Frame::Ack(pb::Ack {
-                        up_to_sequence: r.sequence,
-                        sequences: Vec::new(),
-                    }));
-                }
-                Frame::Pong(_) => {}
-                Frame::Error(e) if !e.fatal => bail!("server error: {e:?}"),
-                Frame::Error(e) => bail!("fatal server error: {e:?}"),
-                Frame::GoAway(g) => bail!("server went away: {g:?}"),
-                other => bail!("unexpected {:?} from the server", other.frame_type()),
+            if let Some(event) = self.convert(self.session.next_event().await)? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// The next event if one is ready without waiting for the socket
+    /// (`next_event` is cancel safe: unread bytes stay buffered).
+    async fn ready_event(&self) -> Option<anyhow::Result<Event>> {
+        loop {
+            let event = futures_lite::future::poll_once(self.session.next_event()).await?;
+            match self.convert(event) {
+                Ok(Some(event)) => return Some(Ok(event)),
+                Ok(None) => continue,
+                Err(e) => return Some(Err(e)),
             }
         }
     }
 }
 
 /// A connected user.
+// Every link lives in its own `Rc` allocation, so the smaller variant's
+// unused bytes cost less than a second allocation (a `Box`) would.
+#[allow(clippy::large_enum_variant)]
 pub enum Link {
     Switchboard(SwitchboardLink),
     Mqtt(MqttLink),
@@ -333,13 +332,6 @@ impl Link {
         Ok(Rc::new(link))
     }
 
-    fn wire(&self) -> &Wire {
-        match self {
-            Link::Switchboard(link) => &link.wire,
-            Link::Mqtt(link) => &link.wire,
-        }
-    }
-
     /// Queues message `msg_id` for user `peer`.
     pub fn send(&self, peer: &User, msg_id: u64, payload: Bytes) -> anyhow::Result<()> {
         match self {
@@ -348,12 +340,8 @@ impl Link {
                     .account
                     .as_ref()
                     .ok_or_else(|| anyhow!("peer {} has no account", peer.index))?;
-                link.queue(&Frame::Send(pb::Send {
-                    client_message_id: msg_id,
-                    recipient_user_id: account.user,
-                    payload,
-                    device_payloads: Vec::new(),
-                }));
+                link.session
+                    .send(UserId(account.user), ClientMessageId(msg_id), payload)?;
                 Ok(())
             }
             Link::Mqtt(link) => link.send(peer.index, msg_id, payload),
@@ -364,28 +352,42 @@ impl Link {
     /// delivery by itself, so nothing to do there).
     pub fn ack(&self, sequence: u64) {
         if let Link::Switchboard(link) = self {
-            link.queue(&Frame::Ack(pb::Ack {
-                up_to_sequence: sequence,
-                sequences: Vec::new(),
-            }));
+            // Fails only on a closed session, which the reader reports.
+            let _ = link.session.ack(InboxSeq(sequence));
         }
     }
 
     /// Queues a keepalive.
     pub fn ping(&self, nonce: u64) {
         match self {
-            Link::Switchboard(link) => link.queue(&Frame::Ping(pb::Ping { nonce })),
+            Link::Switchboard(link) => {
+                let _ = link.session.ping(nonce);
+            }
             Link::Mqtt(link) => link.ping(),
         }
     }
 
     pub async fn flush(&self) -> anyhow::Result<()> {
-        self.wire().flush().await
+        match self {
+            Link::Switchboard(link) => Ok(link.session.flush().await?),
+            Link::Mqtt(link) => link.wire.flush().await,
+        }
     }
 
-    /// True when bytes already read wait to be decoded.
-    pub fn input_buffered(&self) -> bool {
-        !self.wire().read_buffer().is_empty()
+    /// The next event when it is already read (a burst of input), `None`
+    /// when the next one needs the socket: the caller answers the burst
+    /// (acks, flush) before waiting.
+    pub async fn ready_event(&self) -> Option<anyhow::Result<Event>> {
+        match self {
+            Link::Switchboard(link) => link.ready_event().await,
+            Link::Mqtt(link) => {
+                if link.wire.read_buffer().is_empty() {
+                    None
+                } else {
+                    Some(link.next_event().await)
+                }
+            }
+        }
     }
 
     /// The next event. One task per link calls this.
@@ -398,10 +400,17 @@ impl Link {
 
     /// Closes the connection (MQTT: DISCONNECT first, keeping the session).
     pub async fn close(&self) {
-        if let Link::Mqtt(link) = self {
-            link.queue_disconnect();
+        match self {
+            Link::Switchboard(link) => {
+                // Dropping the session closes the socket; flush what is queued
+                // (acks) first so the server does not redeliver it.
+                let _ = link.session.flush().await;
+            }
+            Link::Mqtt(link) => {
+                link.queue_disconnect();
+                link.wire.close().await;
+            }
         }
-        self.wire().close().await;
     }
 }
 

@@ -515,8 +515,13 @@ async fn connect(worker: &Rc<Worker>, subset: Subset) {
 
 /// The receiving task of one link: times acks, deliveries and receipts.
 async fn receive(worker: Rc<Worker>, slot: Rc<Slot>, link: Rc<Link>) {
+    let mut ready: Option<anyhow::Result<Event>> = None;
     loop {
-        let event = match link.next_event().await {
+        let next = match ready.take() {
+            Some(next) => next,
+            None => link.next_event().await,
+        };
+        let event = match next {
             Ok(event) => event,
             Err(error) => {
                 let current = slot
@@ -597,7 +602,8 @@ async fn receive(worker: Rc<Worker>, slot: Rc<Slot>, link: Rc<Link>) {
         }
         // Answer once per burst of input, so acks of many deliveries share
         // one frame and one write.
-        if link.input_buffered() {
+        ready = link.ready_event().await;
+        if ready.is_some() {
             continue;
         }
         let due = slot.ack_due.replace(0);
