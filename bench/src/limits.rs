@@ -45,9 +45,24 @@ pub struct Split {
     pub source_ips: Vec<IpAddr>,
 }
 
+/// Loopback source addresses a run may start from (127.0.0.2 … 127.0.195.81).
+/// Each run starts at a random one of them: a connection closed by the
+/// harness leaves its port in TIME_WAIT for a minute, and a client that
+/// binds before connecting cannot reuse it, so back-to-back runs on one
+/// address would run out of ports.
+pub const SOURCE_IP_OFFSETS: u64 = 50_000;
+
 /// Splits `users` (even) over enough processes that each stays under the
-/// open-file limit, and at least `processes_min`.
-pub fn plan(users: u64, nofile_limit: u64, processes_min: u64, loopback: bool) -> Split {
+/// open-file limit, and at least `processes_min`. `source_offset` is the
+/// first source address's index (random per run, below
+/// [`SOURCE_IP_OFFSETS`]).
+pub fn plan(
+    users: u64,
+    nofile_limit: u64,
+    processes_min: u64,
+    loopback: bool,
+    source_offset: u64,
+) -> Split {
     let per_process_max = nofile_limit.saturating_sub(RESERVED_FDS).max(2) & !1;
     let needed = users.div_ceil(per_process_max).max(1);
     let processes = needed.max(processes_min).min((users / 2).max(1));
@@ -59,7 +74,7 @@ pub fn plan(users: u64, nofile_limit: u64, processes_min: u64, loopback: bool) -
     }
     let source_ips = if loopback {
         let count = users.div_ceil(CONNECTIONS_PER_SOURCE_IP).max(1);
-        (0..count).map(source_ip).collect()
+        (0..count).map(|i| source_ip(source_offset + i)).collect()
     } else {
         Vec::new()
     };
@@ -93,7 +108,7 @@ mod tests {
 
     #[test]
     fn splits_over_processes_when_nofile_is_short() {
-        let split = plan(50_000, 20_000, 1, true);
+        let split = plan(50_000, 20_000, 1, true, 0);
         assert_eq!(split.processes, 3);
         assert_eq!(split.users_per_process.iter().sum::<u64>(), 50_000);
         assert!(split
@@ -106,9 +121,10 @@ mod tests {
 
     #[test]
     fn one_process_when_it_fits() {
-        let split = plan(1_000, 20_000, 1, true);
+        let split = plan(1_000, 20_000, 1, true, 7);
         assert_eq!(split.processes, 1);
         assert_eq!(split.users_per_process, vec![1_000]);
+        assert_eq!(split.source_ips, vec![source_ip(7)]);
     }
 
     #[test]

@@ -212,7 +212,9 @@ impl Run {
         }
         let nofile = limits::raise_nofile();
         let loopback = target.server.ip().is_loopback() && !common.no_source_spread;
-        let split = limits::plan(count, nofile, common.processes, loopback);
+        let source_offset =
+            rand::Rng::gen_range(&mut rand::thread_rng(), 0..limits::SOURCE_IP_OFFSETS);
+        let split = limits::plan(count, nofile, common.processes, loopback, source_offset);
         eprintln!(
             "open-file limit {}: {} connections over {} worker process(es) ({:?}), source addresses {:?}",
             split.nofile_limit, count, split.processes, split.users_per_process, split.source_ips

@@ -419,8 +419,11 @@ async fn register(worker: &Rc<Worker>) -> anyhow::Result<()> {
             let (w, created, failures) = (w.clone(), created2.clone(), failures2.clone());
             async move {
                 let slot = w.slots[local].clone();
-                let bind_ip = w.bind_ip(&slot);
-                match SwitchboardLink::register(w.spec.target.server, bind_ip, w.timeout).await {
+                // Registrations are short connections: the kernel picks
+                // their source port at connect time, where ports in
+                // TIME_WAIT are reused (loopback), so they never use up the
+                // sessions' source addresses.
+                match SwitchboardLink::register(w.spec.target.server, None, w.timeout).await {
                     Ok(account) => {
                         slot.user.borrow_mut().account = Some(account.clone());
                         created
