@@ -19,6 +19,8 @@ pub mod server;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,6 +58,14 @@ fn channel_item<T>(err: glommio::GlommioError<T>) -> Option<T> {
         | glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(item)) => Some(item),
         _ => None,
     }
+}
+
+/// Requests a frame produced for other shards.
+#[derive(Debug)]
+pub enum Outbound {
+    None,
+    One(ShardId, Request),
+    Many(Vec<(ShardId, Request)>),
 }
 
 /// What to do once the log is durable up to a ticket.
@@ -208,22 +218,80 @@ impl Shard {
     }
 
     /// Handles one frame of an authenticated session.
-    pub async fn on_frame(self: &Rc<Self>, conn: &Rc<Conn>, frame: Frame) {
+    ///
+    /// Synchronous: work for this shard is done here; what other shards must
+    /// do is returned, and the connection task sends it (waiting while a
+    /// channel is full). Keeping the waits out of this function keeps every
+    /// connection task's future small.
+    pub fn on_frame(self: &Rc<Self>, conn: &Rc<Conn>, frame: Frame) -> Outbound {
         conn.state.borrow_mut().last_activity_s = self.now_s();
         match frame {
-            Frame::Send(send) => self.on_send(conn, send).await,
-            Frame::Ack(ack) => self.on_ack(conn, ack).await,
-            Frame::ReadReceipt(read) => self.on_read_receipt(conn, read).await,
-            Frame::Ping(ping) => conn.enqueue(&Frame::Pong(pb::Pong { nonce: ping.nonce })),
-            Frame::Pong(_) => {}
-            other => conn.fatal(
-                ErrorCode::UnexpectedFrame,
-                match other {
-                    Frame::Hello(_) | Frame::Register(_) => "already authenticated",
-                    _ => "a client does not send this frame type",
-                },
-            ),
+            Frame::Send(send) => self.on_send(conn, send),
+            Frame::Ack(ack) => self.on_ack(conn, ack),
+            Frame::ReadReceipt(read) => self.on_read_receipt(conn, read),
+            Frame::Ping(ping) => {
+                conn.enqueue(&Frame::Pong(pb::Pong { nonce: ping.nonce }));
+                Outbound::None
+            }
+            Frame::Pong(_) => Outbound::None,
+            other => {
+                conn.fatal(
+                    ErrorCode::UnexpectedFrame,
+                    match other {
+                        Frame::Hello(_) | Frame::Register(_) => "already authenticated",
+                        _ => "a client does not send this frame type",
+                    },
+                );
+                Outbound::None
+            }
         }
+    }
+
+    /// Handles a request addressed here at once, or returns it for sending.
+    fn route(self: &Rc<Self>, target: ShardId, request: Request) -> Option<(ShardId, Request)> {
+        if target == self.id {
+            self.handle_request(request);
+            None
+        } else {
+            Some((target, request))
+        }
+    }
+
+    /// Sends what `on_frame` returned to other shards. A channel with room
+    /// takes the request at once; only when one is full (backpressure) is a
+    /// boxed wait returned for the connection task to await, so the task's
+    /// own future stays small and the common path allocates nothing.
+    pub fn forward(
+        self: &Rc<Self>,
+        outbound: Outbound,
+    ) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
+        let mut blocked = Vec::new();
+        let mut offer = |target: ShardId, request: Request| {
+            let sender = self.requests[target.0 as usize]
+                .as_ref()
+                .expect("a channel to every other shard");
+            if let Err(err) = sender.try_send(request) {
+                blocked.extend(channel_item(err).map(|request| (target, request)));
+            }
+        };
+        match outbound {
+            Outbound::None => return None,
+            Outbound::One(target, request) => offer(target, request),
+            Outbound::Many(requests) => {
+                for (target, request) in requests {
+                    offer(target, request);
+                }
+            }
+        }
+        if blocked.is_empty() {
+            return None;
+        }
+        let shard = self.clone();
+        Some(Box::pin(async move {
+            for (target, request) in blocked {
+                shard.route_request(target, request).await;
+            }
+        }))
     }
 
     fn refuse_send(conn: &Conn, client_message_id: u64, code: ErrorCode, message: &str) {
@@ -236,10 +304,10 @@ impl Shard {
         }));
     }
 
-    async fn on_send(self: &Rc<Self>, conn: &Rc<Conn>, send: pb::Send) {
+    fn on_send(self: &Rc<Self>, conn: &Rc<Conn>, send: pb::Send) -> Outbound {
         if let Err(code) = crate::session::check_send(&send, &self.config.limits) {
             Self::refuse_send(conn, send.client_message_id, code, "send refused");
-            return;
+            return Outbound::None;
         }
         let recipient = UserId(send.recipient_user_id);
         if !self.meta.user_exists(recipient) {
@@ -249,7 +317,7 @@ impl Shard {
                 ErrorCode::UnknownRecipient,
                 "no such user",
             );
-            return;
+            return Outbound::None;
         }
         conn.state.borrow_mut().sends_in_flight += 1;
         let request = Request::Store {
@@ -262,17 +330,20 @@ impl Shard {
             recipient,
             payload: send.payload,
         };
-        self.route_request(self.home_of(recipient), request).await;
+        match self.route(self.home_of(recipient), request) {
+            Some((target, request)) => Outbound::One(target, request),
+            None => Outbound::None,
+        }
     }
 
-    async fn on_ack(self: &Rc<Self>, conn: &Rc<Conn>, ack: pb::Ack) {
+    fn on_ack(self: &Rc<Self>, conn: &Rc<Conn>, ack: pb::Ack) -> Outbound {
         if ack.sequences.len() > self.config.limits.ids_per_frame_max as usize {
             conn.enqueue(&error_frame(
                 ErrorCode::TooManyIds,
                 "too many sequences in one Ack",
                 false,
             ));
-            return;
+            return Outbound::None;
         }
         let list: Vec<InboxSeq> = ack.sequences.iter().map(|&s| InboxSeq(s)).collect();
         let outcome = self
@@ -288,7 +359,7 @@ impl Shard {
                     "ack not recorded",
                     false,
                 ));
-                return;
+                return Outbound::None;
             }
         };
         conn.state
@@ -300,6 +371,7 @@ impl Shard {
         // One delivered receipt per sender device, listing its message ids.
         let mut acked = outcome.acked_messages;
         acked.sort_by_key(|m| m.sender);
+        let mut remote = Vec::new();
         let mut start = 0;
         while start < acked.len() {
             let sender = acked[start].sender;
@@ -315,19 +387,27 @@ impl Shard {
                 by: conn.device,
                 client_message_ids: ids,
             };
-            self.route_request(self.home_of(sender.user), request).await;
+            remote.extend(self.route(self.home_of(sender.user), request));
         }
         self.pump(conn);
+        match remote.len() {
+            0 => Outbound::None,
+            1 => {
+                let (target, request) = remote.pop().expect("one element");
+                Outbound::One(target, request)
+            }
+            _ => Outbound::Many(remote),
+        }
     }
 
-    async fn on_read_receipt(self: &Rc<Self>, conn: &Rc<Conn>, read: pb::ReadReceipt) {
+    fn on_read_receipt(self: &Rc<Self>, conn: &Rc<Conn>, read: pb::ReadReceipt) -> Outbound {
         if read.client_message_ids.len() > self.config.limits.ids_per_frame_max as usize {
             conn.enqueue(&error_frame(
                 ErrorCode::TooManyIds,
                 "too many ids in one ReadReceipt",
                 false,
             ));
-            return;
+            return Outbound::None;
         }
         let sender = UserId(read.sender_user_id);
         if !self.meta.user_exists(sender) || read.client_message_ids.is_empty() {
@@ -336,7 +416,7 @@ impl Shard {
                 "read receipt for an unknown sender",
                 false,
             ));
-            return;
+            return Outbound::None;
         }
         let request = Request::StoreReceipt {
             recipient: InboxKey {
@@ -347,7 +427,10 @@ impl Shard {
             by: conn.device,
             client_message_ids: read.client_message_ids,
         };
-        self.route_request(self.home_of(sender), request).await;
+        match self.route(self.home_of(sender), request) {
+            Some((target, request)) => Outbound::One(target, request),
+            None => Outbound::None,
+        }
     }
 
     /// Handles a request here or sends it to its shard, waiting while that

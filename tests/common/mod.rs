@@ -162,7 +162,9 @@ impl RawClient {
     }
 
     pub fn send(&mut self, frame: &Frame) {
-        self.stream.write_all(&frame.to_bytes()).expect("write frame");
+        self.stream
+            .write_all(&frame.to_bytes())
+            .expect("write frame");
     }
 
     pub fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -179,7 +181,10 @@ impl RawClient {
                 return Some(frame);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no frame from the server within {timeout:?}");
+            assert!(
+                !left.is_zero(),
+                "no frame from the server within {timeout:?}"
+            );
             self.stream.set_read_timeout(Some(left)).unwrap();
             let mut chunk = [0u8; 16 * 1024];
             match self.stream.read(&mut chunk) {
