@@ -63,8 +63,9 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
+        shard.metrics_accepted_socket();
         if shard.open_connections.get() >= shard.config.limits.connections_per_shard_max {
-            shard.metrics_refused();
+            shard.metrics_refused(ErrorCode::ServerBusy);
             glommio::spawn_local(refuse_busy(stream)).detach();
             continue;
         }
@@ -177,6 +178,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             shard.connection_closed_before_session();
         }
         Err((code, message, retry)) => {
+            shard.metrics_refused(code);
             shard.connection_closed_before_session();
             fatal_close(stream, code, message, retry).await;
         }
@@ -317,7 +319,7 @@ pub fn adopt_handoff(shard: Rc<Shard>, fd: OwnedFd, device: InboxKey, buffered: 
     // into the stream (into_raw_fd gives it up).
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     if shard.open_connections.get() >= shard.config.limits.connections_per_shard_max {
-        shard.metrics_refused();
+        shard.metrics_refused(ErrorCode::ServerBusy);
         glommio::spawn_local(refuse_busy(stream)).detach();
         return;
     }

@@ -366,7 +366,7 @@ impl Shard {
             .borrow_mut()
             .window
             .on_ack(ack.up_to_sequence, &ack.sequences);
-        self.metrics.add_acked(outcome.removed as u64);
+        self.metrics.messages_acked.add(outcome.acked_messages.len() as u64);
         self.kick_commit();
         // One delivered receipt per sender device, listing its message ids.
         let mut acked = outcome.acked_messages;
@@ -496,7 +496,7 @@ impl Shard {
                 });
                 match appended {
                     Ok(appended) => {
-                        self.metrics.add_accepted(1);
+                        self.metrics.messages_accepted.inc();
                         self.note_unsettled(inbox, appended.seq.0);
                         self.push_after_commit(
                             appended.ticket,
@@ -543,7 +543,7 @@ impl Shard {
                 });
                 match appended {
                     Ok(appended) => {
-                        self.metrics.add_receipts(1);
+                        self.metrics.receipts_sent.inc();
                         self.note_unsettled(recipient, appended.seq.0);
                         self.push_after_commit(
                             appended.ticket,
@@ -564,7 +564,7 @@ impl Shard {
                 device,
                 buffered,
             } => {
-                self.metrics.add_handoff_in();
+                self.metrics.handoffs_in.inc();
                 crate::net::adopt_handoff(self.clone(), fd, device, buffered);
             }
         }
@@ -793,8 +793,9 @@ impl Shard {
                             }
                         };
                         frame.encode(&mut state.out);
+                        Conn::note_encoded(&frame);
                         state.window.on_sent(seq.0, bytes);
-                        self.metrics.add_delivered(1);
+                        self.metrics.messages_delivered.inc();
                         wrote = true;
                     }
                     Ok(None) => state.window.on_skipped(seq.0),
@@ -818,13 +819,41 @@ impl Shard {
 
     // ---- metrics --------------------------------------------------------
 
-    pub fn metrics_refused(&self) {}
-    pub fn metrics_handoff_out(&self) {}
-    pub fn metrics_registered(&self) {}
-    pub fn metrics_auth_failed(&self) {}
-    pub fn metrics_session_opened(&self) {}
-    pub fn metrics_session_closed(&self) {}
-    pub fn metrics_frame_in(&self, _frame_type: crate::proto::FrameType) {}
+    pub fn metrics_refused(&self, code: ErrorCode) {
+        self.metrics.refusals.record(code);
+    }
+    pub fn metrics_handoff_out(&self) {
+        self.metrics.handoffs_out.inc();
+    }
+    pub fn metrics_registered(&self) {
+        self.metrics.registrations.inc();
+    }
+    pub fn metrics_auth_failed(&self) {
+        self.metrics.auth_failures.inc();
+    }
+    pub fn metrics_accepted_socket(&self) {
+        self.metrics.accepts.inc();
+    }
+    pub fn metrics_session_opened(&self) {
+        self.metrics.connections.inc();
+    }
+    pub fn metrics_session_closed(&self) {
+        self.metrics.connections.dec();
+    }
+    pub fn metrics_frame_in(&self, frame_type: crate::proto::FrameType) {
+        self.metrics.frames_in[frame_type.index()].inc();
+    }
+    pub fn metrics_frame_out(&self, frame_type: crate::proto::FrameType) {
+        self.metrics.frames_out[frame_type.index()].inc();
+    }
+
+    /// Refreshes the gauges that mirror the log (called by maintenance).
+    pub fn publish_log_gauges(&self) {
+        let stats = self.log.borrow().stats();
+        self.metrics.inbox_depth.set(stats.entries_pending as i64);
+        self.metrics.log_bytes.set(stats.bytes_on_disk as i64);
+        self.metrics.log_segments.set(stats.segments as i64);
+    }
 
     /// A socket that never became a session here (closed or handed off).
     pub fn connection_closed_before_session(&self) {
@@ -874,7 +903,8 @@ impl Shard {
                     std::process::exit(70);
                 }
                 self.metrics
-                    .record_commit_latency_us(started.elapsed().as_micros() as u64);
+                    .commit_latency
+                    .record_us(started.elapsed().as_micros() as u64);
                 self.log.borrow_mut().finish_commit(batch);
             }
             self.drain_durable();

@@ -51,7 +51,7 @@ impl Server {
             command.arg("--listen").arg(self.addr.to_string());
         }
         let mut child = command
-            .env("SWITCHBOARD_LOG", "warn")
+            .env("SWITCHBOARD_LOG", std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
