@@ -135,7 +135,7 @@ impl SimStorage {
         unsynced.sort_by(|a, b| a.0.cmp(&b.0));
         let mut rng = self.rng.borrow_mut();
         for (path, writes) in unsynced {
-            let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+            let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
                 continue; // Removed since; nothing to damage.
             };
             for (offset, len) in writes {
