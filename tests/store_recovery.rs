@@ -235,6 +235,11 @@ fn power_loss_simulation_keeps_every_durable_message() {
     }
 }
 
+/// (inbox, seq) of a sent message.
+type SentKey = (InboxKey, u64);
+/// (payload byte, payload length, ticket).
+type Sent = (u8, usize, u64);
+
 fn run_power_loss(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
@@ -247,7 +252,7 @@ fn run_power_loss(seed: u64) {
             let config = config(Durability::Fsync);
             let inboxes: Vec<InboxKey> = (0..4).map(|u| key(10 + u, 1)).collect();
             // (inbox, seq) -> (payload byte, len, ticket)
-            let mut sent: HashMap<(InboxKey, u64), (u8, usize, u64)> = HashMap::new();
+            let mut sent: HashMap<SentKey, Sent> = HashMap::new();
             // (inbox, up_to, ticket)
             let mut acks: Vec<(InboxKey, u64, u64)> = Vec::new();
             let mut max_seq: HashMap<InboxKey, u64> = HashMap::new();
@@ -300,7 +305,7 @@ fn run_power_loss(seed: u64) {
                     );
                 }
                 // Only durable sends and acks carry over as expectations.
-                let mut unsynced_sent: Vec<((InboxKey, u64), (u8, usize, u64))> = Vec::new();
+                let mut unsynced_sent: Vec<(SentKey, Sent)> = Vec::new();
                 let mut unsynced_acks: Vec<(InboxKey, u64, u64)> = Vec::new();
                 let ops = rng.gen_range(50..400);
                 for _ in 0..ops {
