@@ -121,7 +121,7 @@ fn reopened_log_has_the_same_inboxes_and_continues_sequences() {
     {
         let mut log = open(dir.path(), &config, &clock);
         for i in 0..300u64 {
-            send(&mut log, bob, alice, i, &vec![i as u8; 200]);
+            send(&mut log, bob, alice, i, &[i as u8; 200]);
         }
         assert!(log.stats().segments > 1, "rolled over");
     }
