@@ -435,6 +435,7 @@ fn group_commit_advances_the_durable_ticket() {
             }
             let last = last.unwrap();
             assert!(log.durable_ticket() < last.ticket);
+            assert!(log.needs_commit());
             let batch = log.begin_commit().unwrap();
             assert!(log.begin_commit().is_none(), "one batch in flight");
             assert!(batch.segment_count() >= 2, "rolled segments are synced too");
@@ -455,6 +456,7 @@ fn group_commit_advances_the_durable_ticket() {
             batch.sync().await.unwrap();
             log.finish_commit(batch);
             assert_eq!(log.durable_ticket(), log.appended_ticket());
+            assert!(!log.needs_commit());
             assert!(log.begin_commit().is_none(), "nothing left to sync");
             assert_eq!(log.commit_latency_histogram().len(), 2);
         });
@@ -526,4 +528,42 @@ fn inspect_reports_counts_and_leaves_files_unchanged() {
         .map(|e| std::fs::read(e.unwrap().path()).unwrap())
         .collect();
     assert!(before == after, "inspect modified a segment");
+}
+
+#[test]
+fn fsync_reclamation_waits_for_commits_then_returns_to_about_one_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .unwrap()
+        .run(async move {
+            let clock = clock();
+            let config = config(Durability::Fsync);
+            let (alice, bob) = (key(1, 1), key(2, 1));
+            let last;
+            {
+                let mut log = open(&path, &config, &clock);
+                for i in 0..400 {
+                    send(&mut log, bob, alice, i, &[9; 600]);
+                }
+                last = log.last_seq(bob);
+                let peak = log.stats().segments;
+                assert!(peak >= 4, "{peak}");
+                log.ack(bob, last, &[]).unwrap();
+                let mut commits = 0;
+                while log.needs_commit() {
+                    commits += 1;
+                    assert!(commits <= 10, "commits never settle");
+                    let batch = log.begin_commit().unwrap();
+                    batch.sync().await.unwrap();
+                    log.finish_commit(batch);
+                    log.expire_and_reclaim().unwrap();
+                }
+                assert!(log.stats().segments <= 2, "{:?}", log.stats());
+            }
+            let mut log = open(&path, &config, &clock);
+            assert_eq!(log.pending_count(bob), 0);
+            assert_eq!(send(&mut log, bob, alice, 10_000, b"x").0, last.0 + 1);
+        });
 }

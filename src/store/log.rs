@@ -1161,6 +1161,18 @@ impl Log {
         ))
     }
 
+    /// Whether `begin_commit` has work: records not yet durable, or
+    /// segment files created or removed since the last directory sync.
+    /// The shard's commit task runs while this is true.
+    pub fn needs_commit(&self) -> bool {
+        self.durability == Durability::Fsync
+            && (self.appended > self.durable
+                || !self.dirty.is_empty()
+                || self.dir_dirty
+                || !self.commit.returned_files.borrow().is_empty()
+                || self.commit.returned_dir.get())
+    }
+
     /// Records that `batch` is durable.
     pub fn finish_commit(&mut self, batch: CommitBatch) {
         let done = batch.finish();
