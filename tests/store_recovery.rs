@@ -368,3 +368,54 @@ fn run_power_loss(seed: u64) {
             }
         });
 }
+
+#[test]
+fn segment_creation_torn_by_a_crash_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let bob = key(2, 1);
+    {
+        let (mut log, _) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+        append(&mut log, bob, 1, b"before the crash");
+    }
+    for (round, size) in [0usize, 64 << 10].into_iter().enumerate() {
+        // Created, maybe preallocated, header never written.
+        std::fs::write(segment_path(dir.path(), 2), vec![0u8; size]).unwrap();
+        let (mut log, report) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+        assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+        assert!(!segment_path(dir.path(), 2).exists());
+        assert_eq!(pending_payloads(&log, bob).len(), 1 + round);
+        assert_eq!(
+            append(&mut log, bob, 2, b"after").0,
+            InboxSeq(2 + round as u64)
+        );
+    }
+}
+
+#[test]
+fn segment_with_a_damaged_header_is_reported_and_others_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let bob = key(2, 1);
+    {
+        let (mut log, _) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+        for i in 0..150u64 {
+            append(&mut log, bob, i, &[1; 1000]);
+        }
+    }
+    let path = segment_path(dir.path(), 1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[20] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let (log, report) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+    assert_eq!(report.corruptions.len(), 1);
+    assert_eq!(
+        (report.corruptions[0].segment, report.corruptions[0].offset),
+        (1, 0)
+    );
+    let kept = pending_payloads(&log, bob);
+    assert!(!kept.is_empty() && kept.len() < 150);
+    assert!(path.exists(), "damaged segment is left for the operator");
+}

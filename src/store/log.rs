@@ -269,6 +269,7 @@ pub struct Log {
     last_sweep_ms: u64,
     scratch: Vec<u8>,
     removed_scratch: Vec<Entry>,
+    reclaim_scratch: Vec<u32>,
 }
 
 fn corrupt(position: LogPosition, reason: &'static str) -> StoreError {
@@ -325,6 +326,21 @@ impl Log {
         let max_seq_on_disk = listed.last().map_or(0, |l| l.0);
         for (i, (seq, path)) in listed.iter().enumerate() {
             let is_last = i + 1 == listed.len();
+            let size = std::fs::metadata(path)?.len();
+            if size < SEGMENT_HEADER_BYTES as u64 * 2 || size > u32::MAX as u64 {
+                if is_last && size < SEGMENT_HEADER_BYTES as u64 * 2 {
+                    // Created but not yet preallocated when the process died.
+                    storage.remove(path)?;
+                    removed_any = true;
+                } else {
+                    report.corruptions.push(Corruption {
+                        segment: *seq,
+                        offset: 0,
+                        reason: "segment file has an impossible size",
+                    });
+                }
+                continue;
+            }
             let seg = Segment::open(*seq, path.clone())?;
             match SegmentHeader::decode(&seg.map) {
                 Ok(h)
@@ -419,6 +435,7 @@ impl Log {
             last_sweep_ms: 0,
             scratch: Vec::new(),
             removed_scratch: Vec::new(),
+            reclaim_scratch: Vec::new(),
         };
         match last_seq {
             Some(seq) => log.active = seq,
@@ -1006,18 +1023,27 @@ impl Log {
         if !self.state.reclaim_wanted {
             return Ok(());
         }
+        // Whatever blocks a deletion below is lifted only by another
+        // deletion (which loops here) or by a commit (which sets the flag).
         self.state.reclaim_wanted = false;
-        let mut waiting = false;
+        let mut candidates = std::mem::take(&mut self.reclaim_scratch);
+        let result = self.reclaim_with(&mut candidates);
+        self.reclaim_scratch = candidates;
+        result
+    }
+
+    fn reclaim_with(&mut self, candidates: &mut Vec<u32>) -> Result<(), StoreError> {
         loop {
             let mut progressed = false;
-            let candidates: Vec<u32> = self
-                .state
-                .meta
-                .iter()
-                .filter(|(s, m)| **s != self.active && m.live == 0)
-                .map(|(s, _)| *s)
-                .collect();
-            for seq in candidates {
+            candidates.clear();
+            candidates.extend(
+                self.state
+                    .meta
+                    .iter()
+                    .filter(|(s, m)| **s != self.active && m.live == 0)
+                    .map(|(s, _)| *s),
+            );
+            for &seq in candidates.iter() {
                 if seq == self.active {
                     continue;
                 }
@@ -1027,7 +1053,6 @@ impl Log {
                         && (self.segments.contains_key(r) || self.undurable_unlinks.contains(r))
                 });
                 if blocked {
-                    waiting = true;
                     continue;
                 }
                 if meta.seq_holders > 0 {
@@ -1040,21 +1065,15 @@ impl Log {
                     .delete_after
                     .is_some_and(|t| self.durable < t)
                 {
-                    waiting = true;
                     continue;
                 }
                 self.unlink(seq)?;
                 progressed = true;
             }
             if !progressed {
-                break;
+                return Ok(());
             }
         }
-        if waiting {
-            // Retried after the next commit or ack.
-            self.state.reclaim_wanted = true;
-        }
-        Ok(())
     }
 
     /// Writes floor records for the inboxes whose highest sequence is
