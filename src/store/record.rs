@@ -595,6 +595,28 @@ mod tests {
         assert_eq!(peek_expires_ms(&bytes), Some(2_000));
     }
 
+    /// The on-disk format is a contract with every existing log: these
+    /// bytes must never change for version 1.
+    #[test]
+    fn message_encoding_matches_golden_bytes() {
+        let record = Record::Message {
+            recipient: inbox(0x0102, 3),
+            seq: InboxSeq(7),
+            sender: inbox(0x0A0B, 1),
+            client_message_id: ClientMessageId(0x55),
+            timestamp_ms: 1_000,
+            expires_ms: 2_000,
+            payload: b"hi",
+        };
+        let bytes = encode_vec(&record, 9);
+        assert_eq!(hex::encode(&bytes), GOLDEN_MESSAGE);
+        let mut broken = hex::decode(GOLDEN_MESSAGE).unwrap();
+        broken[70] ^= 0x01;
+        assert_eq!(decode(9, &broken), Err(DecodeError::BadCrc));
+    }
+
+    const GOLDEN_MESSAGE: &str = "3e000000692839620101000002010000000000000300000007000000000000000b0a000000000000010000005500000000000000e803000000000000d007000000000000020000006869000000000000";
+
     #[test]
     fn rejects_record_read_as_another_segments() {
         let record = Record::Ack {
