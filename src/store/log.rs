@@ -745,8 +745,9 @@ impl Log {
                     || list.iter().any(|s| i.get(s.0).is_some()))
         });
         if !would_remove {
+            // Nothing changes, so nothing needs to become durable.
             return Ok(AckOutcome {
-                ticket: CommitTicket(self.appended),
+                ticket: CommitTicket(self.durable),
                 ..AckOutcome::default()
             });
         }
