@@ -16,10 +16,11 @@
 //! read-only `switchboard log inspect`). The on-disk format is documented
 //! in `docs/store.md`.
 //!
-//! Invariants: a sequence assigned in an inbox is never assigned again,
-//! across restarts and reclamation; an ack record outlives every record it
-//! acknowledged; a record is reported durable only after an fsync submitted
-//! after it was written has returned.
+//! Invariants: a sequence of a durable record is never assigned again in
+//! its inbox, across restarts and reclamation (only appends lost before
+//! their commit can see their sequence reused); an ack record outlives
+//! every record it acknowledged; a record is reported durable only after
+//! an fsync submitted after it was written has returned.
 
 use bytes::Bytes;
 
