@@ -448,10 +448,13 @@ fn group_commit_advances_the_durable_ticket() {
                     payload: b"later",
                 })
                 .unwrap();
+            assert!(!log.is_durable(last.position));
             batch.sync().await.unwrap();
             log.finish_commit(batch);
             assert!(log.durable_ticket() >= last.ticket);
             assert!(log.durable_ticket() < later.ticket);
+            assert!(log.is_durable(last.position));
+            assert!(!log.is_durable(later.position));
             let batch = log.begin_commit().unwrap();
             batch.sync().await.unwrap();
             log.finish_commit(batch);

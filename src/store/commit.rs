@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::segment::SyncHandle;
 use super::storage::Storage;
-use super::{CommitTicket, StoreError};
+use super::{CommitTicket, LogPosition, StoreError};
 
 /// State shared between a log and its batch in flight.
 #[derive(Default)]
@@ -29,6 +29,8 @@ pub(super) struct CommitShared {
 pub struct CommitBatch {
     /// Every append with a ticket at or below this is covered.
     pub ticket: CommitTicket,
+    /// End of the last record covered (exclusive).
+    end: LogPosition,
     files: Vec<(Rc<SyncHandle>, u64)>,
     dir: Option<Rc<SyncHandle>>,
     unlinks: Vec<u32>,
@@ -41,6 +43,7 @@ pub struct CommitBatch {
 /// What `Log::finish_commit` needs from a synced batch.
 pub(super) struct Finished {
     pub(super) ticket: CommitTicket,
+    pub(super) end: LogPosition,
     pub(super) files: Vec<(Rc<SyncHandle>, u64)>,
     pub(super) unlinks: Vec<u32>,
     pub(super) elapsed: Duration,
@@ -49,6 +52,7 @@ pub(super) struct Finished {
 impl CommitBatch {
     pub(super) fn new(
         ticket: CommitTicket,
+        end: LogPosition,
         files: Vec<(Rc<SyncHandle>, u64)>,
         dir: Option<Rc<SyncHandle>>,
         unlinks: Vec<u32>,
@@ -58,6 +62,7 @@ impl CommitBatch {
         shared.in_flight.set(true);
         CommitBatch {
             ticket,
+            end,
             files,
             dir,
             unlinks,
@@ -99,6 +104,7 @@ impl CommitBatch {
         self.shared.in_flight.set(false);
         Finished {
             ticket: self.ticket,
+            end: self.end,
             files: std::mem::take(&mut self.files),
             unlinks: std::mem::take(&mut self.unlinks),
             elapsed: self.started.elapsed(),

@@ -270,6 +270,8 @@ pub struct Log {
     scratch: Vec<u8>,
     removed_scratch: Vec<Entry>,
     reclaim_scratch: Vec<u32>,
+    /// Every record before this position is durable (fsync level).
+    durable_end: LogPosition,
 }
 
 fn corrupt(position: LogPosition, reason: &'static str) -> StoreError {
@@ -436,6 +438,10 @@ impl Log {
             scratch: Vec::new(),
             removed_scratch: Vec::new(),
             reclaim_scratch: Vec::new(),
+            durable_end: LogPosition {
+                segment: 0,
+                offset: 0,
+            },
         };
         match last_seq {
             Some(seq) => log.active = seq,
@@ -449,6 +455,8 @@ impl Log {
         }
         log.dir_dirty = false;
         log.dirty.clear();
+        // Everything recovered is as durable as it will get.
+        log.durable_end = log.end_position();
         log.reclaim_logged();
         Ok((log, report))
     }
@@ -830,7 +838,8 @@ impl Log {
     }
 
     /// Up to `max` pending entries of `inbox` with `seq > after`, in order.
-    /// `out` is cleared first. Expired entries are skipped.
+    /// `out` is cleared first. Expired entries are skipped. Entries not yet
+    /// durable are included; check `is_durable` before delivering one.
     pub fn pending_after(
         &self,
         inbox: InboxKey,
@@ -1173,6 +1182,7 @@ impl Log {
         };
         Some(CommitBatch::new(
             CommitTicket(self.appended),
+            self.end_position(),
             files,
             dir,
             unlinks,
@@ -1207,10 +1217,27 @@ impl Log {
             self.state.reclaim_wanted = true;
         }
         self.durable = self.durable.max(done.ticket.0);
+        self.durable_end = self.durable_end.max(done.end);
         let _ = self
             .latency_us
             .record(done.elapsed.as_micros().clamp(1, 60_000_000) as u64);
         self.reclaim_logged();
+    }
+
+    /// Where the next record will be written: every record so far is before it.
+    fn end_position(&self) -> LogPosition {
+        LogPosition {
+            segment: self.active,
+            offset: self.segments[&self.active].write_offset,
+        }
+    }
+
+    /// Whether the record at `position` is durable at the configured level.
+    /// Deliver only durable entries: a record lost to a power cut before
+    /// its commit gives its sequence back, and a device that already saw
+    /// that sequence would drop the different message that reuses it.
+    pub fn is_durable(&self, position: LogPosition) -> bool {
+        self.durability == Durability::Os || position < self.durable_end
     }
 
     /// Every append with a ticket at or below this is durable at the
