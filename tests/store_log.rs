@@ -570,3 +570,138 @@ fn fsync_reclamation_waits_for_commits_then_returns_to_about_one_segment() {
             assert_eq!(send(&mut log, bob, alice, 10_000, b"x").0, last.0 + 1);
         });
 }
+
+/// Random appends, receipts, list and cumulative acks, clock jumps, expiry
+/// and reopens against a plain model of the inboxes; the log must agree
+/// with the model after every step, and sequences never repeat.
+#[test]
+fn random_operations_agree_with_a_model_across_reopens() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, HashMap};
+    let seed: u64 = std::env::var("STORE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("store model test seed {seed} (rerun with STORE_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let inboxes: Vec<InboxKey> = (0..5).map(|u| key(100 + u, 1 + (u % 2) as u32)).collect();
+    // inbox -> seq -> (payload byte, len, expires_ms)
+    let mut model: HashMap<InboxKey, BTreeMap<u64, (u8, usize, u64)>> = HashMap::new();
+    let mut last_seq: HashMap<InboxKey, u64> = HashMap::new();
+    let mut log = open(dir.path(), &config, &clock);
+    for step in 0..3_000u32 {
+        match rng.gen_range(0..20) {
+            0..=9 => {
+                let inbox = inboxes[rng.gen_range(0..inboxes.len())];
+                let byte = rng.gen::<u8>();
+                let len = rng.gen_range(0..2_500);
+                let a = log
+                    .append_message(&NewMessage {
+                        recipient: inbox,
+                        sender: key(1, 1),
+                        client_message_id: ClientMessageId(step as u64),
+                        payload: &vec![byte; len],
+                    })
+                    .unwrap();
+                let last = last_seq.entry(inbox).or_default();
+                assert!(
+                    a.seq.0 > *last,
+                    "seed {seed} step {step}: sequence repeated"
+                );
+                *last = a.seq.0;
+                let expires = a.timestamp_ms + config.message_ttl_s * 1000;
+                model
+                    .entry(inbox)
+                    .or_default()
+                    .insert(a.seq.0, (byte, len, expires));
+            }
+            10..=11 => {
+                let inbox = inboxes[rng.gen_range(0..inboxes.len())];
+                let a = log
+                    .append_receipt(&NewReceipt {
+                        recipient: inbox,
+                        kind: ReceiptKind::Delivered,
+                        by: key(1, 1),
+                        client_message_ids: &[step as u64],
+                    })
+                    .unwrap();
+                let last = last_seq.entry(inbox).or_default();
+                assert!(
+                    a.seq.0 > *last,
+                    "seed {seed} step {step}: sequence repeated"
+                );
+                *last = a.seq.0;
+                let expires = a.timestamp_ms + config.message_ttl_s * 1000;
+                model
+                    .entry(inbox)
+                    .or_default()
+                    .insert(a.seq.0, (0, usize::MAX, expires));
+            }
+            12..=15 => {
+                let inbox = inboxes[rng.gen_range(0..inboxes.len())];
+                let entries = model.entry(inbox).or_default();
+                let keys: Vec<u64> = entries.keys().copied().collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let up_to = if rng.gen_bool(0.5) {
+                    keys[rng.gen_range(0..keys.len())]
+                } else {
+                    0
+                };
+                let list: Vec<InboxSeq> = (0..rng.gen_range(0..4))
+                    .map(|_| InboxSeq(keys[rng.gen_range(0..keys.len())]))
+                    .collect();
+                log.ack(inbox, InboxSeq(up_to), &list).unwrap();
+                entries.retain(|s, _| *s > up_to && !list.contains(&InboxSeq(*s)));
+            }
+            16 => {
+                clock.0.set(clock.0.get() + rng.gen_range(0..1_200_000));
+                log.expire_and_reclaim().unwrap();
+            }
+            17 => {
+                drop(log);
+                log = open(dir.path(), &config, &clock);
+            }
+            _ => {
+                log.expire_and_reclaim().unwrap();
+            }
+        }
+        let now = clock.0.get();
+        for inbox in &inboxes {
+            let expected: Vec<(u64, (u8, usize))> = model
+                .get(inbox)
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, v)| v.2 > now)
+                        .map(|(s, v)| (*s, (v.0, v.1)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let got: Vec<(u64, (u8, usize))> = pending(&log, *inbox)
+                .into_iter()
+                .map(
+                    |(seq, position)| match log.read(position).unwrap().unwrap() {
+                        StoredEntry::Message(m) => (
+                            seq.0,
+                            (m.payload.first().copied().unwrap_or(0), m.payload.len()),
+                        ),
+                        StoredEntry::Receipt(_) => (seq.0, (0, usize::MAX)),
+                    },
+                )
+                .map(|(s, (b, l))| (s, (if l == 0 { 0 } else { b }, l)))
+                .collect();
+            let expected: Vec<(u64, (u8, usize))> = expected
+                .into_iter()
+                .map(|(s, (b, l))| (s, (if l == 0 { 0 } else { b }, l)))
+                .collect();
+            assert_eq!(got, expected, "seed {seed} step {step} inbox {inbox}");
+            assert_eq!(log.pending_count(*inbox), expected.len() as u64);
+        }
+    }
+    let stats = log.stats();
+    assert!(stats.segments >= 1);
+}
