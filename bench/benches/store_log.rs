@@ -19,6 +19,9 @@ use switchboard::store::{Clock, Log, NewMessage, SystemClock};
 /// Records appended between two group commits in the fsync runs.
 const COMMIT_BATCH_RECORDS: u64 = 64;
 
+/// Group sizes compared in the report.
+const REPORT_BATCH_SIZES: [u64; 4] = [1, 16, 64, 512];
+
 fn key(user: u64) -> InboxKey {
     InboxKey {
         user: UserId(user),
@@ -47,6 +50,7 @@ fn executor() -> glommio::LocalExecutor {
 async fn append_run(
     log: &mut Log,
     count: u64,
+    batch_records: u64,
     payload: &[u8],
     next_id: &Cell<u64>,
     latencies: &mut Histogram<u64>,
@@ -65,7 +69,7 @@ async fn append_run(
         })
         .expect("append");
         in_batch += 1;
-        if in_batch == COMMIT_BATCH_RECORDS {
+        if in_batch == batch_records {
             in_batch = 0;
             commit(log, latencies).await;
         }
@@ -113,6 +117,7 @@ fn append_throughput(c: &mut Criterion) {
                     executor().run(append_run(
                         &mut log,
                         iters,
+                        COMMIT_BATCH_RECORDS,
                         payload,
                         &next_id,
                         &mut latencies,
@@ -128,36 +133,37 @@ fn append_throughput(c: &mut Criterion) {
 fn report() {
     println!("== store_log report ==");
     for size in [100usize, 4_096] {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let clock: Rc<dyn Clock> = Rc::new(SystemClock);
-        let (mut log, _) =
-            Log::open(dir.path(), ShardId(0), &config(Durability::Fsync), clock).expect("open");
-        let payload = vec![0x5Au8; size];
-        let next_id = Cell::new(0);
-        let mut latencies = Histogram::new(3).expect("histogram");
-        let count = if size <= 100 { 200_000 } else { 50_000 };
-        let elapsed = executor().run(append_run(
-            &mut log,
-            count,
-            &payload,
-            &next_id,
-            &mut latencies,
-        ));
-        println!(
-            "fsync, {size} B payload, batches of {COMMIT_BATCH_RECORDS}: {count} appends in {:.3} s = {:.0} records/s, {:.1} MB/s payload",
-            elapsed.as_secs_f64(),
-            count as f64 / elapsed.as_secs_f64(),
-            (count * size as u64) as f64 / elapsed.as_secs_f64() / 1e6
-        );
-        println!(
-            "  commit latency us: p50={} p90={} p99={} p99.9={} max={} (n={})",
-            latencies.value_at_quantile(0.50),
-            latencies.value_at_quantile(0.90),
-            latencies.value_at_quantile(0.99),
-            latencies.value_at_quantile(0.999),
-            latencies.max(),
-            latencies.len()
-        );
+        for batch_records in REPORT_BATCH_SIZES {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let clock: Rc<dyn Clock> = Rc::new(SystemClock);
+            let (mut log, _) =
+                Log::open(dir.path(), ShardId(0), &config(Durability::Fsync), clock).expect("open");
+            let payload = vec![0x5Au8; size];
+            let next_id = Cell::new(0);
+            let mut latencies = Histogram::new(3).expect("histogram");
+            // About two seconds of work at the rates seen on a small machine.
+            let count = (batch_records * 2_000).min(if size <= 100 { 200_000 } else { 50_000 });
+            let elapsed = executor().run(append_run(
+                &mut log,
+                count,
+                batch_records,
+                &payload,
+                &next_id,
+                &mut latencies,
+            ));
+            println!(
+                "fsync, {size} B payload, groups of {batch_records}: {count} appends in {:.3} s = {:.0} records/s, {:.1} MB/s payload; commit us p50={} p90={} p99={} p99.9={} max={} (n={})",
+                elapsed.as_secs_f64(),
+                count as f64 / elapsed.as_secs_f64(),
+                (count * size as u64) as f64 / elapsed.as_secs_f64() / 1e6,
+                latencies.value_at_quantile(0.50),
+                latencies.value_at_quantile(0.90),
+                latencies.value_at_quantile(0.99),
+                latencies.value_at_quantile(0.999),
+                latencies.max(),
+                latencies.len()
+            );
+        }
     }
 
     // Recovery scan and index size: 1,000,000 pending 100-byte messages
