@@ -190,6 +190,12 @@ fn report() {
             })
             .expect("append");
         }
+        let dedupe = log.dedupe_bytes();
+        println!(
+            "dedupe: {} entries, about {dedupe} bytes = {:.1} bytes per entry",
+            log.dedupe_len(),
+            dedupe as f64 / log.dedupe_len() as f64
+        );
         let index = log.index_bytes();
         println!(
             "index: {pending} pending entries in {inboxes} inboxes: {index} bytes of entries = {:.1} bytes per pending message",

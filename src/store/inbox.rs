@@ -212,6 +212,15 @@ impl Dedupe {
         self.map.is_empty()
     }
 
+    /// Approximate heap bytes: hash-map buckets (usable capacity is 7/8 of
+    /// them, each a key, a value and a control byte) and the FIFO of keys.
+    pub fn heap_bytes(&self) -> usize {
+        let key = std::mem::size_of::<(InboxKey, ClientMessageId)>();
+        let value = std::mem::size_of::<DedupeValue>();
+        let buckets = self.map.capacity() * 8 / 7;
+        buckets * (key + value + 1) + self.order.capacity() * key
+    }
+
     fn evict(&mut self) {
         while self.map.len() > self.capacity {
             let Some(key) = self.order.pop_front() else {

@@ -1270,6 +1270,11 @@ impl Log {
         self.state.dedupe.len()
     }
 
+    /// Approximate heap bytes of the dedupe table.
+    pub fn dedupe_bytes(&self) -> u64 {
+        self.state.dedupe.heap_bytes() as u64
+    }
+
     pub fn stats(&self) -> LogStats {
         LogStats {
             segments: self.segments.len() as u32,
