@@ -1,1 +1,315 @@
-//! (chat: not yet built)
+//! `switchboard chat`: an interactive terminal client.
+//!
+//! A person registers (or logs in with the credentials in the profile file),
+//! picks a peer with `/to USER` and types lines. Incoming messages are printed
+//! with sender and time, acknowledged, and answered with a read receipt once
+//! shown. Each sent message's state is printed as it changes:
+//! `[#3 → 12] ✓ sent`, `[#3 → 12] ✓✓ delivered`, `[#3 → 12] ✓✓ read`.
+//!
+//! Threads: the glommio executor runs the session and the chat loop; stdin is
+//! read by a second thread (blocking reads) that feeds lines to it through a
+//! bounded glommio shared channel. The logic (commands, message states, line
+//! formats) is sans-IO in [`state`]. Payloads are sent as plain UTF-8: this
+//! terminal client does no end-to-end encryption.
+
+pub mod state;
+
+use std::future::Future;
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use glommio::channels::shared_channel;
+use glommio::LocalExecutorBuilder;
+
+use crate::client::{
+    register, ClientError, ConnectOptions, Credentials, Event, ReconnectOptions,
+    ReconnectingSession,
+};
+use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
+use state::{format_incoming, parse_command, Command, Outbox, HELP};
+
+/// Lines typed ahead of the chat loop; the stdin thread waits when full.
+const STDIN_LINES_QUEUED_MAX: usize = 64;
+
+/// At exit, how long to wait for ServerAcks of messages already sent.
+const EXIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Arguments of `switchboard chat`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ChatArgs {
+    /// The server's client address (host:port).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub server: String,
+    /// File holding this device's credentials (created by registering).
+    #[arg(long, default_value = "./switchboard-chat.cred")]
+    pub profile: PathBuf,
+    /// Create a new account and save it to the profile (which must not exist).
+    #[arg(long)]
+    pub register: bool,
+    /// Registration token, for servers whose registration policy is `token`.
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+/// Runs the chat until `/quit` or end of input.
+pub fn run(args: ChatArgs) -> anyhow::Result<()> {
+    let server = resolve(&args.server)?;
+    let (line_sender, line_receiver) =
+        shared_channel::new_bounded::<String>(STDIN_LINES_QUEUED_MAX);
+    // The stdin reader blocks in read_line, so it gets its own thread; a
+    // tiny executor there owns the sending end of the channel. It is not
+    // joined: at exit it may still be blocked in a read.
+    let _stdin_reader = LocalExecutorBuilder::default()
+        .name("chat-stdin")
+        .spawn(move || async move {
+            let sender = line_sender.connect().await;
+            let stdin = std::io::stdin();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match stdin.lock().read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if sender.send(line.clone()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting the stdin reader: {e}"))?;
+
+    LocalExecutorBuilder::default()
+        .name("chat")
+        .spawn(move || async move {
+            let lines = line_receiver.connect().await;
+            let opts = ConnectOptions::new(server);
+            let mut out = std::io::stdout();
+            let creds = log_in_or_register(&opts, &args, &mut out).await?;
+            writeln!(
+                out,
+                "connecting to {server} as user {} device {} …",
+                creds.user, creds.device
+            )?;
+            let session = ReconnectingSession::connect(&opts, &creds, ReconnectOptions::default())
+                .await
+                .with_context(|| format!("logging in to {server}"))?;
+            writeln!(out, "connected. /help lists the commands.")?;
+            chat_loop(&session, || lines.recv(), &mut out).await
+        })
+        .map_err(|e| anyhow::anyhow!("starting the chat executor: {e}"))?
+        .join()
+        .map_err(|e| anyhow::anyhow!("chat executor failed: {e}"))?
+}
+
+fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
+    server
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {server}"))?
+        .next()
+        .with_context(|| format!("{server} resolves to no address"))
+}
+
+/// Loads the profile, or registers and saves it when asked to or when it
+/// does not exist yet.
+async fn log_in_or_register(
+    opts: &ConnectOptions,
+    args: &ChatArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<Credentials> {
+    let exists = args.profile.exists();
+    if exists && args.register {
+        anyhow::bail!(
+            "{} already holds credentials; pick another --profile to register a new account",
+            args.profile.display()
+        );
+    }
+    if exists {
+        return Credentials::load(&args.profile)
+            .with_context(|| format!("reading {}", args.profile.display()));
+    }
+    if !args.register {
+        writeln!(
+            out,
+            "no profile at {}: registering a new account",
+            args.profile.display()
+        )?;
+    }
+    let creds = register(opts, args.token.as_deref())
+        .await
+        .with_context(|| format!("registering at {}", opts.server))?;
+    save_profile(&creds, &args.profile)?;
+    writeln!(
+        out,
+        "registered: you are user {} (device {}); credentials saved to {}",
+        creds.user,
+        creds.device,
+        args.profile.display()
+    )?;
+    Ok(creds)
+}
+
+fn save_profile(creds: &Credentials, path: &Path) -> anyhow::Result<()> {
+    creds
+        .save(path)
+        .with_context(|| format!("saving credentials to {}", path.display()))
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_micros() as u64
+}
+
+enum Input {
+    Line(Option<String>),
+    Event(Result<Event, ClientError>),
+}
+
+/// The chat proper: lines from `next_line` (None: end of input), events from
+/// the session, everything printed to `out`.
+pub(crate) async fn chat_loop<F, Fut>(
+    session: &ReconnectingSession,
+    mut next_line: F,
+    out: &mut dyn Write,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<String>>,
+{
+    let mut outbox = Outbox::new(now_micros());
+    let mut peer: Option<UserId> = None;
+    let mut reconnects = session.reconnects();
+    loop {
+        // Both branches are cancel safe: a line not taken stays in the
+        // channel, a half-read frame stays in the session's buffer.
+        let line = next_line();
+        let input = futures_lite::future::or(async { Input::Line(line.await) }, async {
+            Input::Event(session.next_event().await)
+        })
+        .await;
+        if session.reconnects() != reconnects {
+            reconnects = session.reconnects();
+            writeln!(out, "* reconnected; unsent messages are being resent")?;
+        }
+        match input {
+            Input::Line(None) => break,
+            Input::Line(Some(line)) => match parse_command(&line) {
+                Command::Quit => break,
+                Command::Help => writeln!(out, "{HELP}")?,
+                Command::Nothing => {}
+                Command::Invalid(why) => writeln!(out, "! {why}")?,
+                Command::To(user) => {
+                    peer = Some(user);
+                    writeln!(out, "* talking to user {user}")?;
+                }
+                Command::Message { to, text } => {
+                    let Some(to) = to.or(peer) else {
+                        writeln!(out, "! no peer: /to USER first, or /msg USER text")?;
+                        continue;
+                    };
+                    let (id, shown) = outbox.queue(to, &text);
+                    match session.send(to, id, Bytes::from(text)) {
+                        Ok(()) => writeln!(out, "{shown}")?,
+                        Err(e) => writeln!(out, "! not sent: {e}")?,
+                    }
+                    session.flush().await?;
+                }
+            },
+            Input::Event(Ok(event)) => handle_event(session, &mut outbox, event, out).await?,
+            Input::Event(Err(e)) => return Err(e).context("the session ended"),
+        }
+        out.flush()?;
+    }
+    session.flush().await?;
+    drain(session, &mut outbox, out).await
+}
+
+/// Before leaving, waits (a bounded time) for the server to store what was
+/// sent, so `echo "/msg 2 hi" | switchboard chat` delivers its message.
+async fn drain(
+    session: &ReconnectingSession,
+    outbox: &mut Outbox,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + EXIT_DRAIN_TIMEOUT;
+    while session.unacked_sends() > 0 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let event = futures_lite::future::or(async { Some(session.next_event().await) }, async {
+            glommio::timer::sleep(left).await;
+            None
+        })
+        .await;
+        match event {
+            Some(Ok(event)) => handle_event(session, outbox, event, out).await?,
+            Some(Err(e)) => return Err(e).context("the session ended"),
+            None => {
+                writeln!(
+                    out,
+                    "! leaving with {} message(s) the server has not confirmed",
+                    session.unacked_sends()
+                )?;
+                break;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn handle_event(
+    session: &ReconnectingSession,
+    outbox: &mut Outbox,
+    event: Event,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match event {
+        Event::ServerAck(ack) => {
+            if let Some(line) = outbox.on_server_ack(&ack) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        Event::Deliver(deliver) => {
+            writeln!(out, "{}", format_incoming(&deliver))?;
+            // Shown, so stored and read: ack it and say it was read. While
+            // disconnected these fail; the message is then redelivered and
+            // acked again, but the read receipt is not repeated.
+            let _ = session.ack(InboxSeq(deliver.sequence));
+            let _ = session.read_receipt(
+                UserId(deliver.sender_user_id),
+                DeviceId(deliver.sender_device_id),
+                &[ClientMessageId(deliver.client_message_id)],
+            );
+            session.flush().await?;
+        }
+        Event::Receipt(receipt) => {
+            for line in outbox.on_receipt(&receipt) {
+                writeln!(out, "{line}")?;
+            }
+            let _ = session.ack(InboxSeq(receipt.sequence));
+            session.flush().await?;
+        }
+        Event::Error(error) => writeln!(out, "{}", outbox.on_error(&error))?,
+        Event::GoAway(go_away) => match go_away.reason() {
+            crate::proto::GoAwayReason::Replaced => writeln!(
+                out,
+                "* this device logged in elsewhere; this session is closed"
+            )?,
+            reason => writeln!(
+                out,
+                "* the server closed the session ({}); reconnecting",
+                reason.short_name()
+            )?,
+        },
+        Event::Pong(_) => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,397 @@
+//! The chat's logic without I/O: parsing what the user typed, the state of
+//! each sent message (✓ → ✓✓ → read) and the lines printed for events.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::client::error_code_name;
+use crate::ids::{ClientMessageId, UserId};
+use crate::proto::{pb, ReceiptKind};
+
+/// Sent messages remembered for their receipts; older ones are forgotten
+/// (their receipts then print nothing).
+pub const TRACKED_MESSAGES_MAX: usize = 4096;
+
+/// What one input line asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `/to USER`: set the peer.
+    To(UserId),
+    /// `/msg USER text`, or a plain line (to the current peer).
+    Message {
+        to: Option<UserId>,
+        text: String,
+    },
+    Quit,
+    Help,
+    /// Whitespace only.
+    Nothing,
+    /// Unparseable; the string says why.
+    Invalid(String),
+}
+
+pub const HELP: &str = "\
+commands:
+  /to USER         send plain lines to user id USER
+  /msg USER text   send one message to USER
+  /help            this text
+  /quit            leave
+a plain line goes to the current peer.
+sent messages show: ✓ sent (stored by the server), ✓✓ delivered, read";
+
+fn parse_user(word: &str) -> Result<UserId, String> {
+    match word.parse::<u64>() {
+        Ok(0) | Err(_) => Err(format!("not a user id: {word:?} (a positive number)")),
+        Ok(id) => Ok(UserId(id)),
+    }
+}
+
+pub fn parse_command(line: &str) -> Command {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line.trim().is_empty() {
+        return Command::Nothing;
+    }
+    let Some(rest) = line.strip_prefix('/') else {
+        return Command::Message {
+            to: None,
+            text: line.to_string(),
+        };
+    };
+    let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let args = args.trim_start();
+    match name {
+        "quit" | "q" => Command::Quit,
+        "help" | "h" | "?" => Command::Help,
+        "to" => match args.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [user] => parse_user(user).map_or_else(Command::Invalid, Command::To),
+            _ => Command::Invalid("usage: /to USER".to_string()),
+        },
+        "msg" | "m" => {
+            let (user, text) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
+            if user.is_empty() || text.trim().is_empty() {
+                return Command::Invalid("usage: /msg USER text".to_string());
+            }
+            match parse_user(user) {
+                Ok(to) => Command::Message {
+                    to: Some(to),
+                    text: text.trim_start().to_string(),
+                },
+                Err(why) => Command::Invalid(why),
+            }
+        }
+        other => Command::Invalid(format!("unknown command /{other}; /help lists them")),
+    }
+}
+
+/// Where a sent message stands. Ordered: a state only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MessageState {
+    Queued,
+    /// ✓: the server stored it.
+    Sent,
+    /// ✓✓: the recipient's device acknowledged it.
+    Delivered,
+    Read,
+}
+
+impl MessageState {
+    pub fn label(self) -> &'static str {
+        match self {
+            MessageState::Queued => "… sending",
+            MessageState::Sent => "✓ sent",
+            MessageState::Delivered => "✓✓ delivered",
+            MessageState::Read => "✓✓ read",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Tracked {
+    /// The number shown to the user (#1, #2, …).
+    number: u64,
+    to: UserId,
+    state: MessageState,
+}
+
+/// The sent messages and their states, keyed by client message id.
+pub struct Outbox {
+    /// The next client message id. Ids must be unique per device across
+    /// runs (the server dedupes on them), so they start at the clock in
+    /// microseconds instead of at 1.
+    next_id: u64,
+    next_number: u64,
+    messages: BTreeMap<u64, Tracked>,
+}
+
+impl Outbox {
+    /// `first_id`: a value above every id this device used before, e.g. the
+    /// current time in microseconds.
+    pub fn new(first_id: u64) -> Outbox {
+        Outbox {
+            next_id: first_id.max(1),
+            next_number: 1,
+            messages: BTreeMap::new(),
+        }
+    }
+
+    /// Allocates an id for a new message to `to`; returns it and the line to print.
+    pub fn queue(&mut self, to: UserId, text: &str) -> (ClientMessageId, String) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let number = self.next_number;
+        self.next_number += 1;
+        if self.messages.len() >= TRACKED_MESSAGES_MAX {
+            self.messages.pop_first();
+        }
+        self.messages.insert(
+            id,
+            Tracked {
+                number,
+                to,
+                state: MessageState::Queued,
+            },
+        );
+        (ClientMessageId(id), format!("[#{number} → {to}] {text}"))
+    }
+
+    pub fn state(&self, id: ClientMessageId) -> Option<MessageState> {
+        self.messages.get(&id.0).map(|m| m.state)
+    }
+
+    /// Moves `id` forward to `state`; the line to print if it moved.
+    fn advance(&mut self, id: u64, state: MessageState, detail: &str) -> Option<String> {
+        let message = self.messages.get_mut(&id)?;
+        if state <= message.state {
+            return None;
+        }
+        message.state = state;
+        Some(format!(
+            "[#{} → {}] {}{detail}",
+            message.number,
+            message.to,
+            state.label()
+        ))
+    }
+
+    pub fn on_server_ack(&mut self, ack: &pb::ServerAck) -> Option<String> {
+        self.advance(ack.client_message_id, MessageState::Sent, "")
+    }
+
+    /// Lines for a receipt: one per covered message whose state moved.
+    pub fn on_receipt(&mut self, receipt: &pb::Receipt) -> Vec<String> {
+        let state = match receipt.kind() {
+            ReceiptKind::Delivered => MessageState::Delivered,
+            ReceiptKind::Read => MessageState::Read,
+            ReceiptKind::Unspecified => return Vec::new(),
+        };
+        receipt
+            .client_message_ids
+            .iter()
+            .filter_map(|id| self.advance(*id, state, ""))
+            .collect()
+    }
+
+    /// The line for a server Error: tied to a message when it names one.
+    pub fn on_error(&mut self, error: &pb::Error) -> String {
+        let name = error_code_name(error.code);
+        let fatal = if error.fatal {
+            " (connection closed)"
+        } else {
+            ""
+        };
+        match self.messages.remove(&error.client_message_id) {
+            Some(message) if error.client_message_id != 0 => format!(
+                "[#{} → {}] ✗ not sent: {name}: {}",
+                message.number, message.to, error.message
+            ),
+            _ => format!("! server error {name}: {}{fatal}", error.message),
+        }
+    }
+}
+
+/// `HH:MM:SS` (UTC) of a Unix time in milliseconds.
+pub fn clock(timestamp_ms: u64) -> String {
+    let seconds = (timestamp_ms / 1000) % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}",
+        seconds / 3600,
+        (seconds / 60) % 60,
+        seconds % 60
+    )
+}
+
+/// The line for an incoming message: time, sender, text.
+pub fn format_incoming(deliver: &pb::Deliver) -> String {
+    let mut line = format!(
+        "[{}] {}",
+        clock(deliver.timestamp_ms),
+        deliver.sender_user_id
+    );
+    if deliver.sender_device_id != 1 {
+        let _ = write!(line, "/{}", deliver.sender_device_id);
+    }
+    line.push_str(": ");
+    // The chat sends UTF-8 text; anything else is shown lossily.
+    line.push_str(&String::from_utf8_lossy(&deliver.payload));
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn parses_commands_and_plain_lines() {
+        assert_eq!(parse_command("/to 12\n"), Command::To(UserId(12)));
+        assert_eq!(
+            parse_command("hello there"),
+            Command::Message {
+                to: None,
+                text: "hello there".to_string()
+            }
+        );
+        assert_eq!(
+            parse_command("/msg 7  hi  you"),
+            Command::Message {
+                to: Some(UserId(7)),
+                text: "hi  you".to_string()
+            }
+        );
+        assert_eq!(parse_command("/quit"), Command::Quit);
+        assert_eq!(parse_command("/help"), Command::Help);
+        assert_eq!(parse_command("   "), Command::Nothing);
+    }
+
+    #[test]
+    fn rejects_bad_commands_with_a_reason() {
+        assert!(matches!(parse_command("/to"), Command::Invalid(_)));
+        assert!(matches!(parse_command("/to 0"), Command::Invalid(_)));
+        assert!(matches!(parse_command("/to bob"), Command::Invalid(_)));
+        assert!(matches!(parse_command("/msg 5"), Command::Invalid(_)));
+        assert!(matches!(parse_command("/dance"), Command::Invalid(w) if w.contains("/dance")));
+    }
+
+    fn receipt(kind: ReceiptKind, ids: Vec<u64>) -> pb::Receipt {
+        pb::Receipt {
+            sequence: 1,
+            kind: kind as i32,
+            by_user_id: 12,
+            by_device_id: 1,
+            client_message_ids: ids,
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn message_moves_from_sent_to_delivered_to_read() {
+        let mut outbox = Outbox::new(1000);
+        let (_, _) = outbox.queue(UserId(12), "one");
+        let (_, _) = outbox.queue(UserId(12), "two");
+        let (id, line) = outbox.queue(UserId(12), "three");
+        assert_eq!(line, "[#3 → 12] three");
+        assert_eq!(id, ClientMessageId(1002));
+        assert_eq!(outbox.state(id), Some(MessageState::Queued));
+        let ack = pb::ServerAck {
+            client_message_id: id.0,
+            server_sequence: 9,
+            timestamp_ms: 0,
+        };
+        assert_eq!(
+            outbox.on_server_ack(&ack).as_deref(),
+            Some("[#3 → 12] ✓ sent")
+        );
+        assert_eq!(
+            outbox.on_receipt(&receipt(ReceiptKind::Delivered, vec![id.0])),
+            vec!["[#3 → 12] ✓✓ delivered".to_string()]
+        );
+        assert_eq!(
+            outbox.on_receipt(&receipt(ReceiptKind::Read, vec![id.0])),
+            vec!["[#3 → 12] ✓✓ read".to_string()]
+        );
+        assert_eq!(outbox.state(id), Some(MessageState::Read));
+    }
+
+    #[test]
+    fn states_never_move_backwards() {
+        let mut outbox = Outbox::new(1);
+        let (id, _) = outbox.queue(UserId(5), "x");
+        assert_eq!(
+            outbox
+                .on_receipt(&receipt(ReceiptKind::Read, vec![id.0]))
+                .len(),
+            1
+        );
+        // A late delivered receipt and a duplicate ServerAck change nothing.
+        assert!(outbox
+            .on_receipt(&receipt(ReceiptKind::Delivered, vec![id.0]))
+            .is_empty());
+        let ack = pb::ServerAck {
+            client_message_id: id.0,
+            server_sequence: 1,
+            timestamp_ms: 0,
+        };
+        assert_eq!(outbox.on_server_ack(&ack), None);
+        assert_eq!(outbox.state(id), Some(MessageState::Read));
+    }
+
+    #[test]
+    fn one_receipt_covers_several_messages() {
+        let mut outbox = Outbox::new(1);
+        let (a, _) = outbox.queue(UserId(5), "a");
+        let (b, _) = outbox.queue(UserId(5), "b");
+        let lines = outbox.on_receipt(&receipt(ReceiptKind::Delivered, vec![a.0, b.0, 999]));
+        assert_eq!(
+            lines,
+            vec!["[#1 → 5] ✓✓ delivered", "[#2 → 5] ✓✓ delivered"]
+        );
+    }
+
+    #[test]
+    fn error_for_a_send_names_the_message() {
+        let mut outbox = Outbox::new(1);
+        let (id, _) = outbox.queue(UserId(77), "x");
+        let error = pb::Error {
+            code: crate::proto::ErrorCode::UnknownRecipient as i32,
+            message: "no such user".to_string(),
+            client_message_id: id.0,
+            fatal: false,
+            retry_after_ms: 0,
+        };
+        assert_eq!(
+            outbox.on_error(&error),
+            "[#1 → 77] ✗ not sent: UNKNOWN_RECIPIENT: no such user"
+        );
+        assert_eq!(outbox.state(id), None);
+    }
+
+    #[test]
+    fn outbox_forgets_the_oldest_beyond_its_bound() {
+        let mut outbox = Outbox::new(1);
+        let (first, _) = outbox.queue(UserId(1), "x");
+        for _ in 0..TRACKED_MESSAGES_MAX {
+            outbox.queue(UserId(1), "x");
+        }
+        assert_eq!(outbox.state(first), None);
+        assert_eq!(outbox.messages.len(), TRACKED_MESSAGES_MAX);
+    }
+
+    #[test]
+    fn formats_incoming_with_time_and_sender() {
+        let deliver = pb::Deliver {
+            sequence: 4,
+            sender_user_id: 13,
+            sender_device_id: 1,
+            client_message_id: 2,
+            // 2023-11-14 22:13:20 UTC
+            timestamp_ms: 1_700_000_000_000,
+            payload: Bytes::from_static(b"hello"),
+        };
+        assert_eq!(format_incoming(&deliver), "[22:13:20] 13: hello");
+        let other_device = pb::Deliver {
+            sender_device_id: 2,
+            ..deliver
+        };
+        assert_eq!(format_incoming(&other_device), "[22:13:20] 13/2: hello");
+    }
+}

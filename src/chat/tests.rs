@@ -1,0 +1,251 @@
+//! The chat loop against the client tests' fake server: real loopback
+//! socket, real frames; input lines come from a local channel.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use glommio::channels::local_channel;
+
+use super::*;
+use crate::client::tests::{credentials, deliver, listen, run, Peer};
+use crate::proto::{pb, Frame, ReceiptKind};
+
+fn receipt(sequence: u64, kind: ReceiptKind, id: u64) -> Frame {
+    Frame::Receipt(pb::Receipt {
+        sequence,
+        kind: kind as i32,
+        by_user_id: 13,
+        by_device_id: 1,
+        client_message_ids: vec![id],
+        timestamp_ms: 1_700_000_000_500,
+    })
+}
+
+#[test]
+fn chat_shows_sent_delivered_read_and_acks_and_reads_incoming() {
+    let output = run(|| async {
+        let (listener, opts) = listen();
+        let (lines_in, lines) = local_channel::new_bounded::<String>(8);
+        let lines_in = Rc::new(lines_in);
+        let server = {
+            let lines_in = lines_in.clone();
+            glommio::spawn_local(async move {
+                let mut peer = Peer::accept(&listener).await;
+                peer.welcome().await;
+                let Some(Frame::Send(send)) = peer.read().await else {
+                    panic!("expected Send")
+                };
+                assert_eq!(send.recipient_user_id, 13);
+                assert_eq!(send.payload, "hi there");
+                let id = send.client_message_id;
+                peer.write(&[
+                    Frame::ServerAck(pb::ServerAck {
+                        client_message_id: id,
+                        server_sequence: 1,
+                        timestamp_ms: 1,
+                    }),
+                    receipt(1, ReceiptKind::Delivered, id),
+                ])
+                .await;
+                assert_eq!(
+                    peer.read().await,
+                    Some(Frame::Ack(pb::Ack {
+                        up_to_sequence: 1,
+                        sequences: vec![]
+                    }))
+                );
+                peer.write(&[
+                    receipt(2, ReceiptKind::Read, id),
+                    Frame::Deliver(deliver(3, 900)),
+                ])
+                .await;
+                let mut rest = Vec::new();
+                while rest.len() < 3 {
+                    rest.push(peer.read().await.expect("frame"));
+                }
+                assert_eq!(
+                    rest,
+                    vec![
+                        Frame::Ack(pb::Ack {
+                            up_to_sequence: 2,
+                            sequences: vec![]
+                        }),
+                        Frame::Ack(pb::Ack {
+                            up_to_sequence: 3,
+                            sequences: vec![]
+                        }),
+                        Frame::ReadReceipt(pb::ReadReceipt {
+                            sender_user_id: 30,
+                            sender_device_id: 1,
+                            client_message_ids: vec![900],
+                        }),
+                    ]
+                );
+                lines_in.send("/quit".to_string()).await.expect("line");
+                peer
+            })
+        };
+        let session =
+            ReconnectingSession::connect(&opts, &credentials(), ReconnectOptions::default())
+                .await
+                .expect("connected");
+        for line in ["/help", "hello?", "/to 13", "hi there"] {
+            lines_in.send(format!("{line}\n")).await.expect("line");
+        }
+        let mut out = Vec::new();
+        glommio::timer::timeout(Duration::from_secs(10), async {
+            chat_loop(&session, || lines.recv(), &mut out)
+                .await
+                .expect("chat ran");
+            Ok(())
+        })
+        .await
+        .expect("chat finished in time");
+        drop(server.await);
+        String::from_utf8(out).expect("utf-8")
+    });
+    let expected = [
+        "/to USER",
+        "! no peer",
+        "* talking to user 13",
+        "[#1 → 13] hi there",
+        "[#1 → 13] ✓ sent",
+        "[#1 → 13] ✓✓ delivered",
+        "[#1 → 13] ✓✓ read",
+        "30: message 900",
+    ];
+    let mut rest = output.as_str();
+    for piece in expected {
+        let at = rest
+            .find(piece)
+            .unwrap_or_else(|| panic!("{piece:?} missing (in order) from:\n{output}"));
+        rest = &rest[at + piece.len()..];
+    }
+}
+
+#[test]
+fn chat_reports_a_failed_send_and_keeps_going() {
+    let output = run(|| async {
+        let (listener, opts) = listen();
+        let (lines_in, lines) = local_channel::new_bounded::<String>(8);
+        let server = glommio::spawn_local(async move {
+            let mut peer = Peer::accept(&listener).await;
+            peer.welcome().await;
+            let Some(Frame::Send(send)) = peer.read().await else {
+                panic!("expected Send")
+            };
+            peer.write(&[Frame::Error(pb::Error {
+                code: crate::proto::ErrorCode::UnknownRecipient as i32,
+                message: "no such user".to_string(),
+                client_message_id: send.client_message_id,
+                fatal: false,
+                retry_after_ms: 0,
+            })])
+            .await;
+            peer.read().await
+        });
+        let session =
+            ReconnectingSession::connect(&opts, &credentials(), ReconnectOptions::default())
+                .await
+                .expect("connected");
+        lines_in
+            .send("/msg 999 anyone?".to_string())
+            .await
+            .expect("line");
+        let mut out = Vec::new();
+        let chat = glommio::spawn_local(async move {
+            chat_loop(&session, || lines.recv(), &mut out)
+                .await
+                .expect("chat ran");
+            out
+        });
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        lines_in.send("/quit".to_string()).await.expect("line");
+        let out = chat.await;
+        drop(server.await);
+        String::from_utf8(out).expect("utf-8")
+    });
+    assert!(
+        output.contains("[#1 → 999] ✗ not sent: UNKNOWN_RECIPIENT: no such user"),
+        "{output}"
+    );
+}
+
+#[test]
+fn log_in_registers_when_the_profile_is_missing_and_reuses_it_after() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = ChatArgs {
+            server: opts.server.to_string(),
+            profile: dir.path().join("me.cred"),
+            register: false,
+            token: None,
+        };
+        let server = glommio::spawn_local(async move {
+            let mut peer = Peer::accept(&listener).await;
+            let Some(Frame::Register(_)) = peer.read().await else {
+                panic!("expected Register")
+            };
+            peer.write(&[Frame::Registered(pb::Registered {
+                protocol_version: 1,
+                user_id: 55,
+                device_id: 1,
+                secret: bytes::Bytes::from(vec![3u8; 32]),
+            })])
+            .await;
+        });
+        let mut out = Vec::new();
+        let first = log_in_or_register(&opts, &args, &mut out)
+            .await
+            .expect("registered");
+        server.await;
+        assert_eq!(first.user, UserId(55));
+        // Second start: no server contact needed, the profile is read.
+        let again = log_in_or_register(&opts, &args, &mut out)
+            .await
+            .expect("loaded");
+        assert_eq!(again, first);
+        // Asking to register over an existing profile is refused.
+        let clobber = ChatArgs {
+            register: true,
+            ..args
+        };
+        assert!(log_in_or_register(&opts, &clobber, &mut out).await.is_err());
+    });
+}
+
+#[test]
+fn chat_waits_for_the_server_ack_before_leaving_at_end_of_input() {
+    let output = run(|| async {
+        let (listener, opts) = listen();
+        let server = glommio::spawn_local(async move {
+            let mut peer = Peer::accept(&listener).await;
+            peer.welcome().await;
+            let Some(Frame::Send(send)) = peer.read().await else {
+                panic!("expected Send")
+            };
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            peer.write(&[Frame::ServerAck(pb::ServerAck {
+                client_message_id: send.client_message_id,
+                server_sequence: 1,
+                timestamp_ms: 1,
+            })])
+            .await;
+            peer
+        });
+        let session =
+            ReconnectingSession::connect(&opts, &credentials(), ReconnectOptions::default())
+                .await
+                .expect("connected");
+        // Piped input: one message, then end of input at once.
+        let mut lines = vec!["/msg 13 bye".to_string()].into_iter();
+        let mut out = Vec::new();
+        chat_loop(&session, || std::future::ready(lines.next()), &mut out)
+            .await
+            .expect("chat ran");
+        drop(server.await);
+        String::from_utf8(out).expect("utf-8")
+    });
+    assert!(output.contains("[#1 → 13] ✓ sent"), "{output}");
+}

@@ -1,0 +1,406 @@
+//! Resume: a session that reconnects after a disconnect and loses nothing.
+//!
+//! Guarantees, given a server that keeps its side of the protocol:
+//! - every Send is retried with the same client message id until a ServerAck
+//!   (or a non-fatal Error naming it) arrives; the server dedupes on
+//!   (sender device, client message id) and answers a retry with the original
+//!   ServerAck, so a retry never makes a second copy;
+//! - inbox entries (Deliver, Receipt) are surfaced once: an entry whose
+//!   sequence is at or below the highest already surfaced is a redelivery,
+//!   acknowledged again and dropped;
+//! - the session pings when it has sent nothing for a third of the server's
+//!   idle timeout, as long as someone is waiting in `next_event`;
+//! - after GoAway REPLACED it does not reconnect: `next_event` fails with
+//!   `ClientError::GoAway` (two copies of one device would evict each other).
+//!
+//! Acks and read receipts queued while disconnected are lost; acks are
+//! recovered by redelivery (and the automatic re-ack), read receipts are not.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use glommio::sync::Semaphore;
+use rand::Rng;
+
+use super::{ClientError, ConnectOptions, Credentials, Event, Session};
+use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
+use crate::proto::{ErrorCode, GoAwayReason};
+
+/// How a [`ReconnectingSession`] retries.
+#[derive(Clone, Debug)]
+pub struct ReconnectOptions {
+    /// First wait after a disconnect; doubles per failed attempt.
+    pub backoff_initial: Duration,
+    /// Largest wait between attempts.
+    pub backoff_max: Duration,
+    /// Failed attempts in a row before `next_event` gives up; `None`: never.
+    pub attempts_max: Option<u32>,
+    /// Sends kept for resume until ServerAcked; past it `send` fails with
+    /// `QueueFull`.
+    pub unacked_sends_max: usize,
+    /// Ping after this long without sending; `None`: a third of the Welcome's
+    /// idle timeout.
+    pub ping_interval: Option<Duration>,
+}
+
+impl Default for ReconnectOptions {
+    fn default() -> Self {
+        ReconnectOptions {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            attempts_max: None,
+            unacked_sends_max: 4096,
+            ping_interval: None,
+        }
+    }
+}
+
+/// A device session that survives disconnects (see the module docs).
+pub struct ReconnectingSession {
+    connect: ConnectOptions,
+    credentials: Credentials,
+    options: ReconnectOptions,
+    session: RefCell<Option<Rc<Session>>>,
+    /// Sends not yet answered, by client message id, for resume.
+    unacked: RefCell<BTreeMap<u64, (UserId, Bytes)>>,
+    /// Highest inbox sequence surfaced.
+    highest_seen: Cell<u64>,
+    reconnects: Cell<u64>,
+    failed_attempts: Cell<u32>,
+    /// Earliest time of the next connection attempt.
+    next_attempt_at: Cell<Instant>,
+    last_sent_at: Cell<Instant>,
+    ping_nonce: Cell<u64>,
+    /// Set by GoAway REPLACED: another session of this device logged in, and
+    /// reconnecting would only replace it in turn.
+    replaced: Cell<bool>,
+    reconnect_turn: Semaphore,
+}
+
+fn is_permanent(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::AuthFailed
+            | ErrorCode::NotAuthenticated
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::RegistrationClosed
+            | ErrorCode::BadRegistrationToken
+    )
+}
+
+impl ReconnectingSession {
+    /// Connects once (errors are returned as they are) and keeps the
+    /// parameters for later reconnects.
+    pub async fn connect(
+        connect: &ConnectOptions,
+        credentials: &Credentials,
+        options: ReconnectOptions,
+    ) -> Result<ReconnectingSession, ClientError> {
+        let session = Session::connect(connect, credentials).await?;
+        let now = Instant::now();
+        Ok(ReconnectingSession {
+            connect: connect.clone(),
+            credentials: credentials.clone(),
+            options,
+            session: RefCell::new(Some(Rc::new(session))),
+            unacked: RefCell::new(BTreeMap::new()),
+            highest_seen: Cell::new(0),
+            reconnects: Cell::new(0),
+            failed_attempts: Cell::new(0),
+            next_attempt_at: Cell::new(now),
+            last_sent_at: Cell::new(now),
+            ping_nonce: Cell::new(0),
+            replaced: Cell::new(false),
+            reconnect_turn: Semaphore::new(1),
+        })
+    }
+
+    /// The current session, if connected.
+    pub fn current(&self) -> Option<Rc<Session>> {
+        self.session.borrow().clone()
+    }
+
+    /// Successful reconnects so far.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.get()
+    }
+
+    /// Sends waiting for their ServerAck.
+    pub fn unacked_sends(&self) -> usize {
+        self.unacked.borrow().len()
+    }
+
+    /// The highest inbox sequence surfaced by `next_event`.
+    pub fn highest_seen(&self) -> InboxSeq {
+        InboxSeq(self.highest_seen.get())
+    }
+
+    fn disconnect(&self) {
+        if self.session.borrow_mut().take().is_some() {
+            self.next_attempt_at
+                .set(Instant::now() + self.options.backoff_initial.min(self.options.backoff_max));
+        }
+    }
+
+    fn with_session(
+        &self,
+        f: impl FnOnce(&Session) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let session = self.current().ok_or(ClientError::Closed)?;
+        let result = f(&session);
+        if result.is_ok() {
+            self.last_sent_at.set(Instant::now());
+        }
+        result
+    }
+
+    /// Queues a Send and remembers it until answered; sent now if connected,
+    /// else on reconnect.
+    pub fn send(&self, to: UserId, id: ClientMessageId, payload: Bytes) -> Result<(), ClientError> {
+        {
+            let unacked = self.unacked.borrow();
+            if unacked.len() >= self.options.unacked_sends_max && !unacked.contains_key(&id.0) {
+                return Err(ClientError::QueueFull);
+            }
+        }
+        if let Some(session) = self.current() {
+            match session.send(to, id, payload.clone()) {
+                Ok(()) => self.last_sent_at.set(Instant::now()),
+                Err(ClientError::QueueFull) => return Err(ClientError::QueueFull),
+                // Closed: it goes out on reconnect.
+                Err(_) => self.disconnect(),
+            }
+        }
+        self.unacked.borrow_mut().insert(id.0, (to, payload));
+        Ok(())
+    }
+
+    /// Queues an Ack up to `up_to`; `Err(Closed)` while disconnected (the
+    /// entries are redelivered and acked again after the reconnect).
+    pub fn ack(&self, up_to: InboxSeq) -> Result<(), ClientError> {
+        self.with_session(|s| s.ack(up_to))
+    }
+
+    /// Queues an Ack of individual sequences (see [`ReconnectingSession::ack`]).
+    pub fn ack_list(&self, seqs: &[InboxSeq]) -> Result<(), ClientError> {
+        self.with_session(|s| s.ack_list(seqs))
+    }
+
+    /// Queues a ReadReceipt; `Err(Closed)` while disconnected.
+    pub fn read_receipt(
+        &self,
+        sender: UserId,
+        sender_device: DeviceId,
+        ids: &[ClientMessageId],
+    ) -> Result<(), ClientError> {
+        self.with_session(|s| s.read_receipt(sender, sender_device, ids))
+    }
+
+    /// Writes what is queued. A broken connection is not an error here: the
+    /// next `next_event` reconnects and resends.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        if let Some(session) = self.current() {
+            if session.flush().await.is_err() {
+                self.disconnect();
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects if disconnected, waiting out the backoff; resends unanswered
+    /// Sends. Errors only when reconnecting is hopeless (bad credentials,
+    /// attempts exhausted, the session was replaced by a newer one). Cancel safe: the backoff state lives in `self`.
+    pub async fn ensure_connected(&self) -> Result<Rc<Session>, ClientError> {
+        let _turn = self
+            .reconnect_turn
+            .acquire_permit(1)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        loop {
+            if let Some(session) = self.current() {
+                return Ok(session);
+            }
+            if self.replaced.get() {
+                return Err(ClientError::GoAway {
+                    reason: GoAwayReason::Replaced,
+                    reconnect_after_ms: 0,
+                });
+            }
+            let wait = self
+                .next_attempt_at
+                .get()
+                .saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                glommio::timer::sleep(wait).await;
+            }
+            match Session::connect(&self.connect, &self.credentials).await {
+                Ok(session) => {
+                    let session = Rc::new(session);
+                    self.failed_attempts.set(0);
+                    self.reconnects.set(self.reconnects.get() + 1);
+                    *self.session.borrow_mut() = Some(session.clone());
+                    self.last_sent_at.set(Instant::now());
+                    if self.resend(&session).await.is_err() || session.flush().await.is_err() {
+                        self.disconnect();
+                        continue;
+                    }
+                    return Ok(session);
+                }
+                Err(e) => {
+                    if let Some(code) = e.server_code() {
+                        if is_permanent(code) {
+                            return Err(e);
+                        }
+                    }
+                    let failed = self.failed_attempts.get() + 1;
+                    self.failed_attempts.set(failed);
+                    if self.options.attempts_max.is_some_and(|max| failed >= max) {
+                        return Err(e);
+                    }
+                    let mut delay = self.backoff(failed);
+                    if let ClientError::Server(error) = &e {
+                        delay = delay.max(Duration::from_millis(error.retry_after_ms.into()));
+                    }
+                    if let ClientError::GoAway {
+                        reconnect_after_ms, ..
+                    } = &e
+                    {
+                        delay = delay.max(Duration::from_millis((*reconnect_after_ms).into()));
+                    }
+                    self.next_attempt_at.set(Instant::now() + delay);
+                }
+            }
+        }
+    }
+
+    /// Exponential backoff with jitter (half to all of the step), so many
+    /// clients cut off together do not come back together.
+    fn backoff(&self, failed: u32) -> Duration {
+        let step = self
+            .options
+            .backoff_initial
+            .saturating_mul(1u32 << failed.min(16))
+            .min(self.options.backoff_max);
+        let millis = step.as_millis().max(1) as u64;
+        Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis))
+    }
+
+    /// Queues every unanswered Send again, flushing whenever the output
+    /// queue is full, so any number of them goes out.
+    async fn resend(&self, session: &Session) -> Result<(), ClientError> {
+        let pending: Vec<(u64, UserId, Bytes)> = self
+            .unacked
+            .borrow()
+            .iter()
+            .map(|(id, (to, payload))| (*id, *to, payload.clone()))
+            .collect();
+        for (id, to, payload) in pending {
+            loop {
+                match session.send(to, ClientMessageId(id), payload.clone()) {
+                    Ok(()) => break,
+                    Err(ClientError::QueueFull) => session.flush().await?,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ping_interval(&self, session: &Session) -> Duration {
+        self.options.ping_interval.unwrap_or_else(|| {
+            let idle_ms = session.welcome().idle_timeout_ms.max(3);
+            Duration::from_millis(u64::from(idle_ms / 3))
+        })
+    }
+
+    /// The next event worth showing: reconnects as needed, drops
+    /// redeliveries (re-acking them), pings when quiet. A GoAway or fatal
+    /// Error is surfaced once and followed by a reconnect on the next call.
+    /// Cancel safe.
+    pub async fn next_event(&self) -> Result<Event, ClientError> {
+        loop {
+            let session = self.ensure_connected().await?;
+            let ping_at = self.last_sent_at.get() + self.ping_interval(&session);
+            let received =
+                futures_lite::future::or(async { Some(session.next_event().await) }, async {
+                    glommio::timer::sleep(ping_at.saturating_duration_since(Instant::now())).await;
+                    None
+                })
+                .await;
+            let event = match received {
+                None => {
+                    let nonce = self.ping_nonce.get() + 1;
+                    self.ping_nonce.set(nonce);
+                    if session.ping(nonce).is_ok() {
+                        self.last_sent_at.set(Instant::now());
+                    }
+                    self.flush().await?;
+                    continue;
+                }
+                Some(Err(_)) => {
+                    self.disconnect();
+                    continue;
+                }
+                Some(Ok(event)) => event,
+            };
+            match &event {
+                Event::ServerAck(ack) => {
+                    self.unacked.borrow_mut().remove(&ack.client_message_id);
+                }
+                Event::Error(error) => {
+                    if error.client_message_id != 0 && !error.fatal {
+                        self.unacked.borrow_mut().remove(&error.client_message_id);
+                    }
+                    if error.fatal {
+                        // A permanent refusal shows up again on reconnect
+                        // and ends `ensure_connected` with that error.
+                        self.disconnect();
+                        self.next_attempt_at.set(
+                            Instant::now()
+                                + Duration::from_millis(error.retry_after_ms.into())
+                                    .max(self.options.backoff_initial),
+                        );
+                    }
+                }
+                Event::GoAway(go_away) => {
+                    self.disconnect();
+                    if go_away.reason() == GoAwayReason::Replaced {
+                        self.replaced.set(true);
+                    }
+                    self.next_attempt_at.set(
+                        Instant::now() + Duration::from_millis(go_away.reconnect_after_ms.into()),
+                    );
+                }
+                Event::Deliver(d) => {
+                    if self.is_redelivery(&session, d.sequence) {
+                        self.flush().await?;
+                        continue;
+                    }
+                }
+                Event::Receipt(r) => {
+                    if self.is_redelivery(&session, r.sequence) {
+                        self.flush().await?;
+                        continue;
+                    }
+                }
+                Event::Pong(_) => {}
+            }
+            return Ok(event);
+        }
+    }
+
+    /// Records `sequence` as seen; true (after queueing an ack) if it was seen before.
+    fn is_redelivery(&self, session: &Session, sequence: u64) -> bool {
+        if sequence <= self.highest_seen.get() {
+            if session.ack_list(&[InboxSeq(sequence)]).is_ok() {
+                self.last_sent_at.set(Instant::now());
+            }
+            return true;
+        }
+        self.highest_seen.set(sequence);
+        false
+    }
+}

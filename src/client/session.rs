@@ -1,0 +1,483 @@
+//! One connection: the socket, its read buffer and its output queue.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::pin::Pin;
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use glommio::sync::Semaphore;
+
+use super::{
+    with_timeout, ClientError, ConnectOptions, Credentials, QUEUE_FRAMES_MAX, READ_CHUNK_BYTES,
+};
+use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
+use crate::proto::{bytes_wanted, next_frame, pb, Frame, GoAwayReason, PROTOCOL_VERSION};
+
+/// What the server sent on an open session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A Send is durable (✓).
+    ServerAck(pb::ServerAck),
+    /// A message from the inbox; acknowledge its `sequence`.
+    Deliver(pb::Deliver),
+    /// A delivered (✓✓) or read receipt from the inbox; acknowledge its `sequence`.
+    Receipt(pb::Receipt),
+    /// An error; when `fatal`, the server closes the connection after it.
+    Error(pb::Error),
+    /// The server is closing this session.
+    GoAway(pb::GoAway),
+    /// The answer to our Ping.
+    Pong(u64),
+}
+
+/// Output buffers up to this size are reused across flushes (no allocation
+/// per flush); a larger burst's buffer is freed once written.
+const QUEUE_REUSE_BYTES_MAX: usize = 16 * 1024;
+
+/// The socket and buffers shared by registration and sessions.
+struct Connection {
+    stream: RefCell<TcpStream>,
+    frame_bytes_max: u32,
+    queue_bytes_max: usize,
+    read_buffer: RefCell<BytesMut>,
+    /// Encoded frames not yet handed to the kernel.
+    queue: RefCell<BytesMut>,
+    /// The part of the queue a flush took and has not finished writing. Kept
+    /// here, not in the flush future, so a cancelled flush loses nothing.
+    writing: RefCell<Bytes>,
+    /// One flush writes at a time (glommio keeps one waker per direction).
+    write_turn: Semaphore,
+    /// One reader at a time, for the same reason.
+    read_turn: Semaphore,
+    closed: Cell<bool>,
+    /// Write and read calls that moved bytes, for measurements.
+    writes: Cell<u64>,
+    reads: Cell<u64>,
+}
+
+impl Connection {
+    async fn open(opts: &ConnectOptions) -> Result<Connection, ClientError> {
+        let stream = match opts.bind_ip {
+            None => TcpStream::connect_timeout(opts.server, opts.timeout)
+                .await
+                .map_err(|e| match io::Error::from(e) {
+                    e if e.kind() == io::ErrorKind::TimedOut => ClientError::Timeout,
+                    e => ClientError::Io(e),
+                })?,
+            Some(ip) => connect_from(ip, opts)?,
+        };
+        // We coalesce frames ourselves; Nagle would only add latency.
+        stream.set_nodelay(true).map_err(io::Error::from)?;
+        let frame_bytes_max = opts.frame_bytes_max.max(1);
+        Ok(Connection {
+            stream: RefCell::new(stream),
+            frame_bytes_max,
+            queue_bytes_max: (frame_bytes_max as usize) * QUEUE_FRAMES_MAX as usize,
+            read_buffer: RefCell::new(BytesMut::new()),
+            queue: RefCell::new(BytesMut::new()),
+            writing: RefCell::new(Bytes::new()),
+            write_turn: Semaphore::new(1),
+            read_turn: Semaphore::new(1),
+            closed: Cell::new(false),
+            writes: Cell::new(0),
+            reads: Cell::new(0),
+        })
+    }
+
+    fn queue(&self, frame: &Frame) -> Result<(), ClientError> {
+        if self.closed.get() {
+            return Err(ClientError::Closed);
+        }
+        let mut queue = self.queue.borrow_mut();
+        // One frame always fits into an empty queue, however large.
+        if !queue.is_empty() && queue.len() + frame.wire_len() > self.queue_bytes_max {
+            return Err(ClientError::QueueFull);
+        }
+        frame.encode(&mut queue);
+        Ok(())
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.queue.borrow().len() + self.writing.borrow().len()
+    }
+
+    /// Writes everything queued. Cancel safe: what was not written stays queued.
+    async fn flush(&self) -> Result<(), ClientError> {
+        let _turn = self
+            .write_turn
+            .acquire_permit(1)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        loop {
+            {
+                let mut writing = self.writing.borrow_mut();
+                if writing.is_empty() {
+                    let mut queue = self.queue.borrow_mut();
+                    if queue.is_empty() {
+                        return Ok(());
+                    }
+                    // The whole queue goes out in one write; once `writing`
+                    // is dropped the queue reclaims the allocation.
+                    *writing = queue.split().freeze();
+                    if writing.len() > QUEUE_REUSE_BYTES_MAX {
+                        // A burst: do not keep its large buffer for reuse.
+                        *queue = BytesMut::new();
+                    }
+                }
+            }
+            let written = poll_fn(|cx| {
+                let writing = self.writing.borrow();
+                let mut stream = self.stream.borrow_mut();
+                Pin::new(&mut *stream).poll_write(cx, &writing)
+            })
+            .await;
+            match written {
+                Ok(0) => {
+                    self.closed.set(true);
+                    return Err(ClientError::Closed);
+                }
+                Ok(n) => {
+                    self.writes.set(self.writes.get() + 1);
+                    let mut writing = self.writing.borrow_mut();
+                    writing.advance(n);
+                    if writing.is_empty() {
+                        // Let go of the buffer so the queue can reuse it.
+                        *writing = Bytes::new();
+                    }
+                }
+                Err(e) => {
+                    self.closed.set(true);
+                    return Err(closed_or_io(e));
+                }
+            }
+        }
+    }
+
+    /// The next whole frame. Cancel safe: bytes read stay in the read buffer.
+    async fn next_frame(&self) -> Result<Frame, ClientError> {
+        let _turn = self
+            .read_turn
+            .acquire_permit(1)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        loop {
+            let decoded = {
+                let mut buffer = self.read_buffer.borrow_mut();
+                let decoded = next_frame(&mut buffer, self.frame_bytes_max);
+                if buffer.is_empty() && buffer.capacity() > 0 {
+                    // Everything read is decoded: free the buffer rather than
+                    // keep it through an idle spell; the next read allocates.
+                    *buffer = BytesMut::new();
+                }
+                decoded
+            };
+            match decoded {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(e) => {
+                    self.closed.set(true);
+                    return Err(ClientError::Protocol(e));
+                }
+            }
+            let read = poll_fn(|cx| {
+                let mut buffer = self.read_buffer.borrow_mut();
+                let start = buffer.len();
+                let want = bytes_wanted(&buffer).max(READ_CHUNK_BYTES);
+                buffer.resize(start + want, 0);
+                let mut stream = self.stream.borrow_mut();
+                let result = Pin::new(&mut *stream).poll_read(cx, &mut buffer[start..]);
+                let got = match &result {
+                    Poll::Ready(Ok(n)) => *n,
+                    _ => 0,
+                };
+                buffer.truncate(start + got);
+                if result.is_pending() && start == 0 {
+                    // Waiting with nothing buffered: glommio waits for
+                    // readiness without our buffer, so an idle session
+                    // holds no read buffer at all.
+                    *buffer = BytesMut::new();
+                }
+                result
+            })
+            .await;
+            match read {
+                Ok(0) => {
+                    self.closed.set(true);
+                    return Err(ClientError::Closed);
+                }
+                Ok(_) => self.reads.set(self.reads.get() + 1),
+                Err(e) => {
+                    self.closed.set(true);
+                    return Err(closed_or_io(e));
+                }
+            }
+        }
+    }
+}
+
+fn closed_or_io(e: io::Error) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionAborted => ClientError::Closed,
+        _ => ClientError::Io(e),
+    }
+}
+
+/// Connects from a chosen source address. glommio's `connect` cannot bind
+/// first, so the socket is made here and connected without blocking; the
+/// first write waits (through glommio's poller) until the handshake finished.
+fn connect_from(ip: std::net::IpAddr, opts: &ConnectOptions) -> Result<TcpStream, ClientError> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = match opts.server {
+        std::net::SocketAddr::V4(_) => AddressFamily::Inet,
+        std::net::SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    use std::os::fd::AsRawFd;
+    let local = SockaddrStorage::from(std::net::SocketAddr::new(ip, 0));
+    socket::bind(fd.as_raw_fd(), &local).map_err(io::Error::from)?;
+    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(opts.server)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(ClientError::Io(e.into())),
+    }
+    // SAFETY: `fd` is an open TCP socket that we own; `into_raw_fd` gives up
+    // that ownership, so the stream is its only owner and closes it.
+    Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// Creates an account: Register → Registered. The connection is closed
+/// afterwards; log in with [`Session::connect`] and the returned credentials.
+pub async fn register(
+    opts: &ConnectOptions,
+    token: Option<&str>,
+) -> Result<super::Credentials, ClientError> {
+    with_timeout(opts.timeout, async {
+        let connection = Connection::open(opts).await?;
+        connection.queue(&Frame::Register(pb::Register {
+            protocol_version: PROTOCOL_VERSION,
+            registration_token: token.unwrap_or_default().to_string(),
+        }))?;
+        connection.flush().await?;
+        match connection.next_frame().await? {
+            Frame::Registered(registered) => {
+                let secret: [u8; 32] = registered.secret.as_ref().try_into().map_err(|_| {
+                    ClientError::Protocol(crate::proto::DecodeError::Malformed(
+                        crate::proto::FrameType::Registered,
+                    ))
+                })?;
+                Ok(Credentials {
+                    user: UserId(registered.user_id),
+                    device: DeviceId(registered.device_id),
+                    secret,
+                })
+            }
+            other => Err(handshake_refusal(other)),
+        }
+    })
+    .await
+}
+
+fn handshake_refusal(frame: Frame) -> ClientError {
+    match frame {
+        Frame::Error(error) => ClientError::Server(error),
+        Frame::GoAway(go_away) => ClientError::GoAway {
+            reason: go_away.reason(),
+            reconnect_after_ms: go_away.reconnect_after_ms,
+        },
+        other => ClientError::UnexpectedFrame(other.frame_type()),
+    }
+}
+
+/// One authenticated device session. `!Send`: it belongs to the executor
+/// that opened it. Every method takes `&self`; one task may read
+/// (`next_event`) while another queues and flushes.
+pub struct Session {
+    connection: Connection,
+    welcome: pb::Welcome,
+}
+
+impl Session {
+    /// Connects and logs in: Hello → Welcome, within `opts.timeout`.
+    pub async fn connect(
+        opts: &ConnectOptions,
+        creds: &Credentials,
+    ) -> Result<Session, ClientError> {
+        with_timeout(opts.timeout, async {
+            let connection = Connection::open(opts).await?;
+            connection.queue(&Frame::Hello(pb::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                user_id: creds.user.0,
+                device_id: creds.device.0,
+                secret: Bytes::copy_from_slice(&creds.secret),
+            }))?;
+            connection.flush().await?;
+            match connection.next_frame().await? {
+                Frame::Welcome(welcome) => Ok(Session {
+                    connection,
+                    welcome,
+                }),
+                other => Err(handshake_refusal(other)),
+            }
+        })
+        .await
+    }
+
+    /// The server's Welcome: its limits and idle timeout.
+    pub fn welcome(&self) -> &pb::Welcome {
+        &self.welcome
+    }
+
+    /// Queues a Send (flush to write it).
+    pub fn send(&self, to: UserId, id: ClientMessageId, payload: Bytes) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::Send(pb::Send {
+            client_message_id: id.0,
+            recipient_user_id: to.0,
+            payload,
+            device_payloads: Vec::new(),
+        }))
+    }
+
+    /// Queues an Ack of every inbox sequence up to and including `up_to`.
+    pub fn ack(&self, up_to: InboxSeq) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::Ack(pb::Ack {
+            up_to_sequence: up_to.0,
+            sequences: Vec::new(),
+        }))
+    }
+
+    /// Queues an Ack of individual inbox sequences.
+    pub fn ack_list(&self, seqs: &[InboxSeq]) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::Ack(pb::Ack {
+            up_to_sequence: 0,
+            sequences: seqs.iter().map(|s| s.0).collect(),
+        }))
+    }
+
+    /// Queues a ReadReceipt for messages of one sender device.
+    pub fn read_receipt(
+        &self,
+        sender: UserId,
+        sender_device: DeviceId,
+        ids: &[ClientMessageId],
+    ) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::ReadReceipt(pb::ReadReceipt {
+            sender_user_id: sender.0,
+            sender_device_id: sender_device.0,
+            client_message_ids: ids.iter().map(|id| id.0).collect(),
+        }))
+    }
+
+    /// Queues a Ping; the server answers with `Event::Pong(nonce)`.
+    pub fn ping(&self, nonce: u64) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::Ping(pb::Ping { nonce }))
+    }
+
+    /// Queues any frame, valid or not (for tests of the server's answers).
+    pub fn send_raw(&self, frame: &Frame) -> Result<(), ClientError> {
+        self.connection.queue(frame)
+    }
+
+    /// Queues bytes as they are, which need not be a frame at all.
+    pub fn send_raw_bytes(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        if self.connection.closed.get() {
+            return Err(ClientError::Closed);
+        }
+        self.connection.queue.borrow_mut().extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Socket writes and reads that moved bytes since connecting (the
+    /// handshake included): frames per syscall is the coalescing achieved.
+    pub fn io_calls(&self) -> (u64, u64) {
+        (self.connection.writes.get(), self.connection.reads.get())
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.connection.queued_bytes()
+    }
+
+    /// Writes everything queued, coalesced into as few writes as the socket
+    /// takes. Cancel safe: whatever was not written stays queued.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.connection.flush().await
+    }
+
+    /// The next event from the server; `Err(Closed)` at end of stream. A Ping
+    /// from the server is answered (queued Pong) without surfacing. Cancel
+    /// safe: bytes already read stay buffered for the next call.
+    pub async fn next_event(&self) -> Result<Event, ClientError> {
+        loop {
+            let event = match self.connection.next_frame().await? {
+                Frame::ServerAck(ack) => Event::ServerAck(ack),
+                Frame::Deliver(deliver) => Event::Deliver(deliver),
+                Frame::Receipt(receipt) => Event::Receipt(receipt),
+                Frame::Error(error) => {
+                    if error.fatal {
+                        self.connection.closed.set(true);
+                    }
+                    Event::Error(error)
+                }
+                Frame::GoAway(go_away) => {
+                    self.connection.closed.set(true);
+                    Event::GoAway(go_away)
+                }
+                Frame::Pong(pong) => Event::Pong(pong.nonce),
+                Frame::Ping(ping) => {
+                    match self
+                        .connection
+                        .queue(&Frame::Pong(pb::Pong { nonce: ping.nonce }))
+                    {
+                        Ok(()) | Err(ClientError::QueueFull) => {}
+                        Err(e) => return Err(e),
+                    }
+                    continue;
+                }
+                other => {
+                    self.connection.closed.set(true);
+                    return Err(ClientError::UnexpectedFrame(other.frame_type()));
+                }
+            };
+            return Ok(event);
+        }
+    }
+
+    /// Whether the session saw end of stream, a fatal error, GoAway or a
+    /// broken frame; queueing then fails with `Closed`.
+    pub fn is_closed(&self) -> bool {
+        self.connection.closed.get()
+    }
+
+    /// The local address of the socket.
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr, ClientError> {
+        Ok(self
+            .connection
+            .stream
+            .borrow()
+            .local_addr()
+            .map_err(io::Error::from)?)
+    }
+}
+
+impl GoAwayReason {
+    /// The protocol name of the reason (`REPLACED`), for messages.
+    pub fn short_name(self) -> &'static str {
+        self.as_str_name()
+            .strip_prefix("GO_AWAY_REASON_")
+            .unwrap_or("UNSPECIFIED")
+    }
+}
