@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
 use switchboard::config::{Config, Durability, RegistrationPolicy};
-use switchboard::metrics::ShardMetrics;
+use switchboard::metrics::serve_admin;
+use switchboard::metrics::{Registry, ShardMetrics};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +29,21 @@ struct Cli {
 enum Command {
     /// Run the server (defaults: 127.0.0.1:7700, data in ./data).
     Serve(ServeArgs),
+    /// Check this host against a connection target; exit 0 only when nothing fails.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Connections this host must hold.
+    #[arg(long)]
+    connections: Option<u64>,
+    /// The server's configuration file (data directory, shards).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Root of the proc/sys tree to inspect (for testing against a copy).
+    #[arg(long, default_value = "/")]
+    sysroot: PathBuf,
 }
 
 #[derive(Args)]
@@ -88,7 +104,20 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Doctor(args) => doctor(args),
     }
+}
+
+fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    let mut options = switchboard::doctor::DoctorOptions::from_config(&config, args.connections);
+    options.sysroot = args.sysroot;
+    let report = switchboard::doctor::run(&options);
+    print!("{report}");
+    std::process::exit(report.exit_code());
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -165,17 +194,24 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let shards = config.shard_count();
-    let metrics: Vec<Arc<ShardMetrics>> = (0..shards)
-        .map(|_| Arc::new(ShardMetrics::default()))
-        .collect();
+    let metrics: Vec<Arc<ShardMetrics>> =
+        (0..shards).map(|_| Arc::new(ShardMetrics::new())).collect();
+    let registry = Arc::new(Registry::from_shards(metrics.clone()));
+    let admin_listener = std::net::TcpListener::bind(config.server.admin_listen)
+        .with_context(|| format!("binding the admin listener {}", config.server.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_stop = Arc::new(AtomicBool::new(false));
+    let admin = serve_admin(admin_listener, registry, admin_stop.clone());
     switchboard::shard::server::run(config, metrics, stop, |running| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "switchboard listening on {} with {} shards",
-            running.listen, running.shards
+            "switchboard listening on {} with {} shards, admin on http://{}",
+            running.listen, running.shards, admin_addr
         );
         let _ = out.flush();
     })?;
+    admin_stop.store(true, Ordering::SeqCst);
+    let _ = admin.join();
     Ok(())
 }

@@ -17,7 +17,10 @@ fn chain_across_shards_gives_ack_delivery_delivered_and_read() {
     let bob = RawClient::register_on_shard(server.addr, 1, server.shards());
     let (mut a, welcome) = RawClient::login(server.addr, &alice);
     assert_eq!(welcome.protocol_version, 1);
-    assert_eq!(welcome.delivery_window, server.config.limits.delivery_window_messages);
+    assert_eq!(
+        welcome.delivery_window,
+        server.config.limits.delivery_window_messages
+    );
     let (mut b, _) = RawClient::login(server.addr, &bob);
 
     a.send_message(bob.user, 77, b"sealed-box");

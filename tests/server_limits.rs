@@ -139,7 +139,10 @@ fn wrong_secret_fails_and_repeated_failures_are_slowed_down() {
         }
         c.expect_closed();
     }
-    assert!(limited, "repeated failures from one address were rate limited");
+    assert!(
+        limited,
+        "repeated failures from one address were rate limited"
+    );
 }
 
 #[test]
@@ -187,7 +190,10 @@ fn client_that_never_reads_is_bounded_and_others_are_served() {
     }
     // 400 × 4 KiB were accepted; only the window was pushed to the sink.
     let grown = server.rss_bytes().saturating_sub(rss_before);
-    assert!(grown < 8 << 20, "server grew by {grown} bytes for a non-reading client");
+    assert!(
+        grown < 8 << 20,
+        "server grew by {grown} bytes for a non-reading client"
+    );
     assert_healthy(&server);
 }
 

@@ -90,7 +90,10 @@ fn crash_round(durability: switchboard::config::Durability) {
     std::thread::sleep(Duration::from_millis(700));
     server.kill9();
     let acked = sender.join().unwrap();
-    assert!(!acked.is_empty(), "some messages were acknowledged before the kill");
+    assert!(
+        !acked.is_empty(),
+        "some messages were acknowledged before the kill"
+    );
     server.launch();
     let (mut b, _) = RawClient::login(server.addr, &bob);
     let mut delivered = BTreeSet::new();
@@ -101,7 +104,10 @@ fn crash_round(durability: switchboard::config::Durability) {
         assert!(d.sequence > last_seq, "in order");
         last_seq = d.sequence;
         assert!(delivered.insert(d.client_message_id), "no duplicate ids");
-        assert_eq!(&d.payload[..], format!("k{}", d.client_message_id).as_bytes());
+        assert_eq!(
+            &d.payload[..],
+            format!("k{}", d.client_message_id).as_bytes()
+        );
         b.ack(d.sequence);
     }
 }

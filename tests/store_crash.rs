@@ -102,7 +102,9 @@ fn crash_rounds(durability: Durability) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), |c| c.store.durability = durability);
-    let senders: Vec<Account> = (0..SENDERS).map(|_| RawClient::register(server.addr)).collect();
+    let senders: Vec<Account> = (0..SENDERS)
+        .map(|_| RawClient::register(server.addr))
+        .collect();
     let recipients: Vec<Account> = (0..RECIPIENTS)
         .map(|_| RawClient::register(server.addr))
         .collect();
@@ -171,11 +173,20 @@ fn crash_rounds(durability: Durability) {
             assert!(d.sequence > last_seq, "in order per inbox");
             last_seq = d.sequence;
             let key = (d.sender_user_id, d.client_message_id);
-            assert!(sender_of.contains_key(&d.sender_user_id), "unknown sender {key:?}");
-            assert!(expected.contains(&key), "delivered a message nobody sent: {key:?}");
+            assert!(
+                sender_of.contains_key(&d.sender_user_id),
+                "unknown sender {key:?}"
+            );
+            assert!(
+                expected.contains(&key),
+                "delivered a message nobody sent: {key:?}"
+            );
             assert_eq!(&d.payload[..], &payload(key.0, key.1)[..], "payload intact");
             if let Some(previous) = seen.insert(key, d.sequence) {
-                panic!("{key:?} stored twice: sequences {previous} and {}", d.sequence);
+                panic!(
+                    "{key:?} stored twice: sequences {previous} and {}",
+                    d.sequence
+                );
             }
             c.ack(d.sequence);
         }
@@ -183,7 +194,11 @@ fn crash_rounds(durability: Durability) {
         for (s, st) in senders.iter().zip(&states) {
             for id in &st.acked {
                 if st.sent[id] == recipient.user {
-                    assert!(seen.contains_key(&(s.user, *id)), "acked ({}, {id}) lost", s.user);
+                    assert!(
+                        seen.contains_key(&(s.user, *id)),
+                        "acked ({}, {id}) lost",
+                        s.user
+                    );
                 }
             }
         }

@@ -319,7 +319,6 @@ fn every_scenario_reports_consistent_numbers_against_mosquitto() {
 }
 
 #[test]
-#[ignore = "needs the segment-log store on main (src/store); passes with it merged"]
 fn every_scenario_reports_consistent_numbers_against_switchboard() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

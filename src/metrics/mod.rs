@@ -1,19 +1,667 @@
-//! (placeholder until the metrics module lands)
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+//! Counters, gauges and the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! Ownership: each shard owns one `Arc<ShardMetrics>` and is its only writer. Every
+//! field is an atomic updated with `Relaxed` ordering, so the hot path pays one
+//! uncontended add on a cache line no other core writes. Readers (the admin thread
+//! rendering a scrape) see each value atomically but not a consistent snapshot across
+//! fields; Prometheus does not need one.
+//!
+//! The admin server runs on its own std thread, never on a shard, and serves one
+//! bounded request per connection; a slow or hostile scraper costs at most the read
+//! timeout and never touches a shard.
+//!
+//! Invariants: the metric arrays are fixed-size and allocated once at start; nothing
+//! here allocates on the shard's path. Rendering allocates, but only on the admin
+//! thread.
 
+mod admin;
+
+pub use admin::{serve_admin, ADMIN_READ_TIMEOUT, ADMIN_REQUEST_BYTES_MAX};
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::proto::{ErrorCode, FrameType};
+
+/// A monotonically increasing count, written by one shard.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down (a level, not a count of events).
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Replaces the value.
+    #[inline]
+    pub fn set(&self, value: i64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    /// Adds `n` (which may be negative).
+    #[inline]
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Subtracts one.
+    #[inline]
+    pub fn dec(&self) {
+        self.add(-1);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Number of finite buckets of [`LatencyHistogram`]: upper bounds 1 µs, 2 µs, 4 µs …
+/// 2^(N-1) µs. 2^23 µs ≈ 8.4 s; anything slower than that is an outage, not a latency,
+/// and lands in the `+Inf` bucket.
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// A latency histogram with fixed power-of-two microsecond buckets.
+///
+/// Recording is one leading-zero count and three relaxed adds. Bucket `i` counts
+/// observations `v` with `2^(i-1) < v ≤ 2^i` µs (bucket 0 holds `v ≤ 1`); the rendering
+/// makes them cumulative as Prometheus expects.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    overflow: AtomicU64,
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            overflow: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// The bucket index for `value_us`: the smallest `i` with `value_us ≤ 2^i`, or
+    /// `LATENCY_BUCKETS` for the overflow bucket.
+    pub fn bucket_index(value_us: u64) -> usize {
+        if value_us <= 1 {
+            return 0;
+        }
+        let index = (64 - (value_us - 1).leading_zeros()) as usize;
+        index.min(LATENCY_BUCKETS)
+    }
+
+    /// The upper bound of finite bucket `index`, in microseconds.
+    pub fn bucket_upper_bound_us(index: usize) -> u64 {
+        assert!(index < LATENCY_BUCKETS, "bucket {index} is not finite");
+        1u64 << index
+    }
+
+    /// Records one observation.
+    #[inline]
+    pub fn record_us(&self, value_us: u64) {
+        let index = Self::bucket_index(value_us);
+        if index < LATENCY_BUCKETS {
+            self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(value_us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Number of observations recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sum of all observations, in microseconds.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+
+    /// Non-cumulative count of finite bucket `index`.
+    pub fn bucket_count(&self, index: usize) -> u64 {
+        self.buckets[index].load(Ordering::Relaxed)
+    }
+}
+
+/// Number of distinct frame types counted per direction.
+pub const FRAME_TYPES: usize = FrameType::ALL.len();
+
+impl FrameType {
+    /// A dense index `0..FRAME_TYPES` for per-type metric arrays.
+    #[inline]
+    pub fn index(self) -> usize {
+        match self {
+            FrameType::Register => 0,
+            FrameType::Registered => 1,
+            FrameType::Hello => 2,
+            FrameType::Welcome => 3,
+            FrameType::Send => 4,
+            FrameType::ServerAck => 5,
+            FrameType::Deliver => 6,
+            FrameType::Ack => 7,
+            FrameType::Receipt => 8,
+            FrameType::ReadReceipt => 9,
+            FrameType::Ping => 10,
+            FrameType::Pong => 11,
+            FrameType::Error => 12,
+            FrameType::GoAway => 13,
+        }
+    }
+}
+
+/// Size of the refusal array: error code values `0..REFUSAL_CODES` are counted in their
+/// own slot; a larger value (a code added to the protocol later) goes to `other`.
+pub const REFUSAL_CODES: usize = 32;
+
+/// Refusals counted by the error code the peer was answered with.
+#[derive(Debug)]
+pub struct Refusals {
+    by_code: [Counter; REFUSAL_CODES],
+    other: Counter,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals {
+            by_code: std::array::from_fn(|_| Counter::default()),
+            other: Counter::default(),
+        }
+    }
+}
+
+impl Refusals {
+    /// Counts one refusal with `code`.
+    #[inline]
+    pub fn record(&self, code: ErrorCode) {
+        self.record_value(code as i32);
+    }
+
+    /// Counts one refusal by the code's wire value (for codes this build does not name).
+    #[inline]
+    pub fn record_value(&self, code: i32) {
+        match usize::try_from(code) {
+            Ok(index) if index < REFUSAL_CODES => self.by_code[index].inc(),
+            _ => self.other.inc(),
+        }
+    }
+
+    /// Refusals counted for `code`.
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.get_value(code as i32)
+    }
+
+    /// Refusals counted for the wire value `code`.
+    pub fn get_value(&self, code: i32) -> u64 {
+        match usize::try_from(code) {
+            Ok(index) if index < REFUSAL_CODES => self.by_code[index].get(),
+            _ => self.other.get(),
+        }
+    }
+}
+
+/// One shard's metrics. The shard is the only writer; see the module header.
 #[derive(Debug, Default)]
 pub struct ShardMetrics {
-    pub accepted: AtomicU64,
+    /// Open client connections homed on this shard (gauge).
+    pub connections: Gauge,
+    /// Connections accepted on this shard's listener (before any handoff).
+    pub accepts: Counter,
+    /// Authenticated connections sent to another (home) shard.
+    pub handoffs_out: Counter,
+    /// Connections received from another shard after authentication.
+    pub handoffs_in: Counter,
+    /// Hello frames refused for a bad or unknown credential.
+    pub auth_failures: Counter,
+    /// Devices registered.
+    pub registrations: Counter,
+    /// Frames received, by frame type (index with [`FrameType::index`]).
+    pub frames_in: [Counter; FRAME_TYPES],
+    /// Frames sent, by frame type.
+    pub frames_out: [Counter; FRAME_TYPES],
+    /// Messages appended to this shard's log (accepted for a recipient homed here).
+    pub messages_accepted: Counter,
+    /// Messages written to a recipient device's connection.
+    pub messages_delivered: Counter,
+    /// Messages a recipient device acknowledged.
+    pub messages_acked: Counter,
+    /// Messages dropped because their TTL passed before delivery.
+    pub messages_expired: Counter,
+    /// Delivered and read receipts sent to senders.
+    pub receipts_sent: Counter,
+    /// Undelivered entries across this shard's inboxes (gauge).
+    pub inbox_depth: Gauge,
+    /// Bytes held by this shard's log segments (gauge).
+    pub log_bytes: Gauge,
+    /// Segment files of this shard's log (gauge).
+    pub log_segments: Gauge,
+    /// Time from the first append of a group commit to its fdatasync completing.
+    pub commit_latency: LatencyHistogram,
+    /// Messages waiting in this shard's inbound channels from other shards (gauge).
+    pub shard_channel_depth: Gauge,
+    /// Requests answered with an error, by error code.
+    pub refusals: Refusals,
+    /// Microseconds this shard spent unable to make progress (a full channel, a
+    /// blocked commit), summed.
+    pub stall_time_us: Counter,
+    /// True once this shard has recovered its log and accepts connections.
+    pub recovered: AtomicBool,
 }
 
 impl ShardMetrics {
-    pub fn add_acked(&self, _n: u64) {}
-    pub fn add_accepted(&self, n: u64) {
-        self.accepted.fetch_add(n, Relaxed);
+    /// A zeroed set of metrics, not yet recovered.
+    pub fn new() -> ShardMetrics {
+        ShardMetrics::default()
     }
-    pub fn add_receipts(&self, _n: u64) {}
-    pub fn add_delivered(&self, _n: u64) {}
-    pub fn add_handoff_in(&self) {}
-    pub fn record_commit_latency_us(&self, _us: u64) {}
-    pub fn set_ready(&self, _ready: bool) {}
+
+    /// Marks the shard recovered (ready) or not.
+    pub fn set_recovered(&self, recovered: bool) {
+        self.recovered.store(recovered, Ordering::Relaxed);
+    }
+
+    /// Whether the shard has recovered its log and accepts connections.
+    pub fn is_recovered(&self) -> bool {
+        self.recovered.load(Ordering::Relaxed)
+    }
+}
+
+/// All shards' metrics, read by the admin thread.
+#[derive(Debug)]
+pub struct Registry {
+    shards: Vec<Arc<ShardMetrics>>,
+    started: std::time::Instant,
+}
+
+impl Registry {
+    /// A registry with `shard_count` fresh, not-yet-recovered shards.
+    pub fn new(shard_count: usize) -> Registry {
+        Registry::from_shards(
+            (0..shard_count)
+                .map(|_| Arc::new(ShardMetrics::new()))
+                .collect(),
+        )
+    }
+
+    /// A registry over metrics the caller already built (shard `i` at index `i`).
+    pub fn from_shards(shards: Vec<Arc<ShardMetrics>>) -> Registry {
+        Registry {
+            shards,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Shard `index`'s metrics, to hand to that shard. Panics on an index out of range,
+    /// which is a wiring bug.
+    pub fn shard(&self, index: usize) -> Arc<ShardMetrics> {
+        Arc::clone(&self.shards[index])
+    }
+
+    /// Every shard's metrics, shard `i` at index `i`.
+    pub fn shards(&self) -> &[Arc<ShardMetrics>] {
+        &self.shards
+    }
+
+    /// Ready when there is at least one shard and every shard has recovered.
+    pub fn ready(&self) -> bool {
+        !self.shards.is_empty() && self.shards.iter().all(|s| s.is_recovered())
+    }
+
+    /// Appends every metric in the Prometheus text exposition format (version 0.0.4).
+    pub fn render_prometheus(&self, out: &mut String) {
+        family(out, "switchboard_up", "gauge", "1 while the process runs.");
+        out.push_str("switchboard_up 1\n");
+        family(
+            out,
+            "switchboard_uptime_seconds",
+            "gauge",
+            "Seconds since the metrics registry was built.",
+        );
+        let _ = writeln!(
+            out,
+            "switchboard_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
+        family(
+            out,
+            "switchboard_ready",
+            "gauge",
+            "1 when every shard has recovered its log and accepts.",
+        );
+        let _ = writeln!(out, "switchboard_ready {}", u8::from(self.ready()));
+
+        self.gauge(
+            out,
+            "switchboard_shard_recovered",
+            "1 once the shard has recovered its log and accepts.",
+            |m| i64::from(m.is_recovered()),
+        );
+        self.gauge(
+            out,
+            "switchboard_connections",
+            "Open client connections homed on the shard.",
+            |m| m.connections.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_accepts_total",
+            "Connections accepted on the shard's listener.",
+            |m| m.accepts.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_handoffs_out_total",
+            "Authenticated connections handed to another shard.",
+            |m| m.handoffs_out.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_handoffs_in_total",
+            "Connections received from another shard.",
+            |m| m.handoffs_in.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_auth_failures_total",
+            "Hello frames refused for a bad credential.",
+            |m| m.auth_failures.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_registrations_total",
+            "Devices registered.",
+            |m| m.registrations.get(),
+        );
+        self.frames(
+            out,
+            "switchboard_frames_in_total",
+            "Frames received, by frame type.",
+            |m| &m.frames_in,
+        );
+        self.frames(
+            out,
+            "switchboard_frames_out_total",
+            "Frames sent, by frame type.",
+            |m| &m.frames_out,
+        );
+        self.counter(
+            out,
+            "switchboard_messages_accepted_total",
+            "Messages appended to the shard's log.",
+            |m| m.messages_accepted.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_messages_delivered_total",
+            "Messages written to a recipient device.",
+            |m| m.messages_delivered.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_messages_acked_total",
+            "Messages acknowledged by a recipient device.",
+            |m| m.messages_acked.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_messages_expired_total",
+            "Messages dropped undelivered after their TTL.",
+            |m| m.messages_expired.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_receipts_sent_total",
+            "Delivered and read receipts sent to senders.",
+            |m| m.receipts_sent.get(),
+        );
+        self.gauge(
+            out,
+            "switchboard_inbox_depth",
+            "Undelivered inbox entries on the shard.",
+            |m| m.inbox_depth.get(),
+        );
+        self.gauge(
+            out,
+            "switchboard_log_bytes",
+            "Bytes held by the shard's log segments.",
+            |m| m.log_bytes.get(),
+        );
+        self.gauge(
+            out,
+            "switchboard_log_segments",
+            "Segment files of the shard's log.",
+            |m| m.log_segments.get(),
+        );
+        self.gauge(
+            out,
+            "switchboard_shard_channel_depth",
+            "Messages waiting in the shard's inbound channels.",
+            |m| m.shard_channel_depth.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_stall_time_microseconds_total",
+            "Microseconds the shard could not make progress.",
+            |m| m.stall_time_us.get(),
+        );
+        self.refusals(out);
+        self.commit_latency(out);
+    }
+
+    fn counter(
+        &self,
+        out: &mut String,
+        name: &str,
+        help: &str,
+        read: impl Fn(&ShardMetrics) -> u64,
+    ) {
+        family(out, name, "counter", help);
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", read(metrics));
+        }
+    }
+
+    fn gauge(&self, out: &mut String, name: &str, help: &str, read: impl Fn(&ShardMetrics) -> i64) {
+        family(out, name, "gauge", help);
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", read(metrics));
+        }
+    }
+
+    fn frames(
+        &self,
+        out: &mut String,
+        name: &str,
+        help: &str,
+        read: impl Fn(&ShardMetrics) -> &[Counter; FRAME_TYPES],
+    ) {
+        family(out, name, "counter", help);
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let counters = read(metrics);
+            for frame_type in FrameType::ALL {
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{shard}\",type=\"{}\"}} {}",
+                    frame_type.name(),
+                    counters[frame_type.index()].get()
+                );
+            }
+        }
+    }
+
+    fn refusals(&self, out: &mut String) {
+        let name = "switchboard_refusals_total";
+        family(
+            out,
+            name,
+            "counter",
+            "Requests answered with an error, by error code.",
+        );
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            for value in 0..REFUSAL_CODES as i32 {
+                let Ok(code) = ErrorCode::try_from(value) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{shard}\",reason=\"{}\"}} {}",
+                    reason_label(code),
+                    metrics.refusals.get_value(value)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{shard}\",reason=\"other\"}} {}",
+                metrics.refusals.other.get()
+            );
+        }
+    }
+
+    fn commit_latency(&self, out: &mut String) {
+        let name = "switchboard_commit_latency_microseconds";
+        family(
+            out,
+            name,
+            "histogram",
+            "Group commit latency, first append to fdatasync done, in microseconds.",
+        );
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let histogram = &metrics.commit_latency;
+            let mut cumulative = 0u64;
+            for index in 0..LATENCY_BUCKETS {
+                cumulative += histogram.bucket_count(index);
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{shard=\"{shard}\",le=\"{}\"}} {cumulative}",
+                    LatencyHistogram::bucket_upper_bound_us(index)
+                );
+            }
+            cumulative += histogram.overflow.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {cumulative}"
+            );
+            let _ = writeln!(
+                out,
+                "{name}_sum{{shard=\"{shard}\"}} {}",
+                histogram.sum_us()
+            );
+            // The count line repeats the +Inf bucket so the two always agree within one
+            // scrape, even while the shard records concurrently.
+            let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {cumulative}");
+        }
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// `ERROR_CODE_AUTH_FAILED` → `auth_failed`.
+fn reason_label(code: ErrorCode) -> String {
+    let name = code.as_str_name();
+    name.strip_prefix("ERROR_CODE_")
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_index_is_smallest_power_of_two_at_or_above() {
+        assert_eq!(LatencyHistogram::bucket_index(0), 0);
+        assert_eq!(LatencyHistogram::bucket_index(1), 0);
+        assert_eq!(LatencyHistogram::bucket_index(2), 1);
+        assert_eq!(LatencyHistogram::bucket_index(3), 2);
+        assert_eq!(LatencyHistogram::bucket_index(4), 2);
+        assert_eq!(LatencyHistogram::bucket_index(5), 3);
+        assert_eq!(LatencyHistogram::bucket_index(1 << 23), 23);
+        assert_eq!(
+            LatencyHistogram::bucket_index((1 << 23) + 1),
+            LATENCY_BUCKETS
+        );
+        assert_eq!(LatencyHistogram::bucket_index(u64::MAX), LATENCY_BUCKETS);
+    }
+
+    #[test]
+    fn frame_type_index_is_dense_and_matches_all_order() {
+        for (position, frame_type) in FrameType::ALL.into_iter().enumerate() {
+            assert_eq!(frame_type.index(), position);
+        }
+    }
+
+    #[test]
+    fn refusal_out_of_range_counts_as_other() {
+        let refusals = Refusals::default();
+        refusals.record(ErrorCode::AuthFailed);
+        refusals.record_value(1000);
+        refusals.record_value(-3);
+        assert_eq!(refusals.get(ErrorCode::AuthFailed), 1);
+        assert_eq!(refusals.other.get(), 2);
+    }
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let registry = Registry::new(1);
+        let shard = registry.shard(0);
+        shard.commit_latency.record_us(1);
+        shard.commit_latency.record_us(3);
+        shard.commit_latency.record_us(u64::from(u32::MAX));
+        let mut out = String::new();
+        registry.render_prometheus(&mut out);
+        assert!(out
+            .contains("switchboard_commit_latency_microseconds_bucket{shard=\"0\",le=\"1\"} 1\n"));
+        assert!(out
+            .contains("switchboard_commit_latency_microseconds_bucket{shard=\"0\",le=\"4\"} 2\n"));
+        assert!(out.contains(
+            "switchboard_commit_latency_microseconds_bucket{shard=\"0\",le=\"+Inf\"} 3\n"
+        ));
+        assert!(out.contains("switchboard_commit_latency_microseconds_count{shard=\"0\"} 3\n"));
+    }
+
+    #[test]
+    fn ready_needs_every_shard_recovered() {
+        let registry = Registry::new(2);
+        assert!(!registry.ready());
+        registry.shard(0).set_recovered(true);
+        assert!(!registry.ready());
+        registry.shard(1).set_recovered(true);
+        assert!(registry.ready());
+        assert!(!Registry::new(0).ready());
+    }
 }

@@ -11,9 +11,35 @@ use std::task::Waker;
 
 use bytes::BytesMut;
 
+use std::sync::Arc;
+
 use crate::ids::InboxKey;
+use crate::metrics::ShardMetrics;
 use crate::proto::{error_frame, ErrorCode, Frame};
 use crate::session::DeliveryWindow;
+
+thread_local! {
+    /// The metrics of the shard running on this thread, so every frame
+    /// queued to a connection is counted without a pointer in each `Conn`.
+    static SHARD_METRICS: std::cell::RefCell<Option<Arc<ShardMetrics>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Binds this thread's frame counters to its shard's metrics.
+pub fn set_thread_metrics(metrics: Arc<ShardMetrics>) {
+    SHARD_METRICS.with(|m| *m.borrow_mut() = Some(metrics));
+}
+
+fn count_out(frame: &Frame) {
+    SHARD_METRICS.with(|m| {
+        if let Some(metrics) = m.borrow().as_ref() {
+            metrics.frames_out[frame.frame_type().index()].inc();
+            if let Frame::Error(error) = frame {
+                metrics.refusals.record_value(error.code);
+            }
+        }
+    });
+}
 
 /// Why a connection is being closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +98,14 @@ impl Conn {
             }
             frame.encode(&mut state.out);
         }
+        count_out(frame);
         self.wake();
+    }
+
+    /// Queues a frame encoded elsewhere (delivery encodes straight into the
+    /// queue); counts it.
+    pub fn note_encoded(frame: &Frame) {
+        count_out(frame);
     }
 
     /// Queues a final frame and starts the close.
@@ -85,6 +118,7 @@ impl Conn {
             frame.encode(&mut state.out);
             state.close = Some(reason);
         }
+        count_out(frame);
         self.wake();
     }
 

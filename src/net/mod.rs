@@ -63,8 +63,9 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
+        shard.metrics_accepted_socket();
         if shard.open_connections.get() >= shard.config.limits.connections_per_shard_max {
-            shard.metrics_refused();
+            shard.metrics_refused(ErrorCode::ServerBusy);
             glommio::spawn_local(refuse_busy(stream)).detach();
             continue;
         }
@@ -177,6 +178,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
             shard.connection_closed_before_session();
         }
         Err((code, message, retry)) => {
+            shard.metrics_refused(code);
             shard.connection_closed_before_session();
             fatal_close(stream, code, message, retry).await;
         }
@@ -317,7 +319,7 @@ pub fn adopt_handoff(shard: Rc<Shard>, fd: OwnedFd, device: InboxKey, buffered: 
     // into the stream (into_raw_fd gives it up).
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     if shard.open_connections.get() >= shard.config.limits.connections_per_shard_max {
-        shard.metrics_refused();
+        shard.metrics_refused(ErrorCode::ServerBusy);
         glommio::spawn_local(refuse_busy(stream)).detach();
         return;
     }
@@ -340,16 +342,18 @@ fn start_session(
 ) {
     let conn = shard.open_session(device, version);
     shard.metrics_session_opened();
-    glommio::spawn_local(async move {
+    let fut = async move {
         let stream = run_session(&shard, &conn, stream, buffered).await;
         shard.close_session(&conn);
         shard.metrics_session_closed();
-        if let Some(stream) = stream {
-            linger_close(stream).await;
-        }
         shard.open_connections.set(shard.open_connections.get() - 1);
-    })
-    .detach();
+        if let Some(stream) = stream {
+            // Its own task: the linger's buffer and timer must not enlarge
+            // every session's future.
+            glommio::spawn_local(linger_close(stream)).detach();
+        }
+    };
+    glommio::spawn_local(fut).detach();
 }
 
 enum IoEvent {
@@ -369,24 +373,13 @@ async fn run_session(
     mut stream: TcpStream,
     mut inbuf: BytesMut,
 ) -> Option<TcpStream> {
-    let limits = &shard.config.limits;
     loop {
         let mut handled = 0u32;
-        while !conn.is_closing() && !backpressured(shard, conn) {
-            match proto::split_frame(&mut inbuf, limits.frame_bytes_max) {
-                Ok(None) => break,
-                Ok(Some((frame_type, body))) => {
-                    shard.metrics_frame_in(frame_type);
-                    if !client_may_send_in_session(frame_type) {
-                        conn.fatal(ErrorCode::UnexpectedFrame, "frame not allowed in a session");
-                        break;
-                    }
-                    match Frame::decode(frame_type, body) {
-                        Ok(frame) => shard.on_frame(conn, frame).await,
-                        Err(err) => conn.fatal(err.code(), "malformed frame"),
-                    }
-                }
-                Err(err) => conn.fatal(err.code(), "bad frame"),
+        loop {
+            match next_step(shard, conn, &mut inbuf) {
+                Step::Idle => break,
+                Step::Handled => {}
+                Step::Wait(wait) => wait.await,
             }
             handled += 1;
             if handled >= FRAMES_PER_TURN {
@@ -409,6 +402,50 @@ async fn run_session(
             IoEvent::Gone => return None,
             IoEvent::Flushed => return Some(stream),
         }
+    }
+}
+
+enum Step {
+    /// Nothing more to do before more bytes arrive (or the close).
+    Idle,
+    /// One frame handled.
+    Handled,
+    /// One frame handled; its requests wait for room in a full channel.
+    Wait(Pin<Box<dyn Future<Output = ()>>>),
+}
+
+/// Decodes and handles the next buffered frame. Synchronous so no decoded
+/// frame is ever held across an await, which keeps every connection task's
+/// future small.
+fn next_step(shard: &Rc<Shard>, conn: &Rc<Conn>, inbuf: &mut BytesMut) -> Step {
+    if conn.is_closing() || backpressured(shard, conn) {
+        return Step::Idle;
+    }
+    let frame_bytes_max = shard.config.limits.frame_bytes_max;
+    let (frame_type, body) = match proto::split_frame(inbuf, frame_bytes_max) {
+        Ok(None) => return Step::Idle,
+        Ok(Some(split)) => split,
+        Err(err) => {
+            conn.fatal(err.code(), "bad frame");
+            return Step::Idle;
+        }
+    };
+    shard.metrics_frame_in(frame_type);
+    if !client_may_send_in_session(frame_type) {
+        conn.fatal(ErrorCode::UnexpectedFrame, "frame not allowed in a session");
+        return Step::Idle;
+    }
+    let frame = match Frame::decode(frame_type, body) {
+        Ok(frame) => frame,
+        Err(err) => {
+            conn.fatal(err.code(), "malformed frame");
+            return Step::Idle;
+        }
+    };
+    let outbound = shard.on_frame(conn, frame);
+    match shard.forward(outbound) {
+        Some(wait) => Step::Wait(wait),
+        None => Step::Handled,
     }
 }
 

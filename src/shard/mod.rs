@@ -19,6 +19,8 @@ pub mod server;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,6 +58,14 @@ fn channel_item<T>(err: glommio::GlommioError<T>) -> Option<T> {
         | glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(item)) => Some(item),
         _ => None,
     }
+}
+
+/// Requests a frame produced for other shards.
+#[derive(Debug)]
+pub enum Outbound {
+    None,
+    One(ShardId, Request),
+    Many(Vec<(ShardId, Request)>),
 }
 
 /// What to do once the log is durable up to a ticket.
@@ -208,22 +218,80 @@ impl Shard {
     }
 
     /// Handles one frame of an authenticated session.
-    pub async fn on_frame(self: &Rc<Self>, conn: &Rc<Conn>, frame: Frame) {
+    ///
+    /// Synchronous: work for this shard is done here; what other shards must
+    /// do is returned, and the connection task sends it (waiting while a
+    /// channel is full). Keeping the waits out of this function keeps every
+    /// connection task's future small.
+    pub fn on_frame(self: &Rc<Self>, conn: &Rc<Conn>, frame: Frame) -> Outbound {
         conn.state.borrow_mut().last_activity_s = self.now_s();
         match frame {
-            Frame::Send(send) => self.on_send(conn, send).await,
-            Frame::Ack(ack) => self.on_ack(conn, ack).await,
-            Frame::ReadReceipt(read) => self.on_read_receipt(conn, read).await,
-            Frame::Ping(ping) => conn.enqueue(&Frame::Pong(pb::Pong { nonce: ping.nonce })),
-            Frame::Pong(_) => {}
-            other => conn.fatal(
-                ErrorCode::UnexpectedFrame,
-                match other {
-                    Frame::Hello(_) | Frame::Register(_) => "already authenticated",
-                    _ => "a client does not send this frame type",
-                },
-            ),
+            Frame::Send(send) => self.on_send(conn, send),
+            Frame::Ack(ack) => self.on_ack(conn, ack),
+            Frame::ReadReceipt(read) => self.on_read_receipt(conn, read),
+            Frame::Ping(ping) => {
+                conn.enqueue(&Frame::Pong(pb::Pong { nonce: ping.nonce }));
+                Outbound::None
+            }
+            Frame::Pong(_) => Outbound::None,
+            other => {
+                conn.fatal(
+                    ErrorCode::UnexpectedFrame,
+                    match other {
+                        Frame::Hello(_) | Frame::Register(_) => "already authenticated",
+                        _ => "a client does not send this frame type",
+                    },
+                );
+                Outbound::None
+            }
         }
+    }
+
+    /// Handles a request addressed here at once, or returns it for sending.
+    fn route(self: &Rc<Self>, target: ShardId, request: Request) -> Option<(ShardId, Request)> {
+        if target == self.id {
+            self.handle_request(request);
+            None
+        } else {
+            Some((target, request))
+        }
+    }
+
+    /// Sends what `on_frame` returned to other shards. A channel with room
+    /// takes the request at once; only when one is full (backpressure) is a
+    /// boxed wait returned for the connection task to await, so the task's
+    /// own future stays small and the common path allocates nothing.
+    pub fn forward(
+        self: &Rc<Self>,
+        outbound: Outbound,
+    ) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
+        let mut blocked = Vec::new();
+        let mut offer = |target: ShardId, request: Request| {
+            let sender = self.requests[target.0 as usize]
+                .as_ref()
+                .expect("a channel to every other shard");
+            if let Err(err) = sender.try_send(request) {
+                blocked.extend(channel_item(err).map(|request| (target, request)));
+            }
+        };
+        match outbound {
+            Outbound::None => return None,
+            Outbound::One(target, request) => offer(target, request),
+            Outbound::Many(requests) => {
+                for (target, request) in requests {
+                    offer(target, request);
+                }
+            }
+        }
+        if blocked.is_empty() {
+            return None;
+        }
+        let shard = self.clone();
+        Some(Box::pin(async move {
+            for (target, request) in blocked {
+                shard.route_request(target, request).await;
+            }
+        }))
     }
 
     fn refuse_send(conn: &Conn, client_message_id: u64, code: ErrorCode, message: &str) {
@@ -236,10 +304,10 @@ impl Shard {
         }));
     }
 
-    async fn on_send(self: &Rc<Self>, conn: &Rc<Conn>, send: pb::Send) {
+    fn on_send(self: &Rc<Self>, conn: &Rc<Conn>, send: pb::Send) -> Outbound {
         if let Err(code) = crate::session::check_send(&send, &self.config.limits) {
             Self::refuse_send(conn, send.client_message_id, code, "send refused");
-            return;
+            return Outbound::None;
         }
         let recipient = UserId(send.recipient_user_id);
         if !self.meta.user_exists(recipient) {
@@ -249,7 +317,7 @@ impl Shard {
                 ErrorCode::UnknownRecipient,
                 "no such user",
             );
-            return;
+            return Outbound::None;
         }
         conn.state.borrow_mut().sends_in_flight += 1;
         let request = Request::Store {
@@ -262,17 +330,20 @@ impl Shard {
             recipient,
             payload: send.payload,
         };
-        self.route_request(self.home_of(recipient), request).await;
+        match self.route(self.home_of(recipient), request) {
+            Some((target, request)) => Outbound::One(target, request),
+            None => Outbound::None,
+        }
     }
 
-    async fn on_ack(self: &Rc<Self>, conn: &Rc<Conn>, ack: pb::Ack) {
+    fn on_ack(self: &Rc<Self>, conn: &Rc<Conn>, ack: pb::Ack) -> Outbound {
         if ack.sequences.len() > self.config.limits.ids_per_frame_max as usize {
             conn.enqueue(&error_frame(
                 ErrorCode::TooManyIds,
                 "too many sequences in one Ack",
                 false,
             ));
-            return;
+            return Outbound::None;
         }
         let list: Vec<InboxSeq> = ack.sequences.iter().map(|&s| InboxSeq(s)).collect();
         let outcome = self
@@ -288,18 +359,19 @@ impl Shard {
                     "ack not recorded",
                     false,
                 ));
-                return;
+                return Outbound::None;
             }
         };
         conn.state
             .borrow_mut()
             .window
             .on_ack(ack.up_to_sequence, &ack.sequences);
-        self.metrics.add_acked(outcome.removed as u64);
+        self.metrics.messages_acked.add(outcome.acked_messages.len() as u64);
         self.kick_commit();
         // One delivered receipt per sender device, listing its message ids.
         let mut acked = outcome.acked_messages;
         acked.sort_by_key(|m| m.sender);
+        let mut remote = Vec::new();
         let mut start = 0;
         while start < acked.len() {
             let sender = acked[start].sender;
@@ -315,19 +387,27 @@ impl Shard {
                 by: conn.device,
                 client_message_ids: ids,
             };
-            self.route_request(self.home_of(sender.user), request).await;
+            remote.extend(self.route(self.home_of(sender.user), request));
         }
         self.pump(conn);
+        match remote.len() {
+            0 => Outbound::None,
+            1 => {
+                let (target, request) = remote.pop().expect("one element");
+                Outbound::One(target, request)
+            }
+            _ => Outbound::Many(remote),
+        }
     }
 
-    async fn on_read_receipt(self: &Rc<Self>, conn: &Rc<Conn>, read: pb::ReadReceipt) {
+    fn on_read_receipt(self: &Rc<Self>, conn: &Rc<Conn>, read: pb::ReadReceipt) -> Outbound {
         if read.client_message_ids.len() > self.config.limits.ids_per_frame_max as usize {
             conn.enqueue(&error_frame(
                 ErrorCode::TooManyIds,
                 "too many ids in one ReadReceipt",
                 false,
             ));
-            return;
+            return Outbound::None;
         }
         let sender = UserId(read.sender_user_id);
         if !self.meta.user_exists(sender) || read.client_message_ids.is_empty() {
@@ -336,7 +416,7 @@ impl Shard {
                 "read receipt for an unknown sender",
                 false,
             ));
-            return;
+            return Outbound::None;
         }
         let request = Request::StoreReceipt {
             recipient: InboxKey {
@@ -347,7 +427,10 @@ impl Shard {
             by: conn.device,
             client_message_ids: read.client_message_ids,
         };
-        self.route_request(self.home_of(sender), request).await;
+        match self.route(self.home_of(sender), request) {
+            Some((target, request)) => Outbound::One(target, request),
+            None => Outbound::None,
+        }
     }
 
     /// Handles a request here or sends it to its shard, waiting while that
@@ -413,7 +496,7 @@ impl Shard {
                 });
                 match appended {
                     Ok(appended) => {
-                        self.metrics.add_accepted(1);
+                        self.metrics.messages_accepted.inc();
                         self.note_unsettled(inbox, appended.seq.0);
                         self.push_after_commit(
                             appended.ticket,
@@ -460,7 +543,7 @@ impl Shard {
                 });
                 match appended {
                     Ok(appended) => {
-                        self.metrics.add_receipts(1);
+                        self.metrics.receipts_sent.inc();
                         self.note_unsettled(recipient, appended.seq.0);
                         self.push_after_commit(
                             appended.ticket,
@@ -481,7 +564,7 @@ impl Shard {
                 device,
                 buffered,
             } => {
-                self.metrics.add_handoff_in();
+                self.metrics.handoffs_in.inc();
                 crate::net::adopt_handoff(self.clone(), fd, device, buffered);
             }
         }
@@ -710,8 +793,9 @@ impl Shard {
                             }
                         };
                         frame.encode(&mut state.out);
+                        Conn::note_encoded(&frame);
                         state.window.on_sent(seq.0, bytes);
-                        self.metrics.add_delivered(1);
+                        self.metrics.messages_delivered.inc();
                         wrote = true;
                     }
                     Ok(None) => state.window.on_skipped(seq.0),
@@ -735,13 +819,41 @@ impl Shard {
 
     // ---- metrics --------------------------------------------------------
 
-    pub fn metrics_refused(&self) {}
-    pub fn metrics_handoff_out(&self) {}
-    pub fn metrics_registered(&self) {}
-    pub fn metrics_auth_failed(&self) {}
-    pub fn metrics_session_opened(&self) {}
-    pub fn metrics_session_closed(&self) {}
-    pub fn metrics_frame_in(&self, _frame_type: crate::proto::FrameType) {}
+    pub fn metrics_refused(&self, code: ErrorCode) {
+        self.metrics.refusals.record(code);
+    }
+    pub fn metrics_handoff_out(&self) {
+        self.metrics.handoffs_out.inc();
+    }
+    pub fn metrics_registered(&self) {
+        self.metrics.registrations.inc();
+    }
+    pub fn metrics_auth_failed(&self) {
+        self.metrics.auth_failures.inc();
+    }
+    pub fn metrics_accepted_socket(&self) {
+        self.metrics.accepts.inc();
+    }
+    pub fn metrics_session_opened(&self) {
+        self.metrics.connections.inc();
+    }
+    pub fn metrics_session_closed(&self) {
+        self.metrics.connections.dec();
+    }
+    pub fn metrics_frame_in(&self, frame_type: crate::proto::FrameType) {
+        self.metrics.frames_in[frame_type.index()].inc();
+    }
+    pub fn metrics_frame_out(&self, frame_type: crate::proto::FrameType) {
+        self.metrics.frames_out[frame_type.index()].inc();
+    }
+
+    /// Refreshes the gauges that mirror the log (called by maintenance).
+    pub fn publish_log_gauges(&self) {
+        let stats = self.log.borrow().stats();
+        self.metrics.inbox_depth.set(stats.entries_pending as i64);
+        self.metrics.log_bytes.set(stats.bytes_on_disk as i64);
+        self.metrics.log_segments.set(stats.segments as i64);
+    }
 
     /// A socket that never became a session here (closed or handed off).
     pub fn connection_closed_before_session(&self) {
@@ -791,7 +903,8 @@ impl Shard {
                     std::process::exit(70);
                 }
                 self.metrics
-                    .record_commit_latency_us(started.elapsed().as_micros() as u64);
+                    .commit_latency
+                    .record_us(started.elapsed().as_micros() as u64);
                 self.log.borrow_mut().finish_commit(batch);
             }
             self.drain_durable();

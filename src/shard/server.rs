@@ -225,6 +225,7 @@ pub fn run(
 
 async fn shard_main(start: ShardStart) {
     let id = start.id;
+    crate::net::conn::set_thread_metrics(start.metrics.clone());
     let log_dir = start.config.server.data_dir.join(format!("shard-{}", id.0));
     let opened = Log::open(&log_dir, id, &start.config.store, Rc::new(SystemClock));
     let log = match opened {
@@ -312,7 +313,7 @@ async fn shard_main(start: ShardStart) {
     // SAFETY: the descriptor is a bound, listening, non-blocking TCP socket
     // made by `bind_listeners`, owned by nothing else from here on.
     let listener = unsafe { TcpListener::from_raw_fd(start.listener.into_raw_fd()) };
-    shard.metrics.set_ready(true);
+    shard.metrics.set_recovered(true);
     let _ = start.ready.send(Ok(id));
     crate::net::accept_loop(shard.clone(), listener).await;
 
@@ -356,9 +357,13 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
         if last_expiry.elapsed() >= Duration::from_secs(10) {
             last_expiry = Instant::now();
             let expired = shard.log.borrow_mut().expire_and_reclaim();
+            shard.publish_log_gauges();
             match expired {
                 Ok(0) => {}
-                Ok(n) => info!(shard = %shard.id, expired = n, "expired inbox entries dropped"),
+                Ok(n) => {
+                    shard.metrics.messages_expired.add(n);
+                    info!(shard = %shard.id, expired = n, "expired inbox entries dropped")
+                }
                 Err(err) => warn!(shard = %shard.id, %err, "expiry pass failed"),
             }
         }

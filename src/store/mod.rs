@@ -8,16 +8,36 @@
 //! commit task awaits `CommitBatch::sync` (an fdatasync that does not block
 //! the executor), then `finish_commit` advances the durable ticket.
 //!
-//! THIS FILE IS THE CONTRACT between the store and the shard. The bodies are
-//! placeholders until the store lands.
-
-use std::path::Path;
-use std::rc::Rc;
+//! This file holds the types the shard uses; the implementation is split by
+//! concern: `record` (the sans-IO record format), `segment` (files and
+//! mappings), `inbox` (the in-memory index and dedupe table), `recovery`
+//! (the scan and its rules table), `log` (the `Log`), `commit` (group
+//! commit), `storage` (the fault-injection seam) and `inspect` (the
+//! read-only `switchboard log inspect`). The on-disk format is documented
+//! in `docs/store.md`.
+//!
+//! Invariants: a sequence of a durable record is never assigned again in
+//! its inbox, across restarts and reclamation (only appends lost before
+//! their commit can see their sequence reused); an ack record outlives
+//! every record it acknowledged; a record is reported durable only after
+//! an fsync submitted after it was written has returned.
 
 use bytes::Bytes;
 
-use crate::config::StoreConfig;
-use crate::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
+use crate::ids::{ClientMessageId, InboxKey, InboxSeq};
+
+mod commit;
+pub mod inbox;
+pub mod inspect;
+mod log;
+pub mod record;
+pub mod recovery;
+pub mod segment;
+pub mod storage;
+
+pub use commit::CommitBatch;
+pub use inspect::{inspect, InspectReport};
+pub use log::{Log, MultiAppended, DEDUPE_CAPACITY_DEFAULT};
 
 /// Wall-clock milliseconds since the Unix epoch; injected so expiry is tested
 /// without waiting.
@@ -180,117 +200,4 @@ pub struct LogStats {
     pub inboxes: u64,
     pub entries_pending: u64,
     pub expired_total: u64,
-}
-
-/// Work for one group commit: the files and ranges to make durable.
-pub struct CommitBatch {
-    pub ticket: CommitTicket,
-}
-
-impl CommitBatch {
-    /// Makes the batch durable without blocking the executor.
-    /// Cancel safety: dropping the future leaves the batch unfinished; call
-    /// `begin_commit` again.
-    pub async fn sync(&self) -> Result<(), StoreError> {
-        todo!("store")
-    }
-}
-
-/// One shard's log.
-pub struct Log {
-    _private: (),
-}
-
-impl Log {
-    /// Opens (creating if absent) the shard's log under `dir`, recovering
-    /// inboxes and dedupe state from its segments.
-    pub fn open(
-        _dir: &Path,
-        _shard: ShardId,
-        _config: &StoreConfig,
-        _clock: Rc<dyn Clock>,
-    ) -> Result<(Log, RecoveryReport), StoreError> {
-        todo!("store")
-    }
-
-    /// A message with the same sender device and client id still known.
-    pub fn find_duplicate(
-        &self,
-        _sender: InboxKey,
-        _client_message_id: ClientMessageId,
-    ) -> Option<Duplicate> {
-        todo!("store")
-    }
-
-    /// Assigns the recipient inbox's next sequence and appends.
-    pub fn append_message(&mut self, _message: &NewMessage<'_>) -> Result<Appended, StoreError> {
-        todo!("store")
-    }
-
-    pub fn append_receipt(&mut self, _receipt: &NewReceipt<'_>) -> Result<Appended, StoreError> {
-        todo!("store")
-    }
-
-    /// Removes acknowledged entries (`seq <= up_to` and each of `list`) from
-    /// the inbox and appends an ack record. Unknown sequences are ignored.
-    pub fn ack(
-        &mut self,
-        _inbox: InboxKey,
-        _up_to: InboxSeq,
-        _list: &[InboxSeq],
-    ) -> Result<AckOutcome, StoreError> {
-        todo!("store")
-    }
-
-    /// Up to `max` pending entries of `inbox` with `seq > after`, in order.
-    pub fn pending_after(
-        &self,
-        _inbox: InboxKey,
-        _after: InboxSeq,
-        _max: usize,
-        _out: &mut Vec<(InboxSeq, LogPosition)>,
-    ) {
-        todo!("store")
-    }
-
-    /// Pending (unacknowledged, unexpired) entries of `inbox`.
-    pub fn pending_count(&self, _inbox: InboxKey) -> u64 {
-        todo!("store")
-    }
-
-    /// Reads an entry back (payload copied out of the mapping). Returns
-    /// `Ok(None)` if it expired.
-    pub fn read(&self, _position: LogPosition) -> Result<Option<StoredEntry>, StoreError> {
-        todo!("store")
-    }
-
-    /// Drops expired entries and reclaims segments with no live record.
-    pub fn expire_and_reclaim(&mut self) -> Result<u64, StoreError> {
-        todo!("store")
-    }
-
-    /// Snapshots what is written but not durable; `None` when nothing is.
-    pub fn begin_commit(&mut self) -> Option<CommitBatch> {
-        todo!("store")
-    }
-
-    /// Records that `batch` is durable.
-    pub fn finish_commit(&mut self, _batch: CommitBatch) {
-        todo!("store")
-    }
-
-    /// Every append with a ticket at or below this is durable at the
-    /// configured level.
-    pub fn durable_ticket(&self) -> CommitTicket {
-        todo!("store")
-    }
-
-    /// Ticket of the latest append.
-    pub fn appended_ticket(&self) -> CommitTicket {
-        todo!("store")
-    }
-
-    pub fn stats(&self) -> LogStats {
-        todo!("store")
-    }
 }

@@ -51,7 +51,7 @@ impl Server {
             command.arg("--listen").arg(self.addr.to_string());
         }
         let mut child = command
-            .env("SWITCHBOARD_LOG", "warn")
+            .env("SWITCHBOARD_LOG", std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -162,7 +162,9 @@ impl RawClient {
     }
 
     pub fn send(&mut self, frame: &Frame) {
-        self.stream.write_all(&frame.to_bytes()).expect("write frame");
+        self.stream
+            .write_all(&frame.to_bytes())
+            .expect("write frame");
     }
 
     pub fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -179,7 +181,10 @@ impl RawClient {
                 return Some(frame);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no frame from the server within {timeout:?}");
+            assert!(
+                !left.is_zero(),
+                "no frame from the server within {timeout:?}"
+            );
             self.stream.set_read_timeout(Some(left)).unwrap();
             let mut chunk = [0u8; 16 * 1024];
             match self.stream.read(&mut chunk) {

@@ -1,0 +1,1288 @@
+//! The `Log`: appends, inboxes, acks, expiry, reclamation and recovery of
+//! one shard's segment directory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+
+use crate::config::{Durability, StoreConfig};
+use crate::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
+
+use super::commit::{CommitBatch, CommitShared};
+use super::inbox::{Dedupe, DedupeValue, Entry, Inboxes};
+use super::record::{
+    decode, encode_inbox_seqs, encode_u64s, peek_expires_ms, InboxSeqList, Record, U64List,
+};
+use super::recovery::scan_segment;
+use super::segment::{self, Segment, SegmentHeader, SyncHandle, SEGMENT_HEADER_BYTES};
+use super::storage::{is_out_of_space, RealStorage, Storage};
+use super::{
+    AckOutcome, AckedMessage, Appended, Clock, CommitTicket, Corruption, Duplicate, LogPosition,
+    LogStats, NewMessage, NewReceipt, ReceiptKind, RecoveryReport, StoreError, StoredEntry,
+    StoredMessage, StoredReceipt,
+};
+
+/// Default bound of the dedupe table until `set_dedupe_capacity` is called
+/// (the default of `limits.dedupe_entries_max`).
+pub const DEDUPE_CAPACITY_DEFAULT: usize = 4_194_304;
+
+/// Longest gap between two expiry sweeps over all inboxes while some entry
+/// has expired but no whole segment has, ms.
+const EXPIRY_SWEEP_INTERVAL_MS: u64 = 60_000;
+
+/// Inbox floors per floor record (20 bytes each).
+const FLOORS_PER_RECORD_MAX: usize = 512;
+
+/// Bookkeeping of one segment, kept apart from its mapping so recovery can
+/// read the mapping while updating the counters.
+#[derive(Debug)]
+struct SegmentMeta {
+    /// Pending inbox entries whose record is here.
+    live: u64,
+    /// Inboxes whose highest assigned sequence is recorded here.
+    seq_holders: u64,
+    records: u64,
+    min_expiry_ms: u64,
+    max_expiry_ms: u64,
+    /// Segments holding entries that ack records here removed: while any of
+    /// them exists, this segment must too, or recovery would resurrect them.
+    ack_refs: Vec<u32>,
+    /// Deletion waits until this ticket is durable (the floors carried out).
+    delete_after: Option<u64>,
+}
+
+impl Default for SegmentMeta {
+    fn default() -> Self {
+        SegmentMeta {
+            live: 0,
+            seq_holders: 0,
+            records: 0,
+            min_expiry_ms: u64::MAX,
+            max_expiry_ms: 0,
+            ack_refs: Vec::new(),
+            delete_after: None,
+        }
+    }
+}
+
+/// Inboxes, dedupe and per-segment counters: everything rebuilt from the log.
+struct State {
+    meta: BTreeMap<u32, SegmentMeta>,
+    inboxes: Inboxes,
+    dedupe: Dedupe,
+    pending_total: u64,
+    /// Set when a segment may have become deletable.
+    reclaim_wanted: bool,
+}
+
+impl State {
+    fn note_seq(&mut self, key: InboxKey, seq: u64, segment: u32) {
+        let inbox = self.inboxes.entry(key).or_default();
+        if seq <= inbox.last_seq {
+            return;
+        }
+        if let Some(old) = self.meta.get_mut(&inbox.last_seq_segment) {
+            old.seq_holders -= 1;
+            if old.seq_holders == 0 && old.live == 0 {
+                self.reclaim_wanted = true;
+            }
+        }
+        inbox.last_seq = seq;
+        inbox.last_seq_segment = segment;
+        self.meta
+            .get_mut(&segment)
+            .expect("segment of record")
+            .seq_holders += 1;
+    }
+
+    fn index(&mut self, key: InboxKey, entry: Entry, expires_ms: u64) {
+        let inbox = self.inboxes.entry(key).or_default();
+        if inbox.push(entry) {
+            let meta = self.meta.get_mut(&entry.segment).expect("segment of entry");
+            meta.live += 1;
+            meta.min_expiry_ms = meta.min_expiry_ms.min(expires_ms);
+            meta.max_expiry_ms = meta.max_expiry_ms.max(expires_ms);
+            self.pending_total += 1;
+        }
+    }
+
+    fn apply_ack(
+        &mut self,
+        ack_segment: u32,
+        key: InboxKey,
+        up_to: u64,
+        list: U64List<'_>,
+        removed: &mut Vec<Entry>,
+    ) {
+        let Some(inbox) = self.inboxes.get_mut(&key) else {
+            return;
+        };
+        let start = removed.len();
+        inbox.ack(up_to, list.iter(), |e| removed.push(e));
+        for e in &removed[start..] {
+            self.pending_total -= 1;
+            if let Some(meta) = self.meta.get_mut(&e.segment) {
+                meta.live -= 1;
+                if meta.live == 0 {
+                    self.reclaim_wanted = true;
+                }
+            }
+            if e.segment != ack_segment {
+                let refs = &mut self
+                    .meta
+                    .get_mut(&ack_segment)
+                    .expect("ack segment")
+                    .ack_refs;
+                if !refs.contains(&e.segment) {
+                    refs.push(e.segment);
+                }
+            }
+        }
+    }
+
+    /// Applies one record found by recovery.
+    fn recover(&mut self, segment: u32, offset: u32, record: &Record<'_>, now_ms: u64) {
+        self.meta
+            .get_mut(&segment)
+            .expect("scanned segment")
+            .records += 1;
+        let entry = |seq: InboxSeq| Entry {
+            seq: seq.0,
+            segment,
+            offset,
+        };
+        match *record {
+            Record::Message {
+                recipient,
+                seq,
+                sender,
+                client_message_id,
+                timestamp_ms,
+                expires_ms,
+                ..
+            } => {
+                self.note_seq(recipient, seq.0, segment);
+                self.dedupe.insert(
+                    sender,
+                    client_message_id,
+                    DedupeValue {
+                        recipient,
+                        seq,
+                        timestamp_ms,
+                        ticket: 0,
+                    },
+                );
+                if expires_ms > now_ms {
+                    self.index(recipient, entry(seq), expires_ms);
+                }
+            }
+            Record::Receipt {
+                recipient,
+                seq,
+                expires_ms,
+                ..
+            } => {
+                self.note_seq(recipient, seq.0, segment);
+                if expires_ms > now_ms {
+                    self.index(recipient, entry(seq), expires_ms);
+                }
+            }
+            Record::MultiMessage {
+                sender,
+                client_message_id,
+                timestamp_ms,
+                expires_ms,
+                recipients,
+                ..
+            } => {
+                for (i, (recipient, seq)) in recipients.iter().enumerate() {
+                    self.note_seq(recipient, seq.0, segment);
+                    if i == 0 {
+                        self.dedupe.insert(
+                            sender,
+                            client_message_id,
+                            DedupeValue {
+                                recipient,
+                                seq,
+                                timestamp_ms,
+                                ticket: 0,
+                            },
+                        );
+                    }
+                    if expires_ms > now_ms {
+                        self.index(recipient, entry(seq), expires_ms);
+                    }
+                }
+            }
+            Record::Ack { inbox, up_to, list } => {
+                let mut removed = Vec::new();
+                self.apply_ack(segment, inbox, up_to.0, list, &mut removed);
+            }
+            Record::InboxFloor { floors } => {
+                for (inbox, seq) in floors.iter() {
+                    self.note_seq(inbox, seq.0, segment);
+                }
+            }
+        }
+    }
+}
+
+/// What a multi-recipient append assigned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultiAppended {
+    /// Each distinct recipient and the sequence it got, in the given order.
+    pub seqs: Vec<(InboxKey, InboxSeq)>,
+    pub position: LogPosition,
+    pub timestamp_ms: u64,
+    pub ticket: CommitTicket,
+}
+
+/// One shard's log. `!Send`: owned and used by the shard's thread only.
+pub struct Log {
+    dir: PathBuf,
+    shard: ShardId,
+    segment_size_bytes: u32,
+    log_bytes_max: u64,
+    durability: Durability,
+    ttl_ms: u64,
+    clock: Rc<dyn Clock>,
+    storage: Rc<dyn Storage>,
+    segments: BTreeMap<u32, Segment>,
+    state: State,
+    active: u32,
+    next_segment_seq: u32,
+    appended: u64,
+    durable: u64,
+    last_timestamp_ms: u64,
+    dirty: Vec<Rc<SyncHandle>>,
+    dir_dirty: bool,
+    /// Segments unlinked whose directory entry removal is not yet synced.
+    undurable_unlinks: Vec<u32>,
+    dir_handle: Rc<SyncHandle>,
+    commit: Rc<CommitShared>,
+    latency_us: Histogram<u64>,
+    expired_total: u64,
+    last_sweep_ms: u64,
+    scratch: Vec<u8>,
+    removed_scratch: Vec<Entry>,
+    reclaim_scratch: Vec<u32>,
+    /// Every record before this position is durable (fsync level).
+    durable_end: LogPosition,
+}
+
+fn corrupt(position: LogPosition, reason: &'static str) -> StoreError {
+    StoreError::Corrupt {
+        segment: position.segment,
+        offset: position.offset,
+        reason,
+    }
+}
+
+impl Log {
+    /// Opens (creating if absent) the shard's log under `dir`, recovering
+    /// inboxes and dedupe state from its segments.
+    pub fn open(
+        dir: &Path,
+        shard: ShardId,
+        config: &StoreConfig,
+        clock: Rc<dyn Clock>,
+    ) -> Result<(Log, RecoveryReport), StoreError> {
+        Log::open_with_storage(dir, shard, config, clock, Rc::new(RealStorage))
+    }
+
+    /// `open` with an injected `Storage` (fault injection in tests).
+    pub fn open_with_storage(
+        dir: &Path,
+        shard: ShardId,
+        config: &StoreConfig,
+        clock: Rc<dyn Clock>,
+        storage: Rc<dyn Storage>,
+    ) -> Result<(Log, RecoveryReport), StoreError> {
+        let segment_size_bytes = config.segment_size_bytes;
+        if segment_size_bytes < 4096 || segment_size_bytes > u32::MAX as u64 {
+            return Err(StoreError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "store.segment_size_bytes must be between 4 KiB and 4 GiB",
+            )));
+        }
+        // Keep records 8-byte aligned up to the very end of a segment.
+        let segment_size_bytes = (segment_size_bytes as u32) & !7;
+        std::fs::create_dir_all(dir)?;
+        let dir_file = File::open(dir)?;
+        let listed = segment::list(dir)?;
+        let mut report = RecoveryReport::default();
+        let mut removed_any = false;
+
+        let mut segments = BTreeMap::new();
+        let mut state = State {
+            meta: BTreeMap::new(),
+            inboxes: Inboxes::new(),
+            dedupe: Dedupe::new(DEDUPE_CAPACITY_DEFAULT),
+            pending_total: 0,
+            reclaim_wanted: true,
+        };
+        let max_seq_on_disk = listed.last().map_or(0, |l| l.0);
+        for (i, (seq, path)) in listed.iter().enumerate() {
+            let is_last = i + 1 == listed.len();
+            let size = std::fs::metadata(path)?.len();
+            if size < SEGMENT_HEADER_BYTES as u64 * 2 || size > u32::MAX as u64 {
+                if is_last && size < SEGMENT_HEADER_BYTES as u64 * 2 {
+                    // Created but not yet preallocated when the process died.
+                    storage.remove(path)?;
+                    removed_any = true;
+                } else {
+                    report.corruptions.push(Corruption {
+                        segment: *seq,
+                        offset: 0,
+                        reason: "segment file has an impossible size",
+                    });
+                }
+                continue;
+            }
+            let seg = Segment::open(*seq, path.clone())?;
+            match SegmentHeader::decode(&seg.map) {
+                Ok(h)
+                    if h.shard == shard.0
+                        && h.seq == *seq
+                        && h.size_bytes == seg.map.len() as u64 =>
+                {
+                    state.meta.insert(*seq, SegmentMeta::default());
+                    segments.insert(*seq, seg);
+                }
+                Ok(_) => report.corruptions.push(Corruption {
+                    segment: *seq,
+                    offset: 0,
+                    reason: "segment header names another shard, sequence or size",
+                }),
+                Err(reason) => {
+                    if is_last && seg.map.iter().all(|&b| b == 0) {
+                        // Created but never written before a crash.
+                        drop(seg);
+                        storage.remove(path)?;
+                        removed_any = true;
+                    } else {
+                        report.corruptions.push(Corruption {
+                            segment: *seq,
+                            offset: 0,
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+
+        let now_ms = clock.now_ms();
+        let last_seq = segments.keys().next_back().copied();
+        let mut last_timestamp_ms = 0;
+        for (&seq, seg) in segments.iter_mut() {
+            let outcome = scan_segment(seq, &seg.map, |offset, record| {
+                if let Some(t) = record.timestamp_ms() {
+                    last_timestamp_ms = last_timestamp_ms.max(t);
+                }
+                state.recover(seq, offset, record, now_ms);
+            });
+            report.records += outcome.records;
+            report
+                .corruptions
+                .extend(outcome.corruptions.iter().copied());
+            seg.write_offset = outcome.end_offset;
+            if let Some((start, end, reason)) = outcome.tail_garbage {
+                if Some(seq) == last_seq {
+                    // Torn tail: zero it so later appends never sit next to
+                    // stale bytes, and make the zeroing durable before use.
+                    seg.map[start as usize..end as usize].fill(0);
+                    seg.map
+                        .flush_range(start as usize, (end - start) as usize)?;
+                    report.torn_tail_truncated_bytes += (end - start) as u64;
+                } else {
+                    report.corruptions.push(Corruption {
+                        segment: seq,
+                        offset: start,
+                        reason,
+                    });
+                }
+            }
+        }
+        report.segments = segments.len() as u32;
+        report.messages_pending = state.pending_total;
+
+        let dir_handle = Rc::new(SyncHandle::new(dir.to_path_buf(), dir_file));
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            shard,
+            segment_size_bytes,
+            log_bytes_max: config.log_bytes_max,
+            durability: config.durability,
+            ttl_ms: config.message_ttl_s.saturating_mul(1000),
+            clock,
+            storage,
+            segments,
+            state,
+            active: 0,
+            next_segment_seq: max_seq_on_disk + 1,
+            appended: 0,
+            durable: 0,
+            last_timestamp_ms,
+            dirty: Vec::new(),
+            dir_dirty: false,
+            undurable_unlinks: Vec::new(),
+            dir_handle,
+            commit: Rc::new(CommitShared::default()),
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+            expired_total: 0,
+            last_sweep_ms: 0,
+            scratch: Vec::new(),
+            removed_scratch: Vec::new(),
+            reclaim_scratch: Vec::new(),
+            durable_end: LogPosition {
+                segment: 0,
+                offset: 0,
+            },
+        };
+        match last_seq {
+            Some(seq) => log.active = seq,
+            None => {
+                log.roll(true)?;
+                removed_any = true;
+            }
+        }
+        if removed_any {
+            log.dir_handle.file.sync_all()?;
+        }
+        log.dir_dirty = false;
+        log.dirty.clear();
+        // Everything recovered is as durable as it will get.
+        log.durable_end = log.end_position();
+        log.reclaim_logged();
+        Ok((log, report))
+    }
+
+    /// Bounds the dedupe table (FIFO eviction beyond it).
+    pub fn set_dedupe_capacity(&mut self, entries: usize) {
+        self.state.dedupe.set_capacity(entries);
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        // Timestamps never go backwards within a log, so expiry is monotonic
+        // along each inbox.
+        self.last_timestamp_ms = self.last_timestamp_ms.max(self.clock.now_ms());
+        self.last_timestamp_ms
+    }
+
+    /// A message with the same sender device and client id still known.
+    pub fn find_duplicate(
+        &self,
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+    ) -> Option<Duplicate> {
+        self.state
+            .dedupe
+            .get(sender, client_message_id)
+            .map(|v| Duplicate {
+                recipient: v.recipient,
+                seq: v.seq,
+                timestamp_ms: v.timestamp_ms,
+                ticket: CommitTicket(v.ticket),
+            })
+    }
+
+    fn next_seq(&mut self, inbox: InboxKey) -> InboxSeq {
+        InboxSeq(self.state.inboxes.get(&inbox).map_or(0, |i| i.last_seq) + 1)
+    }
+
+    /// Assigns the recipient inbox's next sequence and appends.
+    pub fn append_message(&mut self, message: &NewMessage<'_>) -> Result<Appended, StoreError> {
+        let now = self.now_ms();
+        let expires_ms = now.saturating_add(self.ttl_ms);
+        let seq = self.next_seq(message.recipient);
+        let record = Record::Message {
+            recipient: message.recipient,
+            seq,
+            sender: message.sender,
+            client_message_id: message.client_message_id,
+            timestamp_ms: now,
+            expires_ms,
+            payload: message.payload,
+        };
+        let (position, ticket) = self.append(&record, false)?;
+        self.state
+            .note_seq(message.recipient, seq.0, position.segment);
+        self.state.index(
+            message.recipient,
+            Entry {
+                seq: seq.0,
+                segment: position.segment,
+                offset: position.offset,
+            },
+            expires_ms,
+        );
+        self.state.dedupe.insert(
+            message.sender,
+            message.client_message_id,
+            DedupeValue {
+                recipient: message.recipient,
+                seq,
+                timestamp_ms: now,
+                ticket,
+            },
+        );
+        Ok(Appended {
+            seq,
+            position,
+            timestamp_ms: now,
+            ticket: CommitTicket(ticket),
+        })
+    }
+
+    pub fn append_receipt(&mut self, receipt: &NewReceipt<'_>) -> Result<Appended, StoreError> {
+        let now = self.now_ms();
+        let expires_ms = now.saturating_add(self.ttl_ms);
+        let seq = self.next_seq(receipt.recipient);
+        let mut ids = std::mem::take(&mut self.scratch);
+        ids.clear();
+        encode_u64s(receipt.client_message_ids.iter().copied(), &mut ids);
+        let record = Record::Receipt {
+            recipient: receipt.recipient,
+            seq,
+            receipt_kind: receipt.kind as u8,
+            by: receipt.by,
+            timestamp_ms: now,
+            expires_ms,
+            client_message_ids: U64List::from_le_bytes(&ids).expect("whole u64s"),
+        };
+        let result = self.append(&record, false);
+        self.scratch = ids;
+        let (position, ticket) = result?;
+        self.state
+            .note_seq(receipt.recipient, seq.0, position.segment);
+        self.state.index(
+            receipt.recipient,
+            Entry {
+                seq: seq.0,
+                segment: position.segment,
+                offset: position.offset,
+            },
+            expires_ms,
+        );
+        Ok(Appended {
+            seq,
+            position,
+            timestamp_ms: now,
+            ticket: CommitTicket(ticket),
+        })
+    }
+
+    /// Appends one payload for several inboxes (a group fan-out on this
+    /// shard): one record, one entry per distinct recipient. Repeated
+    /// recipients are counted once. Dedupe remembers the first recipient.
+    pub fn append_multi_message(
+        &mut self,
+        recipients: &[InboxKey],
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+        payload: &[u8],
+    ) -> Result<MultiAppended, StoreError> {
+        let now = self.now_ms();
+        let expires_ms = now.saturating_add(self.ttl_ms);
+        let mut seqs: Vec<(InboxKey, InboxSeq)> = Vec::with_capacity(recipients.len());
+        for &r in recipients {
+            if !seqs.iter().any(|(k, _)| *k == r) {
+                let seq = self.next_seq(r);
+                seqs.push((r, seq));
+            }
+        }
+        let mut enc = Vec::with_capacity(seqs.len() * 20);
+        encode_inbox_seqs(&seqs, &mut enc);
+        let record = Record::MultiMessage {
+            sender,
+            client_message_id,
+            timestamp_ms: now,
+            expires_ms,
+            recipients: InboxSeqList::from_le_bytes(&enc).expect("whole pairs"),
+            payload,
+        };
+        let (position, ticket) = self.append(&record, false)?;
+        for &(r, seq) in &seqs {
+            self.state.note_seq(r, seq.0, position.segment);
+            self.state.index(
+                r,
+                Entry {
+                    seq: seq.0,
+                    segment: position.segment,
+                    offset: position.offset,
+                },
+                expires_ms,
+            );
+        }
+        if let Some(&(first, seq)) = seqs.first() {
+            self.state.dedupe.insert(
+                sender,
+                client_message_id,
+                DedupeValue {
+                    recipient: first,
+                    seq,
+                    timestamp_ms: now,
+                    ticket,
+                },
+            );
+        }
+        Ok(MultiAppended {
+            seqs,
+            position,
+            timestamp_ms: now,
+            ticket: CommitTicket(ticket),
+        })
+    }
+
+    /// Writes `record` into the active segment (rolling if it does not
+    /// fit). `internal` records (acks, floors) are not refused at
+    /// `log_bytes_max`: they are small and are what lets space be reclaimed.
+    fn append(
+        &mut self,
+        record: &Record<'_>,
+        internal: bool,
+    ) -> Result<(LogPosition, u64), StoreError> {
+        let len = record.framed_len();
+        if len as u64 > (self.segment_size_bytes - SEGMENT_HEADER_BYTES) as u64 {
+            return Err(StoreError::RecordTooLarge(len as u64));
+        }
+        let fits = {
+            let active = &self.segments[&self.active];
+            active.write_offset as usize + len <= active.map.len()
+        };
+        if !fits {
+            self.roll(internal)?;
+        }
+        let seg = self.segments.get_mut(&self.active).expect("active segment");
+        let offset = seg.write_offset as usize;
+        let target = &mut seg.map[offset..offset + len];
+        record.encode(seg.seq, target);
+        debug_assert_eq!(
+            decode(seg.seq, target),
+            Ok((*record, len)),
+            "record reads back as written"
+        );
+        seg.write_offset += len as u32;
+        self.storage
+            .wrote(&seg.handle.path, offset as u64, len as u64);
+        if self.durability == Durability::Fsync
+            && !self.dirty.iter().any(|h| Rc::ptr_eq(h, &seg.handle))
+        {
+            self.dirty.push(seg.handle.clone());
+        }
+        let position = LogPosition {
+            segment: seg.seq,
+            offset: offset as u32,
+        };
+        self.state
+            .meta
+            .get_mut(&seg.seq)
+            .expect("active meta")
+            .records += 1;
+        self.appended += 1;
+        if self.durability == Durability::Os {
+            self.durable = self.appended;
+        }
+        Ok((position, self.appended))
+    }
+
+    /// Creates the next segment and makes it active.
+    fn roll(&mut self, internal: bool) -> Result<(), StoreError> {
+        let size = self.segment_size_bytes as u64;
+        if !internal && self.log_bytes_max != 0 && self.bytes_on_disk() + size > self.log_bytes_max
+        {
+            return Err(StoreError::Full("log_bytes_max reached"));
+        }
+        let seq = self.next_segment_seq;
+        let header = SegmentHeader {
+            shard: self.shard.0,
+            seq,
+            size_bytes: size,
+            created_ms: self.clock.now_ms(),
+        };
+        let seg = Segment::create(&*self.storage, &self.dir, header).map_err(|e| {
+            if is_out_of_space(&e) {
+                StoreError::Full("no space left on the log's file system")
+            } else {
+                StoreError::Io(e)
+            }
+        })?;
+        self.next_segment_seq += 1;
+        if self.durability == Durability::Fsync {
+            self.dirty.push(seg.handle.clone());
+            self.dir_dirty = true;
+        }
+        self.segments.insert(seq, seg);
+        self.state.meta.insert(seq, SegmentMeta::default());
+        let old = std::mem::replace(&mut self.active, seq);
+        if self.state.meta.get(&old).is_some_and(|m| m.live == 0) {
+            self.state.reclaim_wanted = true;
+        }
+        Ok(())
+    }
+
+    fn bytes_on_disk(&self) -> u64 {
+        self.segments.values().map(|s| s.map.len() as u64).sum()
+    }
+
+    /// Removes acknowledged entries (`seq <= up_to` and each of `list`) from
+    /// the inbox and appends an ack record. Unknown sequences are ignored;
+    /// an ack that removes nothing writes nothing.
+    pub fn ack(
+        &mut self,
+        inbox: InboxKey,
+        up_to: InboxSeq,
+        list: &[InboxSeq],
+    ) -> Result<AckOutcome, StoreError> {
+        let would_remove = self.state.inboxes.get(&inbox).is_some_and(|i| {
+            i.pending() > 0
+                && (i.iter().next().is_some_and(|e| e.seq <= up_to.0)
+                    || list.iter().any(|s| i.get(s.0).is_some()))
+        });
+        if !would_remove {
+            // Nothing changes, so nothing needs to become durable.
+            return Ok(AckOutcome {
+                ticket: CommitTicket(self.durable),
+                ..AckOutcome::default()
+            });
+        }
+        let mut enc = std::mem::take(&mut self.scratch);
+        enc.clear();
+        encode_u64s(list.iter().map(|s| s.0).filter(|&s| s > up_to.0), &mut enc);
+        let record = Record::Ack {
+            inbox,
+            up_to,
+            list: U64List::from_le_bytes(&enc).expect("whole u64s"),
+        };
+        let appended = self.append(&record, true);
+        let (position, ticket) = match appended {
+            Ok(a) => a,
+            Err(e) => {
+                self.scratch = enc;
+                return Err(e);
+            }
+        };
+        let mut removed = std::mem::take(&mut self.removed_scratch);
+        removed.clear();
+        self.state.apply_ack(
+            position.segment,
+            inbox,
+            up_to.0,
+            U64List::from_le_bytes(&enc).expect("whole u64s"),
+            &mut removed,
+        );
+        self.scratch = enc;
+        let mut outcome = AckOutcome {
+            acked_messages: Vec::new(),
+            removed: removed.len() as u32,
+            ticket: CommitTicket(ticket),
+        };
+        for e in &removed {
+            match self.record_at(e.position()) {
+                Ok(Record::Message {
+                    sender,
+                    client_message_id,
+                    ..
+                })
+                | Ok(Record::MultiMessage {
+                    sender,
+                    client_message_id,
+                    ..
+                }) => outcome.acked_messages.push(AckedMessage {
+                    sender,
+                    client_message_id,
+                }),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "acked entry no longer reads back");
+                }
+            }
+        }
+        self.removed_scratch = removed;
+        self.reclaim_logged();
+        Ok(outcome)
+    }
+
+    fn record_at(&self, position: LogPosition) -> Result<Record<'_>, StoreError> {
+        let seg = self
+            .segments
+            .get(&position.segment)
+            .ok_or_else(|| corrupt(position, "segment no longer exists"))?;
+        if position.offset < SEGMENT_HEADER_BYTES || position.offset >= seg.write_offset {
+            return Err(corrupt(position, "no record at this position"));
+        }
+        decode(seg.seq, &seg.map[position.offset as usize..])
+            .map(|(r, _)| r)
+            .map_err(|e| corrupt(position, e.reason()))
+    }
+
+    fn entry_expired(segments: &BTreeMap<u32, Segment>, entry: &Entry, now_ms: u64) -> bool {
+        segments
+            .get(&entry.segment)
+            .and_then(|s| s.map.get(entry.offset as usize..))
+            .and_then(peek_expires_ms)
+            .is_none_or(|e| e <= now_ms)
+    }
+
+    /// Up to `max` pending entries of `inbox` with `seq > after`, in order.
+    /// `out` is cleared first. Expired entries are skipped. Entries not yet
+    /// durable are included; check `is_durable` before delivering one.
+    pub fn pending_after(
+        &self,
+        inbox: InboxKey,
+        after: InboxSeq,
+        max: usize,
+        out: &mut Vec<(InboxSeq, LogPosition)>,
+    ) {
+        out.clear();
+        let Some(i) = self.state.inboxes.get(&inbox) else {
+            return;
+        };
+        let now = self.clock.now_ms().max(self.last_timestamp_ms);
+        for e in i.after(after.0) {
+            if out.len() >= max {
+                break;
+            }
+            if !Log::entry_expired(&self.segments, e, now) {
+                out.push((InboxSeq(e.seq), e.position()));
+            }
+        }
+    }
+
+    /// Pending (unacknowledged, unexpired) entries of `inbox`.
+    pub fn pending_count(&self, inbox: InboxKey) -> u64 {
+        let Some(i) = self.state.inboxes.get(&inbox) else {
+            return 0;
+        };
+        let now = self.clock.now_ms().max(self.last_timestamp_ms);
+        let expired = i
+            .iter()
+            .take_while(|e| Log::entry_expired(&self.segments, e, now))
+            .count();
+        i.pending() as u64 - expired as u64
+    }
+
+    /// The highest sequence assigned in `inbox` (0 if none).
+    pub fn last_seq(&self, inbox: InboxKey) -> InboxSeq {
+        InboxSeq(self.state.inboxes.get(&inbox).map_or(0, |i| i.last_seq))
+    }
+
+    /// Reads an entry back (payload copied out of the mapping). Returns
+    /// `Ok(None)` if it expired or its segment was reclaimed. For a
+    /// multi-recipient record the sequence is the first recipient's; use
+    /// `read_for` to get a given inbox's.
+    pub fn read(&self, position: LogPosition) -> Result<Option<StoredEntry>, StoreError> {
+        self.read_inner(position, None)
+    }
+
+    /// `read` with the sequence resolved for `inbox` (multi-recipient records).
+    pub fn read_for(
+        &self,
+        inbox: InboxKey,
+        position: LogPosition,
+    ) -> Result<Option<StoredEntry>, StoreError> {
+        self.read_inner(position, Some(inbox))
+    }
+
+    fn read_inner(
+        &self,
+        position: LogPosition,
+        inbox: Option<InboxKey>,
+    ) -> Result<Option<StoredEntry>, StoreError> {
+        if !self.segments.contains_key(&position.segment) {
+            return Ok(None);
+        }
+        let record = self.record_at(position)?;
+        let now = self.clock.now_ms().max(self.last_timestamp_ms);
+        if record.expires_ms().is_some_and(|e| e <= now) {
+            return Ok(None);
+        }
+        Ok(Some(match record {
+            Record::Message {
+                seq,
+                sender,
+                client_message_id,
+                timestamp_ms,
+                expires_ms,
+                payload,
+                ..
+            } => StoredEntry::Message(StoredMessage {
+                seq,
+                sender,
+                client_message_id,
+                timestamp_ms,
+                expires_ms,
+                payload: Bytes::copy_from_slice(payload),
+            }),
+            Record::MultiMessage {
+                sender,
+                client_message_id,
+                timestamp_ms,
+                expires_ms,
+                recipients,
+                payload,
+            } => {
+                let seq = recipients
+                    .iter()
+                    .find(|(k, _)| inbox.is_none_or(|i| i == *k))
+                    .map(|(_, s)| s)
+                    .ok_or_else(|| corrupt(position, "inbox is not a recipient of this record"))?;
+                StoredEntry::Message(StoredMessage {
+                    seq,
+                    sender,
+                    client_message_id,
+                    timestamp_ms,
+                    expires_ms,
+                    payload: Bytes::copy_from_slice(payload),
+                })
+            }
+            Record::Receipt {
+                seq,
+                receipt_kind,
+                by,
+                timestamp_ms,
+                client_message_ids,
+                ..
+            } => StoredEntry::Receipt(StoredReceipt {
+                seq,
+                kind: if receipt_kind == 2 {
+                    ReceiptKind::Read
+                } else {
+                    ReceiptKind::Delivered
+                },
+                by,
+                client_message_ids: client_message_ids.iter().collect(),
+                timestamp_ms,
+            }),
+            Record::Ack { .. } | Record::InboxFloor { .. } => {
+                return Err(corrupt(position, "position is not an inbox entry"))
+            }
+        }))
+    }
+
+    /// Drops expired entries and reclaims segments with no live record.
+    /// Returns the entries dropped.
+    pub fn expire_and_reclaim(&mut self) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms().max(self.last_timestamp_ms);
+        let whole = self
+            .state
+            .meta
+            .values()
+            .any(|m| m.live > 0 && m.max_expiry_ms <= now);
+        let some = self
+            .state
+            .meta
+            .values()
+            .any(|m| m.live > 0 && m.min_expiry_ms <= now);
+        let mut dropped = 0u64;
+        if whole || (some && now >= self.last_sweep_ms.saturating_add(EXPIRY_SWEEP_INTERVAL_MS)) {
+            self.last_sweep_ms = now;
+            let Log {
+                segments, state, ..
+            } = self;
+            let State {
+                meta,
+                inboxes,
+                pending_total,
+                reclaim_wanted,
+                ..
+            } = state;
+            for inbox in inboxes.values_mut() {
+                inbox.expire_front(
+                    |e| Log::entry_expired(segments, e, now),
+                    |e| {
+                        dropped += 1;
+                        *pending_total -= 1;
+                        if let Some(m) = meta.get_mut(&e.segment) {
+                            m.live -= 1;
+                            if m.live == 0 {
+                                *reclaim_wanted = true;
+                            }
+                        }
+                    },
+                );
+            }
+        }
+        self.expired_total += dropped;
+        self.reclaim()?;
+        Ok(dropped)
+    }
+
+    fn reclaim_logged(&mut self) {
+        if let Err(error) = self.reclaim() {
+            tracing::warn!(%error, "log reclamation deferred");
+        }
+    }
+
+    /// Deletes sealed segments with no live entry whose ack records no
+    /// longer protect anything, carrying inbox floors out first.
+    fn reclaim(&mut self) -> Result<(), StoreError> {
+        if !self.state.reclaim_wanted {
+            return Ok(());
+        }
+        // Whatever blocks a deletion below is lifted only by another
+        // deletion (which loops here) or by a commit (which sets the flag).
+        self.state.reclaim_wanted = false;
+        let mut candidates = std::mem::take(&mut self.reclaim_scratch);
+        let result = self.reclaim_with(&mut candidates);
+        self.reclaim_scratch = candidates;
+        result
+    }
+
+    fn reclaim_with(&mut self, candidates: &mut Vec<u32>) -> Result<(), StoreError> {
+        loop {
+            let mut progressed = false;
+            candidates.clear();
+            candidates.extend(
+                self.state
+                    .meta
+                    .iter()
+                    .filter(|(s, m)| **s != self.active && m.live == 0)
+                    .map(|(s, _)| *s),
+            );
+            for &seq in candidates.iter() {
+                if seq == self.active {
+                    continue;
+                }
+                let meta = &self.state.meta[&seq];
+                let blocked = meta.ack_refs.iter().any(|r| {
+                    *r != seq
+                        && (self.segments.contains_key(r) || self.undurable_unlinks.contains(r))
+                });
+                if blocked {
+                    continue;
+                }
+                if meta.seq_holders > 0 {
+                    if let Err(e) = self.carry_floors(seq) {
+                        self.state.reclaim_wanted = true;
+                        return Err(e);
+                    }
+                }
+                if self.state.meta[&seq]
+                    .delete_after
+                    .is_some_and(|t| self.durable < t)
+                {
+                    continue;
+                }
+                self.unlink(seq)?;
+                progressed = true;
+            }
+            if !progressed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes floor records for the inboxes whose highest sequence is
+    /// recorded in `seq`, into the active segment.
+    fn carry_floors(&mut self, seq: u32) -> Result<(), StoreError> {
+        let holders: Vec<(InboxKey, InboxSeq)> = self
+            .state
+            .inboxes
+            .iter()
+            .filter(|(_, i)| i.last_seq_segment == seq)
+            .map(|(k, i)| (*k, InboxSeq(i.last_seq)))
+            .collect();
+        let per_record = FLOORS_PER_RECORD_MAX
+            .min((self.segment_size_bytes as usize - SEGMENT_HEADER_BYTES as usize - 64) / 20);
+        let mut enc = Vec::new();
+        for chunk in holders.chunks(per_record.max(1)) {
+            enc.clear();
+            encode_inbox_seqs(chunk, &mut enc);
+            let record = Record::InboxFloor {
+                floors: InboxSeqList::from_le_bytes(&enc).expect("whole pairs"),
+            };
+            let (position, _) = self.append(&record, true)?;
+            for (key, _) in chunk {
+                let inbox = self.state.inboxes.get_mut(key).expect("holder inbox");
+                if let Some(m) = self.state.meta.get_mut(&inbox.last_seq_segment) {
+                    m.seq_holders -= 1;
+                }
+                inbox.last_seq_segment = position.segment;
+                self.state
+                    .meta
+                    .get_mut(&position.segment)
+                    .expect("active meta")
+                    .seq_holders += 1;
+            }
+        }
+        self.state
+            .meta
+            .get_mut(&seq)
+            .expect("carried segment")
+            .delete_after = Some(self.appended);
+        Ok(())
+    }
+
+    fn unlink(&mut self, seq: u32) -> Result<(), StoreError> {
+        let seg = self.segments.remove(&seq).expect("segment to unlink");
+        let meta = self.state.meta.remove(&seq).expect("meta of segment");
+        let path = seg.handle.path.clone();
+        drop(seg);
+        if let Err(e) = self.storage.remove(&path) {
+            // Put it back as it was (remapped) so the log stays consistent.
+            let again = Segment::open(seq, path)?;
+            self.segments.insert(seq, again);
+            self.state.meta.insert(seq, meta);
+            return Err(StoreError::Io(e));
+        }
+        self.dirty.retain(|h| h.path != path);
+        if self.durability == Durability::Fsync {
+            self.undurable_unlinks.push(seq);
+            self.dir_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Snapshots what is written but not durable; `None` when nothing is,
+    /// when the durability level is `os`, or while a batch is in flight
+    /// (one fsync per segment at a time). Call it whenever
+    /// `appended_ticket() > durable_ticket()`.
+    pub fn begin_commit(&mut self) -> Option<CommitBatch> {
+        if self.durability == Durability::Os || self.commit.in_flight.get() {
+            return None;
+        }
+        for handle in self.commit.returned_files.borrow_mut().drain(..) {
+            if !self.dirty.iter().any(|h| Rc::ptr_eq(h, &handle)) {
+                self.dirty.push(handle);
+            }
+        }
+        if self.commit.returned_dir.replace(false) {
+            self.dir_dirty = true;
+        }
+        if self.dirty.is_empty() && !self.dir_dirty {
+            return None;
+        }
+        let files = self
+            .dirty
+            .drain(..)
+            .map(|h| {
+                let marker = self.storage.sync_begin(&h.path);
+                (h, marker)
+            })
+            .collect();
+        let dir = std::mem::take(&mut self.dir_dirty).then(|| self.dir_handle.clone());
+        let unlinks = if dir.is_some() {
+            self.undurable_unlinks.clone()
+        } else {
+            Vec::new()
+        };
+        Some(CommitBatch::new(
+            CommitTicket(self.appended),
+            self.end_position(),
+            files,
+            dir,
+            unlinks,
+            self.storage.clone(),
+            self.commit.clone(),
+        ))
+    }
+
+    /// Whether `begin_commit` has work: records not yet durable, or
+    /// segment files created or removed since the last directory sync.
+    /// The shard's commit task runs while this is true.
+    pub fn needs_commit(&self) -> bool {
+        self.durability == Durability::Fsync
+            && (self.appended > self.durable
+                || !self.dirty.is_empty()
+                || self.dir_dirty
+                || !self.commit.returned_files.borrow().is_empty()
+                || self.commit.returned_dir.get())
+    }
+
+    /// Records that `batch` is durable.
+    pub fn finish_commit(&mut self, batch: CommitBatch) {
+        let done = batch.finish();
+        for (h, marker) in &done.files {
+            self.storage.sync_done(&h.path, *marker);
+        }
+        if !done.unlinks.is_empty() {
+            self.undurable_unlinks.retain(|s| !done.unlinks.contains(s));
+            self.state.reclaim_wanted = true;
+        }
+        if self.state.meta.values().any(|m| m.delete_after.is_some()) {
+            self.state.reclaim_wanted = true;
+        }
+        self.durable = self.durable.max(done.ticket.0);
+        self.durable_end = self.durable_end.max(done.end);
+        let _ = self
+            .latency_us
+            .record(done.elapsed.as_micros().clamp(1, 60_000_000) as u64);
+        self.reclaim_logged();
+    }
+
+    /// Where the next record will be written: every record so far is before it.
+    fn end_position(&self) -> LogPosition {
+        LogPosition {
+            segment: self.active,
+            offset: self.segments[&self.active].write_offset,
+        }
+    }
+
+    /// Whether the record at `position` is durable at the configured level.
+    /// Deliver only durable entries: a record lost to a power cut before
+    /// its commit gives its sequence back, and a device that already saw
+    /// that sequence would drop the different message that reuses it.
+    pub fn is_durable(&self, position: LogPosition) -> bool {
+        self.durability == Durability::Os || position < self.durable_end
+    }
+
+    /// Every append with a ticket at or below this is durable at the
+    /// configured level.
+    pub fn durable_ticket(&self) -> CommitTicket {
+        CommitTicket(self.durable)
+    }
+
+    /// Ticket of the latest append.
+    pub fn appended_ticket(&self) -> CommitTicket {
+        CommitTicket(self.appended)
+    }
+
+    /// Commit latency (begin_commit to finish_commit), µs.
+    pub fn commit_latency_histogram(&self) -> &Histogram<u64> {
+        &self.latency_us
+    }
+
+    /// Heap bytes of the inbox entry index (not counting per-inbox overhead).
+    pub fn index_bytes(&self) -> u64 {
+        self.state
+            .inboxes
+            .values()
+            .map(|i| i.index_bytes() as u64)
+            .sum()
+    }
+
+    /// Entries in the dedupe table.
+    pub fn dedupe_len(&self) -> usize {
+        self.state.dedupe.len()
+    }
+
+    /// Approximate heap bytes of the dedupe table.
+    pub fn dedupe_bytes(&self) -> u64 {
+        self.state.dedupe.heap_bytes() as u64
+    }
+
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            segments: self.segments.len() as u32,
+            bytes_on_disk: self.bytes_on_disk(),
+            records_live: self.state.meta.values().map(|m| m.live).sum(),
+            inboxes: self.state.inboxes.len() as u64,
+            entries_pending: self.state.pending_total,
+            expired_total: self.expired_total,
+        }
+    }
+}
