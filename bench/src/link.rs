@@ -384,7 +384,7 @@ impl Link {
                 if link.wire.read_buffer().is_empty() {
                     None
                 } else {
-                    Some(link.next_event().await)
+                    Some(Box::pin(link.next_event()).await)
                 }
             }
         }
@@ -394,7 +394,9 @@ impl Link {
     pub async fn next_event(&self) -> anyhow::Result<Event> {
         match self {
             Link::Switchboard(link) => link.next_event().await,
-            Link::Mqtt(link) => link.next_event().await,
+            // Boxed: the MQTT read future holds its read chunk, and every
+            // waiting reader's future is as large as its largest variant.
+            Link::Mqtt(link) => Box::pin(link.next_event()).await,
         }
     }
 
