@@ -209,9 +209,27 @@ struct Worker {
     counters: Cell<Counters>,
     stats: RefCell<Stats>,
     timeout: Duration,
+    errors_printed: Cell<u64>,
 }
 
+/// Errors a worker prints; the rest are only counted (`errors`), so a dead
+/// server does not print one line per connection.
+const ERRORS_PRINTED_MAX: u64 = 10;
+
 impl Worker {
+    fn report_error(&self, what: std::fmt::Arguments<'_>) {
+        let printed = self.errors_printed.get();
+        if printed < ERRORS_PRINTED_MAX {
+            eprintln!("worker {}: {what}", self.spec.worker);
+        } else if printed == ERRORS_PRINTED_MAX {
+            eprintln!(
+                "worker {}: further errors are only counted",
+                self.spec.worker
+            );
+        }
+        self.errors_printed.set(printed + 1);
+    }
+
     fn bump(&self, f: impl FnOnce(&mut Counters)) {
         let mut c = self.counters.get();
         f(&mut c);
@@ -299,6 +317,7 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
         slots,
         counters: Cell::new(Counters::default()),
         stats: RefCell::new(Stats::default()),
+        errors_printed: Cell::new(0),
     });
     let done = Rc::new(Cell::new(false));
     let progress = glommio::spawn_local({
@@ -534,11 +553,8 @@ async fn receive(worker: Rc<Worker>, slot: Rc<Slot>, link: Rc<Link>) {
                     .is_some_and(|l| Rc::ptr_eq(l, &link));
                 if current {
                     worker.bump(|c| c.errors += 1);
-                    eprintln!(
-                        "worker {}: user {}: {error:#}",
-                        worker.spec.worker,
-                        slot.user.borrow().index
-                    );
+                    let index = slot.user.borrow().index;
+                    worker.report_error(format_args!("user {index}: {error:#}"));
                 }
                 break;
             }
@@ -658,7 +674,7 @@ fn send_one(
     let peer_user = peer.user.borrow();
     if let Err(error) = link.send(&peer_user, msg_id, header.encode(payload_bytes)) {
         slot.pending.borrow_mut().remove(&msg_id);
-        eprintln!("worker {}: send: {error:#}", worker.spec.worker);
+        worker.report_error(format_args!("send: {error:#}"));
         return None;
     }
     worker.bump(|c| c.sent += 1);
@@ -783,7 +799,7 @@ async fn churn_loop(worker: Rc<Worker>, schedule: Schedule, done: Rc<Cell<bool>>
                     .record(begin, monotonic_ns()),
                 Err(error) => {
                     worker.bump(|c| c.errors += 1);
-                    eprintln!("worker {}: reconnect: {error:#}", worker.spec.worker);
+                    worker.report_error(format_args!("reconnect: {error:#}"));
                 }
             }
             slot.reconnecting.set(false);
@@ -842,7 +858,7 @@ async fn drain(worker: &Rc<Worker>, expected: u64) {
             let slot = w.slots[local].clone();
             if let Err(error) = open(&w, &slot).await {
                 w.bump(|c| c.errors += 1);
-                eprintln!("worker {}: drain connect: {error:#}", w.spec.worker);
+                w.report_error(format_args!("drain connect: {error:#}"));
             }
         }
     })
