@@ -55,15 +55,19 @@ fn server_binary() -> PathBuf {
     // Build the server from the same workspace, so the test always runs
     // against the code next to it.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "switchboard",
-            "--bin",
-            "switchboard",
-        ])
+    let mut build = Command::new(cargo);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "switchboard",
+        "--bin",
+        "switchboard",
+    ]);
+    if profile_dir().ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status()
         .expect("running cargo build for the server");
@@ -94,17 +98,27 @@ fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
     (Guard(child), addr)
 }
 
+/// The mosquitto binary: on the PATH, or where Debian installs it
+/// (`/usr/sbin`, not on every user's PATH).
+fn mosquitto_binary() -> Option<PathBuf> {
+    ["mosquitto", "/usr/sbin/mosquitto"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|candidate| {
+            Command::new(candidate)
+                .arg("-h")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok()
+        })
+}
+
 fn start_mosquitto(dir: &Path) -> Option<(Guard, SocketAddr)> {
-    let found = Command::new("mosquitto")
-        .arg("-h")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
+    let Some(binary) = mosquitto_binary() else {
         println!("note: mosquitto is not installed; the MQTT smoke test is skipped");
         return None;
-    }
+    };
     let port = free_port();
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mosquitto.conf")).unwrap();
@@ -123,7 +137,7 @@ fn start_mosquitto(dir: &Path) -> Option<(Guard, SocketAddr)> {
         .join("\n");
     let path = dir.join("mosquitto.conf");
     std::fs::write(&path, config + "\n").unwrap();
-    let mut child = Command::new("mosquitto")
+    let mut child = Command::new(binary)
         .arg("-c")
         .arg(&path)
         .stdout(Stdio::null())
