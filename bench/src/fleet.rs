@@ -68,7 +68,7 @@ impl Fleet {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         }
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {prefix:>8} {msg}")
                 .expect("static template"),
         );
         Ok(Fleet {
