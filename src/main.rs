@@ -31,6 +31,23 @@ enum Command {
     Serve(ServeArgs),
     /// Check this host against a connection target; exit 0 only when nothing fails.
     Doctor(DoctorArgs),
+    /// An interactive terminal client: register or log in, chat, watch the ticks.
+    Chat(switchboard::chat::ChatArgs),
+    /// Inspect the message log (read-only).
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Segments per shard, records by kind, live and dead records, time span,
+    /// and any corruption with its position. Never modifies the files.
+    Inspect {
+        /// The data directory (or one shard's log directory).
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -105,6 +122,15 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Doctor(args) => doctor(args),
+        Command::Chat(args) => switchboard::chat::run(args),
+        Command::Log {
+            command: LogCommand::Inspect { data_dir },
+        } => {
+            let report = switchboard::store::inspect(&data_dir)
+                .with_context(|| format!("inspecting {}", data_dir.display()))?;
+            print!("{report}");
+            Ok(())
+        }
     }
 }
 

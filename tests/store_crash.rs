@@ -122,7 +122,7 @@ fn crash_rounds(durability: Durability) {
             .zip(std::mem::take(&mut states))
             .map(|(account, state)| {
                 let recipients = recipient_ids.clone();
-                std::thread::spawn(move || sender_round(addr, &account, &recipients, state, 400))
+                std::thread::spawn(move || sender_round(addr, &account, &recipients, state, 50_000))
             })
             .collect();
         let kill_after = Duration::from_millis(rng.gen_range(50..600));

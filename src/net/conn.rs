@@ -75,12 +75,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: u64, device: InboxKey, now_s: u32, deliverable_up_to: u64) -> Conn {
+    pub fn new(id: u64, device: InboxKey, now_s: u32) -> Conn {
         Conn {
             id,
             device,
             state: RefCell::new(ConnState {
-                window: DeliveryWindow::new(deliverable_up_to),
+                window: DeliveryWindow::default(),
                 last_activity_s: now_s,
                 ..ConnState::default()
             }),

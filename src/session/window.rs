@@ -12,20 +12,11 @@ use std::collections::VecDeque;
 pub struct DeliveryWindow {
     /// Highest sequence written to the connection.
     pub last_sent: u64,
-    /// Highest sequence known durable (entries above it are not sent yet).
-    pub deliverable_up_to: u64,
     inflight: VecDeque<(u64, u32)>,
     inflight_bytes: u64,
 }
 
 impl DeliveryWindow {
-    pub fn new(deliverable_up_to: u64) -> DeliveryWindow {
-        DeliveryWindow {
-            deliverable_up_to,
-            ..DeliveryWindow::default()
-        }
-    }
-
     /// Entries that may still be sent under the bounds.
     pub fn room(&self, messages_max: u32, bytes_max: u32) -> usize {
         if self.inflight.is_empty() {
@@ -83,7 +74,7 @@ mod tests {
 
     #[test]
     fn window_closes_at_count_and_reopens_on_ack() {
-        let mut w = DeliveryWindow::new(100);
+        let mut w = DeliveryWindow::default();
         assert_eq!(w.room(2, 1000), 2);
         w.on_sent(1, 10);
         w.on_sent(2, 10);
@@ -96,7 +87,7 @@ mod tests {
 
     #[test]
     fn window_closes_at_bytes_but_always_admits_one() {
-        let mut w = DeliveryWindow::new(100);
+        let mut w = DeliveryWindow::default();
         assert_eq!(w.room(8, 100), 8);
         w.on_sent(1, 500);
         assert_eq!(w.room(8, 100), 0);
@@ -106,7 +97,7 @@ mod tests {
 
     #[test]
     fn ack_of_unsent_sequences_changes_nothing() {
-        let mut w = DeliveryWindow::new(100);
+        let mut w = DeliveryWindow::default();
         w.on_sent(5, 1);
         assert_eq!(w.on_ack(4, &[9]), 0);
         assert_eq!(w.in_flight(), 1);

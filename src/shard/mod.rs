@@ -79,7 +79,7 @@ enum AfterCommit {
         timestamp_ms: u64,
     },
     /// An inbox entry became durable: deliverable.
-    Visible { inbox: InboxKey, seq: u64 },
+    Visible { inbox: InboxKey },
 }
 
 pub struct Shard {
@@ -97,9 +97,6 @@ pub struct Shard {
     pub open_connections: Cell<u32>,
     next_conn_id: Cell<u64>,
     pending: RefCell<VecDeque<(CommitTicket, AfterCommit)>>,
-    /// Per inbox with appended-but-not-durable entries: (first such seq,
-    /// how many). Bounded by the commit batch.
-    unsettled: RefCell<HashMap<InboxKey, (u64, u32)>>,
     pub requests: Vec<Option<ConnectedSender<Request>>>,
     pub replies: Vec<Option<ConnectedSender<Reply>>>,
     pub throttle: RefCell<AuthThrottle>,
@@ -135,7 +132,6 @@ impl Shard {
             open_connections: Cell::new(0),
             next_conn_id: Cell::new(1),
             pending: RefCell::new(VecDeque::new()),
-            unsettled: RefCell::new(HashMap::new()),
             requests,
             replies,
             throttle: RefCell::new(throttle),
@@ -174,12 +170,7 @@ impl Shard {
         );
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
-        let deliverable_up_to = self
-            .unsettled
-            .borrow()
-            .get(&device)
-            .map_or(u64::MAX, |&(first, _)| first - 1);
-        let conn = Rc::new(Conn::new(id, device, self.now_s(), deliverable_up_to));
+        let conn = Rc::new(Conn::new(id, device, self.now_s()));
         let limits = &self.config.limits;
         conn.enqueue(&Frame::Welcome(pb::Welcome {
             protocol_version,
@@ -366,7 +357,9 @@ impl Shard {
             .borrow_mut()
             .window
             .on_ack(ack.up_to_sequence, &ack.sequences);
-        self.metrics.messages_acked.add(outcome.acked_messages.len() as u64);
+        self.metrics
+            .messages_acked
+            .add(outcome.acked_messages.len() as u64);
         self.kick_commit();
         // One delivered receipt per sender device, listing its message ids.
         let mut acked = outcome.acked_messages;
@@ -497,7 +490,6 @@ impl Shard {
                 match appended {
                     Ok(appended) => {
                         self.metrics.messages_accepted.inc();
-                        self.note_unsettled(inbox, appended.seq.0);
                         self.push_after_commit(
                             appended.ticket,
                             AfterCommit::Ack {
@@ -507,13 +499,7 @@ impl Shard {
                                 timestamp_ms: appended.timestamp_ms,
                             },
                         );
-                        self.push_after_commit(
-                            appended.ticket,
-                            AfterCommit::Visible {
-                                inbox,
-                                seq: appended.seq.0,
-                            },
-                        );
+                        self.push_after_commit(appended.ticket, AfterCommit::Visible { inbox });
                     }
                     Err(err) => {
                         let code = match err {
@@ -544,13 +530,9 @@ impl Shard {
                 match appended {
                     Ok(appended) => {
                         self.metrics.receipts_sent.inc();
-                        self.note_unsettled(recipient, appended.seq.0);
                         self.push_after_commit(
                             appended.ticket,
-                            AfterCommit::Visible {
-                                inbox: recipient,
-                                seq: appended.seq.0,
-                            },
+                            AfterCommit::Visible { inbox: recipient },
                         );
                     }
                     Err(err) => {
@@ -568,14 +550,6 @@ impl Shard {
                 crate::net::adopt_handoff(self.clone(), fd, device, buffered);
             }
         }
-    }
-
-    fn note_unsettled(&self, inbox: InboxKey, seq: u64) {
-        self.unsettled
-            .borrow_mut()
-            .entry(inbox)
-            .and_modify(|e| e.1 += 1)
-            .or_insert((seq, 1));
     }
 
     fn push_after_commit(self: &Rc<Self>, ticket: CommitTicket, action: AfterCommit) {
@@ -684,28 +658,9 @@ impl Shard {
                     seq,
                     timestamp_ms,
                 }),
-                AfterCommit::Visible { inbox, seq } => {
-                    {
-                        let mut unsettled = self.unsettled.borrow_mut();
-                        if let Some(entry) = unsettled.get_mut(&inbox) {
-                            entry.1 -= 1;
-                            entry.0 = seq + 1;
-                            if entry.1 == 0 {
-                                unsettled.remove(&inbox);
-                            }
-                        }
-                    }
+                AfterCommit::Visible { inbox } => {
                     let conn = self.devices.borrow().get(&inbox).cloned();
                     if let Some(conn) = conn {
-                        {
-                            let mut state = conn.state.borrow_mut();
-                            let window = &mut state.window;
-                            if window.deliverable_up_to == u64::MAX
-                                || window.deliverable_up_to < seq
-                            {
-                                window.deliverable_up_to = seq;
-                            }
-                        }
                         self.pump(&conn);
                     }
                 }
@@ -744,7 +699,9 @@ impl Shard {
             }
             let mut progressed = false;
             for &(seq, position) in positions.iter() {
-                if seq.0 > state.window.deliverable_up_to {
+                // Only durable entries: a record lost before its commit
+                // would give its sequence to a different message.
+                if !log.is_durable(position) {
                     break;
                 }
                 if state.window.room(
@@ -755,7 +712,7 @@ impl Shard {
                     break;
                 }
                 progressed = true;
-                match log.read(position) {
+                match log.read_for(conn.device, position) {
                     Ok(Some(entry)) => {
                         let (frame, bytes) = match entry {
                             StoredEntry::Message(m) => {
@@ -871,17 +828,12 @@ impl Shard {
         let interval =
             std::time::Duration::from_micros(self.config.store.commit_interval_us as u64);
         let durability = self.config.store.durability;
+        let idle =
+            |shard: &Shard| shard.pending.borrow().is_empty() && !shard.log.borrow().needs_commit();
         loop {
-            if self.pending.borrow().is_empty()
-                && self.log.borrow().durable_ticket() >= self.log.borrow().appended_ticket()
-            {
-                if self.stopping.get() && self.pending.borrow().is_empty() {
-                    // Nothing waits; keep serving until the shard ends.
-                }
+            if idle(&self) {
                 futures_lite::future::poll_fn(|cx| {
-                    if self.pending.borrow().is_empty()
-                        && self.log.borrow().durable_ticket() >= self.log.borrow().appended_ticket()
-                    {
+                    if idle(&self) {
                         self.commit_waker.set(Some(cx.waker().clone()));
                         std::task::Poll::Pending
                     } else {
@@ -890,6 +842,7 @@ impl Shard {
                 })
                 .await;
             }
+            // Let a batch gather, unless it is already large.
             if durability == Durability::Fsync
                 && self.pending.borrow().len() < self.config.store.commit_batch_records_max as usize
             {

@@ -229,7 +229,8 @@ async fn shard_main(start: ShardStart) {
     let log_dir = start.config.server.data_dir.join(format!("shard-{}", id.0));
     let opened = Log::open(&log_dir, id, &start.config.store, Rc::new(SystemClock));
     let log = match opened {
-        Ok((log, report)) => {
+        Ok((mut log, report)) => {
+            log.set_dedupe_capacity(start.config.limits.dedupe_entries_max as usize);
             info!(
                 shard = %id,
                 segments = report.segments,

@@ -51,25 +51,36 @@ impl Server {
             command.arg("--listen").arg(self.addr.to_string());
         }
         let mut child = command
-            .env("SWITCHBOARD_LOG", std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "SWITCHBOARD_LOG",
+                std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start switchboard");
         let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let line = lines
-            .next()
-            .expect("server printed its address")
-            .expect("read stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Keep draining stdout so the server never blocks on it.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(Ok(line))) => line,
+            other => {
+                let _ = child.kill();
+                panic!("server did not report readiness within 30 s: {other:?}");
+            }
+        };
         // "switchboard listening on 127.0.0.1:PORT with N shards"
         let addr = line
             .split_whitespace()
             .nth(3)
             .unwrap_or_else(|| panic!("unexpected first line: {line}"));
         self.addr = addr.parse().unwrap();
-        // Keep draining stdout so the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
         self.child = Some(child);
     }
 
@@ -153,6 +164,10 @@ impl RawClient {
         stream.set_nodelay(true).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // A server that stops reading must fail the test, not hang it.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         RawClient {
             stream,
