@@ -28,7 +28,8 @@ const ACCEPT_POLL_INTERVAL: Duration = Duration::from_millis(25);
 ///
 /// - `GET /metrics`: the registry in Prometheus text format.
 /// - `GET /healthz`: 200 `ok` while the process runs.
-/// - `GET /readyz`: 200 `ready` once every shard recovered its log, else 503.
+/// - `GET /readyz`: 200 `ready` once every shard recovered its log, 503 before that
+///   and while draining.
 /// - Anything else: 404; a method other than GET or HEAD: 405.
 pub fn serve_admin(
     listener: TcpListener,
@@ -126,6 +127,8 @@ fn route(path: &str, registry: &Registry) -> (u16, &'static str, String) {
         "/readyz" => {
             if registry.ready() {
                 (200, TEXT, "ready\n".to_string())
+            } else if registry.is_draining() {
+                (503, TEXT, "not ready: draining\n".to_string())
             } else {
                 let recovering = registry
                     .shards()
