@@ -24,7 +24,7 @@ readonly PAGE_BYTES=4096
 readonly DROPIN_NAME=90-switchboard.conf
 
 usage() {
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 
 Options:
