@@ -180,7 +180,7 @@ for nic in "${INTERFACES[@]}"; do
 
     # RPS: with a hardware queue per shard CPU the interrupts already spread the load,
     # so software steering only adds work; with fewer queues, spread in software.
-    if ((${#rx_queues[@]} >= ${#CPUS[@]})); then
+    if ((${#rx_queues[@]} == 0 || ${#rx_queues[@]} >= ${#CPUS[@]})); then
         rps_mask=0
     else
         rps_mask="$(cpu_mask "${CPUS[@]}")"

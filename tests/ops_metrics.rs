@@ -81,9 +81,10 @@ fn metrics_scrape_shows_counter_values_per_shard() {
     shard0.accepts.add(5);
     shard0.connections.set(3);
     shard1.connections.inc();
-    shard1.frames_in[FrameType::Send.index()].add(7);
+    shard1.frames_in[FrameType::Send.index()].add(6);
+    shard1.frame_in(FrameType::Send);
     shard1.frames_out[FrameType::ServerAck.index()].add(6);
-    shard0.refusals.record(ErrorCode::AuthFailed);
+    shard0.refused(ErrorCode::AuthFailed);
     shard0.commit_latency.record_us(300);
     shard1.messages_accepted.add(11);
     shard1.stall_time_us.add(42);
@@ -208,6 +209,14 @@ fn readyz_flips_from_503_to_200_when_every_shard_recovered() {
     assert_eq!(admin.get("/readyz"), (200, "ready\n".to_string()));
     let (_, body) = admin.get("/metrics");
     assert_eq!(value_of(&body, "switchboard_ready"), 1);
+    assert_eq!(admin.get("/healthz").0, 200);
+
+    // A graceful shutdown takes the process out of rotation but keeps it healthy.
+    registry.set_draining(true);
+    assert_eq!(
+        admin.get("/readyz"),
+        (503, "not ready: draining\n".to_string())
+    );
     assert_eq!(admin.get("/healthz").0, 200);
 }
 

@@ -20,15 +20,17 @@ pub const ADMIN_REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// How long a client may take to send its request head, and to read the answer.
 pub const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How often the accept loop looks at `stop` while no client connects.
-const ACCEPT_POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// How often the accept loop looks at `stop` while no client connects. The loop waits
+/// in poll(2) on the listener, so a connecting client is served at once, not after it.
+const ACCEPT_POLL_INTERVAL_MS: u16 = 25;
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` from a new thread named
 /// `switchboard-admin`, until `stop` is set (checked at least every 25 ms).
 ///
 /// - `GET /metrics`: the registry in Prometheus text format.
 /// - `GET /healthz`: 200 `ok` while the process runs.
-/// - `GET /readyz`: 200 `ready` once every shard recovered its log, else 503.
+/// - `GET /readyz`: 200 `ready` once every shard recovered its log, 503 before that
+///   and while draining.
 /// - Anything else: 404; a method other than GET or HEAD: 405.
 pub fn serve_admin(
     listener: TcpListener,
@@ -55,15 +57,28 @@ fn accept_loop(listener: TcpListener, registry: &Registry, stop: &AtomicBool) {
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(ACCEPT_POLL_INTERVAL);
+                wait_readable(&listener);
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => {
                 // EMFILE and friends: back off rather than spin, and keep serving.
                 tracing::warn!(%error, "admin accept failed");
-                std::thread::sleep(ACCEPT_POLL_INTERVAL);
+                std::thread::sleep(Duration::from_millis(u64::from(ACCEPT_POLL_INTERVAL_MS)));
             }
         }
+    }
+}
+
+/// Waits until the listener has a connection to accept or the poll interval passes.
+fn wait_readable(listener: &TcpListener) {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        listener.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    if nix::poll::poll(&mut fds, ACCEPT_POLL_INTERVAL_MS).is_err() {
+        // EINTR or a transient failure: sleep instead so the loop cannot spin.
+        std::thread::sleep(Duration::from_millis(u64::from(ACCEPT_POLL_INTERVAL_MS)));
     }
 }
 
@@ -126,6 +141,8 @@ fn route(path: &str, registry: &Registry) -> (u16, &'static str, String) {
         "/readyz" => {
             if registry.ready() {
                 (200, TEXT, "ready\n".to_string())
+            } else if registry.is_draining() {
+                (503, TEXT, "not ready: draining\n".to_string())
             } else {
                 let recovering = registry
                     .shards()
