@@ -100,6 +100,22 @@ struct ServeArgs {
     log_level: Option<String>,
 }
 
+/// Raises the soft open-file limit to the hard one: every connection is a
+/// descriptor, and the soft default (often 1,024) is far below what a
+/// connection server needs. The hard limit is the operator's (systemd's
+/// LimitNOFILE); `switchboard doctor` checks it.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit"),
+                Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
+            }
+        }
+    }
+}
+
 fn parse_durability(s: &str) -> Result<Durability, String> {
     match s {
         "fsync" => Ok(Durability::Fsync),
@@ -205,24 +221,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("blocking signals")?;
+    raise_open_file_limit();
+    let shards = config.shard_count();
+    let metrics: Vec<Arc<ShardMetrics>> =
+        (0..shards).map(|_| Arc::new(ShardMetrics::new())).collect();
+    let registry = Arc::new(Registry::from_shards(metrics.clone()));
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        let registry = registry.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 if let Ok(signal) = signals.wait() {
                     tracing::info!(?signal, "stopping: draining sessions and commits");
+                    // /readyz answers 503 first, so balancers stop sending.
+                    registry.set_draining(true);
                     stop.store(true, Ordering::SeqCst);
                 }
             })
             .context("starting the signal thread")?;
     }
 
-    let shards = config.shard_count();
-    let metrics: Vec<Arc<ShardMetrics>> =
-        (0..shards).map(|_| Arc::new(ShardMetrics::new())).collect();
-    let registry = Arc::new(Registry::from_shards(metrics.clone()));
     let admin_listener = std::net::TcpListener::bind(config.server.admin_listen)
         .with_context(|| format!("binding the admin listener {}", config.server.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;

@@ -248,6 +248,14 @@ fn connect_from(ip: std::net::IpAddr, opts: &ConnectOptions) -> Result<TcpStream
     )
     .map_err(io::Error::from)?;
     use std::os::fd::AsRawFd;
+    // Pick the source port at connect time, per destination, instead of at
+    // bind time: bind(port 0) alone reserves a port for every destination
+    // and runs out (or collides with TIME_WAIT) long before the 4-tuple
+    // space does.
+    if ip.is_ipv4() {
+        socket::setsockopt(&fd, socket::sockopt::IpBindAddressNoPort, &true)
+            .map_err(io::Error::from)?;
+    }
     let local = SockaddrStorage::from(std::net::SocketAddr::new(ip, 0));
     socket::bind(fd.as_raw_fd(), &local).map_err(io::Error::from)?;
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(opts.server)) {

@@ -135,8 +135,11 @@ pub struct Limits {
     /// 40 bytes each); the oldest entry is evicted first.
     pub auth_failure_addresses_max: u32,
     /// Remembered (sender device, client message id) pairs per shard for
-    /// dedupe of retried Sends. Default 4,194,304 (about 48 bytes each). Entries
-    /// for messages still in the log are also rebuilt on recovery.
+    /// dedupe of retried Sends. Default 1,048,576: about 160 bytes each as
+    /// measured (`docs/store.md`), so about 170 MB per shard when full. The
+    /// oldest entry is forgotten first; entries for messages still in the log
+    /// are rebuilt on recovery. A retry must come within this many newer
+    /// Sends to the shard to be recognised.
     pub dedupe_entries_max: u32,
     /// Time given to a graceful shutdown to flush commits and say GoAway, ms.
     /// Default 5,000.
@@ -160,7 +163,7 @@ impl Default for Limits {
             auth_failures_before_delay: 5,
             auth_failure_delay_ms: 1_000,
             auth_failure_addresses_max: 65_536,
-            dedupe_entries_max: 4_194_304,
+            dedupe_entries_max: 1_048_576,
             shutdown_deadline_ms: 5_000,
         }
     }
@@ -362,6 +365,23 @@ mod tests {
         assert_eq!(config.server.shards, 3);
         assert_eq!(config.store.durability, Durability::Os);
         assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn operations_guide_example_is_the_defaults() {
+        let guide = include_str!("../../docs/operations.md");
+        let start = guide
+            .find("```toml\n[server]")
+            .expect("the guide has an example file");
+        let body = &guide[start + "```toml\n".len()..];
+        let body = &body[..body.find("```").expect("closed code block")];
+        let parsed: Config = toml::from_str(body).expect("the example parses");
+        let mut expected = Config::default();
+        expected.server.data_dir = PathBuf::from("/var/lib/switchboard");
+        assert_eq!(
+            parsed, expected,
+            "docs/operations.md's example drifted from the defaults"
+        );
     }
 
     #[test]

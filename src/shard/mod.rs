@@ -529,7 +529,6 @@ impl Shard {
                 });
                 match appended {
                     Ok(appended) => {
-                        self.metrics.receipts_sent.inc();
                         self.push_after_commit(
                             appended.ticket,
                             AfterCommit::Visible { inbox: recipient },
@@ -752,7 +751,10 @@ impl Shard {
                         frame.encode(&mut state.out);
                         Conn::note_encoded(&frame);
                         state.window.on_sent(seq.0, bytes);
-                        self.metrics.messages_delivered.inc();
+                        match frame {
+                            Frame::Deliver(_) => self.metrics.messages_delivered.inc(),
+                            _ => self.metrics.receipts_sent.inc(),
+                        }
                         wrote = true;
                     }
                     Ok(None) => state.window.on_skipped(seq.0),

@@ -19,6 +19,8 @@ use switchboard::route::shard_for;
 pub struct Server {
     pub child: Option<Child>,
     pub addr: SocketAddr,
+    /// The admin (metrics, health) listener.
+    pub admin: SocketAddr,
     pub dir: PathBuf,
     pub config_path: PathBuf,
     pub config: Config,
@@ -34,6 +36,7 @@ impl Server {
         let mut server = Server {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
             dir: dir.to_path_buf(),
             config_path,
             config,
@@ -75,12 +78,17 @@ impl Server {
                 panic!("server did not report readiness within 30 s: {other:?}");
             }
         };
-        // "switchboard listening on 127.0.0.1:PORT with N shards"
-        let addr = line
-            .split_whitespace()
-            .nth(3)
+        // "switchboard listening on ADDR with N shards, admin on http://ADDR"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let addr = words
+            .get(3)
             .unwrap_or_else(|| panic!("unexpected first line: {line}"));
         self.addr = addr.parse().unwrap();
+        let admin = words
+            .last()
+            .and_then(|w| w.strip_prefix("http://"))
+            .unwrap_or_else(|| panic!("no admin address in: {line}"));
+        self.admin = admin.parse().unwrap();
         self.child = Some(child);
     }
 
@@ -135,6 +143,46 @@ impl Server {
         let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kb * 1024
     }
+}
+
+/// GET `path` from the admin listener; returns (status code, body).
+pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).expect("connect admin");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read admin response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sums a metric over its label sets (e.g. every shard) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name)
+                && l[name.len()..].starts_with(['{', ' '])
+                && l.contains(label_filter)
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }
 
 impl Drop for Server {
