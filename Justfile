@@ -17,6 +17,14 @@ lint:
 ci:
     bash .ci/run
 
+# Switchboard and mosquitto side by side (idle memory, max 1:1 rate, offline drain).
+bench-compare *ARGS:
+    bash bench/compare.sh {{ARGS}}
+
+# The SIGKILL crash test with the full 20 rounds per durability level.
+crash-full:
+    SWITCHBOARD_CRASH_ROUNDS=20 cargo test --release --test store_crash -- --nocapture
+
 # The store's micro-benchmarks (criterion).
 bench-store:
     cargo bench -p switchboard-bench --bench store_log

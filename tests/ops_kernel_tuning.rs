@@ -468,21 +468,38 @@ fn unit_stop_timeout_covers_the_drain_deadline() {
 
 #[test]
 fn scripts_are_shellcheck_clean() {
-    let version = Command::new("shellcheck").arg("--version").output();
-    assert!(
-        version.is_ok_and(|o| o.status.success()),
-        "shellcheck is not installed; install it (apt-get install -y shellcheck) — CI runs it"
-    );
-    for name in ["tune.sh", "irq-affinity.sh"] {
+    let installed = Command::new("shellcheck")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        // CI installs shellcheck and must run this check; a developer's
+        // fresh machine may not have it yet.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "shellcheck is not installed; CI must install it (apt-get install -y shellcheck)"
+        );
+        eprintln!("shellcheck is not installed: skipping (apt-get install -y shellcheck)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let scripts = [
+        script("tune.sh"),
+        script("irq-affinity.sh"),
+        root.join("bench").join("compare.sh"),
+        root.join(".ci").join("run"),
+    ];
+    for path in scripts {
         let output = Command::new("shellcheck")
             .arg("--shell=bash")
             .arg("--severity=style")
-            .arg(script(name))
+            .arg(&path)
             .output()
             .unwrap();
         assert!(
             output.status.success(),
-            "shellcheck {name}:\n{}",
+            "shellcheck {}:\n{}",
+            path.display(),
             String::from_utf8_lossy(&output.stdout)
         );
     }
