@@ -17,6 +17,9 @@ lint:
 ci:
     bash .ci/run
 
+# The benchmark suite: the store's micro-benchmarks, then the side-by-side run.
+bench: bench-store bench-compare
+
 # Switchboard and mosquitto side by side (idle memory, max 1:1 rate, offline drain).
 bench-compare *ARGS:
     bash bench/compare.sh {{ARGS}}

@@ -167,3 +167,38 @@ fn newer_session_of_a_device_replaces_the_older_with_go_away() {
     }
     first.expect_closed();
 }
+
+#[test]
+fn connections_accepted_by_another_shard_are_handed_to_the_home_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let bob = RawClient::register_on_shard(server.addr, 1, server.shards());
+    let alice = RawClient::register_on_shard(server.addr, 0, server.shards());
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    // SO_REUSEPORT spreads connections by hash: log Bob in until one of his
+    // connections was accepted by shard 0 and moved; each works, and Hello
+    // bytes pipelined behind the Hello (a Ping) move with the socket.
+    let mut moved = false;
+    for attempt in 0..32u64 {
+        let mut b = RawClient::connect(server.addr);
+        let mut pipelined = common::hello(&bob).to_bytes().to_vec();
+        pipelined.extend_from_slice(&Frame::Ping(pb::Ping { nonce: attempt }).to_bytes());
+        b.send_bytes(&pipelined).unwrap();
+        assert!(matches!(b.recv(), Some(Frame::Welcome(_))));
+        match b.recv() {
+            Some(Frame::Pong(p)) => assert_eq!(p.nonce, attempt),
+            other => panic!("expected the pipelined Ping's Pong, got {other:?}"),
+        }
+        a.send_message(bob.user, attempt + 1, b"to whichever connection");
+        a.collect_acks(1);
+        let d = b.collect_delivers(1).remove(0);
+        assert_eq!(d.client_message_id, attempt + 1);
+        b.ack(d.sequence);
+        let (_, metrics) = common::admin_get(server.admin, "/metrics");
+        if common::metric_sum(&metrics, "switchboard_handoffs_in_total", "shard=\"1\"") > 0.0 {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "no connection was accepted by shard 0 in 32 tries");
+}
