@@ -254,27 +254,27 @@ async fn shard_main(start: ShardStart) {
     // receivers connect in their own tasks.
     let mut receiver_tasks = Vec::new();
     for rx in start.request_receivers.into_iter().flatten() {
-        receiver_tasks.push(glommio::spawn_local(
-            async move { Some(rx.connect().await) },
-        ));
+        receiver_tasks.push(glommio::spawn_local(async move {
+            Some(repolled(rx.connect()).await)
+        }));
     }
     let mut reply_receiver_tasks = Vec::new();
     for rx in start.reply_receivers.into_iter().flatten() {
-        reply_receiver_tasks.push(glommio::spawn_local(
-            async move { Some(rx.connect().await) },
-        ));
+        reply_receiver_tasks.push(glommio::spawn_local(async move {
+            Some(repolled(rx.connect()).await)
+        }));
     }
     let mut requests = Vec::new();
     for tx in start.request_senders {
         requests.push(match tx {
-            Some(tx) => Some(tx.connect().await),
+            Some(tx) => Some(repolled(tx.connect()).await),
             None => None,
         });
     }
     let mut replies = Vec::new();
     for tx in start.reply_senders {
         replies.push(match tx {
-            Some(tx) => Some(tx.connect().await),
+            Some(tx) => Some(repolled(tx.connect()).await),
             None => None,
         });
     }
@@ -337,6 +337,28 @@ async fn shard_main(start: ShardStart) {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     info!(shard = %id, "stopped");
+}
+
+/// Awaits `future`, polling it again every few milliseconds even when
+/// nothing wakes it.
+///
+/// glommio 0.9's shared-channel `connect` can miss the wake-up sent when the
+/// peer executor connects its end: both shards then park forever at start
+/// (seen about once in 60 restarts here). Its connect future re-checks the
+/// peer on every poll, so polling it again on a short timer makes the start
+/// certain; it is only used while the shards connect.
+async fn repolled<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    loop {
+        let attempt = futures_lite::future::or(async { Some((&mut future).await) }, async {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            None
+        })
+        .await;
+        if let Some(output) = attempt {
+            return output;
+        }
+    }
 }
 
 /// Periodic work: stop requests, idle sessions, expiry.
