@@ -169,64 +169,165 @@ pub struct DedupeValue {
 }
 
 /// (sender device, client message id) → what was appended; FIFO-bounded.
+///
+/// Each remembered Send is one 56-byte slot in a ring (oldest first), found
+/// through a hash index of 16-byte entries (the key's 64-bit hash → the
+/// slot's absolute position). About 90 bytes per entry in all, where a map
+/// holding keys and values twice over cost 160. Two keys whose 64-bit hashes
+/// collide (odds about 2^-64 per pair) shadow each other: the older one is
+/// no longer found, so a retry of it would be stored again, exactly as if it
+/// had been evicted.
 #[derive(Debug)]
 pub struct Dedupe {
-    map: HashMap<(InboxKey, ClientMessageId), DedupeValue>,
-    order: VecDeque<(InboxKey, ClientMessageId)>,
+    index: HashMap<u64, u64, std::hash::BuildHasherDefault<PremixedHasher>>,
+    ring: VecDeque<DedupeSlot>,
+    /// Absolute position of `ring[0]`: how many slots were evicted.
+    first: u64,
     capacity: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct DedupeSlot {
+    sender_user: u64,
+    client_message_id: u64,
+    recipient_user: u64,
+    seq: u64,
+    timestamp_ms: u64,
+    ticket: u64,
+    sender_device: u32,
+    recipient_device: u32,
+}
+
+impl DedupeSlot {
+    fn matches(&self, sender: InboxKey, id: ClientMessageId) -> bool {
+        self.sender_user == sender.user.0
+            && self.sender_device == sender.device.0
+            && self.client_message_id == id.0
+    }
+
+    fn value(&self) -> DedupeValue {
+        DedupeValue {
+            recipient: InboxKey {
+                user: crate::ids::UserId(self.recipient_user),
+                device: crate::ids::DeviceId(self.recipient_device),
+            },
+            seq: InboxSeq(self.seq),
+            timestamp_ms: self.timestamp_ms,
+            ticket: self.ticket,
+        }
+    }
+}
+
+/// The index's keys are already well-mixed 64-bit hashes; use them as they are.
+#[derive(Debug, Default)]
+pub struct PremixedHasher(u64);
+
+impl std::hash::Hasher for PremixedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed; fold anything else in case it changes.
+        for &b in bytes {
+            self.0 = crate::route::mix64(self.0 ^ b as u64);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+fn dedupe_hash(sender: InboxKey, id: ClientMessageId) -> u64 {
+    use crate::route::mix64;
+    mix64(mix64(sender.user.0 ^ ((sender.device.0 as u64) << 32).rotate_left(17)) ^ id.0)
 }
 
 impl Dedupe {
     pub fn new(capacity: usize) -> Dedupe {
         Dedupe {
-            map: HashMap::new(),
-            order: VecDeque::new(),
+            index: HashMap::default(),
+            ring: VecDeque::new(),
+            first: 0,
             capacity,
         }
     }
 
     pub fn get(&self, sender: InboxKey, id: ClientMessageId) -> Option<DedupeValue> {
-        self.map.get(&(sender, id)).copied()
+        let position = *self.index.get(&dedupe_hash(sender, id))?;
+        let slot = self.ring.get((position - self.first) as usize)?;
+        slot.matches(sender, id).then(|| slot.value())
     }
 
     pub fn insert(&mut self, sender: InboxKey, id: ClientMessageId, value: DedupeValue) {
         if self.capacity == 0 {
             return;
         }
-        if self.map.insert((sender, id), value).is_none() {
-            self.order.push_back((sender, id));
+        let slot = DedupeSlot {
+            sender_user: sender.user.0,
+            client_message_id: id.0,
+            recipient_user: value.recipient.user.0,
+            seq: value.seq.0,
+            timestamp_ms: value.timestamp_ms,
+            ticket: value.ticket,
+            sender_device: sender.device.0,
+            recipient_device: value.recipient.device.0,
+        };
+        let hash = dedupe_hash(sender, id);
+        if let Some(&position) = self.index.get(&hash) {
+            let offset = (position - self.first) as usize;
+            if self.ring.get(offset).is_some_and(|s| s.matches(sender, id)) {
+                // The same Send again (recovery replays it): update in place.
+                self.ring[offset] = slot;
+                return;
+            }
         }
+        let position = self.first + self.ring.len() as u64;
+        self.ring.push_back(slot);
+        self.index.insert(hash, position);
         self.evict();
     }
 
     pub fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity;
         self.evict();
+        self.ring.shrink_to_fit();
+        self.index.shrink_to_fit();
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.ring.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.ring.is_empty()
     }
 
-    /// Approximate heap bytes: hash-map buckets (usable capacity is 7/8 of
-    /// them, each a key, a value and a control byte) and the FIFO of keys.
+    /// Approximate heap bytes: index buckets (usable capacity is 7/8 of
+    /// them, each a 16-byte entry and a control byte) and the ring of slots.
     pub fn heap_bytes(&self) -> usize {
-        let key = std::mem::size_of::<(InboxKey, ClientMessageId)>();
-        let value = std::mem::size_of::<DedupeValue>();
-        let buckets = self.map.capacity() * 8 / 7;
-        buckets * (key + value + 1) + self.order.capacity() * key
+        let buckets = self.index.capacity() * 8 / 7;
+        buckets * (std::mem::size_of::<(u64, u64)>() + 1)
+            + self.ring.capacity() * std::mem::size_of::<DedupeSlot>()
     }
 
     fn evict(&mut self) {
-        while self.map.len() > self.capacity {
-            let Some(key) = self.order.pop_front() else {
+        while self.ring.len() > self.capacity {
+            let Some(slot) = self.ring.pop_front() else {
                 break;
             };
-            self.map.remove(&key);
+            let sender = InboxKey {
+                user: crate::ids::UserId(slot.sender_user),
+                device: crate::ids::DeviceId(slot.sender_device),
+            };
+            let hash = dedupe_hash(sender, ClientMessageId(slot.client_message_id));
+            // Only if the index still points at this slot (not at a newer
+            // one that shadows it).
+            if self.index.get(&hash) == Some(&self.first) {
+                self.index.remove(&hash);
+            }
+            self.first += 1;
         }
     }
 }
@@ -300,5 +401,94 @@ mod tests {
         assert!(d.get(key(1), ClientMessageId(1)).is_none());
         assert!(d.get(key(3), ClientMessageId(1)).is_some());
         assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn dedupe_updates_a_replayed_key_in_place_and_tells_keys_apart() {
+        let key = |u, dev| InboxKey {
+            user: crate::ids::UserId(u),
+            device: crate::ids::DeviceId(dev),
+        };
+        let value = |seq| DedupeValue {
+            recipient: key(9, 1),
+            seq: InboxSeq(seq),
+            timestamp_ms: seq * 10,
+            ticket: seq,
+        };
+        let mut d = Dedupe::new(100);
+        d.insert(key(1, 1), ClientMessageId(5), value(1));
+        d.insert(key(1, 2), ClientMessageId(5), value(2));
+        d.insert(key(1, 1), ClientMessageId(6), value(3));
+        d.insert(key(1, 1), ClientMessageId(5), value(4));
+        assert_eq!(d.len(), 3, "a replayed key is not stored twice");
+        assert_eq!(d.get(key(1, 1), ClientMessageId(5)), Some(value(4)));
+        assert_eq!(d.get(key(1, 2), ClientMessageId(5)), Some(value(2)));
+        assert_eq!(d.get(key(1, 1), ClientMessageId(6)), Some(value(3)));
+        assert_eq!(d.get(key(2, 1), ClientMessageId(5)), None);
+    }
+
+    #[test]
+    fn dedupe_stays_bounded_and_finds_every_live_key() {
+        let key = |u| InboxKey {
+            user: crate::ids::UserId(u),
+            device: crate::ids::DeviceId(1),
+        };
+        let value = DedupeValue {
+            recipient: key(0),
+            seq: InboxSeq(1),
+            timestamp_ms: 0,
+            ticket: 0,
+        };
+        let mut d = Dedupe::new(1_000);
+        for i in 0..10_000u64 {
+            d.insert(key(i % 37), ClientMessageId(i), value);
+            assert!(d.len() <= 1_000);
+        }
+        for i in 9_000..10_000u64 {
+            assert!(d.get(key(i % 37), ClientMessageId(i)).is_some(), "{i}");
+        }
+        for i in 0..9_000u64 {
+            assert!(d.get(key(i % 37), ClientMessageId(i)).is_none(), "{i}");
+        }
+        assert!(d.index.len() == 1_000);
+    }
+
+    /// Run: `cargo test --release --lib dedupe_bytes_per_entry -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn dedupe_bytes_per_entry() {
+        fn rss() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1024
+        }
+        let key = |u| InboxKey {
+            user: crate::ids::UserId(u),
+            device: crate::ids::DeviceId(1),
+        };
+        let entries = 1_000_000u64;
+        let before = rss();
+        let mut d = Dedupe::new(entries as usize);
+        for i in 0..entries {
+            let value = DedupeValue {
+                recipient: key(i % 10_000),
+                seq: InboxSeq(i),
+                timestamp_ms: i,
+                ticket: i,
+            };
+            d.insert(key(1_000_000), ClientMessageId(i), value);
+        }
+        let grown = rss() - before;
+        println!(
+            "dedupe: {} entries, heap estimate {:.1} B/entry, RSS growth {:.1} B/entry",
+            d.len(),
+            d.heap_bytes() as f64 / entries as f64,
+            grown as f64 / entries as f64
+        );
     }
 }
