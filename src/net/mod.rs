@@ -342,18 +342,22 @@ fn start_session(
 ) {
     let conn = shard.open_session(device, version);
     shard.metrics_session_opened();
-    let fut = async move {
-        let stream = run_session(&shard, &conn, stream, buffered).await;
-        shard.close_session(&conn);
-        shard.metrics_session_closed();
-        shard.open_connections.set(shard.open_connections.get() - 1);
-        if let Some(stream) = stream {
-            // Its own task: the linger's buffer and timer must not enlarge
-            // every session's future.
-            glommio::spawn_local(linger_close(stream)).detach();
-        }
-    };
-    glommio::spawn_local(fut).detach();
+    // The task is `run_session` itself, not a block around it: a wrapper
+    // would store the stream and buffer twice (its captures and the inner
+    // future), in every idle connection's task.
+    glommio::spawn_local(run_session(shard, conn, stream, buffered)).detach();
+}
+
+/// Forgets a session whose loop ended and closes its socket.
+fn end_session(shard: &Shard, conn: &Rc<Conn>, stream: Option<TcpStream>) {
+    shard.close_session(conn);
+    shard.metrics_session_closed();
+    shard.open_connections.set(shard.open_connections.get() - 1);
+    if let Some(stream) = stream {
+        // Its own task: the linger's buffer and timer must not enlarge
+        // every session's future.
+        glommio::spawn_local(linger_close(stream)).detach();
+    }
 }
 
 enum IoEvent {
@@ -365,18 +369,13 @@ enum IoEvent {
 }
 
 /// The session loop: decode and handle buffered frames, then wait for the
-/// socket or for output. Returns the stream when it should be closed
-/// gracefully (after a fatal error, GoAway or replacement).
-async fn run_session(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
-    mut stream: TcpStream,
-    mut inbuf: BytesMut,
-) -> Option<TcpStream> {
+/// socket or for output; at the end, forgets the session and closes the
+/// socket (gracefully after a fatal error, GoAway or replacement).
+async fn run_session(shard: Rc<Shard>, conn: Rc<Conn>, mut stream: TcpStream, mut inbuf: BytesMut) {
     loop {
         let mut handled = 0u32;
         loop {
-            match next_step(shard, conn, &mut inbuf) {
+            match next_step(&shard, &conn, &mut inbuf) {
                 Step::Idle => break,
                 Step::Handled => {}
                 Step::Wait(wait) => wait.await,
@@ -391,16 +390,16 @@ async fn run_session(
             inbuf = BytesMut::new();
         }
         let event = IoFuture {
-            shard,
-            conn,
+            shard: &shard,
+            conn: &conn,
             stream: &mut stream,
             inbuf: &mut inbuf,
         }
         .await;
         match event {
             IoEvent::Readable => {}
-            IoEvent::Gone => return None,
-            IoEvent::Flushed => return Some(stream),
+            IoEvent::Gone => return end_session(&shard, &conn, None),
+            IoEvent::Flushed => return end_session(&shard, &conn, Some(stream)),
         }
     }
 }
