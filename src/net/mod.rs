@@ -15,7 +15,7 @@
 pub mod conn;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -160,7 +160,6 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                 // SAFETY: `fd` was just returned by dup(2), is open, and is
                 // owned by nothing else.
                 let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                let _ = version;
                 shard.metrics_handoff_out();
                 shard
                     .route_request(
@@ -168,6 +167,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) {
                         Request::Handoff {
                             fd,
                             device,
+                            version,
                             buffered: buffered.freeze(),
                         },
                     )
@@ -314,7 +314,13 @@ async fn run_handshake(
 }
 
 /// Starts a handed-off connection on its home shard.
-pub fn adopt_handoff(shard: Rc<Shard>, fd: OwnedFd, device: InboxKey, buffered: Bytes) {
+pub fn adopt_handoff(
+    shard: Rc<Shard>,
+    fd: OwnedFd,
+    device: InboxKey,
+    version: u32,
+    buffered: Bytes,
+) {
     // SAFETY: `fd` is an open, connected TCP socket whose ownership moves
     // into the stream (into_raw_fd gives it up).
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
@@ -328,7 +334,7 @@ pub fn adopt_handoff(shard: Rc<Shard>, fd: OwnedFd, device: InboxKey, buffered: 
         shard,
         stream,
         device,
-        proto::PROTOCOL_VERSION,
+        version,
         BytesMut::from(&buffered[..]),
     );
 }
@@ -532,6 +538,3 @@ pub fn sweep_idle(shard: &Shard) {
         }
     }
 }
-
-#[allow(dead_code)]
-fn _assert_types(_: SocketAddr) {}

@@ -46,6 +46,8 @@ pub enum Request {
     Handoff {
         fd: OwnedFd,
         device: InboxKey,
+        /// The protocol version the handshake settled on.
+        version: u32,
         buffered: Bytes,
     },
 }

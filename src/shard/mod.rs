@@ -543,10 +543,11 @@ impl Shard {
             Request::Handoff {
                 fd,
                 device,
+                version,
                 buffered,
             } => {
                 self.metrics.handoffs_in.inc();
-                crate::net::adopt_handoff(self.clone(), fd, device, buffered);
+                crate::net::adopt_handoff(self.clone(), fd, device, version, buffered);
             }
         }
     }
