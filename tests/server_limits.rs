@@ -266,3 +266,19 @@ fn too_many_ids_in_an_ack_is_refused_without_closing() {
     c.send(&Frame::Ping(pb::Ping { nonce: 3 }));
     assert!(matches!(c.recv(), Some(Frame::Pong(_))));
 }
+
+#[test]
+fn a_second_register_on_one_connection_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let mut c = RawClient::connect(server.addr);
+    let register = Frame::Register(pb::Register {
+        protocol_version: PROTOCOL_VERSION,
+        registration_token: String::new(),
+    });
+    c.send(&register);
+    assert!(matches!(c.recv(), Some(Frame::Registered(_))));
+    c.send(&register);
+    c.expect_error(ErrorCode::UnexpectedFrame);
+    c.expect_closed();
+}

@@ -195,12 +195,19 @@ async fn run_handshake(
 ) -> Result<HandshakeOutcome, HandshakeError> {
     let limits = &shard.config.limits;
     let mut buffered = BytesMut::new();
+    // One account per connection: account creation writes to the metadata
+    // database, so a connection may not turn into a registration loop.
+    let mut registered = false;
     loop {
         while let Some(frame) = proto::next_frame(&mut buffered, limits.frame_bytes_max)
             .map_err(|e| (e.code(), "bad frame during handshake", 0))?
         {
             match frame {
                 Frame::Register(register) => {
+                    if registered {
+                        return Err((ErrorCode::UnexpectedFrame, "one Register per connection", 0));
+                    }
+                    registered = true;
                     let version = negotiate_version(register.protocol_version)
                         .map_err(|c| (c, "unsupported protocol version", 0))?;
                     match shard.config.server.registration {
