@@ -52,18 +52,96 @@ pub enum CloseReason {
     Shutdown,
 }
 
+/// What a connection holds only while it has output queued or deliveries
+/// in flight; released when both are empty, so an idle session keeps a
+/// pointer instead of the queue and window headers.
 #[derive(Debug, Default)]
-pub struct ConnState {
-    /// Encoded frames not yet written. Released (capacity 0) when drained, so
-    /// an idle connection holds no output buffer.
+pub struct Active {
+    /// Encoded frames not yet written.
     pub out: BytesMut,
     pub window: DeliveryWindow,
+}
+
+#[derive(Debug, Default)]
+pub struct ConnState {
+    active: Option<Box<Active>>,
+    /// Highest sequence written, kept here while `active` is released.
+    last_sent: u64,
     /// Sends read and not yet answered.
     pub sends_in_flight: u32,
     /// Coarse shard clock (seconds) of the last frame received.
     pub last_activity_s: u32,
-    /// Set once; the task flushes `out` and closes.
+    /// Set once; the task flushes the output queue and closes.
     pub close: Option<CloseReason>,
+}
+
+impl ConnState {
+    /// The active part, created on first use.
+    pub fn active(&mut self) -> &mut Active {
+        let last_sent = self.last_sent;
+        self.active.get_or_insert_with(|| {
+            Box::new(Active {
+                out: BytesMut::new(),
+                window: DeliveryWindow::resume(last_sent),
+            })
+        })
+    }
+
+    /// The active part if there is one.
+    pub fn active_if_any(&mut self) -> Option<&mut Active> {
+        self.active.as_deref_mut()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn out_len(&self) -> usize {
+        self.active.as_ref().map_or(0, |a| a.out.len())
+    }
+
+    /// Highest sequence written to the connection.
+    pub fn last_sent(&self) -> u64 {
+        self.active
+            .as_ref()
+            .map_or(self.last_sent, |a| a.window.last_sent)
+    }
+
+    /// Entries the delivery window still admits.
+    pub fn window_room(&self, messages_max: u32, bytes_max: u32) -> usize {
+        self.active.as_ref().map_or(messages_max as usize, |a| {
+            a.window.room(messages_max, bytes_max)
+        })
+    }
+
+    /// Records an entry skipped without sending (expired or unreadable).
+    pub fn skip(&mut self, seq: u64) {
+        match self.active.as_deref_mut() {
+            Some(active) => active.window.on_skipped(seq),
+            None => {
+                assert!(
+                    seq > self.last_sent,
+                    "entries are visited in sequence order"
+                );
+                self.last_sent = seq;
+            }
+        }
+    }
+
+    /// Applies a device ack to the window.
+    pub fn on_ack(&mut self, up_to: u64, list: &[u64]) {
+        if let Some(active) = self.active.as_deref_mut() {
+            active.window.on_ack(up_to, list);
+        }
+        self.release_if_idle();
+    }
+
+    /// Frees the active part once it holds nothing.
+    pub fn release_if_idle(&mut self) {
+        if let Some(active) = &self.active {
+            if active.out.is_empty() && active.window.in_flight() == 0 {
+                self.last_sent = active.window.last_sent;
+                self.active = None;
+            }
+        }
+    }
 }
 
 pub struct Conn {
@@ -80,7 +158,6 @@ impl Conn {
             id,
             device,
             state: RefCell::new(ConnState {
-                window: DeliveryWindow::default(),
                 last_activity_s: now_s,
                 ..ConnState::default()
             }),
@@ -96,7 +173,7 @@ impl Conn {
             if state.close.is_some() {
                 return;
             }
-            frame.encode(&mut state.out);
+            frame.encode(&mut state.active().out);
         }
         count_out(frame);
         self.wake();
@@ -115,7 +192,7 @@ impl Conn {
             if state.close.is_some() {
                 return;
             }
-            frame.encode(&mut state.out);
+            frame.encode(&mut state.active().out);
             state.close = Some(reason);
         }
         count_out(frame);

@@ -464,7 +464,7 @@ fn next_step(shard: &Rc<Shard>, conn: &Rc<Conn>, inbuf: &mut BytesMut) -> Step {
 fn backpressured(shard: &Shard, conn: &Conn) -> bool {
     let limits = &shard.config.limits;
     let state = conn.state.borrow();
-    state.out.len() >= limits.output_queue_bytes_max as usize
+    state.out_len() >= limits.output_queue_bytes_max as usize
         || state.sends_in_flight >= limits.sends_in_flight_max
 }
 
@@ -484,20 +484,23 @@ impl Future for IoFuture<'_> {
         this.conn.register_waker(cx.waker());
         {
             let mut state = this.conn.state.borrow_mut();
-            while !state.out.is_empty() {
-                match Pin::new(&mut *this.stream).poll_write(cx, &state.out) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(IoEvent::Gone),
-                    Poll::Ready(Ok(n)) => state.out.advance(n),
-                    Poll::Pending => break,
+            if let Some(active) = state.active_if_any() {
+                while !active.out.is_empty() {
+                    match Pin::new(&mut *this.stream).poll_write(cx, &active.out) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                            return Poll::Ready(IoEvent::Gone)
+                        }
+                        Poll::Ready(Ok(n)) => active.out.advance(n),
+                        Poll::Pending => break,
+                    }
+                }
+                if active.out.is_empty() && active.out.capacity() > 0 {
+                    active.out = BytesMut::new();
                 }
             }
-            if state.out.is_empty() {
-                if state.out.capacity() > 0 {
-                    state.out = BytesMut::new();
-                }
-                if state.close.is_some() {
-                    return Poll::Ready(IoEvent::Flushed);
-                }
+            state.release_if_idle();
+            if state.out_len() == 0 && state.close.is_some() {
+                return Poll::Ready(IoEvent::Flushed);
             }
             if state.close.is_some() {
                 return Poll::Pending;

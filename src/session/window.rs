@@ -17,6 +17,14 @@ pub struct DeliveryWindow {
 }
 
 impl DeliveryWindow {
+    /// An empty window whose last sent sequence is `last_sent`.
+    pub fn resume(last_sent: u64) -> DeliveryWindow {
+        DeliveryWindow {
+            last_sent,
+            ..DeliveryWindow::default()
+        }
+    }
+
     /// Entries that may still be sent under the bounds.
     pub fn room(&self, messages_max: u32, bytes_max: u32) -> usize {
         if self.inflight.is_empty() {

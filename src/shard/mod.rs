@@ -355,7 +355,6 @@ impl Shard {
         };
         conn.state
             .borrow_mut()
-            .window
             .on_ack(ack.up_to_sequence, &ack.sequences);
         self.metrics
             .messages_acked
@@ -680,17 +679,17 @@ impl Shard {
         }
         let mut wrote = false;
         loop {
-            let room = state.window.room(
+            let room = state.window_room(
                 limits.delivery_window_messages,
                 limits.delivery_window_bytes,
             );
-            if room == 0 || state.out.len() >= limits.output_queue_bytes_max as usize {
+            if room == 0 || state.out_len() >= limits.output_queue_bytes_max as usize {
                 break;
             }
             positions.clear();
             log.pending_after(
                 conn.device,
-                InboxSeq(state.window.last_sent),
+                InboxSeq(state.last_sent()),
                 room.min(64),
                 &mut positions,
             );
@@ -704,7 +703,7 @@ impl Shard {
                 if !log.is_durable(position) {
                     break;
                 }
-                if state.window.room(
+                if state.window_room(
                     limits.delivery_window_messages,
                     limits.delivery_window_bytes,
                 ) == 0
@@ -749,21 +748,22 @@ impl Shard {
                                 )
                             }
                         };
-                        frame.encode(&mut state.out);
+                        let active = state.active();
+                        frame.encode(&mut active.out);
+                        active.window.on_sent(seq.0, bytes);
                         Conn::note_encoded(&frame);
-                        state.window.on_sent(seq.0, bytes);
                         match frame {
                             Frame::Deliver(_) => self.metrics.messages_delivered.inc(),
                             _ => self.metrics.receipts_sent.inc(),
                         }
                         wrote = true;
                     }
-                    Ok(None) => state.window.on_skipped(seq.0),
+                    Ok(None) => state.skip(seq.0),
                     Err(err) => {
                         // Reported by recovery or a damaged read: skip it so
                         // one bad record does not stall the inbox.
                         error!(shard = %self.id, device = %conn.device, seq = seq.0, %err, "unreadable inbox entry skipped");
-                        state.window.on_skipped(seq.0);
+                        state.skip(seq.0);
                     }
                 }
             }
