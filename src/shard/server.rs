@@ -294,6 +294,8 @@ async fn shard_main(start: ShardStart) {
         glommio::spawn_local(async move {
             while let Some(request) = rx.recv().await {
                 shard.handle_request(request);
+                // A full channel drains in bounded slices between other work.
+                glommio::yield_if_needed().await;
             }
         })
         .detach();
@@ -304,6 +306,7 @@ async fn shard_main(start: ShardStart) {
         glommio::spawn_local(async move {
             while let Some(reply) = rx.recv().await {
                 shard.on_reply(reply);
+                glommio::yield_if_needed().await;
             }
         })
         .detach();
