@@ -87,12 +87,13 @@ pub struct DriverConfig {
 }
 
 impl DriverConfig {
-    /// Sizes for one production shard.
+    /// Sizes for one production shard. Fixed memory: 4 MiB of provided
+    /// buffers (populated at start), 256 KiB of SQ and 256 KiB of CQ.
     pub fn production() -> DriverConfig {
         DriverConfig {
             sq_entries: 4096,
-            buffer_count: 4096,
-            buffer_bytes: 16 * 1024,
+            buffer_count: 1024,
+            buffer_bytes: 4096,
             buffer_group: 0,
             frame_bytes_max: 65_536 + 1_024,
             send_queue_bytes_max: 256 * 1024,
