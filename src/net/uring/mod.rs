@@ -1221,3 +1221,172 @@ fn frame_input(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut out = (len as u32).to_be_bytes().to_vec();
+        out.extend((0..len).map(|i| seed.wrapping_add(i as u8)));
+        out
+    }
+
+    fn conn() -> Conn {
+        let file = std::fs::File::open("/dev/null").expect("/dev/null");
+        new_conn(OwnedFd::from(file))
+    }
+
+    /// Feeds `chunks` through the framer; returns the delivered bytes.
+    fn feed(chunks: &[&[u8]], config: &DriverConfig, tail_bytes: &mut usize) -> Vec<u8> {
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut out = Vec::new();
+        for chunk in chunks {
+            frame_input(&mut record, id, chunk, config, tail_bytes, &mut out).expect("valid");
+        }
+        let mut delivered = Vec::new();
+        for event in out {
+            let Event::Data { frames, .. } = event else {
+                panic!("only data");
+            };
+            // Every Data event holds whole frames.
+            let mut rest = &frames[..];
+            while !rest.is_empty() {
+                let total = frame_total(rest, config.frame_bytes_max)
+                    .expect("valid")
+                    .expect("whole prefix");
+                assert!(rest.len() >= total, "whole frames only");
+                rest = &rest[total..];
+            }
+            delivered.extend_from_slice(&frames);
+        }
+        release_tail(&mut record, tail_bytes);
+        delivered
+    }
+
+    #[test]
+    fn framing_delivers_whole_frames_at_every_split() {
+        let config = DriverConfig::for_tests();
+        let stream: Vec<u8> = [frame(1, 1), frame(7, 2), frame(600, 3), frame(3, 4)].concat();
+        for split in 0..=stream.len() {
+            let mut tail_bytes = 0;
+            let delivered = feed(
+                &[&stream[..split], &stream[split..]],
+                &config,
+                &mut tail_bytes,
+            );
+            assert_eq!(delivered, stream, "split at {split}");
+            assert_eq!(tail_bytes, 0);
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        let mut tail_bytes = 0;
+        assert_eq!(feed(&bytes, &config, &mut tail_bytes), stream);
+    }
+
+    #[test]
+    fn framing_holds_only_the_incomplete_tail() {
+        let config = DriverConfig::for_tests();
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut tail_bytes = 0;
+        let mut out = Vec::new();
+        let whole = frame(100, 9);
+        frame_input(
+            &mut record,
+            id,
+            &whole[..50],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        )
+        .expect("valid");
+        assert!(out.is_empty());
+        assert_eq!(tail_bytes, whole.len(), "the tail is sized to the frame");
+        frame_input(
+            &mut record,
+            id,
+            &whole[50..],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        )
+        .expect("valid");
+        assert_eq!(out.len(), 1);
+        assert_eq!(tail_bytes, 0);
+        assert!(record.tail.is_none());
+    }
+
+    #[test]
+    fn framing_rejects_zero_and_oversized_lengths() {
+        let config = DriverConfig::for_tests();
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut tail_bytes = 0;
+        let mut out = Vec::new();
+        let result = frame_input(
+            &mut record,
+            id,
+            &[0, 0, 0, 0],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(matches!(result, Err(InputStop::BadLength(0))));
+        let too_long = (config.frame_bytes_max + 1).to_be_bytes();
+        let result = frame_input(
+            &mut record,
+            id,
+            &too_long,
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(matches!(result, Err(InputStop::BadLength(_))));
+        assert_eq!(tail_bytes, 0);
+    }
+
+    #[test]
+    fn framing_past_the_tail_bound_is_overloaded() {
+        let mut config = DriverConfig::for_tests();
+        config.tail_bytes_max = config.frame_bytes_max as usize + LENGTH_PREFIX_BYTES;
+        let mut tail_bytes = config.tail_bytes_max - 10;
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut out = Vec::new();
+        let whole = frame(100, 1);
+        let result = frame_input(
+            &mut record,
+            id,
+            &whole[..20],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(matches!(result, Err(InputStop::Overloaded)));
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        let token = Token {
+            kind: Kind::Recv,
+            generation: GENERATION_MASK_FOR_TESTS,
+            index: u32::MAX,
+        };
+        assert_eq!(Token::decode(token.encode()), Some(token));
+    }
+
+    const GENERATION_MASK_FOR_TESTS: u32 = sys::GENERATION_MASK;
+}
