@@ -64,10 +64,46 @@ async fn run_until(
     }
 }
 
-/// Echo: every Data event is sent back as is.
-fn echo(driver: &mut Driver, event: Option<Event>) {
-    if let Some(Event::Data { conn, frames }) = event {
-        driver.send(conn, frames).expect("echo queue has room");
+/// Echo with flow control: a refused frame is held and the connection
+/// paused until `Writable`, so nothing is dropped and memory stays bounded.
+#[derive(Default)]
+struct Echo {
+    held: HashMap<ConnId, std::collections::VecDeque<Bytes>>,
+}
+
+impl Echo {
+    fn handle(&mut self, driver: &mut Driver, event: Option<Event>) {
+        match event {
+            Some(Event::Data { conn, frames }) => {
+                if let Some(held) = self.held.get_mut(&conn) {
+                    held.push_back(frames);
+                    return;
+                }
+                if let Err(err) = driver.send(conn, frames) {
+                    if err.kind == SendErrorKind::Backpressure {
+                        driver.pause_reading(conn).expect("pause");
+                        self.held.entry(conn).or_default().push_back(err.bytes);
+                    }
+                }
+            }
+            Some(Event::Writable { conn }) => {
+                let Some(mut held) = self.held.remove(&conn) else {
+                    return;
+                };
+                while let Some(frames) = held.pop_front() {
+                    if let Err(err) = driver.send(conn, frames) {
+                        held.push_front(err.bytes);
+                        self.held.insert(conn, held);
+                        return;
+                    }
+                }
+                driver.resume_reading(conn).expect("resume");
+            }
+            Some(Event::Closed { conn, .. }) => {
+                self.held.remove(&conn);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -75,10 +111,11 @@ fn echo(driver: &mut Driver, event: Option<Event>) {
 fn echo_until(
     mut done: impl FnMut(&Driver) -> bool,
 ) -> impl FnMut(&mut Driver, Option<Event>) -> bool {
+    let mut echo = Echo::default();
     move |driver, event| match event {
         None => done(driver),
         event => {
-            echo(driver, event);
+            echo.handle(driver, event);
             false
         }
     }
@@ -585,4 +622,75 @@ fn handoff_moves_a_socket_and_its_buffered_bytes_to_another_executor() {
     drop(sock);
     shard_a.join().expect("a");
     shard_b.join().expect("b");
+}
+
+#[test]
+fn paused_connection_delivers_nothing_until_resumed() {
+    executor().run(async {
+        let mut driver = Driver::new(DriverConfig::for_tests()).expect("driver");
+        let (fd, addr) = listener();
+        driver.listen(fd).expect("listen");
+        let mut sock = TcpStream::connect(addr).expect("connect");
+        let mut conn = None;
+        run_until(&mut driver, Duration::from_secs(5), |d, event| {
+            if let Some(Event::Accepted { conn: c, .. }) = event {
+                d.pause_reading(c).expect("pause");
+                conn = Some(c);
+            }
+            conn.is_some()
+        })
+        .await;
+        let conn = conn.expect("accepted");
+        // Let the cancel of the recv complete before the peer writes.
+        for _ in 0..5 {
+            let mut events = Vec::new();
+            driver.poll_events(&mut events).expect("poll");
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        sock.write_all(&frame(b"held in the socket"))
+            .expect("write");
+        let paused_until = Instant::now() + Duration::from_millis(200);
+        let mut early = 0;
+        run_until(&mut driver, Duration::from_secs(5), |_, event| {
+            if let Some(Event::Data { .. }) = event {
+                early += 1;
+            }
+            event.is_none() && Instant::now() > paused_until
+        })
+        .await;
+        assert_eq!(early, 0, "nothing is read while paused");
+        driver.resume_reading(conn).expect("resume");
+        let mut got = None;
+        run_until(&mut driver, Duration::from_secs(5), |_, event| {
+            if let Some(Event::Data { frames, .. }) = event {
+                got = Some(frames);
+            }
+            got.is_some()
+        })
+        .await;
+        assert_eq!(&got.expect("data")[..], &frame(b"held in the socket")[..]);
+    });
+}
+
+#[test]
+fn accepts_past_the_connection_bound_are_closed_at_once() {
+    executor().run(async {
+        let mut config = DriverConfig::for_tests();
+        config.connections_max = 2;
+        let mut driver = Driver::new(config).expect("driver");
+        let (fd, addr) = listener();
+        driver.listen(fd).expect("listen");
+        let socks: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        run_until(
+            &mut driver,
+            Duration::from_secs(5),
+            until(|d| d.stats().accepted + d.stats().refused == 3),
+        )
+        .await;
+        assert_eq!(driver.connections(), 2);
+        assert_eq!(driver.stats().refused, 1);
+        drop(socks);
+    });
 }
