@@ -587,6 +587,12 @@ fn handoff_moves_a_socket_and_its_buffered_bytes_to_another_executor() {
         executor().run(async move {
             let mut driver = Driver::new(DriverConfig::for_tests()).expect("driver");
             let (fd, buffered) = from_a.recv().expect("handoff");
+            let nodelay = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay)
+                .expect("getsockopt");
+            assert!(
+                nodelay,
+                "accepted sockets inherit TCP_NODELAY from the listener"
+            );
             let conn = driver.adopt(fd, buffered).expect("adopt");
             let mut closed = false;
             run_until(&mut driver, Duration::from_secs(10), |d, event| {

@@ -628,6 +628,9 @@ impl Driver {
     /// deferred work, handles up to `completions_per_turn_max` completions
     /// and appends the resulting events to `out`. At most one
     /// io_uring_enter, none when there is nothing to submit or collect.
+    /// An error means the ring refused work (out of memory, or a full
+    /// completion queue that never drains): treat it as fatal for the shard.
+    /// Memory stays safe (see `sys`), but connections may then leak.
     pub fn poll_events(&mut self, out: &mut Vec<Event>) -> Result<(), UringError> {
         out.append(&mut self.pending);
         self.flush_sends()?;

@@ -135,10 +135,12 @@ pub struct RingCounters {
 
 /// A ring of provided buffers (IORING_REGISTER_PBUF_RING).
 struct BufRing {
-    /// The ring entries shared with the kernel; page-aligned.
-    entries: memmap2::MmapMut,
-    /// The buffers; page-aligned, `count * size` bytes.
-    memory: memmap2::MmapMut,
+    /// The ring entries shared with the kernel; page-aligned. Raw (no
+    /// `&[u8]` over it ever exists): the kernel reads it concurrently.
+    entries: memmap2::MmapRaw,
+    /// The buffers; page-aligned, `count * size` bytes. Raw for the same
+    /// reason: the kernel writes buffers we do not hold.
+    memory: memmap2::MmapRaw,
     count: u16,
     size: u32,
     group: u16,
@@ -165,14 +167,18 @@ impl BufRing {
         // Populated up front: the buffers are a fixed cost of the shard, so
         // its RSS does not creep up as connections touch fresh buffers, and
         // the hot path takes no page faults.
-        let entries = memmap2::MmapOptions::new()
-            .len(count as usize * std::mem::size_of::<RawBuf>())
-            .populate()
-            .map_anon()?;
-        let memory = memmap2::MmapOptions::new()
-            .len(count as usize * size as usize)
-            .populate()
-            .map_anon()?;
+        let entries = memmap2::MmapRaw::from(
+            memmap2::MmapOptions::new()
+                .len(count as usize * std::mem::size_of::<RawBuf>())
+                .populate()
+                .map_anon()?,
+        );
+        let memory = memmap2::MmapRaw::from(
+            memmap2::MmapOptions::new()
+                .len(count as usize * size as usize)
+                .populate()
+                .map_anon()?,
+        );
         Ok(BufRing {
             entries,
             memory,
@@ -229,7 +235,13 @@ impl BufRing {
         assert!(self.ours[bid as usize], "only a buffer we hold is read");
         assert!(len <= self.size as usize, "a recv fits its buffer");
         let start = bid as usize * self.size as usize;
-        &self.memory[start..start + len]
+        // SAFETY: `bid` is ours (asserted): the kernel handed it over with
+        // its completion and writes it again only after `push` gives it
+        // back, which needs `&mut self` and so ends this borrow first. The
+        // slice covers only this buffer, never memory the kernel may be
+        // writing, and lies inside the mapping (`bid < count`,
+        // `len <= size`).
+        unsafe { std::slice::from_raw_parts(self.memory.as_ptr().add(start), len) }
     }
 }
 
@@ -343,7 +355,12 @@ impl Ring {
     }
 
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
-        loop {
+        for attempt in 0.. {
+            if attempt == 2 {
+                // The kernel took nothing (its completion queue is full):
+                // the caller reaps and tries again next turn.
+                return Err(io::Error::from(io::ErrorKind::WouldBlock));
+            }
             {
                 let mut sq = self.ring.submission();
                 if !sq.is_full() {
