@@ -700,3 +700,50 @@ fn accepts_past_the_connection_bound_are_closed_at_once() {
         drop(socks);
     });
 }
+
+#[test]
+fn flush_close_to_a_peer_that_never_reads_ends_at_the_linger_deadline() {
+    executor().run(async {
+        let config = DriverConfig::for_tests();
+        let linger = config.linger;
+        let mut driver = Driver::new(config).expect("driver");
+        let (fd, addr) = listener();
+        driver.listen(fd).expect("listen");
+        let sock = TcpStream::connect(addr).expect("connect");
+        let mut conn = None;
+        run_until(&mut driver, Duration::from_secs(5), |_, event| {
+            if let Some(Event::Accepted { conn: c, .. }) = event {
+                conn = Some(c);
+            }
+            conn.is_some()
+        })
+        .await;
+        let conn = conn.expect("accepted");
+        // Fill the kernel's buffers and the queue.
+        let chunk = Bytes::from(frame(&[5u8; 4000]));
+        let start = Instant::now();
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(20), "never full");
+            if driver.send(conn, chunk.clone()).is_err() {
+                break;
+            }
+            let mut events = Vec::new();
+            driver.poll_events(&mut events).expect("poll");
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        let closing_at = Instant::now();
+        driver.close(conn, CloseMode::Flush).expect("close");
+        let mut closed = None;
+        run_until(&mut driver, Duration::from_secs(5), |_, event| {
+            if let Some(Event::Closed { reason, .. }) = event {
+                closed = Some(reason);
+            }
+            closed.is_some()
+        })
+        .await;
+        assert_eq!(closed, Some(CloseReason::Local));
+        assert!(closing_at.elapsed() >= linger);
+        assert!(driver.is_idle() || driver.connections() == 0);
+        drop(sock);
+    });
+}

@@ -82,7 +82,8 @@ pub struct DriverConfig {
     pub completions_per_turn_max: u32,
     /// Wait before re-arming an accept that failed for lack of resources.
     pub accept_retry: Duration,
-    /// How long a flushed, half-closed connection waits for the peer's FIN.
+    /// How long `close(Flush)` may take: sending what is queued, then
+    /// waiting half-closed for the peer's FIN. Then the socket is closed.
     pub linger: Duration,
 }
 
@@ -533,6 +534,12 @@ impl Driver {
             (CloseMode::Flush, State::Open) => {
                 record.state = State::Flushing;
                 release_tail(record, &mut self.tail_bytes);
+                // One deadline for the flush and the linger: a peer that
+                // never reads cannot keep the connection.
+                record.ops += 1;
+                record.linger_armed = true;
+                self.ring
+                    .timeout(Delay::Linger, conn_token(Kind::Linger, conn))?;
                 self.mark_dirty(conn);
                 self.step(conn)?;
                 self.shared.signal();
@@ -756,7 +763,8 @@ impl Driver {
                 record.ops -= 1;
                 if token.kind == Kind::Linger {
                     record.linger_armed = false;
-                    if completion.result == -libc::ETIME && record.state == State::Lingering {
+                    let closing = matches!(record.state, State::Flushing | State::Lingering);
+                    if completion.result == -libc::ETIME && closing {
                         self.begin_close(conn, CloseReason::Local)?;
                     }
                 }
@@ -987,13 +995,10 @@ impl Driver {
         match record.state {
             State::Flushing if record.queue.is_empty() && record.sending == 0 => {
                 record.state = State::Lingering;
-                record.ops += 2;
-                record.linger_armed = true;
+                record.ops += 1;
                 let fd = record.fd.as_raw_fd();
                 self.ring
                     .shutdown_write(fd, conn_token(Kind::Shutdown, conn))?;
-                self.ring
-                    .timeout(Delay::Linger, conn_token(Kind::Linger, conn))?;
                 self.arm_recv(conn)?;
             }
             State::Releasing if record.ops == 0 && record.queue.is_empty() => {
