@@ -132,9 +132,22 @@ fn executor() -> glommio::LocalExecutor {
 
 #[test]
 fn completions_wake_the_executor_through_the_eventfd() {
-    executor().run(async {
-        let mut driver = Driver::new(DriverConfig::for_tests()).expect("driver");
-        assert_eq!(driver.setup_mode(), SetupMode::DeferTaskrun);
+    // This kernel takes the preferred setup; the fallbacks must wake too.
+    for mode in [
+        SetupMode::DeferTaskrun,
+        SetupMode::CoopTaskrun,
+        SetupMode::Plain,
+    ] {
+        completions_wake_the_executor(mode);
+    }
+}
+
+fn completions_wake_the_executor(mode: SetupMode) {
+    executor().run(async move {
+        let mut config = DriverConfig::for_tests();
+        config.ring_mode_max = mode;
+        let mut driver = Driver::new(config).expect("driver");
+        assert_eq!(driver.setup_mode(), mode);
         let (fd, addr) = listener();
         driver.listen(fd).expect("listen");
         let client = std::thread::spawn(move || {
@@ -746,4 +759,42 @@ fn flush_close_to_a_peer_that_never_reads_ends_at_the_linger_deadline() {
         assert!(driver.is_idle() || driver.connections() == 0);
         drop(sock);
     });
+}
+
+/// The fallback setups (older kernels) echo too.
+#[test]
+fn fallback_ring_setups_echo_frames() {
+    for mode in [SetupMode::CoopTaskrun, SetupMode::Plain] {
+        executor().run(async move {
+            let mut config = DriverConfig::for_tests();
+            config.ring_mode_max = mode;
+            let mut driver = Driver::new(config).expect("driver");
+            assert_eq!(driver.setup_mode(), mode);
+            let (fd, addr) = listener();
+            driver.listen(fd).expect("listen");
+            let stream: Vec<u8> = (0..50).flat_map(|i| frame(&body(i, 10 + i * 37))).collect();
+            let expected = stream.clone();
+            let client = std::thread::spawn(move || {
+                let mut sock = TcpStream::connect(addr).expect("connect");
+                let mut reader = sock.try_clone().expect("clone");
+                let total = stream.len();
+                let read = std::thread::spawn(move || {
+                    let mut back = vec![0u8; total];
+                    reader.read_exact(&mut back).expect("echo");
+                    back
+                });
+                for chunk in stream.chunks(333) {
+                    sock.write_all(chunk).expect("write");
+                }
+                read.join().expect("reader")
+            });
+            run_until(
+                &mut driver,
+                Duration::from_secs(10),
+                echo_until(|_| client.is_finished()),
+            )
+            .await;
+            assert_eq!(client.join().expect("client"), expected);
+        });
+    }
 }

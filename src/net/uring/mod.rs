@@ -52,6 +52,10 @@ const LENGTH_PREFIX_BYTES: usize = crate::proto::LENGTH_PREFIX_BYTES;
 /// Bounds and sizes of one driver. Every field is a hard bound.
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
+    /// The most capable ring setup to try; weaker ones are the fallbacks.
+    /// `DeferTaskrun` in production (see docs/uring.md); tests force the
+    /// fallbacks to check they work.
+    pub ring_mode_max: SetupMode,
     /// Submission queue entries; the completion queue gets four times as
     /// many. Memory: 64 B per SQE, 16 B per CQE.
     pub sq_entries: u32,
@@ -92,6 +96,7 @@ impl DriverConfig {
     /// buffers (populated at start), 256 KiB of SQ and 256 KiB of CQ.
     pub fn production() -> DriverConfig {
         DriverConfig {
+            ring_mode_max: SetupMode::DeferTaskrun,
             sq_entries: 4096,
             buffer_count: 1024,
             buffer_bytes: 4096,
@@ -111,6 +116,7 @@ impl DriverConfig {
     /// Tiny sizes so tests reach exhaustion and backpressure cheaply.
     pub fn for_tests() -> DriverConfig {
         DriverConfig {
+            ring_mode_max: SetupMode::DeferTaskrun,
             sq_entries: 256,
             buffer_count: 8,
             buffer_bytes: 512,
@@ -351,6 +357,7 @@ impl Driver {
     pub fn new(config: DriverConfig) -> Result<Driver, UringError> {
         config.validate()?;
         let ring = Ring::new(RingSetup {
+            mode_max: config.ring_mode_max,
             sq_entries: config.sq_entries,
             buffer_count: config.buffer_count,
             buffer_bytes: config.buffer_bytes,

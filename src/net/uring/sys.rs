@@ -286,6 +286,8 @@ pub enum Delay {
 /// Settings of `Ring::new`.
 #[derive(Clone, Copy, Debug)]
 pub struct RingSetup {
+    /// The most capable setup to try (tests force the fallbacks).
+    pub mode_max: SetupMode,
     pub sq_entries: u32,
     pub buffer_count: u16,
     pub buffer_bytes: u32,
@@ -299,7 +301,7 @@ impl Ring {
     /// Builds the ring with the best setup this kernel accepts, registers
     /// the provided-buffer ring and fills it.
     pub fn new(setup: RingSetup) -> io::Result<Ring> {
-        let (ring, mode) = build_ring(setup.sq_entries)?;
+        let (ring, mode) = build_ring(setup.sq_entries, setup.mode_max)?;
         let mut bufs = BufRing::new(setup.buffer_count, setup.buffer_bytes, setup.buffer_group)?;
         // SAFETY: the entries mapping is page-aligned, holds `buffer_count`
         // entries and lives in `self.bufs` until after the ring is closed
@@ -678,27 +680,31 @@ impl Drop for Ring {
     }
 }
 
-fn build_ring(entries: u32) -> io::Result<(IoUring, SetupMode)> {
+fn build_ring(entries: u32, mode_max: SetupMode) -> io::Result<(IoUring, SetupMode)> {
     let cq_entries = entries.saturating_mul(4);
-    let deferred = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_taskrun_flag()
-        .setup_cqsize(cq_entries)
-        .build(entries);
-    match deferred {
-        Ok(ring) => return Ok((ring, SetupMode::DeferTaskrun)),
-        Err(err) => info!(%err, "socket ring: DEFER_TASKRUN refused, trying COOP_TASKRUN"),
+    if mode_max == SetupMode::DeferTaskrun {
+        let deferred = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(cq_entries)
+            .build(entries);
+        match deferred {
+            Ok(ring) => return Ok((ring, SetupMode::DeferTaskrun)),
+            Err(err) => info!(%err, "socket ring: DEFER_TASKRUN refused, trying COOP_TASKRUN"),
+        }
     }
-    let coop = IoUring::builder()
-        .setup_single_issuer()
-        .setup_coop_taskrun()
-        .setup_taskrun_flag()
-        .setup_cqsize(cq_entries)
-        .build(entries);
-    match coop {
-        Ok(ring) => return Ok((ring, SetupMode::CoopTaskrun)),
-        Err(err) => info!(%err, "socket ring: COOP_TASKRUN refused, using no setup flags"),
+    if mode_max != SetupMode::Plain {
+        let coop = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(cq_entries)
+            .build(entries);
+        match coop {
+            Ok(ring) => return Ok((ring, SetupMode::CoopTaskrun)),
+            Err(err) => info!(%err, "socket ring: COOP_TASKRUN refused, using no setup flags"),
+        }
     }
     let ring = IoUring::builder().setup_cqsize(cq_entries).build(entries)?;
     Ok((ring, SetupMode::Plain))
