@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::LocalExecutorBuilder;
-use switchboard::net::uring::{Driver, DriverConfig, Event};
+use switchboard::net::uring::{Driver, DriverConfig, Event, SetupMode};
 
 const CLIENT_ENV: &str = "SWITCHBOARD_URING_CLIENT";
 
@@ -138,7 +138,14 @@ fn measure(count: usize, messages: usize) {
         .expect("executor")
         .run(async move {
             let rss_start = rss_bytes();
-            let mut driver = Driver::new(DriverConfig::production()).expect("driver");
+            let mut config = DriverConfig::production();
+            config.ring_mode_max = match std::env::var("URING_RING_MODE").as_deref() {
+                Ok("coop") => SetupMode::CoopTaskrun,
+                Ok("plain") => SetupMode::Plain,
+                _ => SetupMode::DeferTaskrun,
+            };
+            let mut driver = Driver::new(config).expect("driver");
+            println!("ring mode: {:?}", driver.setup_mode());
             let (fd, addr) = listener(4096);
             driver.listen(fd).expect("listen");
             let mut events = Vec::new();
