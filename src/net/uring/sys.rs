@@ -272,6 +272,8 @@ pub struct Ring {
     /// reaped.
     in_flight: u64,
     counters: RingCounters,
+    /// Raw completions of one reap, kept so reaping does not allocate.
+    reaped: Vec<(u64, i32, u32)>,
 }
 
 /// Which boxed timespec a timeout uses.
@@ -331,6 +333,7 @@ impl Ring {
             ]),
             in_flight: 0,
             counters: RingCounters::default(),
+            reaped: Vec::new(),
         })
     }
 
@@ -537,18 +540,19 @@ impl Ring {
 
     /// Reaps at most `max` completions into `out`.
     pub fn reap(&mut self, max: usize, out: &mut Vec<Completion>) {
-        let mut raw: Vec<(u64, i32, u32)> = Vec::new();
+        let mut raw = std::mem::take(&mut self.reaped);
         {
             let cq = self.ring.completion();
             for cqe in cq.take(max) {
                 raw.push((cqe.user_data(), cqe.result(), cqe.flags()));
             }
         }
-        for (user_data, result, flags) in raw {
+        for (user_data, result, flags) in raw.drain(..) {
             if let Some(completion) = self.complete(user_data, result, flags) {
                 out.push(completion);
             }
         }
+        self.reaped = raw;
     }
 
     fn complete(&mut self, user_data: u64, result: i32, flags: u32) -> Option<Completion> {
