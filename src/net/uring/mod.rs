@@ -245,6 +245,9 @@ pub struct DriverStats {
     pub accepted: u64,
     /// Accepted sockets closed at once (table full or shutting down).
     pub refused: u64,
+    /// Accepts that failed for lack of resources (EMFILE, ENFILE, ENOBUFS,
+    /// ENOMEM) and were re-armed after `accept_retry`.
+    pub accept_retries: u64,
     /// Bytes of incomplete frames held now.
     pub tail_bytes: usize,
     /// Provided buffers in the kernel's hands (all of them when idle).
@@ -349,6 +352,7 @@ pub struct Driver {
     stale_completions: u64,
     accepted: u64,
     refused: u64,
+    accept_retries: u64,
 }
 
 impl Driver {
@@ -413,6 +417,7 @@ impl Driver {
             stale_completions: 0,
             accepted: 0,
             refused: 0,
+            accept_retries: 0,
         })
     }
 
@@ -438,6 +443,7 @@ impl Driver {
             stale_completions: self.stale_completions,
             accepted: self.accepted,
             refused: self.refused,
+            accept_retries: self.accept_retries,
             tail_bytes: self.tail_bytes,
             buffers_in_kernel: self.ring.buffers_available(),
         }
@@ -810,6 +816,7 @@ impl Driver {
                 libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
             );
             if completion.result < 0 && resource {
+                self.accept_retries += 1;
                 warn!(
                     errno = -completion.result,
                     "accept failed; retrying shortly"
