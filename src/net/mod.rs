@@ -13,6 +13,7 @@
 //!   is not read until they drain (backpressure, nothing dropped).
 
 pub mod conn;
+pub mod uring;
 
 use std::future::Future;
 use std::net::IpAddr;

@@ -1,0 +1,1414 @@
+//! The native socket layer: one io_uring ring per shard that accepts,
+//! receives and sends for every connection of the shard, with no task and no
+//! buffer per idle connection.
+//!
+//! Runs on one shard's thread (`Driver` is `!Send`; the ring is set up for a
+//! single issuer). The connection logic stays sans-IO: it calls
+//! [`Driver::poll_events`] once per loop turn, handles the [`Event`]s, and
+//! queues frames with [`Driver::send`]. See `docs/uring.md`.
+//!
+//! - Accept: multishot accept on each listener, re-armed when it ends.
+//! - Receive: multishot recv into the shard's provided-buffer ring. A
+//!   completion's buffer is returned to the kernel before `poll_events`
+//!   returns; complete frames are copied out as [`Event::Data`] and only the
+//!   incomplete tail of a frame stays, in a per-connection buffer counted
+//!   against `tail_bytes_max`. An idle connection holds no buffer.
+//! - Send: frames queue per connection; at most one sendmsg per connection is
+//!   in flight, carrying up to `IOVECS_PER_SEND` frames and
+//!   `send_bytes_per_op_max` bytes. Queued bytes are bounded
+//!   (`send_queue_bytes_max`); past the bound `send` hands the frame back and
+//!   [`Event::Writable`] follows when the queue drains to half.
+//! - A connection's record lives in a generation slab indexed by the ring's
+//!   user data; it is freed only when no operation of it is in flight.
+//!
+//! Invariants: a record with `ops > 0` is never removed; a provided buffer is
+//! recycled by the completion that delivered it; all `unsafe` is in `sys`.
+
+mod slab;
+mod sys;
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tracing::{info, warn};
+
+pub use slab::ConnId;
+pub use sys::{SetupMode, IOVECS_PER_SEND};
+
+use slab::Slab;
+use sys::{Completion, Delay, Kind, Ring, RingSetup, Token};
+
+/// Bytes of a frame's length prefix (big-endian u32 counting what follows).
+const LENGTH_PREFIX_BYTES: usize = crate::proto::LENGTH_PREFIX_BYTES;
+
+/// Bounds and sizes of one driver. Every field is a hard bound.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// The most capable ring setup to try; weaker ones are the fallbacks.
+    /// `DeferTaskrun` in production (see docs/uring.md); tests force the
+    /// fallbacks to check they work.
+    pub ring_mode_max: SetupMode,
+    /// Submission queue entries; the completion queue gets four times as
+    /// many. Memory: 64 B per SQE, 16 B per CQE.
+    pub sq_entries: u32,
+    /// Provided buffers shared by all connections of the shard (a power of
+    /// two, at most 32768). More buffers let more connections receive at
+    /// once before a recv meets ENOBUFS and is re-armed.
+    pub buffer_count: u16,
+    /// Bytes of one provided buffer: the most one recv completion carries.
+    pub buffer_bytes: u32,
+    /// The buffer group id of this shard's provided buffers.
+    pub buffer_group: u16,
+    /// The largest frame (its length prefix value); a longer prefix is
+    /// reported as [`Event::BadFrame`].
+    pub frame_bytes_max: u32,
+    /// Bytes queued per connection and not yet sent, past which `send`
+    /// refuses (a single frame is always accepted into an empty queue).
+    pub send_queue_bytes_max: u32,
+    /// Bytes one sendmsg carries at most (in-flight bytes per connection).
+    pub send_bytes_per_op_max: u32,
+    /// Sends in flight per shard (each slot is ~330 B, kept for reuse).
+    pub send_slots_max: u32,
+    /// Bytes of incomplete frames held by all connections of the shard; a
+    /// connection that would go past it is closed (`Overloaded`).
+    pub tail_bytes_max: usize,
+    /// Connections the driver holds; accepts past it are closed at once.
+    pub connections_max: u32,
+    /// Completions handled per `poll_events` call before it returns.
+    pub completions_per_turn_max: u32,
+    /// Wait before re-arming an accept that failed for lack of resources.
+    pub accept_retry: Duration,
+    /// How long `close(Flush)` may take: sending what is queued, then
+    /// waiting half-closed for the peer's FIN. Then the socket is closed.
+    pub linger: Duration,
+}
+
+impl DriverConfig {
+    /// Sizes for one production shard. Fixed memory: 4 MiB of provided
+    /// buffers (populated at start), 256 KiB of SQ and 256 KiB of CQ.
+    pub fn production() -> DriverConfig {
+        DriverConfig {
+            ring_mode_max: SetupMode::DeferTaskrun,
+            sq_entries: 4096,
+            buffer_count: 1024,
+            buffer_bytes: 4096,
+            buffer_group: 0,
+            frame_bytes_max: 65_536 + 1_024,
+            send_queue_bytes_max: 256 * 1024,
+            send_bytes_per_op_max: 64 * 1024,
+            send_slots_max: 4096,
+            tail_bytes_max: 64 * 1024 * 1024,
+            connections_max: 1_000_000,
+            completions_per_turn_max: 4096,
+            accept_retry: Duration::from_millis(50),
+            linger: Duration::from_millis(200),
+        }
+    }
+
+    /// Tiny sizes so tests reach exhaustion and backpressure cheaply.
+    pub fn for_tests() -> DriverConfig {
+        DriverConfig {
+            ring_mode_max: SetupMode::DeferTaskrun,
+            sq_entries: 256,
+            buffer_count: 8,
+            buffer_bytes: 512,
+            buffer_group: 0,
+            frame_bytes_max: 4_096 + 512,
+            send_queue_bytes_max: 16 * 1024,
+            send_bytes_per_op_max: 8 * 1024,
+            send_slots_max: 64,
+            tail_bytes_max: 1024 * 1024,
+            connections_max: 20_000,
+            completions_per_turn_max: 256,
+            accept_retry: Duration::from_millis(20),
+            linger: Duration::from_millis(100),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), UringError> {
+        let bad = |what: &'static str| Err(UringError::Config(what));
+        if !self.buffer_count.is_power_of_two() || self.buffer_count > 32_768 {
+            return bad("buffer_count must be a power of two up to 32768");
+        }
+        if self.buffer_bytes == 0 || self.send_bytes_per_op_max == 0 || self.send_slots_max == 0 {
+            return bad("buffer, send and slot sizes must be positive");
+        }
+        if (self.send_queue_bytes_max as u64) < self.frame_bytes_max as u64 + 4 {
+            return bad("send_queue_bytes_max must hold the largest frame");
+        }
+        if self.tail_bytes_max < self.frame_bytes_max as usize + LENGTH_PREFIX_BYTES {
+            return bad("tail_bytes_max must hold the largest frame");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UringError {
+    #[error("socket ring: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad driver config: {0}")]
+    Config(&'static str),
+    #[error("connection table full")]
+    Full,
+}
+
+/// Why a connection closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed its side (recv returned 0).
+    PeerClosed,
+    /// A socket error (errno), e.g. ECONNRESET.
+    Error(i32),
+    /// `close` was called.
+    Local,
+    /// Holding its incomplete frame would pass `tail_bytes_max`.
+    Overloaded,
+    /// The driver is shutting down.
+    Shutdown,
+}
+
+/// How `close` ends a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseMode {
+    /// Cancel everything and close; queued frames are dropped.
+    Now,
+    /// Stop delivering input, send what is queued, half-close, wait
+    /// (`linger`) for the peer's FIN while discarding its input, close. The
+    /// peer reads the last frame instead of a reset.
+    Flush,
+}
+
+/// Why `send` refused a frame; the frame comes back.
+#[derive(Debug)]
+pub struct SendError {
+    pub kind: SendErrorKind,
+    pub bytes: Bytes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendErrorKind {
+    /// The queue is at its bound; [`Event::Writable`] follows when it drains.
+    Backpressure,
+    /// The connection is closing or gone.
+    Closed,
+}
+
+/// What `poll_events` reports.
+#[derive(Debug)]
+pub enum Event {
+    /// A new connection on a listener; reading has started.
+    Accepted { conn: ConnId, peer: SocketAddr },
+    /// One or more complete frames, back to back, each with its length
+    /// prefix (`proto::split_frame` takes them apart). Frames of one
+    /// connection arrive in order.
+    Data { conn: ConnId, frames: Bytes },
+    /// A length prefix of 0 or past `frame_bytes_max`. Reading stopped; the
+    /// frames before it were delivered. The logic answers and closes.
+    BadFrame { conn: ConnId, length: u32 },
+    /// The send queue, refused before, drained to half its bound.
+    Writable { conn: ConnId },
+    /// The socket is closed and `conn` is gone.
+    Closed { conn: ConnId, reason: CloseReason },
+    /// `release` finished: the socket, no longer touched by this ring, and
+    /// the bytes read but not delivered (an incomplete frame and anything
+    /// that arrived after the release began).
+    Released {
+        conn: ConnId,
+        fd: OwnedFd,
+        buffered: Bytes,
+    },
+}
+
+/// Counters of one driver.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DriverStats {
+    /// io_uring_enter calls on the socket ring.
+    pub enters: u64,
+    /// Completions reaped.
+    pub completions: u64,
+    /// Recvs that met an empty buffer ring and were re-armed.
+    pub no_buffers: u64,
+    /// Wake-ups through the eventfd.
+    pub eventfd_wakeups: u64,
+    /// Completions whose connection was gone (expected: 0).
+    pub stale_completions: u64,
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Accepted sockets closed at once (table full or shutting down).
+    pub refused: u64,
+    /// Accepts that failed for lack of resources (EMFILE, ENFILE, ENOBUFS,
+    /// ENOMEM) and were re-armed after `accept_retry`.
+    pub accept_retries: u64,
+    /// Bytes of incomplete frames held now.
+    pub tail_bytes: usize,
+    /// Provided buffers in the kernel's hands (all of them when idle).
+    pub buffers_in_kernel: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// Sending what is queued, then half-close.
+    Flushing,
+    /// Half-closed; waiting for the peer's FIN or the linger timeout.
+    Lingering,
+    /// Cancels issued; closes when no operation is in flight.
+    Closing,
+    /// Handing the socket over when no operation is in flight.
+    Releasing,
+}
+
+/// One connection. Idle: this record and nothing else (`queue` and `tail`
+/// hold no allocation).
+struct Conn {
+    fd: OwnedFd,
+    state: State,
+    reason: CloseReason,
+    recv_armed: bool,
+    linger_armed: bool,
+    paused: bool,
+    bad_frame: bool,
+    dirty: bool,
+    backpressured: bool,
+    /// Operations in flight that name this record.
+    ops: u16,
+    /// Bytes of the sendmsg in flight (0: none).
+    sending: u32,
+    /// Bytes of the front frame already sent.
+    sent_offset: u32,
+    /// Bytes queued and not yet sent.
+    queued_bytes: u32,
+    queue: VecDeque<Bytes>,
+    /// The incomplete frame at the end of what was read.
+    tail: Option<BytesMut>,
+}
+
+struct Listener {
+    fd: OwnedFd,
+    armed: bool,
+}
+
+struct Shared {
+    ready: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+    stopped: Cell<bool>,
+    eventfd_wakeups: Cell<u64>,
+}
+
+impl Shared {
+    fn signal(&self) {
+        self.ready.set(true);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// Wakes the shard's loop when the driver has work: completions (through
+/// the ring's eventfd) or frames queued by `send`.
+#[derive(Clone)]
+pub struct Notifier(Rc<Shared>);
+
+impl Notifier {
+    /// Completes when `poll_events` has something to do. Cancel safe: it
+    /// only reads a flag.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        futures_lite::future::poll_fn(move |cx| {
+            if self.0.ready.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.0.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// The per-shard socket driver. See the module doc.
+pub struct Driver {
+    // Field order matters: the ring drains and closes before the records
+    // (and their descriptors) are dropped.
+    ring: Ring,
+    conns: Slab<Conn>,
+    listeners: Vec<Listener>,
+    config: DriverConfig,
+    shared: Rc<Shared>,
+    wake_fd: OwnedFd,
+    dirty: Vec<ConnId>,
+    /// Events produced outside `poll_events` (by `adopt`).
+    pending: Vec<Event>,
+    completions: Vec<Completion>,
+    tail_bytes: usize,
+    shutting_down: bool,
+    stale_completions: u64,
+    accepted: u64,
+    refused: u64,
+    accept_retries: u64,
+}
+
+impl Driver {
+    /// Creates the ring and its eventfd reader task. Must run inside the
+    /// shard's glommio executor, on the thread that will drive it.
+    pub fn new(config: DriverConfig) -> Result<Driver, UringError> {
+        config.validate()?;
+        let ring = Ring::new(RingSetup {
+            mode_max: config.ring_mode_max,
+            sq_entries: config.sq_entries,
+            buffer_count: config.buffer_count,
+            buffer_bytes: config.buffer_bytes,
+            buffer_group: config.buffer_group,
+            send_slots_max: config.send_slots_max,
+            accept_retry: config.accept_retry,
+            linger: config.linger,
+        })?;
+        info!(mode = ?ring.mode(), "socket ring ready");
+        let eventfd = sys::eventfd()?;
+        ring.register_eventfd(eventfd.as_raw_fd())?;
+        let wake_fd = eventfd.try_clone()?;
+        let shared = Rc::new(Shared {
+            ready: Cell::new(false),
+            waker: Cell::new(None),
+            stopped: Cell::new(false),
+            eventfd_wakeups: Cell::new(0),
+        });
+        let file = sys::glommio_file(eventfd);
+        let task_shared = shared.clone();
+        // One read at a time on the eventfd, never cancelled: a dropped read
+        // could swallow a wake-up. Each completion means the kernel has
+        // completions or deferred work for the ring.
+        glommio::spawn_local(async move {
+            loop {
+                if let Err(err) = file.read_at(0, 8).await {
+                    warn!(%err, "socket ring eventfd read failed");
+                    break;
+                }
+                if task_shared.stopped.get() {
+                    break;
+                }
+                task_shared
+                    .eventfd_wakeups
+                    .set(task_shared.eventfd_wakeups.get() + 1);
+                task_shared.signal();
+            }
+            let _ = file.close().await;
+        })
+        .detach();
+        Ok(Driver {
+            ring,
+            conns: Slab::new(),
+            listeners: Vec::new(),
+            config,
+            shared,
+            wake_fd,
+            dirty: Vec::new(),
+            pending: Vec::new(),
+            completions: Vec::new(),
+            tail_bytes: 0,
+            shutting_down: false,
+            stale_completions: 0,
+            accepted: 0,
+            refused: 0,
+            accept_retries: 0,
+        })
+    }
+
+    pub fn notifier(&self) -> Notifier {
+        Notifier(self.shared.clone())
+    }
+
+    pub fn setup_mode(&self) -> SetupMode {
+        self.ring.mode()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn stats(&self) -> DriverStats {
+        let ring = self.ring.counters();
+        DriverStats {
+            enters: ring.enters,
+            completions: ring.completions,
+            no_buffers: ring.no_buffers,
+            eventfd_wakeups: self.shared.eventfd_wakeups.get(),
+            stale_completions: self.stale_completions,
+            accepted: self.accepted,
+            refused: self.refused,
+            accept_retries: self.accept_retries,
+            tail_bytes: self.tail_bytes,
+            buffers_in_kernel: self.ring.buffers_available(),
+        }
+    }
+
+    /// Bytes of one connection record, for memory accounting.
+    pub fn record_bytes() -> usize {
+        std::mem::size_of::<Conn>()
+    }
+
+    /// Accepts on `listener` (bound, listening; SO_REUSEPORT for one per
+    /// shard). Set TCP_NODELAY on the listener: accepted sockets inherit it.
+    pub fn listen(&mut self, listener: OwnedFd) -> Result<(), UringError> {
+        let index = self.listeners.len() as u32;
+        self.ring
+            .accept_multishot(listener.as_raw_fd(), listener_token(Kind::Accept, index))?;
+        self.listeners.push(Listener {
+            fd: listener,
+            armed: true,
+        });
+        self.shared.signal();
+        Ok(())
+    }
+
+    /// Takes over a connected socket (a handoff from another shard) and the
+    /// bytes already read from it; they are framed as if just received.
+    pub fn adopt(&mut self, fd: OwnedFd, buffered: Bytes) -> Result<ConnId, UringError> {
+        if self.conns.len() >= self.config.connections_max as usize {
+            return Err(UringError::Full);
+        }
+        let conn = self.conns.insert(new_conn(fd));
+        if !buffered.is_empty() {
+            let record = self.conns.get_mut(conn).expect("just inserted");
+            let result = frame_input(
+                record,
+                conn,
+                &buffered,
+                &self.config,
+                &mut self.tail_bytes,
+                &mut self.pending,
+            );
+            if let Err(stop) = result {
+                self.stop_input(conn, stop)?;
+            }
+        }
+        self.arm_recv(conn)?;
+        self.shared.signal();
+        Ok(conn)
+    }
+
+    /// Queues a frame. Refuses (handing it back) when the queue is at its
+    /// bound or the connection is closing. Sent on the next `poll_events`.
+    pub fn send(&mut self, conn: ConnId, bytes: Bytes) -> Result<(), SendError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Err(SendError {
+                kind: SendErrorKind::Closed,
+                bytes,
+            });
+        };
+        if record.state != State::Open {
+            return Err(SendError {
+                kind: SendErrorKind::Closed,
+                bytes,
+            });
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let len = bytes.len() as u64;
+        if record.queued_bytes > 0
+            && record.queued_bytes as u64 + len > self.config.send_queue_bytes_max as u64
+        {
+            record.backpressured = true;
+            return Err(SendError {
+                kind: SendErrorKind::Backpressure,
+                bytes,
+            });
+        }
+        record.queued_bytes += bytes.len() as u32;
+        record.queue.push_back(bytes);
+        if !record.dirty {
+            record.dirty = true;
+            self.dirty.push(conn);
+        }
+        self.shared.signal();
+        Ok(())
+    }
+
+    /// Bytes queued to `conn` and not yet sent.
+    pub fn queued_bytes(&self, conn: ConnId) -> Option<u32> {
+        self.conns.get(conn).map(|record| record.queued_bytes)
+    }
+
+    /// Starts closing `conn`; [`Event::Closed`] follows.
+    pub fn close(&mut self, conn: ConnId, mode: CloseMode) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        match (mode, record.state) {
+            (_, State::Closing) => Ok(()),
+            (CloseMode::Flush, State::Open) => {
+                record.state = State::Flushing;
+                release_tail(record, &mut self.tail_bytes);
+                // One deadline for the flush and the linger: a peer that
+                // never reads cannot keep the connection.
+                record.ops += 1;
+                record.linger_armed = true;
+                self.ring
+                    .timeout(Delay::Linger, conn_token(Kind::Linger, conn))?;
+                self.mark_dirty(conn);
+                self.step(conn)?;
+                self.shared.signal();
+                Ok(())
+            }
+            (CloseMode::Flush, _) => Ok(()),
+            (CloseMode::Now, _) => {
+                self.begin_close(conn, CloseReason::Local)?;
+                self.shared.signal();
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops delivering `conn`'s input (backpressure toward the peer):
+    /// its recv is cancelled; data already received still arrives.
+    pub fn pause_reading(&mut self, conn: ConnId) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        if record.paused || record.state != State::Open {
+            return Ok(());
+        }
+        record.paused = true;
+        if record.recv_armed {
+            record.ops += 1;
+            self.ring
+                .cancel(conn_token(Kind::Recv, conn), conn_token(Kind::Cancel, conn))?;
+            self.shared.signal();
+        }
+        Ok(())
+    }
+
+    pub fn resume_reading(&mut self, conn: ConnId) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        if !record.paused {
+            return Ok(());
+        }
+        record.paused = false;
+        self.arm_recv(conn)?;
+        self.shared.signal();
+        Ok(())
+    }
+
+    /// Starts handing `conn`'s socket to another driver: queued frames are
+    /// sent, reading stops, and [`Event::Released`] carries the socket.
+    pub fn release(&mut self, conn: ConnId) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        if record.state != State::Open {
+            return Ok(());
+        }
+        record.state = State::Releasing;
+        if record.recv_armed {
+            record.ops += 1;
+            self.ring
+                .cancel(conn_token(Kind::Recv, conn), conn_token(Kind::Cancel, conn))?;
+        }
+        self.mark_dirty(conn);
+        self.step(conn)?;
+        self.shared.signal();
+        Ok(())
+    }
+
+    /// Stops accepting and closes every connection (`Shutdown`). The driver
+    /// is done when `is_idle`.
+    pub fn shutdown(&mut self) -> Result<(), UringError> {
+        self.shutting_down = true;
+        for index in 0..self.listeners.len() {
+            if self.listeners[index].armed {
+                self.ring.cancel(
+                    listener_token(Kind::Accept, index as u32),
+                    listener_token(Kind::Drain, index as u32),
+                )?;
+            }
+        }
+        for conn in self.conns.ids() {
+            self.begin_close(conn, CloseReason::Shutdown)?;
+        }
+        self.shared.signal();
+        Ok(())
+    }
+
+    /// No connection left and no operation in flight.
+    pub fn is_idle(&self) -> bool {
+        self.conns.len() == 0 && self.ring.in_flight() == 0
+    }
+
+    /// One loop turn: submits queued sends and re-arms, runs the kernel's
+    /// deferred work, handles up to `completions_per_turn_max` completions
+    /// and appends the resulting events to `out`. At most one
+    /// io_uring_enter, none when there is nothing to submit or collect.
+    /// An error means the ring refused work (out of memory, or a full
+    /// completion queue that never drains): treat it as fatal for the shard.
+    /// Memory stays safe (see `sys`), but connections may then leak.
+    pub fn poll_events(&mut self, out: &mut Vec<Event>) -> Result<(), UringError> {
+        out.append(&mut self.pending);
+        self.flush_sends()?;
+        self.ring.publish();
+        self.ring.submit()?;
+        let mut completions = std::mem::take(&mut self.completions);
+        self.ring.reap(
+            self.config.completions_per_turn_max as usize,
+            &mut completions,
+        );
+        let mut result = Ok(());
+        for completion in completions.drain(..) {
+            if let Err(err) = self.on_completion(completion, out) {
+                result = Err(err);
+            }
+        }
+        self.completions = completions;
+        out.append(&mut self.pending);
+        self.ring.publish();
+        if self.ring.unsubmitted() > 0 || self.ring.has_completions() || !self.dirty.is_empty() {
+            self.shared.ready.set(true);
+        }
+        result
+    }
+
+    fn mark_dirty(&mut self, conn: ConnId) {
+        if let Some(record) = self.conns.get_mut(conn) {
+            if !record.dirty {
+                record.dirty = true;
+                self.dirty.push(conn);
+            }
+        }
+    }
+
+    fn flush_sends(&mut self) -> Result<(), UringError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut retry = Vec::new();
+        for conn in dirty.iter().copied() {
+            let Some(record) = self.conns.get_mut(conn) else {
+                continue;
+            };
+            record.dirty = false;
+            if record.sending > 0 || record.queue.is_empty() {
+                continue;
+            }
+            if !matches!(
+                record.state,
+                State::Open | State::Flushing | State::Releasing
+            ) {
+                continue;
+            }
+            let started = self.ring.send(
+                record.fd.as_raw_fd(),
+                conn_token(Kind::Send, conn),
+                &record.queue,
+                record.sent_offset as usize,
+                self.config.send_bytes_per_op_max as usize,
+            )?;
+            match started {
+                Some(bytes) => {
+                    record.sending = bytes as u32;
+                    record.ops += 1;
+                }
+                None => {
+                    // Every send slot is busy; try again next turn.
+                    record.dirty = true;
+                    retry.push(conn);
+                }
+            }
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+        self.dirty.append(&mut retry);
+        Ok(())
+    }
+
+    fn arm_recv(&mut self, conn: ConnId) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        let wanted = match record.state {
+            State::Open => !record.paused && !record.bad_frame,
+            State::Flushing | State::Lingering => true,
+            State::Closing | State::Releasing => false,
+        };
+        if wanted && !record.recv_armed {
+            record.recv_armed = true;
+            record.ops += 1;
+            self.ring
+                .recv_multishot(record.fd.as_raw_fd(), conn_token(Kind::Recv, conn))?;
+        }
+        Ok(())
+    }
+
+    fn on_completion(
+        &mut self,
+        completion: Completion,
+        out: &mut Vec<Event>,
+    ) -> Result<(), UringError> {
+        let token = completion.token;
+        match token.kind {
+            Kind::Accept => self.on_accept(completion, out),
+            Kind::AcceptRetry => {
+                let index = token.index as usize;
+                if !self.shutting_down && !self.listeners[index].armed {
+                    self.listeners[index].armed = true;
+                    self.ring.accept_multishot(
+                        self.listeners[index].fd.as_raw_fd(),
+                        listener_token(Kind::Accept, token.index),
+                    )?;
+                }
+                Ok(())
+            }
+            Kind::Drain => Ok(()),
+            Kind::Recv => self.on_recv(completion, out),
+            Kind::Send => self.on_send(completion, out),
+            Kind::Cancel | Kind::Shutdown | Kind::Linger => {
+                let conn = token_conn(token);
+                let Some(record) = self.conns.get_mut(conn) else {
+                    self.stale_completions += 1;
+                    return Ok(());
+                };
+                record.ops -= 1;
+                if token.kind == Kind::Linger {
+                    record.linger_armed = false;
+                    let closing = matches!(record.state, State::Flushing | State::Lingering);
+                    if completion.result == -libc::ETIME && closing {
+                        self.begin_close(conn, CloseReason::Local)?;
+                    }
+                }
+                self.step(conn)?;
+                self.flush_closed(conn);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_accept(
+        &mut self,
+        completion: Completion,
+        out: &mut Vec<Event>,
+    ) -> Result<(), UringError> {
+        let index = completion.token.index as usize;
+        if let Some(fd) = completion.accepted {
+            if self.shutting_down || self.conns.len() >= self.config.connections_max as usize {
+                self.refused += 1;
+                drop(fd);
+            } else {
+                let peer = peer_addr(&fd);
+                let conn = self.conns.insert(new_conn(fd));
+                self.accepted += 1;
+                self.arm_recv(conn)?;
+                out.push(Event::Accepted { conn, peer });
+            }
+        }
+        if !completion.more {
+            self.listeners[index].armed = false;
+            if self.shutting_down {
+                return Ok(());
+            }
+            let resource = matches!(
+                -completion.result,
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            );
+            if completion.result < 0 && resource {
+                self.accept_retries += 1;
+                warn!(
+                    errno = -completion.result,
+                    "accept failed; retrying shortly"
+                );
+                self.ring.timeout(
+                    Delay::AcceptRetry,
+                    listener_token(Kind::AcceptRetry, index as u32),
+                )?;
+            } else {
+                self.listeners[index].armed = true;
+                self.ring.accept_multishot(
+                    self.listeners[index].fd.as_raw_fd(),
+                    listener_token(Kind::Accept, index as u32),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_recv(&mut self, completion: Completion, out: &mut Vec<Event>) -> Result<(), UringError> {
+        let conn = token_conn(completion.token);
+        let Some(record) = self.conns.get_mut(conn) else {
+            self.stale_completions += 1;
+            if let Some(bid) = completion.buffer {
+                self.ring.recycle(bid);
+            }
+            return Ok(());
+        };
+        if !completion.more {
+            record.recv_armed = false;
+            record.ops -= 1;
+        }
+        let mut stop = None;
+        let mut close = None;
+        if completion.result > 0 {
+            let bid = completion
+                .buffer
+                .expect("a recv with data names its buffer");
+            let data = self.ring.buffer(bid, completion.result as usize);
+            match record.state {
+                State::Open if !record.bad_frame => {
+                    if let Err(reason) =
+                        frame_input(record, conn, data, &self.config, &mut self.tail_bytes, out)
+                    {
+                        stop = Some(reason);
+                    }
+                }
+                State::Releasing => {
+                    let tail = record.tail.get_or_insert_with(BytesMut::new);
+                    let before = tail.capacity();
+                    tail.extend_from_slice(data);
+                    self.tail_bytes += tail.capacity() - before;
+                }
+                // Closing, or input after a bad frame: discarded.
+                _ => {}
+            }
+            self.ring.recycle(bid);
+        } else if completion.result == 0 {
+            if record.state != State::Releasing {
+                close = Some(CloseReason::PeerClosed);
+            }
+        } else {
+            if let Some(bid) = completion.buffer {
+                self.ring.recycle(bid);
+            }
+            match -completion.result {
+                // The buffer ring ran dry: nothing was read, re-arm below.
+                libc::ENOBUFS | libc::ECANCELED => {}
+                errno => {
+                    if record.state != State::Releasing {
+                        close = Some(CloseReason::Error(errno));
+                    }
+                }
+            }
+        }
+        if let Some(stop) = stop {
+            self.stop_input(conn, stop)?;
+        }
+        if let Some(reason) = close {
+            let state = self.conns.get(conn).map(|r| r.state);
+            let reason = match state {
+                Some(State::Flushing | State::Lingering) => CloseReason::Local,
+                _ => reason,
+            };
+            self.begin_close(conn, reason)?;
+        } else if !completion.more {
+            self.arm_recv(conn)?;
+        }
+        self.step(conn)?;
+        self.flush_closed(conn);
+        Ok(())
+    }
+
+    fn on_send(&mut self, completion: Completion, out: &mut Vec<Event>) -> Result<(), UringError> {
+        let conn = token_conn(completion.token);
+        let Some(record) = self.conns.get_mut(conn) else {
+            self.stale_completions += 1;
+            return Ok(());
+        };
+        record.ops -= 1;
+        record.sending = 0;
+        if completion.result >= 0 {
+            if record.state != State::Closing {
+                advance(record, completion.result as usize);
+            }
+        } else if completion.result != -libc::ECANCELED {
+            let errno = -completion.result;
+            self.begin_close(conn, CloseReason::Error(errno))?;
+            self.step(conn)?;
+            self.flush_closed(conn);
+            return Ok(());
+        }
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        if record.queue.is_empty() {
+            // An idle connection keeps no queue allocation.
+            record.queue = VecDeque::new();
+        } else {
+            self.mark_dirty(conn);
+        }
+        let record = self.conns.get_mut(conn).expect("still here");
+        if record.backpressured
+            && record.queued_bytes <= self.config.send_queue_bytes_max / 2
+            && record.state == State::Open
+        {
+            record.backpressured = false;
+            out.push(Event::Writable { conn });
+        }
+        self.step(conn)?;
+        self.flush_closed(conn);
+        Ok(())
+    }
+
+    /// Input can no longer be framed: report and stop reading.
+    fn stop_input(&mut self, conn: ConnId, stop: InputStop) -> Result<(), UringError> {
+        match stop {
+            InputStop::BadLength(length) => {
+                let record = self.conns.get_mut(conn).expect("caller checked");
+                record.bad_frame = true;
+                release_tail(record, &mut self.tail_bytes);
+                if record.recv_armed {
+                    record.ops += 1;
+                    self.ring
+                        .cancel(conn_token(Kind::Recv, conn), conn_token(Kind::Cancel, conn))?;
+                }
+                self.pending.push(Event::BadFrame { conn, length });
+                self.shared.ready.set(true);
+                Ok(())
+            }
+            InputStop::Overloaded => self.begin_close(conn, CloseReason::Overloaded),
+        }
+    }
+
+    /// Cancels everything of `conn`; it closes when the last op completes.
+    fn begin_close(&mut self, conn: ConnId, reason: CloseReason) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        if record.state == State::Closing {
+            return Ok(());
+        }
+        record.state = State::Closing;
+        record.reason = reason;
+        record.queue = VecDeque::new();
+        record.queued_bytes = 0;
+        release_tail(record, &mut self.tail_bytes);
+        if record.ops > 0 {
+            let linger = record.linger_armed;
+            record.ops += 1;
+            self.ring
+                .cancel_fd(record.fd.as_raw_fd(), conn_token(Kind::Cancel, conn))?;
+            if linger {
+                record.ops += 1;
+                self.ring.cancel(
+                    conn_token(Kind::Linger, conn),
+                    conn_token(Kind::Cancel, conn),
+                )?;
+            }
+        }
+        self.flush_closed(conn);
+        Ok(())
+    }
+
+    /// Moves `conn` along once its operations allow.
+    fn step(&mut self, conn: ConnId) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        match record.state {
+            State::Flushing if record.queue.is_empty() && record.sending == 0 => {
+                record.state = State::Lingering;
+                record.ops += 1;
+                let fd = record.fd.as_raw_fd();
+                self.ring
+                    .shutdown_write(fd, conn_token(Kind::Shutdown, conn))?;
+                self.arm_recv(conn)?;
+            }
+            State::Releasing if record.ops == 0 && record.queue.is_empty() => {
+                let record = self.conns.remove(conn).expect("present");
+                let buffered = match record.tail {
+                    Some(tail) => {
+                        self.tail_bytes -= tail.capacity();
+                        tail.freeze()
+                    }
+                    None => Bytes::new(),
+                };
+                self.pending.push(Event::Released {
+                    conn,
+                    fd: record.fd,
+                    buffered,
+                });
+                self.shared.ready.set(true);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Closes and reports `conn` if it is closing with nothing in flight.
+    fn flush_closed(&mut self, conn: ConnId) {
+        let Some(record) = self.conns.get(conn) else {
+            return;
+        };
+        if record.state == State::Closing && record.ops == 0 {
+            let record = self.conns.remove(conn).expect("present");
+            let reason = record.reason;
+            // The kernel holds no operation on it: closing is safe.
+            drop(record);
+            self.pending.push(Event::Closed { conn, reason });
+            self.shared.ready.set(true);
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.shared.stopped.set(true);
+        sys::eventfd_signal(&self.wake_fd);
+    }
+}
+
+fn new_conn(fd: OwnedFd) -> Conn {
+    Conn {
+        fd,
+        state: State::Open,
+        reason: CloseReason::Local,
+        recv_armed: false,
+        linger_armed: false,
+        paused: false,
+        bad_frame: false,
+        dirty: false,
+        backpressured: false,
+        ops: 0,
+        sending: 0,
+        sent_offset: 0,
+        queued_bytes: 0,
+        queue: VecDeque::new(),
+        tail: None,
+    }
+}
+
+fn conn_token(kind: Kind, conn: ConnId) -> Token {
+    Token {
+        kind,
+        generation: conn.generation,
+        index: conn.index,
+    }
+}
+
+fn token_conn(token: Token) -> ConnId {
+    ConnId {
+        index: token.index,
+        generation: token.generation,
+    }
+}
+
+fn listener_token(kind: Kind, index: u32) -> Token {
+    Token {
+        kind,
+        generation: 0,
+        index,
+    }
+}
+
+fn peer_addr(fd: &OwnedFd) -> SocketAddr {
+    use nix::sys::socket::{getpeername, SockaddrStorage};
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    match getpeername::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(addr) => {
+            if let Some(v4) = addr.as_sockaddr_in() {
+                SocketAddr::from((v4.ip(), v4.port()))
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                SocketAddr::from((v6.ip(), v6.port()))
+            } else {
+                unknown
+            }
+        }
+        Err(_) => unknown,
+    }
+}
+
+/// Removes the front `sent` bytes from the queue.
+fn advance(record: &mut Conn, mut sent: usize) {
+    record.queued_bytes -= sent as u32;
+    while sent > 0 {
+        let front = record.queue.front().expect("sent bytes were queued");
+        let left = front.len() - record.sent_offset as usize;
+        if sent >= left {
+            record.queue.pop_front();
+            record.sent_offset = 0;
+            sent -= left;
+        } else {
+            record.sent_offset += sent as u32;
+            sent = 0;
+        }
+    }
+}
+
+fn release_tail(record: &mut Conn, tail_bytes: &mut usize) {
+    if let Some(tail) = record.tail.take() {
+        *tail_bytes -= tail.capacity();
+    }
+}
+
+/// Why framing stopped.
+#[derive(Clone, Copy, Debug)]
+enum InputStop {
+    BadLength(u32),
+    Overloaded,
+}
+
+/// The total bytes (prefix included) of the frame whose prefix starts
+/// `bytes`, if the prefix is whole.
+fn frame_total(bytes: &[u8], frame_bytes_max: u32) -> Result<Option<usize>, InputStop> {
+    if bytes.len() < LENGTH_PREFIX_BYTES {
+        return Ok(None);
+    }
+    let length = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    if length == 0 || length > frame_bytes_max {
+        return Err(InputStop::BadLength(length));
+    }
+    Ok(Some(LENGTH_PREFIX_BYTES + length as usize))
+}
+
+/// Frames `data` (just read) after the connection's tail: emits complete
+/// frames, keeps the incomplete end in the tail.
+fn frame_input(
+    record: &mut Conn,
+    conn: ConnId,
+    mut data: &[u8],
+    config: &DriverConfig,
+    tail_bytes: &mut usize,
+    out: &mut Vec<Event>,
+) -> Result<(), InputStop> {
+    let max = config.frame_bytes_max;
+    // 1. Complete the frame begun in the tail.
+    if let Some(tail) = record.tail.as_mut() {
+        if tail.len() < LENGTH_PREFIX_BYTES {
+            let take = (LENGTH_PREFIX_BYTES - tail.len()).min(data.len());
+            tail.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        let Some(total) = frame_total(tail, max)? else {
+            return Ok(());
+        };
+        if tail.capacity() < total {
+            let before = tail.capacity();
+            if *tail_bytes - before + total > config.tail_bytes_max {
+                return Err(InputStop::Overloaded);
+            }
+            tail.reserve(total - tail.len());
+            *tail_bytes = *tail_bytes - before + tail.capacity();
+        }
+        let take = (total - tail.len()).min(data.len());
+        tail.extend_from_slice(&data[..take]);
+        data = &data[take..];
+        if tail.len() < total {
+            return Ok(());
+        }
+        let tail = record.tail.take().expect("present");
+        *tail_bytes -= tail.capacity();
+        out.push(Event::Data {
+            conn,
+            frames: tail.freeze(),
+        });
+    }
+    // 2. Whole frames straight from the buffer, one copy for all of them.
+    let mut end = 0usize;
+    let mut bad = None;
+    loop {
+        match frame_total(&data[end..], max) {
+            Ok(Some(total)) if data.len() - end >= total => end += total,
+            Ok(_) => break,
+            Err(stop) => {
+                bad = Some(stop);
+                break;
+            }
+        }
+    }
+    if end > 0 {
+        out.push(Event::Data {
+            conn,
+            frames: Bytes::copy_from_slice(&data[..end]),
+        });
+    }
+    if let Some(stop) = bad {
+        return Err(stop);
+    }
+    // 3. Keep the incomplete rest.
+    let rest = &data[end..];
+    if !rest.is_empty() {
+        let want = match frame_total(rest, max)? {
+            Some(total) => total,
+            None => LENGTH_PREFIX_BYTES,
+        };
+        if *tail_bytes + want > config.tail_bytes_max {
+            return Err(InputStop::Overloaded);
+        }
+        let mut tail = BytesMut::with_capacity(want);
+        tail.extend_from_slice(rest);
+        *tail_bytes += tail.capacity();
+        record.tail = Some(tail);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        let mut out = (len as u32).to_be_bytes().to_vec();
+        out.extend((0..len).map(|i| seed.wrapping_add(i as u8)));
+        out
+    }
+
+    fn conn() -> Conn {
+        let file = std::fs::File::open("/dev/null").expect("/dev/null");
+        new_conn(OwnedFd::from(file))
+    }
+
+    /// Feeds `chunks` through the framer; returns the delivered bytes.
+    fn feed(chunks: &[&[u8]], config: &DriverConfig, tail_bytes: &mut usize) -> Vec<u8> {
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut out = Vec::new();
+        for chunk in chunks {
+            frame_input(&mut record, id, chunk, config, tail_bytes, &mut out).expect("valid");
+        }
+        let mut delivered = Vec::new();
+        for event in out {
+            let Event::Data { frames, .. } = event else {
+                panic!("only data");
+            };
+            // Every Data event holds whole frames.
+            let mut rest = &frames[..];
+            while !rest.is_empty() {
+                let total = frame_total(rest, config.frame_bytes_max)
+                    .expect("valid")
+                    .expect("whole prefix");
+                assert!(rest.len() >= total, "whole frames only");
+                rest = &rest[total..];
+            }
+            delivered.extend_from_slice(&frames);
+        }
+        release_tail(&mut record, tail_bytes);
+        delivered
+    }
+
+    #[test]
+    fn framing_delivers_whole_frames_at_every_split() {
+        let config = DriverConfig::for_tests();
+        let stream: Vec<u8> = [frame(1, 1), frame(7, 2), frame(600, 3), frame(3, 4)].concat();
+        for split in 0..=stream.len() {
+            let mut tail_bytes = 0;
+            let delivered = feed(
+                &[&stream[..split], &stream[split..]],
+                &config,
+                &mut tail_bytes,
+            );
+            assert_eq!(delivered, stream, "split at {split}");
+            assert_eq!(tail_bytes, 0);
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        let mut tail_bytes = 0;
+        assert_eq!(feed(&bytes, &config, &mut tail_bytes), stream);
+    }
+
+    #[test]
+    fn framing_holds_only_the_incomplete_tail() {
+        let config = DriverConfig::for_tests();
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut tail_bytes = 0;
+        let mut out = Vec::new();
+        let whole = frame(100, 9);
+        frame_input(
+            &mut record,
+            id,
+            &whole[..50],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        )
+        .expect("valid");
+        assert!(out.is_empty());
+        assert_eq!(tail_bytes, whole.len(), "the tail is sized to the frame");
+        frame_input(
+            &mut record,
+            id,
+            &whole[50..],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        )
+        .expect("valid");
+        assert_eq!(out.len(), 1);
+        assert_eq!(tail_bytes, 0);
+        assert!(record.tail.is_none());
+    }
+
+    #[test]
+    fn framing_rejects_zero_and_oversized_lengths() {
+        let config = DriverConfig::for_tests();
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut tail_bytes = 0;
+        let mut out = Vec::new();
+        let result = frame_input(
+            &mut record,
+            id,
+            &[0, 0, 0, 0],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(matches!(result, Err(InputStop::BadLength(0))));
+        let too_long = (config.frame_bytes_max + 1).to_be_bytes();
+        let result = frame_input(
+            &mut record,
+            id,
+            &too_long,
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(matches!(result, Err(InputStop::BadLength(_))));
+        assert_eq!(tail_bytes, 0);
+    }
+
+    #[test]
+    fn framing_past_the_tail_bound_is_overloaded() {
+        let mut config = DriverConfig::for_tests();
+        config.tail_bytes_max = config.frame_bytes_max as usize + LENGTH_PREFIX_BYTES;
+        let mut tail_bytes = config.tail_bytes_max - 10;
+        let mut record = conn();
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut out = Vec::new();
+        let whole = frame(100, 1);
+        let result = frame_input(
+            &mut record,
+            id,
+            &whole[..20],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(matches!(result, Err(InputStop::Overloaded)));
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        let token = Token {
+            kind: Kind::Recv,
+            generation: GENERATION_MASK_FOR_TESTS,
+            index: u32::MAX,
+        };
+        assert_eq!(Token::decode(token.encode()), Some(token));
+    }
+
+    const GENERATION_MASK_FOR_TESTS: u32 = sys::GENERATION_MASK;
+}
