@@ -97,6 +97,41 @@ pub fn check_io_uring() -> Check {
 }
 
 /// `kernel.io_uring_disabled`: 0 lets everyone use io_uring; 1 only a group; 2 nobody.
+/// Builds the native socket ring the way a shard would (`net::uring::Driver`
+/// with its production configuration: single issuer, deferred task running,
+/// a provided-buffer ring, multishot accept and receive) and reports which
+/// setup the kernel accepted, or why none did.
+pub fn check_socket_ring() -> Check {
+    use crate::net::uring::{Driver, DriverConfig, SetupMode};
+    const NAME: &str = "io_uring socket ring";
+    let executor = match glommio::LocalExecutorBuilder::default().make() {
+        Ok(executor) => executor,
+        Err(error) => {
+            return Check::warn(NAME, format!("no executor to try it in: {error}"));
+        }
+    };
+    let outcome = executor.run(async {
+        Driver::new(DriverConfig::production()).map(|driver| {
+            let mode = driver.setup_mode();
+            drop(driver);
+            mode
+        })
+    });
+    match outcome {
+        Ok(SetupMode::DeferTaskrun) => Check::pass(
+            NAME,
+            "SINGLE_ISSUER + DEFER_TASKRUN, provided-buffer ring, multishot accept/recv",
+        ),
+        Ok(mode) => Check::warn(
+            NAME,
+            format!("works with the {mode:?} fallback (DEFER_TASKRUN refused: kernel before 6.1?)"),
+        )
+        .with_fix("upgrade to kernel 6.1 or later"),
+        Err(error) => Check::warn(NAME, format!("cannot be built: {error}"))
+            .with_fix("upgrade to kernel 6.1 or later; check RLIMIT_MEMLOCK"),
+    }
+}
+
 pub fn check_io_uring_sysctl(opts: &DoctorOptions) -> Check {
     const NAME: &str = "kernel.io_uring_disabled";
     let fix = "sysctl -w kernel.io_uring_disabled=0";

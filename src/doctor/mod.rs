@@ -15,8 +15,8 @@ mod checks;
 pub use checks::{
     check_clocksource, check_cpus, check_data_dir, check_file_max, check_io_uring,
     check_io_uring_sysctl, check_kernel_version, check_max_map_count, check_memlock, check_nofile,
-    check_nr_open, check_port_range, check_somaxconn, check_tcp_mem, check_transparent_hugepages,
-    classify_filesystem, classify_free_space, mem_available_bytes,
+    check_nr_open, check_port_range, check_socket_ring, check_somaxconn, check_tcp_mem,
+    check_transparent_hugepages, classify_filesystem, classify_free_space, mem_available_bytes,
 };
 
 use std::fmt;
@@ -325,6 +325,7 @@ pub fn run(opts: &DoctorOptions) -> DoctorReport {
     let mut checks = Vec::new();
     if opts.probe_io_uring {
         checks.push(check_io_uring());
+        checks.push(check_socket_ring());
     }
     checks.push(check_io_uring_sysctl(opts));
     checks.push(check_kernel_version(opts));
