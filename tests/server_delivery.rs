@@ -202,3 +202,28 @@ fn connections_accepted_by_another_shard_are_handed_to_the_home_shard() {
     }
     assert!(moved, "no connection was accepted by shard 0 in 32 tries");
 }
+
+#[test]
+fn acks_beyond_what_was_delivered_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    for id in 1..=8 {
+        a.send_message(bob.user, id, b"queued");
+    }
+    a.collect_acks(8);
+    // Bob's window is 4: he is sent 1..=4 and tries to ack everything.
+    let (mut b, _) = RawClient::login(server.addr, &bob);
+    let first = b.collect_delivers(4);
+    assert_eq!(first.last().unwrap().sequence, 4);
+    b.send(&Frame::Ack(pb::Ack {
+        up_to_sequence: 1_000,
+        sequences: vec![7, 8],
+    }));
+    // 5..=8 were never sent, so they still arrive.
+    let rest = b.collect_delivers(4);
+    let seqs: Vec<u64> = rest.iter().map(|d| d.sequence).collect();
+    assert_eq!(seqs, vec![5, 6, 7, 8]);
+}

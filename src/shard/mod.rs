@@ -336,11 +336,21 @@ impl Shard {
             ));
             return Outbound::None;
         }
-        let list: Vec<InboxSeq> = ack.sequences.iter().map(|&s| InboxSeq(s)).collect();
+        // Only what this session was sent can be acknowledged: an ack of
+        // entries never delivered would drop them unseen, and its receipt
+        // could list a whole inbox. The window bounds every ack's work.
+        let last_sent = conn.state.borrow().last_sent();
+        let up_to = ack.up_to_sequence.min(last_sent);
+        let list: Vec<InboxSeq> = ack
+            .sequences
+            .iter()
+            .filter(|&&s| s <= last_sent)
+            .map(|&s| InboxSeq(s))
+            .collect();
         let outcome = self
             .log
             .borrow_mut()
-            .ack(conn.device, InboxSeq(ack.up_to_sequence), &list);
+            .ack(conn.device, InboxSeq(up_to), &list);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(err) => {
