@@ -1,7 +1,6 @@
 //! The per-shard log over real files: appends, acks, reopen, dedupe,
 //! expiry, reclamation, limits and group commit.
 
-use std::cell::Cell;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -9,20 +8,12 @@ use switchboard::config::{Durability, StoreConfig};
 use switchboard::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
 use switchboard::store::storage::SimStorage;
 use switchboard::store::{
-    inspect, AckedMessage, Clock, Log, LogPosition, NewMessage, NewReceipt, ReceiptKind,
-    StoreError, StoredEntry, SystemClock,
+    inspect, AckedMessage, Clock, Log, LogPosition, ManualClock, NewMessage, NewReceipt,
+    ReceiptKind, StoreError, StoredEntry,
 };
 
-struct FakeClock(Cell<u64>);
-
-impl Clock for FakeClock {
-    fn now_ms(&self) -> u64 {
-        self.0.get()
-    }
-}
-
-fn clock() -> Rc<FakeClock> {
-    Rc::new(FakeClock(Cell::new(SystemClock.now_ms())))
+fn clock() -> Rc<ManualClock> {
+    Rc::new(ManualClock::starting_now())
 }
 
 fn key(user: u64, device: u32) -> InboxKey {
@@ -42,7 +33,7 @@ fn config(durability: Durability) -> StoreConfig {
     }
 }
 
-fn open(dir: &Path, config: &StoreConfig, clock: &Rc<FakeClock>) -> Log {
+fn open(dir: &Path, config: &StoreConfig, clock: &Rc<ManualClock>) -> Log {
     let (log, report) = Log::open(dir, ShardId(0), config, clock.clone()).unwrap();
     assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
     log
@@ -254,9 +245,9 @@ fn expired_entries_are_never_returned_and_are_reclaimed() {
     }
     let segments_full = log.stats().segments;
     assert!(segments_full >= 3);
-    clock.0.set(clock.0.get() + 1_800_000);
+    clock.advance_ms(1_800_000);
     let young = send(&mut log, bob, alice, 999, b"young");
-    clock.0.set(clock.0.get() + 1_800_000); // The first 201 are now an hour old.
+    clock.advance_ms(1_800_000); // The first 201 are now an hour old.
     assert_eq!(log.read(first.position).unwrap(), None);
     assert_eq!(log.pending_count(bob), 1);
     assert_eq!(
@@ -659,7 +650,7 @@ fn random_operations_agree_with_a_model_across_reopens() {
                 entries.retain(|s, _| *s > up_to && !list.contains(&InboxSeq(*s)));
             }
             16 => {
-                clock.0.set(clock.0.get() + rng.gen_range(0..1_200_000));
+                clock.advance_ms(rng.gen_range(0..1_200_000));
                 log.expire_and_reclaim().unwrap();
             }
             17 => {
@@ -670,7 +661,7 @@ fn random_operations_agree_with_a_model_across_reopens() {
                 log.expire_and_reclaim().unwrap();
             }
         }
-        let now = clock.0.get();
+        let now = clock.now_ms();
         for inbox in &inboxes {
             let expected: Vec<(u64, (u8, usize))> = model
                 .get(inbox)

@@ -1,7 +1,6 @@
 //! Recovery of damaged logs: torn tails, bit flips in sealed segments, and
 //! seeded power-loss simulations that damage every unsynced write.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -11,18 +10,10 @@ use rand::{Rng, SeedableRng};
 use switchboard::config::{Durability, StoreConfig};
 use switchboard::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
 use switchboard::store::storage::SimStorage;
-use switchboard::store::{Clock, Log, LogPosition, NewMessage, StoredEntry, SystemClock};
+use switchboard::store::{Log, LogPosition, ManualClock, NewMessage, StoredEntry};
 
-struct FakeClock(Cell<u64>);
-
-impl Clock for FakeClock {
-    fn now_ms(&self) -> u64 {
-        self.0.get()
-    }
-}
-
-fn clock() -> Rc<FakeClock> {
-    Rc::new(FakeClock(Cell::new(SystemClock.now_ms())))
+fn clock() -> Rc<ManualClock> {
+    Rc::new(ManualClock::starting_now())
 }
 
 fn key(user: u64, device: u32) -> InboxKey {
