@@ -1,37 +1,19 @@
 //! The per-shard log over real files: appends, acks, reopen, dedupe,
 //! expiry, reclamation, limits and group commit.
 
+mod common;
+
 use std::path::Path;
 use std::rc::Rc;
 
+use common::store::{clock, config, key};
 use switchboard::config::{Durability, StoreConfig};
-use switchboard::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
+use switchboard::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
 use switchboard::store::storage::SimStorage;
 use switchboard::store::{
     inspect, AckedMessage, Clock, Log, LogPosition, ManualClock, NewMessage, NewReceipt,
     ReceiptKind, StoreError, StoredEntry,
 };
-
-fn clock() -> Rc<ManualClock> {
-    Rc::new(ManualClock::starting_now())
-}
-
-fn key(user: u64, device: u32) -> InboxKey {
-    InboxKey {
-        user: UserId(user),
-        device: DeviceId(device),
-    }
-}
-
-fn config(durability: Durability) -> StoreConfig {
-    StoreConfig {
-        segment_size_bytes: 64 << 10,
-        durability,
-        log_bytes_max: 0,
-        message_ttl_s: 3_600,
-        ..StoreConfig::default()
-    }
-}
 
 fn open(dir: &Path, config: &StoreConfig, clock: &Rc<ManualClock>) -> Log {
     let (log, report) = Log::open(dir, ShardId(0), config, clock.clone()).unwrap();

@@ -1,36 +1,19 @@
 //! Recovery of damaged logs: torn tails, bit flips in sealed segments, and
 //! seeded power-loss simulations that damage every unsynced write.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use common::store::{clock, config, key};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use switchboard::config::{Durability, StoreConfig};
-use switchboard::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
+use switchboard::config::Durability;
+use switchboard::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
 use switchboard::store::storage::SimStorage;
-use switchboard::store::{Log, LogPosition, ManualClock, NewMessage, StoredEntry};
-
-fn clock() -> Rc<ManualClock> {
-    Rc::new(ManualClock::starting_now())
-}
-
-fn key(user: u64, device: u32) -> InboxKey {
-    InboxKey {
-        user: UserId(user),
-        device: DeviceId(device),
-    }
-}
-
-fn config(durability: Durability) -> StoreConfig {
-    StoreConfig {
-        segment_size_bytes: 64 << 10,
-        durability,
-        message_ttl_s: 3_600,
-        ..StoreConfig::default()
-    }
-}
+use switchboard::store::{Log, LogPosition, NewMessage, StoredEntry};
 
 fn append(log: &mut Log, to: InboxKey, id: u64, payload: &[u8]) -> (InboxSeq, LogPosition) {
     let a = log

@@ -144,6 +144,34 @@ impl State {
         }
     }
 
+    /// Recovers one inbox entry: its sequence, the dedupe key of the Send
+    /// it came from (if any), and its index entry unless it has expired.
+    fn recover_entry(
+        &mut self,
+        recipient: InboxKey,
+        entry: Entry,
+        expires_ms: u64,
+        now_ms: u64,
+        dedupe: Option<(InboxKey, ClientMessageId, u64)>,
+    ) {
+        self.note_seq(recipient, entry.seq, entry.segment);
+        if let Some((sender, client_message_id, timestamp_ms)) = dedupe {
+            self.dedupe.insert(
+                sender,
+                client_message_id,
+                DedupeValue {
+                    recipient,
+                    seq: InboxSeq(entry.seq),
+                    timestamp_ms,
+                    ticket: 0,
+                },
+            );
+        }
+        if expires_ms > now_ms {
+            self.index(recipient, entry, expires_ms);
+        }
+    }
+
     /// Applies one record found by recovery.
     fn recover(&mut self, segment: u32, offset: u32, record: &Record<'_>, now_ms: u64) {
         self.meta
@@ -165,32 +193,15 @@ impl State {
                 expires_ms,
                 ..
             } => {
-                self.note_seq(recipient, seq.0, segment);
-                self.dedupe.insert(
-                    sender,
-                    client_message_id,
-                    DedupeValue {
-                        recipient,
-                        seq,
-                        timestamp_ms,
-                        ticket: 0,
-                    },
-                );
-                if expires_ms > now_ms {
-                    self.index(recipient, entry(seq), expires_ms);
-                }
+                let dedupe = Some((sender, client_message_id, timestamp_ms));
+                self.recover_entry(recipient, entry(seq), expires_ms, now_ms, dedupe);
             }
             Record::Receipt {
                 recipient,
                 seq,
                 expires_ms,
                 ..
-            } => {
-                self.note_seq(recipient, seq.0, segment);
-                if expires_ms > now_ms {
-                    self.index(recipient, entry(seq), expires_ms);
-                }
-            }
+            } => self.recover_entry(recipient, entry(seq), expires_ms, now_ms, None),
             Record::MultiMessage {
                 sender,
                 client_message_id,
@@ -200,22 +211,9 @@ impl State {
                 ..
             } => {
                 for (i, (recipient, seq)) in recipients.iter().enumerate() {
-                    self.note_seq(recipient, seq.0, segment);
-                    if i == 0 {
-                        self.dedupe.insert(
-                            sender,
-                            client_message_id,
-                            DedupeValue {
-                                recipient,
-                                seq,
-                                timestamp_ms,
-                                ticket: 0,
-                            },
-                        );
-                    }
-                    if expires_ms > now_ms {
-                        self.index(recipient, entry(seq), expires_ms);
-                    }
+                    // One dedupe entry per Send: the first recipient's.
+                    let dedupe = (i == 0).then_some((sender, client_message_id, timestamp_ms));
+                    self.recover_entry(recipient, entry(seq), expires_ms, now_ms, dedupe);
                 }
             }
             Record::Ack { inbox, up_to, list } => {

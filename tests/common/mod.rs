@@ -4,6 +4,8 @@
 //! well-behaved client never would).
 #![allow(dead_code)]
 
+pub mod store;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
