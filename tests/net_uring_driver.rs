@@ -798,3 +798,50 @@ fn fallback_ring_setups_echo_frames() {
         });
     }
 }
+
+#[test]
+fn closed_comes_before_an_accept_that_reuses_its_slot() {
+    executor().run(async {
+        let mut driver = Driver::new(DriverConfig::for_tests()).expect("driver");
+        let (fd, addr) = listener();
+        driver.listen(fd).expect("listen");
+        let first = TcpStream::connect(addr).expect("connect");
+        let mut events = Vec::new();
+        let mut seen = Vec::new();
+        run_until(&mut driver, Duration::from_secs(5), |_, event| {
+            if let Some(event) = event {
+                seen.push(event);
+            }
+            !seen.is_empty()
+        })
+        .await;
+        let Some(Event::Accepted { conn: old, .. }) = seen.pop() else {
+            panic!("expected Accepted");
+        };
+        // The close and the next connect complete before the driver looks
+        // again, so both land in one turn; the new socket takes the freed
+        // slot only after the old one is reported closed.
+        drop(first);
+        let _second = TcpStream::connect(addr).expect("connect");
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !events.iter().any(|e| matches!(e, Event::Accepted { .. })) {
+            assert!(Instant::now() < deadline, "no accept; events {events:?}");
+            driver.poll_events(&mut events).expect("poll");
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        let accepted_at = events
+            .iter()
+            .position(|e| matches!(e, Event::Accepted { .. }))
+            .expect("new socket accepted");
+        let Event::Accepted { conn: new, .. } = &events[accepted_at] else {
+            unreachable!()
+        };
+        assert_eq!(new.to_u64() as u32, old.to_u64() as u32, "slot reused");
+        let closed_at = events
+            .iter()
+            .position(|e| matches!(e, Event::Closed { conn, .. } if *conn == old))
+            .expect("old socket reported closed");
+        assert!(closed_at < accepted_at, "events out of order: {events:?}");
+    });
+}

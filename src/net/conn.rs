@@ -1,13 +1,13 @@
 //! One client connection's shared state: its output queue, delivery window
-//! and wake-up handle.
+//! and wake-up flag.
 //!
-//! Lives on one shard (`Rc`, never sent). The connection task owns the socket
-//! and is the only writer to it; everyone else (the commit task, the reply
-//! handler, the sweeper) appends encoded frames to `out` and wakes the task,
-//! so all frames due to one connection in a loop turn leave in one send.
+//! Lives on one shard (`Rc`, never sent). The shard's socket loop
+//! (`net::io`) is the only writer to the socket; everyone else (the commit
+//! task, the reply handler, the sweeper, the loop itself) appends encoded
+//! frames to `out` and marks the connection woken, so all frames due to one
+//! connection in a loop turn leave in one send.
 
 use std::cell::{Cell, RefCell};
-use std::task::Waker;
 
 use bytes::BytesMut;
 
@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::ids::InboxKey;
 use crate::metrics::ShardMetrics;
+use crate::net::uring::{ConnId, Notifier};
 use crate::proto::{error_frame, ErrorCode, Frame};
 use crate::session::DeliveryWindow;
 
@@ -23,11 +24,30 @@ thread_local! {
     /// queued to a connection is counted without a pointer in each `Conn`.
     static SHARD_METRICS: std::cell::RefCell<Option<Arc<ShardMetrics>>> =
         const { std::cell::RefCell::new(None) };
+    /// The shard's socket loop: connections with output waiting, and the
+    /// handle that wakes the loop. Thread-local so a `Conn` holds no pointer
+    /// to it.
+    static WOKEN: RefCell<Option<(Notifier, Vec<ConnId>)>> = const { RefCell::new(None) };
 }
 
 /// Binds this thread's frame counters to its shard's metrics.
 pub fn set_thread_metrics(metrics: Arc<ShardMetrics>) {
     SHARD_METRICS.with(|m| *m.borrow_mut() = Some(metrics));
+}
+
+/// Binds this thread's wake-ups to its shard's socket loop.
+pub fn set_thread_notifier(notifier: Notifier) {
+    WOKEN.with(|w| *w.borrow_mut() = Some((notifier, Vec::new())));
+}
+
+/// Takes the connections woken since the last call (into `out`, in the
+/// order they were woken).
+pub fn take_woken(out: &mut Vec<ConnId>) {
+    WOKEN.with(|w| {
+        if let Some((_, woken)) = w.borrow_mut().as_mut() {
+            out.append(woken);
+        }
+    });
 }
 
 fn count_out(frame: &Frame) {
@@ -71,8 +91,11 @@ pub struct ConnState {
     pub sends_in_flight: u32,
     /// Coarse shard clock (seconds) of the last frame received.
     pub last_activity_s: u32,
-    /// Set once; the task flushes the output queue and closes.
+    /// Set once; the socket loop flushes the output queue and closes.
     pub close: Option<CloseReason>,
+    /// The socket refused more output (its send queue is at its bound):
+    /// `out` waits and the peer is not read until the socket drains.
+    pub socket_full: bool,
 }
 
 impl ConnState {
@@ -148,24 +171,28 @@ pub struct Conn {
     /// Unique on its shard for the life of the process.
     pub id: u64,
     pub device: InboxKey,
+    /// The socket in the shard's driver.
+    pub socket: ConnId,
     pub state: RefCell<ConnState>,
-    waker: Cell<Option<Waker>>,
+    /// In the socket loop's woken list.
+    woken: Cell<bool>,
 }
 
 impl Conn {
-    pub fn new(id: u64, device: InboxKey, now_s: u32) -> Conn {
+    pub fn new(id: u64, device: InboxKey, socket: ConnId, now_s: u32) -> Conn {
         Conn {
             id,
             device,
+            socket,
             state: RefCell::new(ConnState {
                 last_activity_s: now_s,
                 ..ConnState::default()
             }),
-            waker: Cell::new(None),
+            woken: Cell::new(false),
         }
     }
 
-    /// Queues a frame and wakes the connection task. Frames queued after a
+    /// Queues a frame and wakes the socket loop. Frames queued after a
     /// close began are dropped (the peer is going away).
     pub fn enqueue(&self, frame: &Frame) {
         {
@@ -208,17 +235,23 @@ impl Conn {
         self.state.borrow().close.is_some()
     }
 
-    pub fn register_waker(&self, waker: &Waker) {
-        let current = self.waker.take();
-        match current {
-            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
-            _ => self.waker.set(Some(waker.clone())),
+    /// Puts the connection on the socket loop's woken list (once until the
+    /// loop takes it) and wakes the loop.
+    pub fn wake(&self) {
+        if self.woken.replace(true) {
+            return;
         }
+        let socket = self.socket;
+        WOKEN.with(|w| {
+            if let Some((notifier, woken)) = w.borrow_mut().as_mut() {
+                woken.push(socket);
+                notifier.notify();
+            }
+        });
     }
 
-    pub fn wake(&self) {
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
-        }
+    /// Called by the socket loop when it takes the connection off the list.
+    pub fn clear_woken(&self) {
+        self.woken.set(false);
     }
 }

@@ -46,11 +46,6 @@ use crate::store::{
 /// payload per device (`Send.device_payloads`).
 pub const PRIMARY_DEVICE: DeviceId = DeviceId(1);
 
-/// Bytes of the shard's read scratch buffer: every connection reads into it
-/// and keeps only the incomplete tail of a frame, so idle connections hold no
-/// read buffer.
-pub const READ_SCRATCH_BYTES: usize = 64 * 1024;
-
 /// The value a failed channel send hands back.
 fn channel_item<T>(err: glommio::GlommioError<T>) -> Option<T> {
     match err {
@@ -100,7 +95,8 @@ pub struct Shard {
     pub requests: Vec<Option<ConnectedSender<Request>>>,
     pub replies: Vec<Option<ConnectedSender<Reply>>>,
     pub throttle: RefCell<AuthThrottle>,
-    pub scratch: RefCell<Vec<u8>>,
+    /// The shard's sockets (its io_uring ring and what the loop keeps).
+    pub sockets: crate::net::io::Sockets,
     pending_positions: RefCell<Vec<(InboxSeq, crate::store::LogPosition)>>,
     commit_waker: Cell<Option<std::task::Waker>>,
     started: Instant,
@@ -118,6 +114,7 @@ impl Shard {
         log: Log,
         requests: Vec<Option<ConnectedSender<Request>>>,
         replies: Vec<Option<ConnectedSender<Reply>>>,
+        sockets: crate::net::io::Sockets,
     ) -> Shard {
         let throttle = AuthThrottle::new(&config.limits);
         Shard {
@@ -135,7 +132,7 @@ impl Shard {
             requests,
             replies,
             throttle: RefCell::new(throttle),
-            scratch: RefCell::new(vec![0u8; READ_SCRATCH_BYTES]),
+            sockets,
             pending_positions: RefCell::new(Vec::new()),
             commit_waker: Cell::new(None),
             started: Instant::now(),
@@ -160,9 +157,14 @@ impl Shard {
 
     // ---- sessions -------------------------------------------------------
 
-    /// Opens the session of an authenticated device homed here; returns the
-    /// connection the session task drives.
-    pub fn open_session(&self, device: InboxKey, protocol_version: u32) -> Rc<Conn> {
+    /// Opens the session of an authenticated device homed here, on driver
+    /// socket `socket`; returns its connection.
+    pub fn open_session(
+        &self,
+        device: InboxKey,
+        protocol_version: u32,
+        socket: crate::net::uring::ConnId,
+    ) -> Rc<Conn> {
         assert_eq!(
             self.home_of(device.user),
             self.id,
@@ -170,7 +172,7 @@ impl Shard {
         );
         let id = self.next_conn_id.get();
         self.next_conn_id.set(id + 1);
-        let conn = Rc::new(Conn::new(id, device, self.now_s()));
+        let conn = Rc::new(Conn::new(id, device, socket, self.now_s()));
         let limits = &self.config.limits;
         conn.enqueue(&Frame::Welcome(pb::Welcome {
             protocol_version,
@@ -196,7 +198,7 @@ impl Shard {
         conn
     }
 
-    /// Forgets a session whose task ended.
+    /// Forgets a session whose socket is closing or closed.
     pub fn close_session(&self, conn: &Rc<Conn>) {
         self.conns.borrow_mut().remove(&conn.id);
         let mut devices = self.devices.borrow_mut();
@@ -211,9 +213,8 @@ impl Shard {
     /// Handles one frame of an authenticated session.
     ///
     /// Synchronous: work for this shard is done here; what other shards must
-    /// do is returned, and the connection task sends it (waiting while a
-    /// channel is full). Keeping the waits out of this function keeps every
-    /// connection task's future small.
+    /// do is returned, and the socket loop sends it (`forward`), setting the
+    /// session's later frames aside while a channel is full.
     pub fn on_frame(self: &Rc<Self>, conn: &Rc<Conn>, frame: Frame) -> Outbound {
         conn.state.borrow_mut().last_activity_s = self.now_s();
         match frame {
@@ -250,8 +251,8 @@ impl Shard {
 
     /// Sends what `on_frame` returned to other shards. A channel with room
     /// takes the request at once; only when one is full (backpressure) is a
-    /// boxed wait returned for the connection task to await, so the task's
-    /// own future stays small and the common path allocates nothing.
+    /// boxed wait returned, for the caller to run as a task, so the common
+    /// path allocates nothing.
     pub fn forward(
         self: &Rc<Self>,
         outbound: Outbound,
@@ -556,7 +557,7 @@ impl Shard {
                 buffered,
             } => {
                 self.metrics.handoffs_in.inc();
-                crate::net::adopt_handoff(self.clone(), fd, device, version, buffered);
+                crate::net::io::adopt(self, fd, device, version, buffered);
             }
         }
     }
@@ -825,8 +826,8 @@ impl Shard {
         self.metrics.log_segments.set(stats.segments as i64);
     }
 
-    /// A socket that never became a session here (closed or handed off).
-    pub fn connection_closed_before_session(&self) {
+    /// A socket of this shard was closed or handed off.
+    pub fn connection_closed(&self) {
         self.open_connections
             .set(self.open_connections.get().saturating_sub(1));
     }

@@ -8,7 +8,7 @@
 //! channel ends and serves until told to stop.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
@@ -278,6 +277,16 @@ async fn shard_main(start: ShardStart) {
             None => None,
         });
     }
+    let sockets = match crate::net::io::Sockets::new(&start.config) {
+        Ok(sockets) => sockets,
+        Err(err) => {
+            let _ = start
+                .ready
+                .send(Err(format!("setting up its socket ring: {err}")));
+            return;
+        }
+    };
+    crate::net::conn::set_thread_notifier(sockets.notifier());
     let shard = Rc::new(Shard::new(
         id,
         start.shards,
@@ -287,6 +296,7 @@ async fn shard_main(start: ShardStart) {
         log,
         requests,
         replies,
+        sockets,
     ));
     for task in receiver_tasks {
         let Some(rx) = task.await else { continue };
@@ -314,21 +324,36 @@ async fn shard_main(start: ShardStart) {
     glommio::spawn_local(shard.clone().commit_loop()).detach();
     glommio::spawn_local(maintenance(shard.clone(), start.stop.clone())).detach();
 
-    // SAFETY: the descriptor is a bound, listening, non-blocking TCP socket
-    // made by `bind_listeners`, owned by nothing else from here on.
-    let listener = unsafe { TcpListener::from_raw_fd(start.listener.into_raw_fd()) };
+    // Accepted sockets inherit TCP_NODELAY from the listener.
+    if let Err(err) = socket::setsockopt(&start.listener, sockopt::TcpNoDelay, &true) {
+        warn!(shard = %id, %err, "TCP_NODELAY not set on the listener");
+    }
+    if let Err(err) = shard.sockets.listen(start.listener) {
+        let _ = start
+            .ready
+            .send(Err(format!("accepting on its listener: {err}")));
+        return;
+    }
+    let socket_loop = glommio::spawn_local(crate::net::io::run(shard.clone()));
     shard.metrics.set_recovered(true);
     let _ = start.ready.send(Ok(id));
-    crate::net::accept_loop(shard.clone(), listener).await;
+    while !shard.stopping.get() {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
 
-    // Stopping: say GoAway, let sessions flush, finish pending commits.
+    // Stopping: no new sockets, GoAway to everyone, let sessions flush,
+    // finish pending commits, then close what is left.
     info!(shard = %id, "stopping");
+    crate::net::io::stop_accepting(&shard);
     crate::net::go_away_all(&shard);
     let deadline =
         Instant::now() + Duration::from_millis(start.config.limits.shutdown_deadline_ms as u64);
     while Instant::now() < deadline {
         shard.kick_commit();
-        if shard.commits_settled() && shard.conns.borrow().is_empty() {
+        if shard.commits_settled()
+            && shard.conns.borrow().is_empty()
+            && shard.sockets.connections() == 0
+        {
             break;
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -338,6 +363,21 @@ async fn shard_main(start: ShardStart) {
     while !shard.commits_settled() && Instant::now() < settle_deadline {
         shard.kick_commit();
         glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    crate::net::io::shutdown(&shard);
+    let closed = futures_lite::future::or(
+        async {
+            socket_loop.await;
+            true
+        },
+        async {
+            glommio::timer::sleep(Duration::from_secs(5)).await;
+            false
+        },
+    )
+    .await;
+    if !closed {
+        warn!(shard = %id, "socket ring still busy at exit");
     }
     info!(shard = %id, "stopped");
 }
@@ -380,6 +420,7 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
             last_sweep = Instant::now();
             crate::net::sweep_idle(&shard);
         }
+        crate::net::io::expire_handshakes(&shard);
         if last_expiry.elapsed() >= Duration::from_secs(10) {
             last_expiry = Instant::now();
             let expired = shard.log.borrow_mut().expire_and_reclaim();

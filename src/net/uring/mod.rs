@@ -319,6 +319,12 @@ impl Shared {
 pub struct Notifier(Rc<Shared>);
 
 impl Notifier {
+    /// Makes the next `wait` complete at once: work for the driver's loop
+    /// arrived from elsewhere (a frame queued for a connection).
+    pub fn notify(&self) {
+        self.0.signal();
+    }
+
     /// Completes when `poll_events` has something to do. Cancel safe: it
     /// only reads a flag.
     pub fn wait(&self) -> impl Future<Output = ()> + '_ {
@@ -349,6 +355,9 @@ pub struct Driver {
     completions: Vec<Completion>,
     tail_bytes: usize,
     shutting_down: bool,
+    /// `stop_accepting` was called: listeners are cancelled, sockets they
+    /// still produce are closed at once.
+    accept_stopped: bool,
     stale_completions: u64,
     accepted: u64,
     refused: u64,
@@ -414,6 +423,7 @@ impl Driver {
             completions: Vec::new(),
             tail_bytes: 0,
             shutting_down: false,
+            accept_stopped: false,
             stale_completions: 0,
             accepted: 0,
             refused: 0,
@@ -620,12 +630,32 @@ impl Driver {
         Ok(())
     }
 
+    /// Stops accepting; connections already accepted carry on (a graceful
+    /// stop lets them flush a last frame before `shutdown`).
+    pub fn stop_accepting(&mut self) -> Result<(), UringError> {
+        if self.accept_stopped || self.shutting_down {
+            return Ok(());
+        }
+        self.accept_stopped = true;
+        for index in 0..self.listeners.len() {
+            if self.listeners[index].armed {
+                self.ring.cancel(
+                    listener_token(Kind::Accept, index as u32),
+                    listener_token(Kind::Drain, index as u32),
+                )?;
+            }
+        }
+        self.shared.signal();
+        Ok(())
+    }
+
     /// Stops accepting and closes every connection (`Shutdown`). The driver
     /// is done when `is_idle`.
     pub fn shutdown(&mut self) -> Result<(), UringError> {
+        let cancelled = self.accept_stopped;
         self.shutting_down = true;
         for index in 0..self.listeners.len() {
-            if self.listeners[index].armed {
+            if self.listeners[index].armed && !cancelled {
                 self.ring.cancel(
                     listener_token(Kind::Accept, index as u32),
                     listener_token(Kind::Drain, index as u32),
@@ -666,6 +696,9 @@ impl Driver {
             if let Err(err) = self.on_completion(completion, out) {
                 result = Err(err);
             }
+            // Events in completion order: a socket's `Closed` or `Released`
+            // comes before an `Accepted` that reuses its slot.
+            out.append(&mut self.pending);
         }
         self.completions = completions;
         out.append(&mut self.pending);
@@ -755,7 +788,7 @@ impl Driver {
             Kind::Accept => self.on_accept(completion, out),
             Kind::AcceptRetry => {
                 let index = token.index as usize;
-                if !self.shutting_down && !self.listeners[index].armed {
+                if !self.shutting_down && !self.accept_stopped && !self.listeners[index].armed {
                     self.listeners[index].armed = true;
                     self.ring.accept_multishot(
                         self.listeners[index].fd.as_raw_fd(),
@@ -795,7 +828,10 @@ impl Driver {
     ) -> Result<(), UringError> {
         let index = completion.token.index as usize;
         if let Some(fd) = completion.accepted {
-            if self.shutting_down || self.conns.len() >= self.config.connections_max as usize {
+            if self.shutting_down
+                || self.accept_stopped
+                || self.conns.len() >= self.config.connections_max as usize
+            {
                 self.refused += 1;
                 drop(fd);
             } else {
@@ -808,7 +844,7 @@ impl Driver {
         }
         if !completion.more {
             self.listeners[index].armed = false;
-            if self.shutting_down {
+            if self.shutting_down || self.accept_stopped {
                 return Ok(());
             }
             let resource = matches!(

@@ -1,0 +1,851 @@
+//! The shard's socket loop: every socket of the shard, driven by the shard's
+//! own io_uring ring (`net::uring::Driver`), with no task per connection.
+//!
+//! One task per shard (`run`) waits on the driver's notifier, collects the
+//! ring's events and answers them with the sans-IO logic of `session` and
+//! `shard`:
+//! - `Accepted` starts a handshake, a small boxed record in the slot table
+//!   (indexed like the driver's connection table);
+//! - `Data` carries complete frames: a handshake decodes Register/Hello
+//!   (the account lookups run on the blocking pool while the connection's
+//!   reading is paused), a session hands each frame to `Shard::on_frame`;
+//! - output: a `Conn`'s frames are encoded into its queue wherever they
+//!   arise (`Conn::enqueue`, delivery) and the connection is marked woken;
+//!   once per loop turn the loop moves each woken connection's queue to the
+//!   driver in one piece, so every frame due to it that turn leaves in one
+//!   sendmsg;
+//! - backpressure: a session whose socket refuses more output, whose output
+//!   queue is at its bound, whose unanswered Sends are at theirs, or whose
+//!   requests wait for room in a full shard channel keeps its unhandled
+//!   frames aside and its reading is paused until the cause clears; nothing
+//!   is dropped and memory stays bounded;
+//! - the handoff to the home shard is `Driver::release` (the ring gives up
+//!   the socket and the bytes it read) then `Driver::adopt` on the home
+//!   shard;
+//! - closes are `close(Flush)`: the last frame (Error, GoAway) is sent, the
+//!   socket half-closed, the peer's FIN awaited for the linger time.
+//!
+//! Everything here runs on the shard's thread; no borrow of the driver or
+//! of the slot table is held across an await.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tracing::{debug, error, warn};
+
+use crate::config::{Config, RegistrationPolicy};
+use crate::ids::{DeviceId, InboxKey, UserId};
+use crate::net::conn::{self, Conn};
+use crate::net::uring::{
+    CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, Notifier, SendError,
+    SendErrorKind, UringError,
+};
+use crate::proto::{self, error_frame, pb, ErrorCode, Frame, GoAwayReason};
+use crate::route::message::Request;
+use crate::session::{client_may_send_in_session, negotiate_version};
+use crate::shard::{Outbound, Shard};
+
+/// Connections past `connections_per_shard_max` the driver still takes, so
+/// the ones over the limit can be told SERVER_BUSY before they are closed.
+const REFUSAL_SLACK: u32 = 1024;
+
+/// What the loop knows about one socket of the driver.
+enum Slot {
+    Free,
+    Handshake(Box<Handshake>),
+    Session(Rc<Conn>),
+    /// Authenticated for another shard: the driver is giving the socket up.
+    Releasing(Box<Releasing>),
+    /// A last frame is being flushed; the driver closes the socket.
+    Closing,
+}
+
+struct Handshake {
+    peer: IpAddr,
+    /// One Register per connection: account creation writes to the
+    /// metadata database, so a connection may not become a registration
+    /// loop.
+    registered: bool,
+    /// An account lookup is running; reading is paused until it ends.
+    busy: bool,
+    /// Frames received and not yet handled.
+    input: BytesMut,
+}
+
+struct Releasing {
+    device: InboxKey,
+    version: u32,
+    /// Frames the client pipelined after its Hello; the home shard handles
+    /// them.
+    input: BytesMut,
+}
+
+/// A session's frames set aside while it is backpressured.
+struct Stalled {
+    input: BytesMut,
+    /// Requests of a handled frame wait for room in a full shard channel;
+    /// nothing after it may be handled first.
+    waiting: bool,
+}
+
+/// The shard's sockets: the driver and what the loop keeps per socket.
+pub struct Sockets {
+    driver: RefCell<Driver>,
+    notifier: Notifier,
+    /// Indexed by the driver's slot index, with the `ConnId` each entry is
+    /// for: the driver may report a new socket in a reused slot before the
+    /// old socket's `Closed`.
+    slots: RefCell<Vec<(ConnId, Slot)>>,
+    /// Entries whose slot was reused before their last event arrived.
+    displaced: RefCell<HashMap<ConnId, Slot>>,
+    /// Sessions with frames set aside, by `Conn::id`.
+    stalled: RefCell<HashMap<u64, Stalled>>,
+    /// Handshake deadlines in the order they were set (one timeout for
+    /// all, so the queue is sorted).
+    deadlines: RefCell<VecDeque<(Instant, ConnId)>>,
+    /// `shutdown` ran: the loop ends once the driver is idle.
+    finished: Cell<bool>,
+}
+
+impl Sockets {
+    /// Creates the shard's ring. Runs on the shard's thread, inside its
+    /// executor.
+    pub fn new(config: &Config) -> Result<Sockets, UringError> {
+        let driver = Driver::new(driver_config(config))?;
+        let notifier = driver.notifier();
+        Ok(Sockets {
+            driver: RefCell::new(driver),
+            notifier,
+            slots: RefCell::new(Vec::new()),
+            displaced: RefCell::new(HashMap::new()),
+            stalled: RefCell::new(HashMap::new()),
+            deadlines: RefCell::new(VecDeque::new()),
+            finished: Cell::new(false),
+        })
+    }
+
+    pub fn notifier(&self) -> Notifier {
+        self.notifier.clone()
+    }
+
+    /// Accepts on `listener` (bound, listening, TCP_NODELAY set).
+    pub fn listen(&self, listener: OwnedFd) -> Result<(), UringError> {
+        self.driver.borrow_mut().listen(listener)
+    }
+
+    /// Sockets the driver holds (handshaking, in session, closing).
+    pub fn connections(&self) -> usize {
+        self.driver.borrow().connections()
+    }
+
+    pub fn stats(&self) -> DriverStats {
+        self.driver.borrow().stats()
+    }
+
+    fn set(&self, id: ConnId, slot: Slot) {
+        let mut slots = self.slots.borrow_mut();
+        let index = id.index as usize;
+        if slots.len() <= index {
+            slots.resize_with(index + 1, || (id, Slot::Free));
+        }
+        let (owner, previous) = std::mem::replace(&mut slots[index], (id, slot));
+        if owner != id && !matches!(previous, Slot::Free) {
+            // The driver let go of `owner` inside a call (a release with
+            // nothing in flight) and gave its slot to a socket adopted
+            // before `owner`'s event was collected: keep `owner`'s entry
+            // until that event comes.
+            self.displaced.borrow_mut().insert(owner, previous);
+        }
+    }
+
+    /// Takes socket `id`'s entry (`Free` if it has none).
+    fn take(&self, id: ConnId) -> Slot {
+        let mut slots = self.slots.borrow_mut();
+        match slots.get_mut(id.index as usize) {
+            Some((owner, slot)) if *owner == id => std::mem::replace(slot, Slot::Free),
+            _ => self
+                .displaced
+                .borrow_mut()
+                .remove(&id)
+                .unwrap_or(Slot::Free),
+        }
+    }
+
+    /// The session on socket `id`, if that socket is one.
+    fn session(&self, id: ConnId) -> Option<Rc<Conn>> {
+        match self.slots.borrow().get(id.index as usize) {
+            Some((owner, Slot::Session(conn))) if *owner == id => Some(conn.clone()),
+            _ => None,
+        }
+    }
+
+    /// Runs `f` on socket `id`'s handshake, if it is still handshaking.
+    fn with_handshake<R>(&self, id: ConnId, f: impl FnOnce(&mut Handshake) -> R) -> Option<R> {
+        match self.slots.borrow_mut().get_mut(id.index as usize) {
+            Some((owner, Slot::Handshake(hs))) if *owner == id => Some(f(hs)),
+            _ => None,
+        }
+    }
+
+    fn pause(&self, id: ConnId) {
+        if let Err(err) = self.driver.borrow_mut().pause_reading(id) {
+            ring_failed(err);
+        }
+    }
+
+    fn resume(&self, id: ConnId) {
+        if let Err(err) = self.driver.borrow_mut().resume_reading(id) {
+            ring_failed(err);
+        }
+    }
+
+    fn close(&self, id: ConnId) {
+        if let Err(err) = self.driver.borrow_mut().close(id, CloseMode::Flush) {
+            ring_failed(err);
+        }
+    }
+
+    /// Sends `bytes` to a socket that is not (or no longer) a session.
+    fn send_raw(&self, id: ConnId, bytes: Bytes) {
+        // A refusal means the socket is closing already; nothing to add.
+        let _ = self.driver.borrow_mut().send(id, bytes);
+    }
+}
+
+/// The driver's sizes from the server's configuration.
+pub fn driver_config(config: &Config) -> DriverConfig {
+    let limits = &config.limits;
+    let mut driver = DriverConfig::production();
+    driver.frame_bytes_max = limits.frame_bytes_max;
+    driver.send_queue_bytes_max = limits
+        .output_queue_bytes_max
+        .max(limits.frame_bytes_max.saturating_add(4));
+    driver.connections_max = limits
+        .connections_per_shard_max
+        .saturating_add(REFUSAL_SLACK);
+    driver.tail_bytes_max = driver
+        .tail_bytes_max
+        .max(limits.frame_bytes_max as usize + proto::LENGTH_PREFIX_BYTES);
+    driver
+}
+
+/// The ring refused work (out of memory, or a completion queue that never
+/// drains). Connections could leak from here on, so the shard stops the
+/// process rather than serve half-working; a supervisor restarts it and
+/// the log recovers.
+fn ring_failed(err: UringError) -> ! {
+    error!(%err, "the socket ring failed; exiting");
+    std::process::exit(70);
+}
+
+/// The socket loop of one shard; returns after `shutdown` once the driver
+/// has closed everything.
+pub async fn run(shard: Rc<Shard>) {
+    let notifier = shard.sockets.notifier();
+    let mut events = Vec::new();
+    let mut woken = Vec::new();
+    loop {
+        notifier.wait().await;
+        let polled = shard.sockets.driver.borrow_mut().poll_events(&mut events);
+        if let Err(err) = polled {
+            ring_failed(err);
+        }
+        for event in events.drain(..) {
+            on_event(&shard, event);
+        }
+        conn::take_woken(&mut woken);
+        for socket in woken.drain(..) {
+            flush(&shard, socket);
+        }
+        if shard.sockets.finished.get() && shard.sockets.driver.borrow().is_idle() {
+            return;
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+fn on_event(shard: &Rc<Shard>, event: Event) {
+    match event {
+        Event::Accepted { conn, peer } => accepted(shard, conn, peer.ip()),
+        Event::Data { conn, frames } => data(shard, conn, frames),
+        Event::BadFrame { conn, length } => {
+            let code = if length == 0 {
+                ErrorCode::MalformedFrame
+            } else {
+                ErrorCode::FrameTooLarge
+            };
+            if let Some(session) = shard.sockets.session(conn) {
+                session.fatal(code, "bad frame");
+            } else if shard.sockets.with_handshake(conn, |_| ()).is_some() {
+                refuse(shard, conn, code, "bad frame during handshake", 0);
+            }
+        }
+        Event::Writable { conn } => {
+            if let Some(session) = shard.sockets.session(conn) {
+                session.wake();
+            }
+        }
+        Event::Closed { conn, reason } => {
+            debug!(%conn, ?reason, "socket closed");
+            if let Slot::Session(session) = shard.sockets.take(conn) {
+                end_session(shard, &session);
+            }
+            shard.connection_closed();
+        }
+        Event::Released { conn, fd, buffered } => released(shard, conn, fd, buffered),
+    }
+}
+
+fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
+    shard.metrics_accepted_socket();
+    let limits = &shard.config.limits;
+    let over = shard.open_connections.get() >= limits.connections_per_shard_max;
+    shard.open_connections.set(shard.open_connections.get() + 1);
+    if over {
+        refuse(
+            shard,
+            id,
+            ErrorCode::ServerBusy,
+            "connection limit reached",
+            1_000,
+        );
+        return;
+    }
+    shard.sockets.set(
+        id,
+        Slot::Handshake(Box::new(Handshake {
+            peer,
+            registered: false,
+            busy: false,
+            input: BytesMut::new(),
+        })),
+    );
+    let timeout = Duration::from_millis(limits.handshake_timeout_ms as u64);
+    shard
+        .sockets
+        .deadlines
+        .borrow_mut()
+        .push_back((Instant::now() + timeout, id));
+}
+
+/// Answers a socket that is not in session with a fatal Error and closes it.
+fn refuse(shard: &Shard, id: ConnId, code: ErrorCode, message: &str, retry_after_ms: u32) {
+    shard.metrics_refused(code);
+    let mut frame = error_frame(code, message, true);
+    if let Frame::Error(e) = &mut frame {
+        e.retry_after_ms = retry_after_ms;
+    }
+    shard.sockets.set(id, Slot::Closing);
+    shard.sockets.send_raw(id, frame.to_bytes());
+    shard.sockets.close(id);
+}
+
+fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
+    if let Some(conn) = shard.sockets.session(id) {
+        session_input(shard, &conn, frames);
+        return;
+    }
+    let handshaking = shard.sockets.with_handshake(id, |hs| {
+        if hs.input.is_empty() {
+            hs.input = BytesMut::from(frames);
+        } else {
+            hs.input.extend_from_slice(&frames);
+        }
+    });
+    if handshaking.is_some() {
+        handshake_step(shard, id);
+    }
+    // Closing or releasing: the input is of no use any more.
+}
+
+/// What the next handshake frame asks for.
+enum HandshakeStep {
+    Register { version: u32 },
+    Hello(pb::Hello),
+}
+
+/// Handles buffered handshake frames until one needs an account lookup,
+/// the input runs out, or the connection is refused.
+fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
+    let frame_bytes_max = shard.config.limits.frame_bytes_max;
+    let next = shard.sockets.with_handshake(id, |hs| {
+        if hs.busy {
+            return Ok(None);
+        }
+        let frame = proto::next_frame(&mut hs.input, frame_bytes_max)
+            .map_err(|e| (e.code(), "bad frame during handshake", 0))?;
+        if hs.input.is_empty() && hs.input.capacity() > 0 {
+            hs.input = BytesMut::new();
+        }
+        match frame {
+            None => Ok(None),
+            Some(Frame::Register(register)) => {
+                if hs.registered {
+                    return Err((ErrorCode::UnexpectedFrame, "one Register per connection", 0));
+                }
+                hs.registered = true;
+                let version = negotiate_version(register.protocol_version)
+                    .map_err(|c| (c, "unsupported protocol version", 0))?;
+                check_registration(&shard.config, &register)?;
+                hs.busy = true;
+                Ok(Some(HandshakeStep::Register { version }))
+            }
+            Some(Frame::Hello(hello)) => {
+                negotiate_version(hello.protocol_version)
+                    .map_err(|c| (c, "unsupported protocol version", 0))?;
+                if let Some(wait) = shard.throttle.borrow_mut().check(hs.peer, Instant::now()) {
+                    return Err((
+                        ErrorCode::RateLimited,
+                        "too many failed logins",
+                        wait.as_millis().min(u32::MAX as u128) as u32,
+                    ));
+                }
+                hs.busy = true;
+                Ok(Some(HandshakeStep::Hello(hello)))
+            }
+            Some(_) => Err((
+                ErrorCode::NotAuthenticated,
+                "the first frame must be Hello or Register",
+                0,
+            )),
+        }
+    });
+    match next {
+        None | Some(Ok(None)) => {}
+        Some(Err((code, message, retry))) => refuse(shard, id, code, message, retry),
+        Some(Ok(Some(step))) => {
+            shard.sockets.pause(id);
+            let task = match step {
+                HandshakeStep::Register { version } => {
+                    glommio::spawn_local(register(shard.clone(), id, version))
+                }
+                HandshakeStep::Hello(hello) => {
+                    glommio::spawn_local(verify(shard.clone(), id, hello))
+                }
+            };
+            task.detach();
+        }
+    }
+}
+
+type Refusal = (ErrorCode, &'static str, u32);
+
+fn check_registration(config: &Config, register: &pb::Register) -> Result<(), Refusal> {
+    match config.server.registration {
+        RegistrationPolicy::Open => Ok(()),
+        RegistrationPolicy::Closed => {
+            Err((ErrorCode::RegistrationClosed, "registration is closed", 0))
+        }
+        RegistrationPolicy::Token => {
+            let ok = config.server.registration_tokens.iter().any(|t| {
+                subtle::ConstantTimeEq::ct_eq(t.as_bytes(), register.registration_token.as_bytes())
+                    .into()
+            });
+            if ok {
+                Ok(())
+            } else {
+                Err((
+                    ErrorCode::BadRegistrationToken,
+                    "registration token not accepted",
+                    0,
+                ))
+            }
+        }
+    }
+}
+
+/// Ends an account lookup: the handshake reads again and goes on.
+fn lookup_done(shard: &Rc<Shard>, id: ConnId) {
+    if shard
+        .sockets
+        .with_handshake(id, |hs| hs.busy = false)
+        .is_some()
+    {
+        shard.sockets.resume(id);
+        handshake_step(shard, id);
+    }
+}
+
+async fn register(shard: Rc<Shard>, id: ConnId, version: u32) {
+    let meta = shard.meta.clone();
+    let created = glommio::executor()
+        .spawn_blocking(move || meta.register())
+        .await;
+    if shard.sockets.with_handshake(id, |_| ()).is_none() {
+        // Closed (or timed out) meanwhile; the account exists unused.
+        return;
+    }
+    let account = match created {
+        Ok(account) => account,
+        Err(err) => {
+            warn!(%err, "registration failed");
+            return refuse(&shard, id, ErrorCode::Internal, "registration failed", 0);
+        }
+    };
+    shard.metrics_registered();
+    let frame = Frame::Registered(pb::Registered {
+        protocol_version: version,
+        user_id: account.user.0,
+        device_id: account.device.0,
+        secret: Bytes::copy_from_slice(&account.secret),
+    });
+    shard.sockets.send_raw(id, frame.to_bytes());
+    lookup_done(&shard, id);
+}
+
+async fn verify(shard: Rc<Shard>, id: ConnId, hello: pb::Hello) {
+    let user = UserId(hello.user_id);
+    let device = DeviceId(hello.device_id);
+    let meta = shard.meta.clone();
+    let secret = hello.secret;
+    let verified = glommio::executor()
+        .spawn_blocking(move || meta.verify(user, device, &secret))
+        .await;
+    let Some(peer) = shard.sockets.with_handshake(id, |hs| hs.peer) else {
+        return;
+    };
+    match verified {
+        Err(err) => {
+            warn!(%err, "credential lookup failed");
+            refuse(
+                &shard,
+                id,
+                ErrorCode::Internal,
+                "credential lookup failed",
+                0,
+            );
+        }
+        Ok(false) => {
+            shard.throttle.borrow_mut().on_failure(peer, Instant::now());
+            shard.metrics_auth_failed();
+            refuse(
+                &shard,
+                id,
+                ErrorCode::AuthFailed,
+                "unknown device or wrong secret",
+                0,
+            );
+        }
+        Ok(true) => {
+            shard.throttle.borrow_mut().on_success(peer);
+            let version =
+                negotiate_version(hello.protocol_version).unwrap_or(proto::PROTOCOL_VERSION);
+            authenticated(&shard, id, InboxKey { user, device }, version);
+        }
+    }
+}
+
+/// Starts the session here, or hands the socket to the device's home shard.
+fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) {
+    let Slot::Handshake(hs) = shard.sockets.take(id) else {
+        unreachable!("checked by the caller");
+    };
+    let input = hs.input;
+    if shard.home_of(device.user) == shard.id {
+        let conn = shard.open_session(device, version, id);
+        shard.metrics_session_opened();
+        shard.sockets.set(id, Slot::Session(conn.clone()));
+        shard.sockets.resume(id);
+        if !input.is_empty() {
+            session_input(shard, &conn, input.freeze());
+        }
+    } else {
+        shard.sockets.set(
+            id,
+            Slot::Releasing(Box::new(Releasing {
+                device,
+                version,
+                input,
+            })),
+        );
+        if let Err(err) = shard.sockets.driver.borrow_mut().release(id) {
+            ring_failed(err);
+        }
+    }
+}
+
+/// The driver gave up a socket authenticated for another shard: send it
+/// there with every byte read and not handled.
+fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
+    let Slot::Releasing(releasing) = shard.sockets.take(id) else {
+        warn!(%id, "released socket had no handoff; closed");
+        shard.connection_closed();
+        return;
+    };
+    shard.connection_closed();
+    let Releasing {
+        device,
+        version,
+        mut input,
+    } = *releasing;
+    input.extend_from_slice(&buffered);
+    shard.metrics_handoff_out();
+    let request = Request::Handoff {
+        fd,
+        device,
+        version,
+        buffered: input.freeze(),
+    };
+    let outbound = Outbound::One(shard.home_of(device.user), request);
+    if let Some(wait) = shard.forward(outbound) {
+        glommio::spawn_local(wait).detach();
+    }
+}
+
+/// Takes over a socket handed off by another shard, with the bytes it read.
+pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, device: InboxKey, version: u32, buffered: Bytes) {
+    let adopted = shard.sockets.driver.borrow_mut().adopt(fd, buffered);
+    let id = match adopted {
+        Ok(id) => id,
+        Err(err) => {
+            // The descriptor was closed by the failed adopt.
+            warn!(shard = %shard.id, %err, "handed-off socket not adopted");
+            return;
+        }
+    };
+    let over = shard.open_connections.get() >= shard.config.limits.connections_per_shard_max;
+    shard.open_connections.set(shard.open_connections.get() + 1);
+    if over {
+        refuse(
+            shard,
+            id,
+            ErrorCode::ServerBusy,
+            "connection limit reached",
+            1_000,
+        );
+        return;
+    }
+    if shard.stopping.get() {
+        go_away_raw(shard, id);
+        return;
+    }
+    let conn = shard.open_session(device, version, id);
+    shard.metrics_session_opened();
+    shard.sockets.set(id, Slot::Session(conn));
+}
+
+fn go_away_raw(shard: &Shard, id: ConnId) {
+    shard.sockets.set(id, Slot::Closing);
+    let frame = Frame::GoAway(pb::GoAway {
+        reason: GoAwayReason::ShuttingDown as i32,
+        reconnect_after_ms: 1_000,
+    });
+    shard.sockets.send_raw(id, frame.to_bytes());
+    shard.sockets.close(id);
+}
+
+/// Frames of a session arrived.
+fn session_input(shard: &Rc<Shard>, conn: &Rc<Conn>, frames: Bytes) {
+    if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id) {
+        stalled.input.extend_from_slice(&frames);
+        return;
+    }
+    let mut input = BytesMut::from(frames);
+    handle_frames(shard, conn, &mut input);
+}
+
+/// Handles the frames in `input` in order until it is empty, the session
+/// closes, or backpressure sets the rest aside.
+fn handle_frames(shard: &Rc<Shard>, conn: &Rc<Conn>, input: &mut BytesMut) {
+    let frame_bytes_max = shard.config.limits.frame_bytes_max;
+    loop {
+        if conn.is_closing() || input.is_empty() {
+            return;
+        }
+        if backpressured(shard, conn) {
+            return stall(shard, conn, input, false);
+        }
+        let (frame_type, body) = match proto::split_frame(input, frame_bytes_max) {
+            Ok(Some(split)) => split,
+            // The driver hands over complete frames only.
+            Ok(None) => return,
+            Err(err) => return conn.fatal(err.code(), "bad frame"),
+        };
+        shard.metrics_frame_in(frame_type);
+        if !client_may_send_in_session(frame_type) {
+            return conn.fatal(ErrorCode::UnexpectedFrame, "frame not allowed in a session");
+        }
+        let frame = match Frame::decode(frame_type, body) {
+            Ok(frame) => frame,
+            Err(err) => return conn.fatal(err.code(), "malformed frame"),
+        };
+        let outbound = shard.on_frame(conn, frame);
+        if let Some(wait) = shard.forward(outbound) {
+            stall(shard, conn, input, true);
+            let shard = shard.clone();
+            let conn = conn.clone();
+            glommio::spawn_local(async move {
+                wait.await;
+                if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id) {
+                    stalled.waiting = false;
+                }
+                conn.wake();
+            })
+            .detach();
+            return;
+        }
+    }
+}
+
+fn backpressured(shard: &Shard, conn: &Conn) -> bool {
+    let limits = &shard.config.limits;
+    let state = conn.state.borrow();
+    state.socket_full
+        || state.out_len() >= limits.output_queue_bytes_max as usize
+        || state.sends_in_flight >= limits.sends_in_flight_max
+}
+
+/// Sets the rest of `input` aside and stops reading the peer.
+fn stall(shard: &Shard, conn: &Conn, input: &mut BytesMut, waiting: bool) {
+    let input = std::mem::take(input);
+    shard
+        .sockets
+        .stalled
+        .borrow_mut()
+        .insert(conn.id, Stalled { input, waiting });
+    shard.sockets.pause(conn.socket);
+}
+
+/// Resumes a stalled session whose backpressure cleared.
+fn unstall(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    {
+        let stalled = shard.sockets.stalled.borrow();
+        match stalled.get(&conn.id) {
+            Some(s) if !s.waiting => {}
+            _ => return,
+        }
+    }
+    if backpressured(shard, conn) || conn.is_closing() {
+        return;
+    }
+    let Some(mut stalled) = shard.sockets.stalled.borrow_mut().remove(&conn.id) else {
+        return;
+    };
+    handle_frames(shard, conn, &mut stalled.input);
+    if !conn.is_closing() && !shard.sockets.stalled.borrow().contains_key(&conn.id) {
+        shard.sockets.resume(conn.socket);
+    }
+}
+
+/// One woken connection: its output goes to the driver, its set-aside
+/// input resumes if it can, and a close that was asked for begins.
+fn flush(shard: &Rc<Shard>, socket: ConnId) {
+    let Some(conn) = shard.sockets.session(socket) else {
+        return;
+    };
+    conn.clear_woken();
+    write_out(shard, &conn);
+    unstall(shard, &conn);
+    let closing = {
+        let state = conn.state.borrow();
+        state.close.is_some() && state.out_len() == 0
+    };
+    if closing {
+        shard.sockets.set(socket, Slot::Closing);
+        end_session(shard, &conn);
+        shard.sockets.close(socket);
+    }
+}
+
+/// Moves the connection's queued frames to the driver in one piece.
+fn write_out(shard: &Shard, conn: &Conn) {
+    let mut state = conn.state.borrow_mut();
+    let Some(active) = state.active_if_any() else {
+        return;
+    };
+    if active.out.is_empty() {
+        return;
+    }
+    let bytes = std::mem::take(&mut active.out).freeze();
+    let sent = shard.sockets.driver.borrow_mut().send(conn.socket, bytes);
+    match sent {
+        Ok(()) => state.socket_full = false,
+        Err(SendError {
+            kind: SendErrorKind::Backpressure,
+            bytes,
+        }) => {
+            // Keep it (no copy: the handle is unique) until `Writable`.
+            let mut held = BytesMut::from(bytes);
+            let active = state.active();
+            held.unsplit(std::mem::take(&mut active.out));
+            active.out = held;
+            state.socket_full = true;
+        }
+        // The socket is gone; its `Closed` event ends the session.
+        Err(SendError {
+            kind: SendErrorKind::Closed,
+            ..
+        }) => {}
+    }
+    state.release_if_idle();
+}
+
+/// Forgets a session (its socket is closing or closed).
+fn end_session(shard: &Shard, conn: &Rc<Conn>) {
+    shard.sockets.stalled.borrow_mut().remove(&conn.id);
+    shard.close_session(conn);
+    shard.metrics_session_closed();
+}
+
+/// Refuses handshakes that ran past the handshake timeout. Called by the
+/// shard's maintenance timer.
+pub fn expire_handshakes(shard: &Rc<Shard>) {
+    let now = Instant::now();
+    loop {
+        let expired = {
+            let mut deadlines = shard.sockets.deadlines.borrow_mut();
+            match deadlines.front() {
+                Some(&(deadline, id)) if deadline <= now => {
+                    deadlines.pop_front();
+                    id
+                }
+                _ => return,
+            }
+        };
+        if shard.sockets.with_handshake(expired, |_| ()).is_some() {
+            refuse(
+                shard,
+                expired,
+                ErrorCode::HandshakeTimeout,
+                "handshake took too long",
+                0,
+            );
+        }
+    }
+}
+
+/// Graceful stop, first step: no new sockets; handshakes in progress are
+/// told GoAway(SHUTTING_DOWN) and closed.
+pub fn stop_accepting(shard: &Shard) {
+    if let Err(err) = shard.sockets.driver.borrow_mut().stop_accepting() {
+        ring_failed(err);
+    }
+    let handshakes: Vec<ConnId> = shard
+        .sockets
+        .slots
+        .borrow()
+        .iter()
+        .filter_map(|(id, slot)| match slot {
+            Slot::Handshake(_) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    for id in handshakes {
+        go_away_raw(shard, id);
+    }
+}
+
+/// Graceful stop, last step: closes whatever is left; `run` returns once
+/// the ring has nothing in flight.
+pub fn shutdown(shard: &Shard) {
+    shard.sockets.finished.set(true);
+    if let Err(err) = shard.sockets.driver.borrow_mut().shutdown() {
+        ring_failed(err);
+    }
+    shard.sockets.notifier.notify();
+}
