@@ -69,6 +69,13 @@ fn counters_follow_the_traffic() {
         sum("switchboard_handoffs_in_total", ""),
         sum("switchboard_handoffs_out_total", "")
     );
+    // The socket rings' counters are copied every 100 ms.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, later) = admin_get(server.admin, "/metrics");
+    let ring = |name: &str| metric_sum(&later, name, "");
+    assert!(ring("switchboard_socket_ring_enters_total") > 0.0);
+    assert!(ring("switchboard_socket_ring_completions_total") > N as f64);
+    assert_eq!(ring("switchboard_socket_ring_stale_completions_total"), 0.0);
     drop(b);
     drop(a);
 }

@@ -45,6 +45,12 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Mirrors a total counted elsewhere (it only grows there).
+    #[inline]
+    pub fn set_total(&self, total: u64) {
+        self.0.store(total, Ordering::Relaxed);
+    }
 }
 
 /// A value that goes up and down (a level, not a count of events).
@@ -281,6 +287,16 @@ pub struct ShardMetrics {
     /// Microseconds this shard spent unable to make progress (a full channel, a
     /// blocked commit), summed.
     pub stall_time_us: Counter,
+    /// io_uring_enter calls on the shard's socket ring.
+    pub socket_ring_enters: Counter,
+    /// Completions reaped from the socket ring.
+    pub socket_ring_completions: Counter,
+    /// Receives re-armed because the provided-buffer ring was empty.
+    pub socket_ring_no_buffers: Counter,
+    /// Completions that named a connection already gone (expected 0).
+    pub socket_ring_stale_completions: Counter,
+    /// Bytes of incomplete frames held for connections (gauge).
+    pub socket_tail_bytes: Gauge,
     /// True once this shard has recovered its log and accepts connections.
     pub recovered: AtomicBool,
 }
@@ -421,6 +437,30 @@ impl Registry {
         );
         self.counter(
             out,
+            "switchboard_socket_ring_enters_total",
+            "io_uring_enter calls on the shard's socket ring.",
+            |m| m.socket_ring_enters.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_socket_ring_completions_total",
+            "Completions reaped from the shard's socket ring.",
+            |m| m.socket_ring_completions.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_socket_ring_no_buffers_total",
+            "Receives re-armed because every provided buffer was in use.",
+            |m| m.socket_ring_no_buffers.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_socket_ring_stale_completions_total",
+            "Completions for connections already gone (expected 0).",
+            |m| m.socket_ring_stale_completions.get(),
+        );
+        self.counter(
+            out,
             "switchboard_handoffs_out_total",
             "Authenticated connections handed to another shard.",
             |m| m.handoffs_out.get(),
@@ -502,6 +542,12 @@ impl Registry {
             "switchboard_log_segments",
             "Segment files of the shard's log.",
             |m| m.log_segments.get(),
+        );
+        self.gauge(
+            out,
+            "switchboard_socket_tail_bytes",
+            "Bytes of incomplete frames held for the shard's connections.",
+            |m| m.socket_tail_bytes.get(),
         );
         self.gauge(
             out,

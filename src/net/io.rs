@@ -147,6 +147,18 @@ impl Sockets {
         self.driver.borrow().stats()
     }
 
+    /// Copies the driver's counters into the shard's metrics.
+    pub fn publish(&self, metrics: &crate::metrics::ShardMetrics) {
+        let stats = self.stats();
+        metrics.socket_ring_enters.set_total(stats.enters);
+        metrics.socket_ring_completions.set_total(stats.completions);
+        metrics.socket_ring_no_buffers.set_total(stats.no_buffers);
+        metrics
+            .socket_ring_stale_completions
+            .set_total(stats.stale_completions);
+        metrics.socket_tail_bytes.set(stats.tail_bytes as i64);
+    }
+
     fn set(&self, id: ConnId, slot: Slot) {
         let mut slots = self.slots.borrow_mut();
         let index = id.index as usize;

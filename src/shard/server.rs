@@ -421,6 +421,7 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
             crate::net::sweep_idle(&shard);
         }
         crate::net::io::expire_handshakes(&shard);
+        shard.sockets.publish(&shard.metrics);
         if last_expiry.elapsed() >= Duration::from_secs(10) {
             last_expiry = Instant::now();
             let expired = shard.log.borrow_mut().expire_and_reclaim();
