@@ -318,3 +318,58 @@ fn graceful_stop_under_load_exits_zero_and_keeps_every_acknowledged_message() {
         b.ack(d.sequence);
     }
 }
+
+#[test]
+fn never_reading_pinger_is_paused_then_closed_at_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| c.server.shards = 1);
+    let account = RawClient::register(server.addr);
+    let (c, _) = RawClient::login(server.addr, &account);
+    let rss_before = server.rss_bytes();
+    // Pings until the server stops reading (the write blocks), bounded in
+    // count and time; the Pongs are never read, so the kernel's buffers
+    // fill, then the server's output bound, then the server pauses.
+    let mut writer = c.stream.try_clone().unwrap();
+    writer
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let ping = Frame::Ping(pb::Ping { nonce: 1 }).to_bytes();
+    let batch: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 1_000)
+        .collect();
+    let mut written = 0u64;
+    let started = Instant::now();
+    let mut blocked = false;
+    while written < 5_000_000 && started.elapsed() < Duration::from_secs(10) {
+        if writer.write_all(&batch).is_err() {
+            blocked = true;
+            break;
+        }
+        written += 1_000;
+    }
+    assert!(blocked, "the server kept reading {written} Pings");
+    let grown = server.rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 8 << 20, "server grew by {grown} bytes");
+    // Paused, the session receives nothing; the idle timeout (3 s) closes
+    // it even though its socket takes no more output.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = common::admin_get(server.admin, "/metrics");
+        if common::metric_sum(&metrics, "switchboard_connections", "") == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the silent session was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(c);
+    let other = RawClient::register(server.addr);
+    let (mut o, _) = RawClient::login(server.addr, &other);
+    o.send(&Frame::Ping(pb::Ping { nonce: 5 }));
+    assert!(matches!(o.recv(), Some(Frame::Pong(p)) if p.nonce == 5));
+}

@@ -753,9 +753,12 @@ fn flush(shard: &Rc<Shard>, socket: ConnId) {
     conn.clear_woken();
     write_out(shard, &conn);
     unstall(shard, &conn);
+    // A peer that stopped reading cannot hold a closing session: once the
+    // socket refuses output, the close begins with what the driver holds
+    // (it flushes within the linger deadline).
     let closing = {
         let state = conn.state.borrow();
-        state.close.is_some() && state.out_len() == 0
+        state.close.is_some() && (state.out_len() == 0 || state.socket_full)
     };
     if closing {
         shard.sockets.set(socket, Slot::Closing);
