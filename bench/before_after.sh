@@ -241,18 +241,31 @@ syscalls() {
       >"$dir/syscalls.json"
 }
 
+# Which binary goes first flips at every step (before, after; after, before;
+# …), so whatever drifts on the host over the run favours neither.
+turn=0
+next_order() {
+  if [ $((turn % 2)) -eq 0 ]; then order=(before after); else order=(after before); fi
+  turn=$((turn + 1))
+}
+
 started=$(date +%s)
 for label in "${labels[@]}"; do
   mkdir -p "$out/$label"
+done
+next_order
+for label in "${order[@]}"; do
   # Registers the accounts once per binary (saved in users.json); every later
   # step reuses them, so connection rates never include registration.
   bench "$label" register connect -n "$accounts"
 done
-for label in "${labels[@]}"; do
+next_order
+for label in "${order[@]}"; do
   bench "$label" idle idle -n "$idle_connections" --duration 5
 done
 for round in $(seq "$rounds"); do
-  for label in "${labels[@]}"; do
+  next_order
+  for label in "${order[@]}"; do
     bench "$label" "p2p-max-$round" p2p -n "$connections" --rate max --rate-start 5000 \
       --step-duration 4 --p99-max-ms 50 --drain-timeout 5
   done
@@ -265,7 +278,8 @@ for label in "${labels[@]}"; do
   done | jq -s '{rates: ., median: (if length == 0 then null else (sort | .[(length - 1) / 2 | floor]) end)}' \
     >"$out/$label/rate-max.json"
 done
-for label in "${labels[@]}"; do
+next_order
+for label in "${order[@]}"; do
   rate_max=$(json "$label" rate-max '.median')
   if [ -n "$rate_max" ]; then
     half=$(awk -v r="$rate_max" 'BEGIN { printf "%.0f", r / 2 }')
@@ -274,7 +288,8 @@ for label in "${labels[@]}"; do
     echo "== $label: no maximum rate found; the half-rate run is skipped" >&2
   fi
 done
-for label in "${labels[@]}"; do
+next_order
+for label in "${order[@]}"; do
   syscalls "$label"
 done
 elapsed=$(($(date +%s) - started))
@@ -340,6 +355,11 @@ row() {
   for name in $names; do
     row "  $name per msg" syscalls ".per_message[\"$name\"] // 0"
   done
+  echo
+  echo "Syscalls are counted by strace from the moment all $connections sessions are up until"
+  echo "the harness starts closing them; \`close\` (and a few reads) are sessions torn down"
+  echo "before strace let go, at most one per connection. strace slows the server, which may"
+  echo "batch more per syscall than it would untraced."
 } | tee "$out/table.md"
 echo
 echo "results: $out/{before,after}/*.json, the table in $out/table.md"
