@@ -137,16 +137,32 @@ start_server() {
     --data-dir "$out/$label/data" --shards 1 --log-level warn "${server_args[@]}" \
     >>"$out/$label/server.log" 2>&1 &
   server_pid=$!
+  local listening=""
   for _ in $(seq 100); do
-    port_busy "$port" && return 0
+    if port_busy "$port"; then listening=yes; break; fi
     if ! kill -0 "$server_pid" 2>/dev/null; then
       echo "$label server exited at start; see $out/$label/server.log" >&2
       exit 1
     fi
     sleep 0.1
   done
-  echo "$label server is not listening on $listen after 10 s" >&2
-  exit 1
+  if [ -z "$listening" ]; then
+    echo "$label server is not listening on $listen after 10 s" >&2
+    exit 1
+  fi
+  # The port is bound before start-up ends (the log is mapped afterwards:
+  # tens of MB of RSS within the next half second). The harness takes its
+  # memory baseline as soon as it starts, so wait for the RSS to hold still
+  # for a second (at most 15 s) before handing the server over.
+  local rss last="" same=0
+  for _ in $(seq 60); do
+    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$server_pid/status")
+    if [ "$rss" = "$last" ]; then same=$((same + 1)); else same=0; fi
+    [ "$same" -ge 4 ] && return 0
+    last=$rss
+    sleep 0.25
+  done
+  echo "   $label server RSS still moving 15 s after start; going on" >&2
 }
 
 # bench LABEL NAME SCENARIO ARGS...: one harness run against a fresh server,
@@ -158,12 +174,17 @@ bench() {
   echo "== $label: $name"
   echo "$label $name: load average $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%T)" >>"$out/steps.log"
   start_server "$label"
-  if ! "${harness[@]}" "$scenario" --target "$listen" --server-pid "$server_pid" \
+  # In the background, so that a signal to this script is handled at once
+  # (bash runs traps only between commands, and `wait` is one).
+  "${harness[@]}" "$scenario" --target "$listen" --server-pid "$server_pid" \
     --users "$out/$label/users.json" --quiet --json "$out/$label/$name.json" "$@" \
-    >"$out/$label/$name.txt" 2>&1; then
+    >"$out/$label/$name.txt" 2>&1 &
+  load_pid=$!
+  if ! wait "$load_pid"; then
     echo "   $label $name failed; see $out/$label/$name.txt" >&2
     rm -f "$out/$label/$name.json"
   fi
+  load_pid=""
   stop_server
 }
 
