@@ -168,10 +168,9 @@ impl ConnState {
 }
 
 pub struct Conn {
-    /// Unique on its shard for the life of the process.
-    pub id: u64,
     pub device: InboxKey,
-    /// The socket in the shard's driver.
+    /// The socket in the shard's driver; also the session's name in
+    /// `ConnRef` (the driver's generation tells a reused slot apart).
     pub socket: ConnId,
     pub state: RefCell<ConnState>,
     /// In the socket loop's woken list.
@@ -179,9 +178,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: u64, device: InboxKey, socket: ConnId, now_s: u32) -> Conn {
+    pub fn new(device: InboxKey, socket: ConnId, now_s: u32) -> Conn {
         Conn {
-            id,
             device,
             socket,
             state: RefCell::new(ConnState {
@@ -190,6 +188,11 @@ impl Conn {
             }),
             woken: Cell::new(false),
         }
+    }
+
+    /// The session's id on its shard (`ConnRef::id`).
+    pub fn id(&self) -> u64 {
+        self.socket.to_u64()
     }
 
     /// Queues a frame and wakes the socket loop. Frames queued after a

@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, error, warn};
@@ -103,13 +103,17 @@ pub struct Sockets {
     slots: RefCell<Vec<(ConnId, Slot)>>,
     /// Entries whose slot was reused before their last event arrived.
     displaced: RefCell<HashMap<ConnId, Slot>>,
-    /// Sessions with frames set aside, by `Conn::id`.
+    /// Sessions with frames set aside, by `Conn::id()`.
     stalled: RefCell<HashMap<u64, Stalled>>,
     /// Handshake deadlines in the order they were set (one timeout for
-    /// all, so the queue is sorted).
-    deadlines: RefCell<VecDeque<(Instant, ConnId)>>,
+    /// all, so the queue is sorted), in milliseconds since `epoch`: 12
+    /// bytes per handshake of the last timeout period.
+    deadlines: RefCell<VecDeque<(u32, ConnId)>>,
+    epoch: Instant,
     /// `shutdown` ran: the loop ends once the driver is idle.
     finished: Cell<bool>,
+    /// Slots that hold a session.
+    sessions: Cell<usize>,
 }
 
 impl Sockets {
@@ -125,7 +129,9 @@ impl Sockets {
             displaced: RefCell::new(HashMap::new()),
             stalled: RefCell::new(HashMap::new()),
             deadlines: RefCell::new(VecDeque::new()),
+            epoch: Instant::now(),
             finished: Cell::new(false),
+            sessions: Cell::new(0),
         })
     }
 
@@ -159,6 +165,12 @@ impl Sockets {
         metrics.socket_tail_bytes.set(stats.tail_bytes as i64);
     }
 
+    /// Milliseconds since the loop started (wraps after 49 days; handshake
+    /// deadlines only compare values a timeout apart).
+    fn now_ms(&self) -> u32 {
+        self.epoch.elapsed().as_millis() as u32
+    }
+
     fn set(&self, id: ConnId, slot: Slot) {
         let mut slots = self.slots.borrow_mut();
         let index = id.index as usize;
@@ -175,6 +187,11 @@ impl Sockets {
         }
     }
 
+    fn set_session(&self, id: ConnId, conn: Rc<Conn>) {
+        self.sessions.set(self.sessions.get() + 1);
+        self.set(id, Slot::Session(conn));
+    }
+
     /// Takes socket `id`'s entry (`Free` if it has none).
     fn take(&self, id: ConnId) -> Slot {
         let mut slots = self.slots.borrow_mut();
@@ -189,11 +206,27 @@ impl Sockets {
     }
 
     /// The session on socket `id`, if that socket is one.
-    fn session(&self, id: ConnId) -> Option<Rc<Conn>> {
+    pub fn session(&self, id: ConnId) -> Option<Rc<Conn>> {
         match self.slots.borrow().get(id.index as usize) {
             Some((owner, Slot::Session(conn))) if *owner == id => Some(conn.clone()),
             _ => None,
         }
+    }
+
+    /// Runs `f` on every session of the shard (the live ones and those
+    /// replaced but not yet closed). `f` may queue frames and start closes;
+    /// it must not open or end sessions.
+    pub fn for_each_session(&self, mut f: impl FnMut(&Rc<Conn>)) {
+        for (_, slot) in self.slots.borrow().iter() {
+            if let Slot::Session(conn) = slot {
+                f(conn);
+            }
+        }
+    }
+
+    /// Sessions open on the shard.
+    pub fn session_count(&self) -> usize {
+        self.sessions.get()
     }
 
     /// Runs `f` on socket `id`'s handshake, if it is still handshaking.
@@ -337,12 +370,12 @@ fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
             input: BytesMut::new(),
         })),
     );
-    let timeout = Duration::from_millis(limits.handshake_timeout_ms as u64);
+    let deadline = shard.sockets.now_ms() + limits.handshake_timeout_ms;
     shard
         .sockets
         .deadlines
         .borrow_mut()
-        .push_back((Instant::now() + timeout, id));
+        .push_back((deadline, id));
 }
 
 /// Answers a socket that is not in session with a fatal Error and closes it.
@@ -561,7 +594,7 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
     if shard.home_of(device.user) == shard.id {
         let conn = shard.open_session(device, version, id);
         shard.metrics_session_opened();
-        shard.sockets.set(id, Slot::Session(conn.clone()));
+        shard.sockets.set_session(id, conn.clone());
         shard.sockets.resume(id);
         if !input.is_empty() {
             session_input(shard, &conn, input.freeze());
@@ -638,7 +671,7 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, device: InboxKey, version: u32, buf
     }
     let conn = shard.open_session(device, version, id);
     shard.metrics_session_opened();
-    shard.sockets.set(id, Slot::Session(conn));
+    shard.sockets.set_session(id, conn);
 }
 
 fn go_away_raw(shard: &Shard, id: ConnId) {
@@ -653,7 +686,7 @@ fn go_away_raw(shard: &Shard, id: ConnId) {
 
 /// Frames of a session arrived.
 fn session_input(shard: &Rc<Shard>, conn: &Rc<Conn>, frames: Bytes) {
-    if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id) {
+    if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id()) {
         stalled.input.extend_from_slice(&frames);
         return;
     }
@@ -693,7 +726,7 @@ fn handle_frames(shard: &Rc<Shard>, conn: &Rc<Conn>, input: &mut BytesMut) {
             let conn = conn.clone();
             glommio::spawn_local(async move {
                 wait.await;
-                if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id) {
+                if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id()) {
                     stalled.waiting = false;
                 }
                 conn.wake();
@@ -719,7 +752,7 @@ fn stall(shard: &Shard, conn: &Conn, input: &mut BytesMut, waiting: bool) {
         .sockets
         .stalled
         .borrow_mut()
-        .insert(conn.id, Stalled { input, waiting });
+        .insert(conn.id(), Stalled { input, waiting });
     shard.sockets.pause(conn.socket);
 }
 
@@ -727,7 +760,7 @@ fn stall(shard: &Shard, conn: &Conn, input: &mut BytesMut, waiting: bool) {
 fn unstall(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     {
         let stalled = shard.sockets.stalled.borrow();
-        match stalled.get(&conn.id) {
+        match stalled.get(&conn.id()) {
             Some(s) if !s.waiting => {}
             _ => return,
         }
@@ -735,11 +768,11 @@ fn unstall(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     if backpressured(shard, conn) || conn.is_closing() {
         return;
     }
-    let Some(mut stalled) = shard.sockets.stalled.borrow_mut().remove(&conn.id) else {
+    let Some(mut stalled) = shard.sockets.stalled.borrow_mut().remove(&conn.id()) else {
         return;
     };
     handle_frames(shard, conn, &mut stalled.input);
-    if !conn.is_closing() && !shard.sockets.stalled.borrow().contains_key(&conn.id) {
+    if !conn.is_closing() && !shard.sockets.stalled.borrow().contains_key(&conn.id()) {
         shard.sockets.resume(conn.socket);
     }
 }
@@ -802,7 +835,8 @@ fn write_out(shard: &Shard, conn: &Conn) {
 
 /// Forgets a session (its socket is closing or closed).
 fn end_session(shard: &Shard, conn: &Rc<Conn>) {
-    shard.sockets.stalled.borrow_mut().remove(&conn.id);
+    shard.sockets.sessions.set(shard.sockets.sessions.get() - 1);
+    shard.sockets.stalled.borrow_mut().remove(&conn.id());
     shard.close_session(conn);
     shard.metrics_session_closed();
 }
@@ -810,16 +844,24 @@ fn end_session(shard: &Shard, conn: &Rc<Conn>) {
 /// Refuses handshakes that ran past the handshake timeout. Called by the
 /// shard's maintenance timer.
 pub fn expire_handshakes(shard: &Rc<Shard>) {
-    let now = Instant::now();
+    let now = shard.sockets.now_ms();
     loop {
         let expired = {
             let mut deadlines = shard.sockets.deadlines.borrow_mut();
             match deadlines.front() {
-                Some(&(deadline, id)) if deadline <= now => {
+                // Wrapping: `deadline` is at most a timeout from `now`.
+                Some(&(deadline, id)) if now.wrapping_sub(deadline) < u32::MAX / 2 => {
                     deadlines.pop_front();
                     id
                 }
-                _ => return,
+                _ => {
+                    // A connect storm's queue is not kept once it drains.
+                    if deadlines.len() < deadlines.capacity() / 4 {
+                        let keep = deadlines.len() * 2;
+                        deadlines.shrink_to(keep);
+                    }
+                    return;
+                }
             }
         };
         if shard.sockets.with_handshake(expired, |_| ()).is_some() {

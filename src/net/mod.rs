@@ -17,19 +17,14 @@ pub mod conn;
 pub mod io;
 pub mod uring;
 
-use std::rc::Rc;
-
 use tracing::debug;
 
 use crate::proto::{self, pb, ErrorCode, Frame};
 use crate::shard::Shard;
 
-use conn::Conn;
-
 /// Closes every session with GoAway(SHUTTING_DOWN).
 pub fn go_away_all(shard: &Shard) {
-    let conns: Vec<Rc<Conn>> = shard.conns.borrow().values().cloned().collect();
-    for conn in conns {
+    shard.sockets.for_each_session(|conn| {
         conn.close_with(
             &Frame::GoAway(pb::GoAway {
                 reason: proto::GoAwayReason::ShuttingDown as i32,
@@ -37,19 +32,18 @@ pub fn go_away_all(shard: &Shard) {
             }),
             conn::CloseReason::Shutdown,
         );
-    }
+    });
 }
 
 /// Closes sessions silent for longer than the idle timeout.
 pub fn sweep_idle(shard: &Shard) {
     let now = shard.now_s();
     let idle_s = shard.config.limits.idle_timeout_ms.div_ceil(1000);
-    let conns = shard.conns.borrow();
-    for conn in conns.values() {
+    shard.sockets.for_each_session(|conn| {
         let last = conn.state.borrow().last_activity_s;
         if now.saturating_sub(last) >= idle_s && !conn.is_closing() {
             debug!(device = %conn.device, "idle timeout");
             conn.fatal(ErrorCode::IdleTimeout, "no frame within the idle timeout");
         }
-    }
+    });
 }

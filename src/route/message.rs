@@ -15,7 +15,9 @@ use crate::ids::{ClientMessageId, InboxKey, ShardId, UserId};
 use crate::proto::ErrorCode;
 use crate::store::ReceiptKind;
 
-/// A connection, named across shards: the shard it lives on and its id there.
+/// A connection, named across shards: the shard it lives on and its id there
+/// (its socket's slot and generation in that shard's driver, so a reply for
+/// a connection that has gone never reaches the one reusing its slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnRef {
     pub shard: ShardId,

@@ -84,13 +84,10 @@ pub struct Shard {
     pub meta: Arc<MetaStore>,
     pub metrics: Arc<ShardMetrics>,
     pub log: RefCell<Log>,
-    /// Live sessions by connection id.
-    pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     /// The live session of each device homed here.
     pub devices: RefCell<HashMap<InboxKey, Rc<Conn>>>,
     /// Open sockets on this shard, handshaking or in session.
     pub open_connections: Cell<u32>,
-    next_conn_id: Cell<u64>,
     pending: RefCell<VecDeque<(CommitTicket, AfterCommit)>>,
     pub requests: Vec<Option<ConnectedSender<Request>>>,
     pub replies: Vec<Option<ConnectedSender<Reply>>>,
@@ -124,10 +121,8 @@ impl Shard {
             meta,
             metrics,
             log: RefCell::new(log),
-            conns: RefCell::new(HashMap::new()),
             devices: RefCell::new(HashMap::new()),
             open_connections: Cell::new(0),
-            next_conn_id: Cell::new(1),
             pending: RefCell::new(VecDeque::new()),
             requests,
             replies,
@@ -170,9 +165,7 @@ impl Shard {
             self.id,
             "sessions run on the home shard"
         );
-        let id = self.next_conn_id.get();
-        self.next_conn_id.set(id + 1);
-        let conn = Rc::new(Conn::new(id, device, socket, self.now_s()));
+        let conn = Rc::new(Conn::new(device, socket, self.now_s()));
         let limits = &self.config.limits;
         conn.enqueue(&Frame::Welcome(pb::Welcome {
             protocol_version,
@@ -182,7 +175,6 @@ impl Shard {
             delivery_window: limits.delivery_window_messages,
             idle_timeout_ms: limits.idle_timeout_ms,
         }));
-        self.conns.borrow_mut().insert(id, conn.clone());
         let previous = self.devices.borrow_mut().insert(device, conn.clone());
         if let Some(previous) = previous {
             debug!(%device, "session replaced by a newer connection");
@@ -200,7 +192,6 @@ impl Shard {
 
     /// Forgets a session whose socket is closing or closed.
     pub fn close_session(&self, conn: &Rc<Conn>) {
-        self.conns.borrow_mut().remove(&conn.id);
         let mut devices = self.devices.borrow_mut();
         if devices
             .get(&conn.device)
@@ -315,7 +306,7 @@ impl Shard {
         let request = Request::Store {
             origin: ConnRef {
                 shard: self.id,
-                id: conn.id,
+                id: conn.id(),
             },
             sender: conn.device,
             client_message_id: ClientMessageId(send.client_message_id),
@@ -632,7 +623,9 @@ impl Shard {
                 }),
             ),
         };
-        let conn = self.conns.borrow().get(&origin.id).cloned();
+        let conn = self
+            .sockets
+            .session(crate::net::uring::ConnId::from_u64(origin.id));
         // A connection that went away gets nothing: its client retries the
         // Send and dedupe answers it with the same ServerAck.
         if let Some(conn) = conn {

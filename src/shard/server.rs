@@ -351,7 +351,7 @@ async fn shard_main(start: ShardStart) {
     while Instant::now() < deadline {
         shard.kick_commit();
         if shard.commits_settled()
-            && shard.conns.borrow().is_empty()
+            && shard.sockets.session_count() == 0
             && shard.sockets.connections() == 0
         {
             break;
@@ -435,7 +435,7 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
                 Err(err) => warn!(shard = %shard.id, %err, "expiry pass failed"),
             }
         }
-        if shard.stopping.get() && shard.conns.borrow().is_empty() && shard.commits_settled() {
+        if shard.stopping.get() && shard.sockets.session_count() == 0 && shard.commits_settled() {
             return;
         }
     }

@@ -19,6 +19,14 @@ impl ConnId {
     pub fn to_u64(self) -> u64 {
         ((self.generation as u64) << 32) | self.index as u64
     }
+
+    /// The inverse of `to_u64`.
+    pub fn from_u64(value: u64) -> ConnId {
+        ConnId {
+            index: value as u32,
+            generation: (value >> 32) as u32,
+        }
+    }
 }
 
 impl std::fmt::Display for ConnId {
