@@ -309,6 +309,17 @@ for label in "${order[@]}"; do
     echo "== $label: no maximum rate found; the half-rate run is skipped" >&2
   fi
 done
+# Both at one offered load (half of the before binary's maximum), so their
+# latencies compare at the same work, not only each at half its own ceiling.
+common_rate=""
+before_max=$(json before rate-max '.median')
+if [ -n "$before_max" ]; then
+  common_rate=$(awk -v r="$before_max" 'BEGIN { printf "%.0f", r / 2 }')
+  next_order
+  for label in "${order[@]}"; do
+    bench "$label" p2p-common p2p -n "$connections" --rate "$common_rate" --duration 10 --drain-timeout 10
+  done
+fi
 next_order
 for label in "${order[@]}"; do
   syscalls "$label"
@@ -358,6 +369,15 @@ row() {
     printf '| max msg/s per round | %s | %s | |\n' \
       "$(jq -r '.rates | map(floor) | join(", ")' "$out/before/rate-max.json")" \
       "$(jq -r '.rates | map(floor) | join(", ")' "$out/after/rate-max.json")"
+  fi
+  if [ -n "$common_rate" ]; then
+    row "same-load run (half of before's max): offered msg/s" p2p-common '.rates.offered_msgs_per_s'
+    row "same-load ack p50 ms" p2p-common '.latency_us.ack.p50' 1000
+    row "same-load ack p99 ms" p2p-common '.latency_us.ack.p99' 1000
+    row "same-load deliver p50 ms" p2p-common '.latency_us.deliver.p50' 1000
+    row "same-load deliver p99 ms" p2p-common '.latency_us.deliver.p99' 1000
+    row "same-load receipt p50 ms" p2p-common '.latency_us.receipt.p50' 1000
+    row "same-load receipt p99 ms" p2p-common '.latency_us.receipt.p99' 1000
   fi
   row "half-rate run: offered msg/s" p2p-half '.rates.offered_msgs_per_s'
   row "half-rate run: delivered msg/s" p2p-half '.rates.delivered_msgs_per_s'

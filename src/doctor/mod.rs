@@ -32,9 +32,9 @@ pub const FD_RESERVE: u64 = 65_536;
 /// idle cost of one server-side TCP socket measured on the reference host (≈ 3.95 KB).
 pub const KERNEL_BYTES_PER_CONNECTION_DEFAULT: u64 = 4_000;
 
-/// The server's own memory per idle connection: 1,262 B measured at 15,000
-/// connections (docs/benchmarks.md), rounded up.
-pub const SERVER_BYTES_PER_CONNECTION_DEFAULT: u64 = 1_300;
+/// The server's own memory per idle connection: 386 B measured at 15,000
+/// connections (docs/benchmarks.md), rounded up to leave room for table growth.
+pub const SERVER_BYTES_PER_CONNECTION_DEFAULT: u64 = 512;
 
 /// io_uring and provided-buffer ring memory budgeted per shard (RLIMIT_MEMLOCK).
 pub const MEMLOCK_BYTES_PER_SHARD: u64 = 64 * 1024 * 1024;
@@ -74,7 +74,7 @@ pub struct DoctorOptions {
     pub shards: u32,
     /// Kernel memory per connection, bytes (measured; default 4,000).
     pub kernel_bytes_per_connection: u64,
-    /// Server memory per connection, bytes (measured; default 1,300).
+    /// Server memory per connection, bytes (measured; default 512).
     pub server_bytes_per_connection: u64,
     /// RLIMIT_NOFILE to judge; `None` reads this process's with getrlimit.
     pub rlimit_nofile: Option<Rlimit>,

@@ -284,7 +284,7 @@ fn data_dir_check_reads_a_real_directory_and_its_missing_child() {
 fn capacity_is_bounded_by_memory_or_descriptors() {
     let host = FakeHost::new();
     let mut opts = host.options();
-    // 8 GiB / (4000 + 1300) B.
+    // 8 GiB / (4000 + 512) B.
     opts.rlimit_nofile = Some(Rlimit {
         soft: 10_000_000,
         hard: 10_000_000,
@@ -293,7 +293,7 @@ fn capacity_is_bounded_by_memory_or_descriptors() {
     host.sysctl("fs.file-max", "10000000");
     let capacity = estimate_capacity(&opts);
     assert_eq!(capacity.mem_available_bytes, Some(8 * 1024 * 1024 * 1024));
-    assert_eq!(capacity.by_memory, Some(8 * 1024 * 1024 * 1024 / 5300));
+    assert_eq!(capacity.by_memory, Some(8 * 1024 * 1024 * 1024 / 4512));
     assert_eq!(capacity.connections, capacity.by_memory);
     assert_eq!(capacity.limited_by, "memory");
     // The default soft limit of 1024 leaves nothing after the reserve.
