@@ -373,3 +373,30 @@ fn never_reading_pinger_is_paused_then_closed_at_the_idle_timeout() {
     o.send(&Frame::Ping(pb::Ping { nonce: 5 }));
     assert!(matches!(o.recv(), Some(Frame::Pong(p)) if p.nonce == 5));
 }
+
+#[test]
+fn every_socket_ring_setup_serves_sessions_and_handoffs() {
+    use switchboard::config::SocketRingSetup;
+    for setup in [
+        SocketRingSetup::DeferTaskrun,
+        SocketRingSetup::CoopTaskrun,
+        SocketRingSetup::Plain,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(dir.path(), |c| c.server.socket_ring_setup = setup);
+        let shards = server.shards();
+        let alice = RawClient::register_on_shard(server.addr, 0, shards);
+        let bob = RawClient::register_on_shard(server.addr, 1 % shards, shards);
+        let (mut a, _) = RawClient::login(server.addr, &alice);
+        for id in 1..=20 {
+            a.send(&send_frame(id, bob.user, &format!("{setup:?} {id}")));
+        }
+        let (acks, _) = a.collect_acks(20);
+        assert_eq!(acks.len(), 20, "{setup:?}");
+        assert_eq!(
+            drain_inbox(server.addr, &bob, 20),
+            (1..=20).collect::<Vec<_>>(),
+            "{setup:?}"
+        );
+    }
+}

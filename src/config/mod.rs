@@ -39,6 +39,20 @@ pub enum RegistrationPolicy {
     Closed,
 }
 
+/// The most capable io_uring setup each shard's socket ring tries; weaker
+/// ones are the fallbacks when the kernel refuses it (docs/uring.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketRingSetup {
+    /// SINGLE_ISSUER | DEFER_TASKRUN: completion work runs only when the
+    /// shard enters its ring (kernel 6.1+).
+    DeferTaskrun,
+    /// SINGLE_ISSUER | COOP_TASKRUN (kernel 5.19+).
+    CoopTaskrun,
+    /// No optional flags.
+    Plain,
+}
+
 /// When a ServerAck (✓) may be sent for an appended message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +84,8 @@ pub struct ServerConfig {
     pub registration_tokens: Vec<String>,
     /// Log filter (tracing `EnvFilter` syntax). Default `info`.
     pub log_level: String,
+    /// The socket ring's preferred setup. Default `defer_taskrun`.
+    pub socket_ring_setup: SocketRingSetup,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +99,7 @@ impl Default for ServerConfig {
             registration: RegistrationPolicy::Open,
             registration_tokens: Vec::new(),
             log_level: "info".to_string(),
+            socket_ring_setup: SocketRingSetup::DeferTaskrun,
         }
     }
 }

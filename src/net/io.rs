@@ -38,12 +38,12 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, error, warn};
 
-use crate::config::{Config, RegistrationPolicy};
+use crate::config::{Config, RegistrationPolicy, SocketRingSetup};
 use crate::ids::{DeviceId, InboxKey, UserId};
 use crate::net::conn::{self, Conn};
 use crate::net::uring::{
     CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, Notifier, SendError,
-    SendErrorKind, UringError,
+    SendErrorKind, SetupMode, UringError,
 };
 use crate::proto::{self, error_frame, pb, ErrorCode, Frame, GoAwayReason};
 use crate::route::message::Request;
@@ -266,6 +266,11 @@ impl Sockets {
 pub fn driver_config(config: &Config) -> DriverConfig {
     let limits = &config.limits;
     let mut driver = DriverConfig::production();
+    driver.ring_mode_max = match config.server.socket_ring_setup {
+        SocketRingSetup::DeferTaskrun => SetupMode::DeferTaskrun,
+        SocketRingSetup::CoopTaskrun => SetupMode::CoopTaskrun,
+        SocketRingSetup::Plain => SetupMode::Plain,
+    };
     driver.frame_bytes_max = limits.frame_bytes_max;
     driver.send_queue_bytes_max = limits
         .output_queue_bytes_max
