@@ -114,6 +114,20 @@ fn hello_and_session_frames_split_at_every_byte_are_handled_in_order() {
     );
 }
 
+/// Closes with a reset instead of a FIN (SO_LINGER 0).
+fn reset(c: RawClient) {
+    nix::sys::socket::setsockopt(
+        &c.stream,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(c);
+}
+
 #[test]
 fn reset_in_the_middle_of_a_frame_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,32 +148,14 @@ fn reset_in_the_middle_of_a_frame_loses_nothing_acknowledged() {
         c.send_bytes(&partial[..partial.len() / 2 + (round as usize % 3)])
             .unwrap();
         std::thread::sleep(Duration::from_millis(2));
-        nix::sys::socket::setsockopt(
-            &c.stream,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
-        drop(c);
+        reset(c);
     }
     // A reset in the middle of a handshake frame too.
     for cut in [1usize, 3, 4, 5, 20] {
         let mut c = RawClient::connect(server.addr);
         let bytes = hello(&alice).to_bytes();
         c.send_bytes(&bytes[..cut.min(bytes.len() - 1)]).unwrap();
-        nix::sys::socket::setsockopt(
-            &c.stream,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
-        drop(c);
+        reset(c);
     }
     assert_eq!(drain_inbox(server.addr, &bob, acked.len()), acked);
 }

@@ -353,19 +353,10 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
 
 fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
     shard.metrics_accepted_socket();
-    let limits = &shard.config.limits;
-    let over = shard.open_connections.get() >= limits.connections_per_shard_max;
-    shard.open_connections.set(shard.open_connections.get() + 1);
-    if over {
-        refuse(
-            shard,
-            id,
-            ErrorCode::ServerBusy,
-            "connection limit reached",
-            1_000,
-        );
+    if !admit(shard, id) {
         return;
     }
+    let limits = &shard.config.limits;
     shard.sockets.set(
         id,
         Slot::Handshake(Box::new(Handshake {
@@ -381,6 +372,23 @@ fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
         .deadlines
         .borrow_mut()
         .push_back((deadline, id));
+}
+
+/// Counts a new socket of the shard (its `Closed` or `Released` uncounts
+/// it); past the per-shard limit it is told SERVER_BUSY and closed.
+fn admit(shard: &Shard, id: ConnId) -> bool {
+    let over = shard.open_connections.get() >= shard.config.limits.connections_per_shard_max;
+    shard.open_connections.set(shard.open_connections.get() + 1);
+    if over {
+        refuse(
+            shard,
+            id,
+            ErrorCode::ServerBusy,
+            "connection limit reached",
+            1_000,
+        );
+    }
+    !over
 }
 
 /// Answers a socket that is not in session with a fatal Error and closes it.
@@ -658,16 +666,7 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, device: InboxKey, version: u32, buf
             return;
         }
     };
-    let over = shard.open_connections.get() >= shard.config.limits.connections_per_shard_max;
-    shard.open_connections.set(shard.open_connections.get() + 1);
-    if over {
-        refuse(
-            shard,
-            id,
-            ErrorCode::ServerBusy,
-            "connection limit reached",
-            1_000,
-        );
+    if !admit(shard, id) {
         return;
     }
     if shard.stopping.get() {
