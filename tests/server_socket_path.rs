@@ -287,8 +287,16 @@ fn graceful_stop_under_load_exits_zero_and_keeps_every_acknowledged_message() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
+    // A connection still in its handshake is told to go away as well.
+    let mut handshaking = RawClient::connect(server.addr);
+    std::thread::sleep(Duration::from_millis(100));
     let status = server.terminate();
     assert_eq!(status, Some(0), "clean exit on SIGTERM under load");
+    match handshaking.recv() {
+        Some(Frame::GoAway(g)) => assert_eq!(g.reason, GoAwayReason::ShuttingDown as i32),
+        other => panic!("expected GoAway during the handshake, got {other:?}"),
+    }
+    handshaking.expect_closed();
     let results: Vec<(Account, BTreeSet<u64>)> =
         threads.into_iter().map(|t| t.join().unwrap()).collect();
     server.launch();
