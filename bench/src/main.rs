@@ -362,7 +362,22 @@ impl Run {
     }
 
     fn idle(mut self) -> anyhow::Result<()> {
-        let baseline = sysmem::sample(self.server_pid)?;
+        // A server started just before the harness may still be mapping its
+        // log and warming caches: take the baseline once its RSS holds
+        // still (within 64 KiB over half a second, for at most 10 s), so
+        // start-up growth is not counted per connection.
+        let mut baseline = sysmem::sample(self.server_pid)?;
+        if self.server_pid.is_some() {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(500));
+                let next = sysmem::sample(self.server_pid)?;
+                let moved = next.server_rss_bytes.abs_diff(baseline.server_rss_bytes);
+                baseline = next;
+                if moved <= 64 * 1024 {
+                    break;
+                }
+            }
+        }
         let (connected, elapsed, handshakes) = self.connect_all(Subset::All)?;
         self.out["rates"]["sessions_per_s"] = json!(connected as f64 / elapsed.max(1e-9));
         self.fleet.set_phase("hold");
