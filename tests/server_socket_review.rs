@@ -14,6 +14,8 @@ use switchboard::proto::{pb, ErrorCode, Frame};
 
 /// A length prefix of 0: invalid (MALFORMED_FRAME), caught by the driver.
 const EMPTY_PREFIX: [u8; 4] = [0, 0, 0, 0];
+/// A length prefix past any `frame_bytes_max` (FRAME_TOO_LARGE).
+const HUGE_PREFIX: [u8; 4] = [0xff, 0xff, 0xff, 0xff];
 
 fn ping(nonce: u64) -> Vec<u8> {
     Frame::Ping(pb::Ping { nonce }).to_bytes().to_vec()
@@ -95,11 +97,16 @@ fn frames_after_hello_are_handled_before_a_bad_prefix_that_arrives_during_the_lo
     // logins is a local session and one a handoff.
     for shard in 0..shards {
         let account = RawClient::register_on_shard(server.addr, shard, shards);
-        for _ in 0..4 {
+        for attempt in 0..4 {
+            let (prefix, code) = if attempt % 2 == 0 {
+                (EMPTY_PREFIX, ErrorCode::MalformedFrame)
+            } else {
+                (HUGE_PREFIX, ErrorCode::FrameTooLarge)
+            };
             let mut c = RawClient::connect(server.addr);
             let mut bytes = hello(&account).to_bytes().to_vec();
             bytes.extend(ping(21));
-            bytes.extend(EMPTY_PREFIX);
+            bytes.extend(prefix);
             // The Hello starts the credential lookup; the Ping and the bad
             // prefix arrive while it runs.
             c.send_bytes(&bytes).unwrap();
@@ -109,11 +116,7 @@ fn frames_after_hello_are_handled_before_a_bad_prefix_that_arrives_during_the_lo
                 "a good Hello was refused because of a later frame: {frames:?}"
             );
             assert_eq!(pong_nonces(&frames), vec![21], "{frames:?}");
-            assert_eq!(
-                last_error_code(&frames),
-                Some(ErrorCode::MalformedFrame as i32),
-                "{frames:?}"
-            );
+            assert_eq!(last_error_code(&frames), Some(code as i32), "{frames:?}");
         }
     }
 }
