@@ -323,18 +323,7 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
     match event {
         Event::Accepted { conn, peer } => accepted(shard, conn, peer.ip()),
         Event::Data { conn, frames } => data(shard, conn, frames),
-        Event::BadFrame { conn, length } => {
-            let code = if length == 0 {
-                ErrorCode::MalformedFrame
-            } else {
-                ErrorCode::FrameTooLarge
-            };
-            if let Some(session) = shard.sockets.session(conn) {
-                session.fatal(code, "bad frame");
-            } else if shard.sockets.with_handshake(conn, |_| ()).is_some() {
-                refuse(shard, conn, code, "bad frame during handshake", 0);
-            }
-        }
+        Event::BadFrame { conn, length } => bad_frame(shard, conn, length),
         Event::Writable { conn } => {
             if let Some(session) = shard.sockets.session(conn) {
                 session.wake();
@@ -348,6 +337,33 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
             shard.connection_closed();
         }
         Event::Released { conn, fd, buffered } => released(shard, conn, fd, buffered),
+    }
+}
+
+/// The driver met a bad length prefix after the frames it delivered. Frames
+/// still set aside (a backpressured session, a handshake waiting on its
+/// account lookup) come first: the prefix goes behind them and framing
+/// refuses it in its turn, with the same code (MALFORMED_FRAME for a length
+/// of 0, FRAME_TOO_LARGE past `frame_bytes_max`).
+fn bad_frame(shard: &Rc<Shard>, id: ConnId, length: u32) {
+    let prefix = length.to_be_bytes();
+    if let Some(conn) = shard.sockets.session(id) {
+        if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id()) {
+            stalled.input.extend_from_slice(&prefix);
+            return;
+        }
+        let code = if length == 0 {
+            ErrorCode::MalformedFrame
+        } else {
+            ErrorCode::FrameTooLarge
+        };
+        return conn.fatal(code, "bad frame");
+    }
+    let handshaking = shard
+        .sockets
+        .with_handshake(id, |hs| hs.input.extend_from_slice(&prefix));
+    if handshaking.is_some() {
+        handshake_step(shard, id);
     }
 }
 
@@ -366,7 +382,10 @@ fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
             input: BytesMut::new(),
         })),
     );
-    let deadline = shard.sockets.now_ms() + limits.handshake_timeout_ms;
+    let deadline = shard
+        .sockets
+        .now_ms()
+        .wrapping_add(limits.handshake_timeout_ms);
     shard
         .sockets
         .deadlines
