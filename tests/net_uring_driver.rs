@@ -845,3 +845,42 @@ fn closed_comes_before_an_accept_that_reuses_its_slot() {
         assert!(closed_at < accepted_at, "events out of order: {events:?}");
     });
 }
+
+#[test]
+fn half_close_reports_input_closed_and_the_socket_still_takes_output() {
+    executor().run(async {
+        let mut config = DriverConfig::for_tests();
+        config.half_close = true;
+        let mut driver = Driver::new(config).expect("driver");
+        let (fd, addr) = listener();
+        driver.listen(fd).expect("listen");
+        let mut client = TcpStream::connect(addr).expect("connect");
+        client.write_all(&frame(b"last words")).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut seen = Vec::new();
+        run_until(&mut driver, Duration::from_secs(5), |driver, event| {
+            match event {
+                Some(Event::InputClosed { conn }) => {
+                    // Answer after the FIN, then close: the peer reads both.
+                    driver
+                        .send(conn, Bytes::from(frame(b"answer")))
+                        .expect("send after the FIN");
+                    driver.close(conn, CloseMode::Flush).expect("close");
+                    seen.push("input closed");
+                }
+                Some(Event::Data { .. }) => seen.push("data"),
+                Some(Event::Closed { reason, .. }) => {
+                    assert_eq!(reason, CloseReason::Local);
+                    seen.push("closed");
+                }
+                _ => {}
+            }
+            seen.last() == Some(&"closed")
+        })
+        .await;
+        assert_eq!(seen, vec!["data", "input closed", "closed"]);
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, frame(b"answer"));
+    });
+}

@@ -1,8 +1,9 @@
 //! Edge orderings of the socket loop over real sockets: a bad length prefix
-//! that arrives behind frames the loop has set aside (a backpressured
-//! session, a handshake waiting on its account lookup) must not overtake
-//! them. The driver reports the frames before a bad prefix first; the loop
-//! handles them in order before it answers the bad prefix.
+//! or the peer's FIN that arrives behind frames the loop has set aside (a
+//! backpressured session, a handshake waiting on its account lookup) must
+//! not overtake them. The driver reports the frames before a bad prefix or
+//! a FIN first; the loop handles and answers them in order, then ends the
+//! connection.
 
 mod common;
 
@@ -119,4 +120,113 @@ fn frames_after_hello_are_handled_before_a_bad_prefix_that_arrives_during_the_lo
             assert_eq!(last_error_code(&frames), Some(code as i32), "{frames:?}");
         }
     }
+}
+
+/// Writes `bytes`, then half-closes (the peer's FIN follows the frames).
+fn send_and_half_close(c: &mut RawClient, bytes: &[u8]) {
+    c.send_bytes(bytes).unwrap();
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+}
+
+fn acked_ids(frames: &[Frame]) -> Vec<u64> {
+    let mut ids: Vec<u64> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::ServerAck(a) => Some(a.client_message_id),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn send_bytes_of(id: u64, to: u64) -> Vec<u8> {
+    Frame::Send(pb::Send {
+        client_message_id: id,
+        recipient_user_id: to,
+        payload: Bytes::from(format!("half-closed {id}")),
+        device_payloads: vec![],
+    })
+    .to_bytes()
+    .to_vec()
+}
+
+/// Logs `to` in and reads `n` messages, acknowledging each (the delivery
+/// window is small in tests); their client ids in delivery order.
+fn delivered_ids(addr: std::net::SocketAddr, to: &common::Account, n: usize) -> Vec<u64> {
+    let (mut c, _) = RawClient::login(addr, to);
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let d = c.collect_delivers(1).remove(0);
+        ids.push(d.client_message_id);
+        c.ack(d.sequence);
+    }
+    ids
+}
+
+#[test]
+fn frames_pipelined_after_hello_then_a_half_close_are_stored_and_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let shards = server.shards();
+    let bob = RawClient::register(server.addr);
+    // One sender homed on each shard: the FIN may reach a handshake on the
+    // accepting shard or, after the handoff, the home shard.
+    for home in 0..shards {
+        let sender = RawClient::register_on_shard(server.addr, home, shards);
+        let ids: Vec<u64> = (1..=3).map(|i| home as u64 * 10 + i).collect();
+        let mut bytes = hello(&sender).to_bytes().to_vec();
+        for &id in &ids {
+            bytes.extend_from_slice(&send_bytes_of(id, bob.user));
+        }
+        bytes.extend_from_slice(&ping(77));
+        let mut c = RawClient::connect(server.addr);
+        send_and_half_close(&mut c, &bytes);
+        let frames = read_to_close(&mut c);
+        assert!(
+            matches!(frames.first(), Some(Frame::Welcome(_))),
+            "{frames:?}"
+        );
+        assert_eq!(acked_ids(&frames), ids, "every Send answered: {frames:?}");
+        assert_eq!(pong_nonces(&frames), vec![77]);
+    }
+    let mut got = delivered_ids(server.addr, &bob, 3 * shards as usize);
+    got.sort_unstable();
+    let mut want: Vec<u64> = (0..shards as u64)
+        .flat_map(|h| (1..=3).map(move |i| h * 10 + i))
+        .collect();
+    want.sort_unstable();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_backpressured_session_that_half_closes_still_stores_every_send() {
+    let dir = tempfile::tempdir().unwrap();
+    // One unanswered Send at a time: the rest wait, set aside, behind it.
+    let server = Server::start(dir.path(), |c| c.limits.sends_in_flight_max = 1);
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    let mut bytes = Vec::new();
+    for id in 1..=5 {
+        bytes.extend_from_slice(&send_bytes_of(id, bob.user));
+    }
+    send_and_half_close(&mut a, &bytes);
+    let frames = read_to_close(&mut a);
+    assert_eq!(acked_ids(&frames), vec![1, 2, 3, 4, 5], "{frames:?}");
+    assert_eq!(delivered_ids(server.addr, &bob, 5), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn a_silent_half_closed_handshake_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let mut c = RawClient::connect(server.addr);
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let started = std::time::Instant::now();
+    assert!(read_to_close(&mut c).is_empty());
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "closed at once, not at the handshake timeout"
+    );
 }

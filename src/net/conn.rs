@@ -70,6 +70,8 @@ pub enum CloseReason {
     Replaced,
     /// The server is stopping; GoAway(SHUTTING_DOWN) was queued.
     Shutdown,
+    /// The peer half-closed and everything it sent was answered.
+    InputClosed,
 }
 
 /// What a connection holds only while it has output queued or deliveries
@@ -96,6 +98,8 @@ pub struct ConnState {
     /// The socket refused more output (its send queue is at its bound):
     /// `out` waits and the peer is not read until the socket drains.
     pub socket_full: bool,
+    /// The peer sent its FIN: nothing more will be read.
+    pub input_closed: bool,
 }
 
 impl ConnState {

@@ -73,6 +73,9 @@ struct Handshake {
     registered: bool,
     /// An account lookup is running; reading is paused until it ends.
     busy: bool,
+    /// The peer half-closed: once its frames are handled, the socket is
+    /// closed.
+    input_closed: bool,
     /// Frames received and not yet handled.
     input: BytesMut,
 }
@@ -272,6 +275,9 @@ pub fn driver_config(config: &Config) -> DriverConfig {
         SocketRingSetup::Plain => SetupMode::Plain,
     };
     driver.frame_bytes_max = limits.frame_bytes_max;
+    // A client may pipeline frames and half-close: they are still handled
+    // and answered.
+    driver.half_close = true;
     driver.send_queue_bytes_max = limits
         .output_queue_bytes_max
         .max(limits.frame_bytes_max.saturating_add(4));
@@ -324,6 +330,7 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
         Event::Accepted { conn, peer } => accepted(shard, conn, peer.ip()),
         Event::Data { conn, frames } => data(shard, conn, frames),
         Event::BadFrame { conn, length } => bad_frame(shard, conn, length),
+        Event::InputClosed { conn } => input_closed(shard, conn),
         Event::Writable { conn } => {
             if let Some(session) = shard.sockets.session(conn) {
                 session.wake();
@@ -379,6 +386,7 @@ fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
             peer,
             registered: false,
             busy: false,
+            input_closed: false,
             input: BytesMut::new(),
         })),
     );
@@ -442,8 +450,12 @@ fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
 
 /// What the next handshake frame asks for.
 enum HandshakeStep {
-    Register { version: u32 },
+    Register {
+        version: u32,
+    },
     Hello(pb::Hello),
+    /// The peer half-closed and every frame it sent is handled.
+    Done,
 }
 
 /// Handles buffered handshake frames until one needs an account lookup,
@@ -460,6 +472,7 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
             hs.input = BytesMut::new();
         }
         match frame {
+            None if hs.input_closed => Ok(Some(HandshakeStep::Done)),
             None => Ok(None),
             Some(Frame::Register(register)) => {
                 if hs.registered {
@@ -495,6 +508,10 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
     match next {
         None | Some(Ok(None)) => {}
         Some(Err((code, message, retry))) => refuse(shard, id, code, message, retry),
+        Some(Ok(Some(HandshakeStep::Done))) => {
+            shard.sockets.set(id, Slot::Closing);
+            shard.sockets.close(id);
+        }
         Some(Ok(Some(step))) => {
             shard.sockets.pause(id);
             let task = match step {
@@ -504,6 +521,7 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
                 HandshakeStep::Hello(hello) => {
                     glommio::spawn_local(verify(shard.clone(), id, hello))
                 }
+                HandshakeStep::Done => unreachable!("matched above"),
             };
             task.detach();
         }
@@ -631,7 +649,13 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
         if !input.is_empty() {
             session_input(shard, &conn, input.freeze());
         }
+        if hs.input_closed {
+            conn.state.borrow_mut().input_closed = true;
+            finish_if_answered(shard, &conn);
+        }
     } else {
+        // A half-close travels with the socket: the home shard reads the
+        // FIN again.
         shard.sockets.set(
             id,
             Slot::Releasing(Box::new(Releasing {
@@ -705,6 +729,36 @@ fn go_away_raw(shard: &Shard, id: ConnId) {
     });
     shard.sockets.send_raw(id, frame.to_bytes());
     shard.sockets.close(id);
+}
+
+/// The peer half-closed: what it sent is handled and answered, then the
+/// socket is closed.
+fn input_closed(shard: &Rc<Shard>, id: ConnId) {
+    if let Some(conn) = shard.sockets.session(id) {
+        conn.state.borrow_mut().input_closed = true;
+        finish_if_answered(shard, &conn);
+        return;
+    }
+    let handshaking = shard
+        .sockets
+        .with_handshake(id, |hs| hs.input_closed = true);
+    if handshaking.is_some() {
+        handshake_step(shard, id);
+    }
+}
+
+/// Ends a half-closed session once its frames are handled and its Sends
+/// answered (their ServerAcks are queued before the close).
+fn finish_if_answered(shard: &Shard, conn: &Conn) {
+    if shard.sockets.stalled.borrow().contains_key(&conn.id()) {
+        return;
+    }
+    let mut state = conn.state.borrow_mut();
+    if state.input_closed && state.close.is_none() && state.sends_in_flight == 0 {
+        state.close = Some(crate::net::conn::CloseReason::InputClosed);
+        drop(state);
+        conn.wake();
+    }
 }
 
 /// Frames of a session arrived.
@@ -809,6 +863,7 @@ fn flush(shard: &Rc<Shard>, socket: ConnId) {
     conn.clear_woken();
     write_out(shard, &conn);
     unstall(shard, &conn);
+    finish_if_answered(shard, &conn);
     // A peer that stopped reading cannot hold a closing session: once the
     // socket refuses output, the close begins with what the driver holds
     // (it flushes within the linger deadline).

@@ -89,6 +89,11 @@ pub struct DriverConfig {
     /// How long `close(Flush)` may take: sending what is queued, then
     /// waiting half-closed for the peer's FIN. Then the socket is closed.
     pub linger: Duration,
+    /// What the peer's FIN does to an open connection: `false` closes it
+    /// (`Closed { PeerClosed }`); `true` reports [`Event::InputClosed`] and
+    /// keeps the socket open for output until `close` (a half-close: the
+    /// peer may still read the answers to what it sent).
+    pub half_close: bool,
 }
 
 impl DriverConfig {
@@ -110,6 +115,7 @@ impl DriverConfig {
             completions_per_turn_max: 4096,
             accept_retry: Duration::from_millis(50),
             linger: Duration::from_millis(200),
+            half_close: false,
         }
     }
 
@@ -130,6 +136,7 @@ impl DriverConfig {
             completions_per_turn_max: 256,
             accept_retry: Duration::from_millis(20),
             linger: Duration::from_millis(100),
+            half_close: false,
         }
     }
 
@@ -216,6 +223,10 @@ pub enum Event {
     BadFrame { conn: ConnId, length: u32 },
     /// The send queue, refused before, drained to half its bound.
     Writable { conn: ConnId },
+    /// With `half_close`: the peer sent its FIN after the frames already
+    /// reported. Nothing more is read; the socket takes output until
+    /// `close`.
+    InputClosed { conn: ConnId },
     /// The socket is closed and `conn` is gone.
     Closed { conn: ConnId, reason: CloseReason },
     /// `release` finished: the socket, no longer touched by this ring, and
@@ -277,6 +288,8 @@ struct Conn {
     linger_armed: bool,
     paused: bool,
     bad_frame: bool,
+    /// The peer's FIN arrived (`half_close`); no recv is armed again.
+    input_closed: bool,
     dirty: bool,
     backpressured: bool,
     /// Operations in flight that name this record.
@@ -802,7 +815,7 @@ impl Driver {
             return Ok(());
         };
         let wanted = match record.state {
-            State::Open => !record.paused && !record.bad_frame,
+            State::Open => !record.paused && !record.bad_frame && !record.input_closed,
             State::Flushing | State::Lingering => true,
             State::Closing | State::Releasing => false,
         };
@@ -948,8 +961,16 @@ impl Driver {
             }
             self.ring.recycle(bid);
         } else if completion.result == 0 {
-            if record.state != State::Releasing {
-                close = Some(CloseReason::PeerClosed);
+            match record.state {
+                State::Open if self.config.half_close => {
+                    if !record.input_closed {
+                        record.input_closed = true;
+                        out.push(Event::InputClosed { conn });
+                    }
+                }
+                // The handoff's new owner reads the FIN itself.
+                State::Releasing => {}
+                _ => close = Some(CloseReason::PeerClosed),
             }
         } else {
             if let Some(bid) = completion.buffer {
@@ -1141,6 +1162,7 @@ fn new_conn(fd: OwnedFd) -> Conn {
         linger_armed: false,
         paused: false,
         bad_frame: false,
+        input_closed: false,
         dirty: false,
         backpressured: false,
         ops: 0,
