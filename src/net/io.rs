@@ -703,11 +703,13 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, device: InboxKey, version: u32, buf
     let adopted = shard.sockets.driver.borrow_mut().adopt(fd, buffered);
     let id = match adopted {
         Ok(id) => id,
-        Err(err) => {
-            // The descriptor was closed by the failed adopt.
-            warn!(shard = %shard.id, %err, "handed-off socket not adopted");
+        // The table is full: the descriptor was closed by the failed adopt.
+        Err(UringError::Full) => {
+            warn!(shard = %shard.id, "handed-off socket not adopted: connection table full");
             return;
         }
+        // The ring refused the socket's receive: the ring itself failed.
+        Err(err) => ring_failed(err),
     };
     if !admit(shard, id) {
         return;
