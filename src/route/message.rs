@@ -1,8 +1,8 @@
 //! Messages between shards.
 //!
 //! Two meshes of bounded channels connect every pair of shards: `Request`s,
-//! sent by connection tasks (which may wait on a full channel: that is the
-//! backpressure that stops a connection's reads), and `Reply`s, sent by a
+//! sent by the socket loop (a full channel sets the session's later frames
+//! aside and stops reading it: that is the backpressure), and `Reply`s, sent by a
 //! shard's request handler and commit task. A reply handler only writes into
 //! local connection queues and never sends on a channel, so replies always
 //! drain and the two meshes cannot deadlock each other.

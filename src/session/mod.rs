@@ -2,7 +2,8 @@
 //!
 //! The delivery window, the handshake checks, the validation of client
 //! frames and the failed-login throttle are plain values driven by the
-//! connection task in `net` (on the shard thread that owns the connection).
+//! shard's socket loop in `net::io` (on the shard thread that owns the
+//! connection).
 //! They take the time as an argument, so tests drive them deterministically.
 
 pub mod throttle;
