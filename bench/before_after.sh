@@ -64,6 +64,16 @@ before=$(readlink -f "$before")
 after=$(readlink -f "$after")
 cd "$(dirname "$0")/.."
 
+# Syscalls are counted with perf's syscall tracepoints when perf can read
+# them (no slowdown of the server), else with strace -c.
+perf_events="raw_syscalls:sys_enter"
+for name in io_uring_enter sendto recvfrom sendmsg recvmsg read write epoll_wait futex membarrier; do
+  perf_events="$perf_events,syscalls:sys_enter_$name"
+done
+syscall_tool=strace
+if command -v perf >/dev/null 2>&1 && perf stat -x, -e "$perf_events" -- true >/dev/null 2>&1; then
+  syscall_tool=perf
+fi
 for tool in strace jq; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "installing $tool (apt)"
@@ -206,7 +216,7 @@ server_sockets() {
 syscalls() {
   local label=$1
   local dir="$out/$label"
-  echo "== $label: syscalls at $strace_rate msg/s for $strace_duration s (strace)"
+  echo "== $label: syscalls at $strace_rate msg/s for $strace_duration s ($syscall_tool)"
   echo "$label strace: load average $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%T)" >>"$out/steps.log"
   start_server "$label"
   "${harness[@]}" p2p --target "$listen" --server-pid "$server_pid" -n "$connections" \
@@ -223,8 +233,16 @@ syscalls() {
   if [ "$connected" -lt "$connections" ]; then
     echo "   $label: only $connected of $connections sessions connected; syscalls not counted" >&2
   else
-    # -f with -p attaches every thread of the server (and any it starts).
-    timeout -s INT 300 strace -f -c -o "$dir/strace.txt" -p "$server_pid" 2>"$dir/strace.log" &
+    if [ "$syscall_tool" = perf ]; then
+      # Kernel tracepoints, counted in the kernel: the server runs at full
+      # speed (strace stops it at every syscall, which changes how much
+      # each io_uring_enter carries).
+      timeout -s INT 300 perf stat -x, -o "$dir/perf-syscalls.txt" -p "$server_pid" \
+        -e "$perf_events" 2>"$dir/strace.log" &
+    else
+      # -f with -p attaches every thread of the server (and any it starts).
+      timeout -s INT 300 strace -f -c -o "$dir/strace.txt" -p "$server_pid" 2>"$dir/strace.log" &
+    fi
     strace_pid=$!
     # Detach as soon as the harness starts closing its sessions (after the
     # last receipt), so the teardown is not charged to the messages either.
@@ -247,12 +265,25 @@ syscalls() {
   stop_server
   local delivered
   delivered=$(json "$label" strace-p2p '.messages.delivered')
-  if [ ! -s "$dir/strace.txt" ] || [ -z "$delivered" ] || [ "$delivered" -eq 0 ]; then
+  if [ -z "$delivered" ] || [ "$delivered" -eq 0 ]; then
     return 0
   fi
-  # The summary's rows: "% time seconds usecs/call calls [errors] syscall".
-  awk '/^-/ { table = !table; next } table && $NF != "total" && $NF != "syscall" { print $NF, $4 }' \
-    "$dir/strace.txt" |
+  if [ "$syscall_tool" = perf ]; then
+    [ -s "$dir/perf-syscalls.txt" ] || return 0
+    # CSV rows: "count,,event,..."; every syscall is raw_syscalls:sys_enter,
+    # the named ones are listed too and the rest is "other".
+    awk -F, '$3 ~ /^(raw_)?syscalls:/ {
+        name = $3; sub(/^syscalls:sys_enter_/, "", name)
+        count = ($1 ~ /^[0-9]+$/) ? $1 : 0
+        if (name == "raw_syscalls:sys_enter") total = count; else { named += count; print name, count }
+      }
+      END { if (total > named) print "other", total - named }' "$dir/perf-syscalls.txt"
+  else
+    [ -s "$dir/strace.txt" ] || return 0
+    # The summary's rows: "% time seconds usecs/call calls [errors] syscall".
+    awk '/^-/ { table = !table; next } table && $NF != "total" && $NF != "syscall" { print $NF, $4 }' \
+      "$dir/strace.txt"
+  fi |
     jq -R -n --argjson delivered "$delivered" '
       [inputs | split(" ") | {key: .[0], value: (.[1] | tonumber)}] | from_entries as $calls
       | {delivered: $delivered, calls: $calls,
@@ -387,8 +418,8 @@ row() {
   row "half-rate deliver p99 ms" p2p-half '.latency_us.deliver.p99' 1000
   row "half-rate receipt p50 ms" p2p-half '.latency_us.receipt.p50' 1000
   row "half-rate receipt p99 ms" p2p-half '.latency_us.receipt.p99' 1000
-  row "strace run: messages delivered" syscalls '.delivered'
-  row "strace run: deliver p99 ms (slowed by strace)" strace-p2p '.latency_us.deliver.p99' 1000
+  row "syscall run ($syscall_tool): messages delivered" syscalls '.delivered'
+  row "syscall run: deliver p99 ms" strace-p2p '.latency_us.deliver.p99' 1000
   row "syscalls per delivered msg, all" syscalls '.total_per_message'
   # Every syscall either binary made at least 0.01 times per message.
   names=$(cat "$out"/*/syscalls.json 2>/dev/null |
@@ -397,10 +428,13 @@ row() {
     row "  $name per msg" syscalls ".per_message[\"$name\"] // 0"
   done
   echo
-  echo "Syscalls are counted by strace from the moment all $connections sessions are up until"
-  echo "the harness starts closing them; \`close\` (and a few reads) are sessions torn down"
-  echo "before strace let go, at most one per connection. strace slows the server, which may"
-  echo "batch more per syscall than it would untraced."
+  echo "Syscalls are counted with $syscall_tool from the moment all $connections sessions are up"
+  echo "until the harness starts closing them; a few teardown calls may be counted (at most"
+  echo "one \`close\` per connection)."
+  if [ "$syscall_tool" = strace ]; then
+    echo "strace stops the server at every syscall, which changes how much each io_uring_enter"
+    echo "carries: install perf (syscall tracepoints) for counts of an undisturbed server."
+  fi
 } | tee "$out/table.md"
 echo
 echo "results: $out/{before,after}/*.json, the table in $out/table.md"
