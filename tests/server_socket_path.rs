@@ -404,3 +404,133 @@ fn every_socket_ring_setup_serves_sessions_and_handoffs() {
         );
     }
 }
+
+#[test]
+fn random_splits_resets_and_garbage_leave_no_session_behind() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("SWITCHBOARD_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (SWITCHBOARD_FUZZ_SEED to repeat)");
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let shards = server.shards();
+    let bob = RawClient::register(server.addr);
+    let addr = server.addr;
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            // Each thread its own devices (one homed on each shard): two
+            // threads sharing one would replace each other's sessions.
+            let senders: Vec<Account> = (0..shards)
+                .map(|s| RawClient::register_on_shard(addr, s, shards))
+                .collect();
+            let to = bob.user;
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (t << 32));
+                let mut acked = Vec::new();
+                for round in 0..30u64 {
+                    let sender = &senders[rng.gen_range(0..senders.len())];
+                    let mut bytes = hello(sender).to_bytes().to_vec();
+                    let sends = rng.gen_range(0..6u64);
+                    let base = (t << 40) | (round << 8);
+                    for i in 0..sends {
+                        bytes.extend_from_slice(
+                            &send_frame(base + i, to, &"x".repeat(rng.gen_range(1..300)))
+                                .to_bytes(),
+                        );
+                    }
+                    let mut c = RawClient::connect(addr);
+                    // Random chunks with short pauses between some of them.
+                    let mut at = 0;
+                    while at < bytes.len() {
+                        let n = rng.gen_range(1..=(bytes.len() - at).min(64));
+                        if c.send_bytes(&bytes[at..at + n]).is_err() {
+                            break;
+                        }
+                        at += n;
+                        if rng.gen_bool(0.1) {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                    match rng.gen_range(0..4) {
+                        // Read every answer, then close cleanly.
+                        0 | 1 => {
+                            let mut got = 0;
+                            while got < sends {
+                                match c.recv() {
+                                    Some(Frame::ServerAck(a)) => {
+                                        acked.push(a.client_message_id);
+                                        got += 1;
+                                    }
+                                    Some(Frame::Welcome(_)) => {}
+                                    // This device's previous connection, reset
+                                    // just now on the other shard, finished its
+                                    // handshake late and was taken as the newer
+                                    // one: the race the protocol resolves with
+                                    // REPLACED (docs/protocol.md, 4.9).
+                                    Some(Frame::GoAway(g))
+                                        if g.reason == GoAwayReason::Replaced as i32 =>
+                                    {
+                                        break
+                                    }
+                                    other => panic!("seed {seed}: unexpected {other:?}"),
+                                }
+                            }
+                        }
+                        // Garbage after the frames: the session ends with an error.
+                        2 => {
+                            let junk: Vec<u8> =
+                                (0..rng.gen_range(5..40)).map(|_| rng.gen()).collect();
+                            let _ = c.send_bytes(&junk);
+                            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                            while c.recv_timeout(Duration::from_secs(10)).is_some() {}
+                        }
+                        // A reset without reading anything.
+                        _ => reset(c),
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    let mut acked: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("client thread"))
+        .collect();
+    // Every acknowledged message is in Bob's inbox (others may be too).
+    acked.sort_unstable();
+    let (mut b, _) = RawClient::login(server.addr, &bob);
+    let mut delivered = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !acked.iter().all(|id| delivered.contains(id)) {
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: acknowledged messages missing"
+        );
+        let d = b.collect_delivers(1).remove(0);
+        delivered.insert(d.client_message_id);
+        b.ack(d.sequence);
+    }
+    drop(b);
+    // No session or socket is left behind, and no completion was stale.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, metrics) = common::admin_get(server.admin, "/metrics");
+        let sessions = common::metric_sum(&metrics, "switchboard_connections", "");
+        let stale = common::metric_sum(
+            &metrics,
+            "switchboard_socket_ring_stale_completions_total",
+            "",
+        );
+        assert_eq!(stale, 0.0, "seed {seed}");
+        if sessions == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: {sessions} sessions left"
+        );
+    }
+}

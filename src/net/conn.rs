@@ -30,6 +30,16 @@ thread_local! {
     static WOKEN: RefCell<Option<(Notifier, Vec<ConnId>)>> = const { RefCell::new(None) };
 }
 
+/// Nanoseconds on a clock shared by every shard of the process (monotonic),
+/// to order the connections of one device.
+pub fn connected_now() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
 /// Binds this thread's frame counters to its shard's metrics.
 pub fn set_thread_metrics(metrics: Arc<ShardMetrics>) {
     SHARD_METRICS.with(|m| *m.borrow_mut() = Some(metrics));
@@ -173,6 +183,9 @@ impl ConnState {
 
 pub struct Conn {
     pub device: InboxKey,
+    /// When its socket was accepted (`connected_now`): of two sessions of
+    /// one device, the one connected later wins.
+    pub connected_at: u64,
     /// The socket in the shard's driver; also the session's name in
     /// `ConnRef` (the driver's generation tells a reused slot apart).
     pub socket: ConnId,
@@ -182,9 +195,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(device: InboxKey, socket: ConnId, now_s: u32) -> Conn {
+    pub fn new(device: InboxKey, socket: ConnId, connected_at: u64, now_s: u32) -> Conn {
         Conn {
             device,
+            connected_at,
             socket,
             state: RefCell::new(ConnState {
                 last_activity_s: now_s,

@@ -67,6 +67,8 @@ enum Slot {
 
 struct Handshake {
     peer: IpAddr,
+    /// When the socket was accepted (`conn::connected_now`).
+    connected_at: u64,
     /// One Register per connection: account creation writes to the
     /// metadata database, so a connection may not become a registration
     /// loop.
@@ -83,6 +85,7 @@ struct Handshake {
 struct Releasing {
     device: InboxKey,
     version: u32,
+    connected_at: u64,
     /// Frames the client pipelined after its Hello; the home shard handles
     /// them.
     input: BytesMut,
@@ -384,6 +387,7 @@ fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
         id,
         Slot::Handshake(Box::new(Handshake {
             peer,
+            connected_at: conn::connected_now(),
             registered: false,
             busy: false,
             input_closed: false,
@@ -642,7 +646,7 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
     };
     let input = hs.input;
     if shard.home_of(device.user) == shard.id {
-        let conn = shard.open_session(device, version, id);
+        let conn = shard.open_session(device, version, id, hs.connected_at);
         shard.metrics_session_opened();
         shard.sockets.set_session(id, conn.clone());
         shard.sockets.resume(id);
@@ -661,6 +665,7 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
             Slot::Releasing(Box::new(Releasing {
                 device,
                 version,
+                connected_at: hs.connected_at,
                 input,
             })),
         );
@@ -682,6 +687,7 @@ fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
     let Releasing {
         device,
         version,
+        connected_at,
         mut input,
     } = *releasing;
     input.extend_from_slice(&buffered);
@@ -691,6 +697,7 @@ fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
         device,
         version,
         buffered: input.freeze(),
+        connected_at,
     };
     let outbound = Outbound::One(shard.home_of(device.user), request);
     if let Some(wait) = shard.forward(outbound) {
@@ -699,7 +706,14 @@ fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
 }
 
 /// Takes over a socket handed off by another shard, with the bytes it read.
-pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, device: InboxKey, version: u32, buffered: Bytes) {
+pub fn adopt(
+    shard: &Rc<Shard>,
+    fd: OwnedFd,
+    device: InboxKey,
+    version: u32,
+    buffered: Bytes,
+    connected_at: u64,
+) {
     let adopted = shard.sockets.driver.borrow_mut().adopt(fd, buffered);
     let id = match adopted {
         Ok(id) => id,
@@ -718,7 +732,7 @@ pub fn adopt(shard: &Rc<Shard>, fd: OwnedFd, device: InboxKey, version: u32, buf
         go_away_raw(shard, id);
         return;
     }
-    let conn = shard.open_session(device, version, id);
+    let conn = shard.open_session(device, version, id, connected_at);
     shard.metrics_session_opened();
     shard.sockets.set_session(id, conn);
 }

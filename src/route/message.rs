@@ -51,6 +51,8 @@ pub enum Request {
         /// The protocol version the handshake settled on.
         version: u32,
         buffered: Bytes,
+        /// When the socket was accepted (`net::conn::connected_now`).
+        connected_at: u64,
     },
 }
 

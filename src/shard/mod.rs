@@ -153,19 +153,46 @@ impl Shard {
     // ---- sessions -------------------------------------------------------
 
     /// Opens the session of an authenticated device homed here, on driver
-    /// socket `socket`; returns its connection.
+    /// socket `socket` accepted at `connected_at`; returns its connection.
+    ///
+    /// A device has one session: a session connected later replaces an
+    /// earlier one (GoAway REPLACED to the earlier). A connection that
+    /// finishes its handshake after a later one of the same device (its
+    /// Hello's lookup or handoff was slower, typically a connection the
+    /// client has already given up) does not take over: it is the one told
+    /// REPLACED, and the live session stays.
     pub fn open_session(
         &self,
         device: InboxKey,
         protocol_version: u32,
         socket: crate::net::uring::ConnId,
+        connected_at: u64,
     ) -> Rc<Conn> {
         assert_eq!(
             self.home_of(device.user),
             self.id,
             "sessions run on the home shard"
         );
-        let conn = Rc::new(Conn::new(device, socket, self.now_s()));
+        let conn = Rc::new(Conn::new(device, socket, connected_at, self.now_s()));
+        let replaced = |conn: &Conn| {
+            conn.close_with(
+                &Frame::GoAway(pb::GoAway {
+                    reason: GoAwayReason::Replaced as i32,
+                    reconnect_after_ms: 0,
+                }),
+                CloseReason::Replaced,
+            )
+        };
+        let newer = self
+            .devices
+            .borrow()
+            .get(&device)
+            .is_some_and(|live| live.connected_at > connected_at && !live.is_closing());
+        if newer {
+            debug!(%device, "a later connection of this device is live; this one is replaced");
+            replaced(&conn);
+            return conn;
+        }
         let limits = &self.config.limits;
         conn.enqueue(&Frame::Welcome(pb::Welcome {
             protocol_version,
@@ -178,13 +205,7 @@ impl Shard {
         let previous = self.devices.borrow_mut().insert(device, conn.clone());
         if let Some(previous) = previous {
             debug!(%device, "session replaced by a newer connection");
-            previous.close_with(
-                &Frame::GoAway(pb::GoAway {
-                    reason: GoAwayReason::Replaced as i32,
-                    reconnect_after_ms: 0,
-                }),
-                CloseReason::Replaced,
-            );
+            replaced(&previous);
         }
         self.pump(&conn);
         conn
@@ -546,9 +567,10 @@ impl Shard {
                 device,
                 version,
                 buffered,
+                connected_at,
             } => {
                 self.metrics.handoffs_in.inc();
-                crate::net::io::adopt(self, fd, device, version, buffered);
+                crate::net::io::adopt(self, fd, device, version, buffered, connected_at);
             }
         }
     }
