@@ -68,7 +68,7 @@ enum Slot {
 struct Handshake {
     peer: IpAddr,
     /// When the socket was accepted (`conn::connected_now`).
-    connected_at: u64,
+    connected_at: u32,
     /// One Register per connection: account creation writes to the
     /// metadata database, so a connection may not become a registration
     /// loop.
@@ -85,7 +85,7 @@ struct Handshake {
 struct Releasing {
     device: InboxKey,
     version: u32,
-    connected_at: u64,
+    connected_at: u32,
     /// Frames the client pipelined after its Hello; the home shard handles
     /// them.
     input: BytesMut,
@@ -712,7 +712,7 @@ pub fn adopt(
     device: InboxKey,
     version: u32,
     buffered: Bytes,
-    connected_at: u64,
+    connected_at: u32,
 ) {
     let adopted = shard.sockets.driver.borrow_mut().adopt(fd, buffered);
     let id = match adopted {

@@ -52,7 +52,7 @@ pub enum Request {
         version: u32,
         buffered: Bytes,
         /// When the socket was accepted (`net::conn::connected_now`).
-        connected_at: u64,
+        connected_at: u32,
     },
 }
 

@@ -166,7 +166,7 @@ impl Shard {
         device: InboxKey,
         protocol_version: u32,
         socket: crate::net::uring::ConnId,
-        connected_at: u64,
+        connected_at: u32,
     ) -> Rc<Conn> {
         assert_eq!(
             self.home_of(device.user),
@@ -183,11 +183,9 @@ impl Shard {
                 CloseReason::Replaced,
             )
         };
-        let newer = self
-            .devices
-            .borrow()
-            .get(&device)
-            .is_some_and(|live| live.connected_at > connected_at && !live.is_closing());
+        let newer = self.devices.borrow().get(&device).is_some_and(|live| {
+            crate::net::conn::accepted_after(live.connected_at, connected_at) && !live.is_closing()
+        });
         if newer {
             debug!(%device, "a later connection of this device is live; this one is replaced");
             replaced(&conn);
