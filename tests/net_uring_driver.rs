@@ -126,6 +126,22 @@ fn until(mut done: impl FnMut(&Driver) -> bool) -> impl FnMut(&mut Driver, Optio
     move |driver, event| event.is_none() && done(driver)
 }
 
+/// A listening driver with one client connected and accepted.
+async fn accept_one(driver: &mut Driver) -> (TcpStream, ConnId) {
+    let (fd, addr) = listener();
+    driver.listen(fd).expect("listen");
+    let sock = TcpStream::connect(addr).expect("connect");
+    let mut conn = None;
+    run_until(driver, Duration::from_secs(5), |_, event| {
+        if let Some(Event::Accepted { conn: c, .. }) = event {
+            conn = Some(c);
+        }
+        conn.is_some()
+    })
+    .await;
+    (sock, conn.expect("accepted"))
+}
+
 fn executor() -> glommio::LocalExecutor {
     LocalExecutorBuilder::default().make().expect("executor")
 }
@@ -300,18 +316,7 @@ fn peer_that_never_reads_gets_backpressure_and_memory_stays_bounded() {
         let config = DriverConfig::for_tests();
         let queue_max = config.send_queue_bytes_max;
         let mut driver = Driver::new(config).expect("driver");
-        let (fd, addr) = listener();
-        driver.listen(fd).expect("listen");
-        let sock = TcpStream::connect(addr).expect("connect");
-        let mut conn = None;
-        run_until(&mut driver, Duration::from_secs(5), |_, event| {
-            if let Some(Event::Accepted { conn: c, .. }) = event {
-                conn = Some(c);
-            }
-            conn.is_some()
-        })
-        .await;
-        let conn = conn.expect("accepted");
+        let (sock, conn) = accept_one(&mut driver).await;
         let chunk = Bytes::from(frame(&[7u8; 1020]));
         let mut sent_total = 0usize;
         let mut refused = false;
@@ -720,18 +725,7 @@ fn flush_close_to_a_peer_that_never_reads_ends_at_the_linger_deadline() {
         let config = DriverConfig::for_tests();
         let linger = config.linger;
         let mut driver = Driver::new(config).expect("driver");
-        let (fd, addr) = listener();
-        driver.listen(fd).expect("listen");
-        let sock = TcpStream::connect(addr).expect("connect");
-        let mut conn = None;
-        run_until(&mut driver, Duration::from_secs(5), |_, event| {
-            if let Some(Event::Accepted { conn: c, .. }) = event {
-                conn = Some(c);
-            }
-            conn.is_some()
-        })
-        .await;
-        let conn = conn.expect("accepted");
+        let (sock, conn) = accept_one(&mut driver).await;
         // Fill the kernel's buffers and the queue.
         let chunk = Bytes::from(frame(&[5u8; 4000]));
         let start = Instant::now();

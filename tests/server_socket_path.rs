@@ -28,12 +28,7 @@ fn send_frame(id: u64, to: u64, payload: &str) -> Frame {
 /// the client message ids in delivery order.
 fn drain_inbox(addr: SocketAddr, to: &Account, expected: usize) -> Vec<u64> {
     let (mut c, _) = RawClient::login(addr, to);
-    let mut ids = Vec::new();
-    while ids.len() < expected {
-        let d = c.collect_delivers(1).remove(0);
-        ids.push(d.client_message_id);
-        c.ack(d.sequence);
-    }
+    let ids = c.receive_and_ack(expected);
     // Nothing more is due.
     c.send(&Frame::Ping(pb::Ping { nonce: 99 }));
     loop {

@@ -151,17 +151,9 @@ fn send_bytes_of(id: u64, to: u64) -> Vec<u8> {
     .to_vec()
 }
 
-/// Logs `to` in and reads `n` messages, acknowledging each (the delivery
-/// window is small in tests); their client ids in delivery order.
+/// Logs `to` in and reads `n` messages, acknowledging each.
 fn delivered_ids(addr: std::net::SocketAddr, to: &common::Account, n: usize) -> Vec<u64> {
-    let (mut c, _) = RawClient::login(addr, to);
-    let mut ids = Vec::new();
-    while ids.len() < n {
-        let d = c.collect_delivers(1).remove(0);
-        ids.push(d.client_message_id);
-        c.ack(d.sequence);
-    }
-    ids
+    RawClient::login(addr, to).0.receive_and_ack(n)
 }
 
 #[test]

@@ -766,15 +766,19 @@ fn input_closed(shard: &Rc<Shard>, id: ConnId) {
 /// Ends a half-closed session once its frames are handled and its Sends
 /// answered (their ServerAcks are queued before the close).
 fn finish_if_answered(shard: &Shard, conn: &Conn) {
+    // Runs on every flush: the common case (input still open) costs one
+    // flag test, not a lookup in the stalled table.
+    {
+        let state = conn.state.borrow();
+        if !state.input_closed || state.close.is_some() || state.sends_in_flight > 0 {
+            return;
+        }
+    }
     if shard.sockets.stalled.borrow().contains_key(&conn.id()) {
         return;
     }
-    let mut state = conn.state.borrow_mut();
-    if state.input_closed && state.close.is_none() && state.sends_in_flight == 0 {
-        state.close = Some(crate::net::conn::CloseReason::InputClosed);
-        drop(state);
-        conn.wake();
-    }
+    conn.state.borrow_mut().close = Some(crate::net::conn::CloseReason::InputClosed);
+    conn.wake();
 }
 
 /// Frames of a session arrived.

@@ -362,6 +362,18 @@ impl RawClient {
         (acks, others)
     }
 
+    /// Receives `n` messages, acknowledging each as it comes (the delivery
+    /// window is small in tests); their client ids in delivery order.
+    pub fn receive_and_ack(&mut self, n: usize) -> Vec<u64> {
+        let mut ids = Vec::with_capacity(n);
+        while ids.len() < n {
+            let d = self.collect_delivers(1).remove(0);
+            ids.push(d.client_message_id);
+            self.ack(d.sequence);
+        }
+        ids
+    }
+
     /// Receives until `n` Deliver frames arrived.
     pub fn collect_delivers(&mut self, n: usize) -> Vec<pb::Deliver> {
         let mut out = Vec::new();
