@@ -3,7 +3,9 @@
 //! backpressured session, a handshake waiting on its account lookup) must
 //! not overtake them. The driver reports the frames before a bad prefix or
 //! a FIN first; the loop handles and answers them in order, then ends the
-//! connection.
+//! connection. Likewise a device's new session opens only after its
+//! earlier session has handled the Acks it read: what the client
+//! acknowledged before reconnecting is not delivered again.
 
 mod common;
 
@@ -221,4 +223,90 @@ fn a_silent_half_closed_handshake_is_closed() {
         started.elapsed() < Duration::from_millis(900),
         "closed at once, not at the handshake timeout"
     );
+}
+
+/// Acknowledges each message as it arrives, closes, and reconnects at once,
+/// round after round, with the device homed on each shard (so the new
+/// connection is often handed over while the old socket's last Acks are
+/// still unread): the new session never delivers an acknowledged message.
+#[test]
+fn acks_sent_just_before_a_reconnect_count_before_the_new_session_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let alice = RawClient::register(server.addr);
+    let bobs = [
+        RawClient::register_on_shard(server.addr, 0, server.shards()),
+        RawClient::register_on_shard(server.addr, 1, server.shards()),
+    ];
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    let mut id = 0;
+    for round in 0..60u64 {
+        let bob = &bobs[round as usize % 2];
+        for _ in 0..4 {
+            id += 1;
+            a.send_message(bob.user, id, b"m");
+        }
+        a.collect_acks(4);
+        let (mut b, _) = RawClient::login(server.addr, bob);
+        b.receive_and_ack(4);
+        drop(b);
+        let (mut b, _) = RawClient::login(server.addr, bob);
+        b.send(&Frame::Ping(pb::Ping { nonce: round }));
+        match b.recv() {
+            Some(Frame::Pong(p)) => assert_eq!(p.nonce, round),
+            other => panic!("round {round}: expected only a Pong, got {other:?}"),
+        }
+    }
+}
+
+/// A device's old connection is stuck (its peer reads nothing, so the
+/// server's output for it is past every bound and the frames it sends are
+/// set aside, its reading paused) when the client, having acknowledged the
+/// first messages over it, connects again: the new session starts after
+/// what was acknowledged.
+#[test]
+fn acks_a_stuck_session_set_aside_count_when_the_device_connects_again() {
+    let dir = tempfile::tempdir().unwrap();
+    const PAYLOAD: usize = 60_000;
+    const N: u64 = 128;
+    let server = Server::start(dir.path(), |c| {
+        c.server.shards = 1;
+        c.limits.payload_bytes_max = 65_536;
+        c.limits.frame_bytes_max = 65_536 + 512;
+        c.limits.delivery_window_messages = N as u32;
+        c.limits.delivery_window_bytes = 16 << 20;
+        c.limits.output_queue_bytes_max = 128 << 10;
+        c.store.segment_size_bytes = 4 << 20;
+    });
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    let payload = vec![7u8; PAYLOAD];
+    for id in 1..=N {
+        a.send_message(bob.user, id, &payload);
+        if id % 8 == 0 {
+            a.collect_acks(8);
+        }
+    }
+    // The first connection never reads. Its session is sent the first 64
+    // messages (3.8 MB, which loopback's socket buffers take), then 63 more
+    // on its Ack of the first: more than the kernel takes. The Pong of a
+    // Ping then finds the socket full, and the Ack behind it is set aside.
+    let (mut stuck, _) = RawClient::login(server.addr, &bob);
+    std::thread::sleep(Duration::from_millis(300));
+    stuck.ack(1);
+    std::thread::sleep(Duration::from_millis(300));
+    stuck.send(&Frame::Ping(pb::Ping { nonce: 1 }));
+    std::thread::sleep(Duration::from_millis(100));
+    stuck.ack(5);
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut b, _) = RawClient::login(server.addr, &bob);
+    let first = b.collect_delivers(1).remove(0);
+    assert_eq!(first.sequence, 6, "acknowledged messages delivered again");
+    // The stuck connection is closed (it was replaced).
+    let mut frames = 0;
+    while stuck.recv_timeout(Duration::from_secs(10)).is_some() {
+        frames += 1;
+        assert!(frames <= N + 8, "the stuck connection was not closed");
+    }
 }

@@ -117,6 +117,10 @@ pub struct ConnState {
     pub socket_full: bool,
     /// The peer sent its FIN: nothing more will be read.
     pub input_closed: bool,
+    /// A later connection of the device waits to open until this session
+    /// has handled what it read (`net::io`, `Opening`): its frames are
+    /// handled whatever its socket and in-flight bounds say.
+    pub superseded: bool,
 }
 
 impl ConnState {

@@ -61,6 +61,9 @@ enum Slot {
     Session(Rc<Conn>),
     /// Authenticated for another shard: the driver is giving the socket up.
     Releasing(Box<Releasing>),
+    /// Authenticated here while an earlier session of the device is live:
+    /// the session opens once that one has handled what it read.
+    Opening(Box<Opening>),
     /// A last frame is being flushed; the driver closes the socket.
     Closing,
 }
@@ -91,6 +94,51 @@ struct Releasing {
     input: BytesMut,
 }
 
+/// A session waiting for the device's earlier session to handle its input.
+///
+/// A client that acknowledges, closes and reconnects has its last Acks on
+/// the old socket before its new connection exists, but the two sockets
+/// are separate streams: the new connection's Hello (looked up on the
+/// blocking pool, perhaps handed over from another shard) can reach this
+/// loop before the old socket's bytes have been handled. Opening the new
+/// session at once would deliver again what those Acks acknowledged.
+///
+/// So the earlier session is marked superseded (its frames are handled
+/// whatever its socket and in-flight bounds say, up to twice its output
+/// bound, and frames it set aside are handled now, its reading resumed),
+/// and the new one opens after at least one
+/// more poll of the ring, whose events are handled before deferred opens:
+/// every byte that reached the old socket before the new session was
+/// authenticated is handled first. An earlier session that cannot finish
+/// (its requests wait for room in a full shard channel) delays the open by
+/// at most `OPENING_TURNS_MAX` turns.
+struct Opening {
+    device: InboxKey,
+    version: u32,
+    connected_at: u32,
+    /// Frames pipelined after the Hello.
+    input: BytesMut,
+    input_closed: bool,
+    /// Loop turns waited.
+    turns: u8,
+}
+
+impl Opening {
+    fn new(device: InboxKey, version: u32, connected_at: u32, input: BytesMut) -> Opening {
+        Opening {
+            device,
+            version,
+            connected_at,
+            input,
+            input_closed: false,
+            turns: 0,
+        }
+    }
+}
+
+/// Loop turns a session waits at most for the earlier one (`Opening`).
+const OPENING_TURNS_MAX: u8 = 4;
+
 /// A session's frames set aside while it is backpressured.
 struct Stalled {
     input: BytesMut,
@@ -120,6 +168,8 @@ pub struct Sockets {
     finished: Cell<bool>,
     /// Slots that hold a session.
     sessions: Cell<usize>,
+    /// Sockets in `Slot::Opening`, in the order they were deferred.
+    opening: RefCell<Vec<ConnId>>,
 }
 
 impl Sockets {
@@ -138,6 +188,7 @@ impl Sockets {
             epoch: Instant::now(),
             finished: Cell::new(false),
             sessions: Cell::new(0),
+            opening: RefCell::new(Vec::new()),
         })
     }
 
@@ -243,6 +294,14 @@ impl Sockets {
         }
     }
 
+    /// Runs `f` on socket `id`'s deferred session, if it is waiting to open.
+    fn with_opening<R>(&self, id: ConnId, f: impl FnOnce(&mut Opening) -> R) -> Option<R> {
+        match self.slots.borrow_mut().get_mut(id.index as usize) {
+            Some((owner, Slot::Opening(o))) if *owner == id => Some(f(o)),
+            _ => None,
+        }
+    }
+
     fn pause(&self, id: ConnId) {
         if let Err(err) = self.driver.borrow_mut().pause_reading(id) {
             ring_failed(err);
@@ -308,14 +367,20 @@ pub async fn run(shard: Rc<Shard>) {
     let notifier = shard.sockets.notifier();
     let mut events = Vec::new();
     let mut woken = Vec::new();
+    let mut opening = Vec::new();
     loop {
         notifier.wait().await;
+        // Sessions deferred before this poll open after its events.
+        std::mem::swap(&mut opening, &mut *shard.sockets.opening.borrow_mut());
         let polled = shard.sockets.driver.borrow_mut().poll_events(&mut events);
         if let Err(err) = polled {
             ring_failed(err);
         }
         for event in events.drain(..) {
             on_event(&shard, event);
+        }
+        for id in opening.drain(..) {
+            open_deferred(&shard, id);
         }
         conn::take_woken(&mut woken);
         for socket in woken.drain(..) {
@@ -373,8 +438,11 @@ fn bad_frame(shard: &Rc<Shard>, id: ConnId, length: u32) {
         .sockets
         .with_handshake(id, |hs| hs.input.extend_from_slice(&prefix));
     if handshaking.is_some() {
-        handshake_step(shard, id);
+        return handshake_step(shard, id);
     }
+    shard
+        .sockets
+        .with_opening(id, |o| o.input.extend_from_slice(&prefix));
 }
 
 fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
@@ -439,7 +507,9 @@ fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
         session_input(shard, &conn, frames);
         return;
     }
+    let mut frames = Some(frames);
     let handshaking = shard.sockets.with_handshake(id, |hs| {
+        let frames = frames.take().expect("taken once");
         if hs.input.is_empty() {
             hs.input = BytesMut::from(frames);
         } else {
@@ -447,7 +517,12 @@ fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
         }
     });
     if handshaking.is_some() {
-        handshake_step(shard, id);
+        return handshake_step(shard, id);
+    }
+    if let Some(frames) = frames {
+        shard
+            .sockets
+            .with_opening(id, |o| o.input.extend_from_slice(&frames));
     }
     // Closing or releasing: the input is of no use any more.
 }
@@ -646,17 +721,9 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
     };
     let input = hs.input;
     if shard.home_of(device.user) == shard.id {
-        let conn = shard.open_session(device, version, id, hs.connected_at);
-        shard.metrics_session_opened();
-        shard.sockets.set_session(id, conn.clone());
-        shard.sockets.resume(id);
-        if !input.is_empty() {
-            session_input(shard, &conn, input.freeze());
-        }
-        if hs.input_closed {
-            conn.state.borrow_mut().input_closed = true;
-            finish_if_answered(shard, &conn);
-        }
+        // Reading is paused (the lookup); it resumes when the session opens.
+        let opening = Opening::new(device, version, hs.connected_at, input);
+        start_session(shard, id, opening, hs.input_closed);
     } else {
         // A half-close travels with the socket: the home shard reads the
         // FIN again.
@@ -732,9 +799,86 @@ pub fn adopt(
         go_away_raw(shard, id);
         return;
     }
+    // The driver reports the bytes read before the handoff as `Data`.
+    let opening = Opening::new(device, version, connected_at, BytesMut::new());
+    start_session(shard, id, opening, false);
+}
+
+/// Opens the session of socket `id`, or defers it while an earlier session
+/// of the device is live (see `Opening`); reading is paused meanwhile and
+/// resumes when the session opens.
+fn start_session(shard: &Rc<Shard>, id: ConnId, mut opening: Opening, input_closed: bool) {
+    opening.input_closed = input_closed;
+    let Some(earlier) = shard.live_session(opening.device) else {
+        return open_now(shard, id, opening);
+    };
+    earlier.state.borrow_mut().superseded = true;
+    shard.sockets.pause(id);
+    shard.sockets.set(id, Slot::Opening(Box::new(opening)));
+    shard.sockets.opening.borrow_mut().push(id);
+    shard.sockets.notifier.notify();
+    settle(shard, &earlier);
+}
+
+/// Handles what a superseded session set aside and resumes its reading;
+/// returns whether it had anything set aside (its reading was paused, so
+/// more of its input may wait for another poll).
+fn settle(shard: &Rc<Shard>, earlier: &Rc<Conn>) -> bool {
+    if !shard.sockets.stalled.borrow().contains_key(&earlier.id()) {
+        return false;
+    }
+    unstall(shard, earlier);
+    true
+}
+
+/// A deferred session's turn: it opens unless the earlier session had
+/// input set aside until now.
+fn open_deferred(shard: &Rc<Shard>, id: ConnId) {
+    let Some((device, turns)) = shard.sockets.with_opening(id, |o| {
+        o.turns += 1;
+        (o.device, o.turns)
+    }) else {
+        // Closed meanwhile.
+        return;
+    };
+    if turns < OPENING_TURNS_MAX {
+        if let Some(earlier) = shard.live_session(device) {
+            if settle(shard, &earlier) {
+                shard.sockets.opening.borrow_mut().push(id);
+                shard.sockets.notifier.notify();
+                return;
+            }
+        }
+    }
+    let Slot::Opening(opening) = shard.sockets.take(id) else {
+        unreachable!("checked above");
+    };
+    if shard.stopping.get() {
+        return go_away_raw(shard, id);
+    }
+    open_now(shard, id, *opening);
+}
+
+fn open_now(shard: &Rc<Shard>, id: ConnId, opening: Opening) {
+    let Opening {
+        device,
+        version,
+        connected_at,
+        input,
+        input_closed,
+        turns: _,
+    } = opening;
     let conn = shard.open_session(device, version, id, connected_at);
     shard.metrics_session_opened();
-    shard.sockets.set_session(id, conn);
+    shard.sockets.set_session(id, conn.clone());
+    shard.sockets.resume(id);
+    if !input.is_empty() {
+        session_input(shard, &conn, input.freeze());
+    }
+    if input_closed {
+        conn.state.borrow_mut().input_closed = true;
+        finish_if_answered(shard, &conn);
+    }
 }
 
 fn go_away_raw(shard: &Shard, id: ConnId) {
@@ -759,8 +903,9 @@ fn input_closed(shard: &Rc<Shard>, id: ConnId) {
         .sockets
         .with_handshake(id, |hs| hs.input_closed = true);
     if handshaking.is_some() {
-        handshake_step(shard, id);
+        return handshake_step(shard, id);
     }
+    shard.sockets.with_opening(id, |o| o.input_closed = true);
 }
 
 /// Ends a half-closed session once its frames are handled and its Sends
@@ -837,6 +982,13 @@ fn handle_frames(shard: &Rc<Shard>, conn: &Rc<Conn>, input: &mut BytesMut) {
 fn backpressured(shard: &Shard, conn: &Conn) -> bool {
     let limits = &shard.config.limits;
     let state = conn.state.borrow();
+    if state.superseded {
+        // Its input counts before the device's next session opens (see
+        // `Opening`); its output is of little use by now. Handled frames
+        // add output (Pong, ServerAck) but no deliveries past the bound, so
+        // twice the bound caps what the last turns may queue.
+        return state.out_len() >= 2 * limits.output_queue_bytes_max as usize;
+    }
     state.socket_full
         || state.out_len() >= limits.output_queue_bytes_max as usize
         || state.sends_in_flight >= limits.sends_in_flight_max

@@ -209,6 +209,15 @@ impl Shard {
         conn
     }
 
+    /// The session of `device` here, if it is not closing.
+    pub fn live_session(&self, device: InboxKey) -> Option<Rc<Conn>> {
+        self.devices
+            .borrow()
+            .get(&device)
+            .filter(|live| !live.is_closing())
+            .cloned()
+    }
+
     /// Forgets a session whose socket is closing or closed.
     pub fn close_session(&self, conn: &Rc<Conn>) {
         let mut devices = self.devices.borrow_mut();
@@ -351,6 +360,7 @@ impl Shard {
         // entries never delivered would drop them unseen, and its receipt
         // could list a whole inbox. The window bounds every ack's work.
         let last_sent = conn.state.borrow().last_sent();
+        eprintln!("DBG ack {:?} last_sent {}", ack.up_to_sequence, last_sent);
         let up_to = ack.up_to_sequence.min(last_sent);
         let list: Vec<InboxSeq> = ack
             .sequences
