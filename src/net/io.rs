@@ -406,8 +406,10 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
         }
         Event::Closed { conn, reason } => {
             debug!(%conn, ?reason, "socket closed");
-            if let Slot::Session(session) = shard.sockets.take(conn) {
-                end_session(shard, &session);
+            match shard.sockets.take(conn) {
+                Slot::Session(session) => end_session(shard, &session),
+                Slot::Opening(opening) => supersede(shard, opening.device, false),
+                _ => {}
             }
             shard.connection_closed();
         }
@@ -812,7 +814,7 @@ fn start_session(shard: &Rc<Shard>, id: ConnId, mut opening: Opening, input_clos
     let Some(earlier) = shard.live_session(opening.device) else {
         return open_now(shard, id, opening);
     };
-    earlier.state.borrow_mut().superseded = true;
+    supersede(shard, opening.device, true);
     shard.sockets.pause(id);
     shard.sockets.set(id, Slot::Opening(Box::new(opening)));
     shard.sockets.opening.borrow_mut().push(id);
@@ -843,6 +845,8 @@ fn open_deferred(shard: &Rc<Shard>, id: ConnId) {
     };
     if turns < OPENING_TURNS_MAX {
         if let Some(earlier) = shard.live_session(device) {
+            // Set again: another connection of the device may have given up.
+            supersede(shard, device, true);
             if settle(shard, &earlier) {
                 shard.sockets.opening.borrow_mut().push(id);
                 shard.sockets.notifier.notify();
@@ -854,9 +858,19 @@ fn open_deferred(shard: &Rc<Shard>, id: ConnId) {
         unreachable!("checked above");
     };
     if shard.stopping.get() {
+        supersede(shard, device, false);
         return go_away_raw(shard, id);
     }
     open_now(shard, id, *opening);
+}
+
+/// Marks the live session of `device` superseded or, when the connection
+/// that superseded it went away before opening, no longer: its bounds
+/// apply in full again.
+fn supersede(shard: &Shard, device: InboxKey, superseded: bool) {
+    if let Some(earlier) = shard.live_session(device) {
+        earlier.state.borrow_mut().superseded = superseded;
+    }
 }
 
 fn open_now(shard: &Rc<Shard>, id: ConnId, opening: Opening) {
