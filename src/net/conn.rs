@@ -121,6 +121,9 @@ pub struct ConnState {
     /// has handled what it read (`net::io`, `Opening`): its frames are
     /// handled whatever its socket and in-flight bounds say.
     pub superseded: bool,
+    /// The delivery pump stopped at the output bound with window room
+    /// left: once the queue has gone to the socket, it pumps again.
+    pub pump_blocked: bool,
 }
 
 impl ConnState {

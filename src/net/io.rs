@@ -1048,6 +1048,16 @@ fn flush(shard: &Rc<Shard>, socket: ConnId) {
     };
     conn.clear_woken();
     write_out(shard, &conn);
+    let repump = {
+        let state = conn.state.borrow();
+        state.pump_blocked
+            && !state.socket_full
+            && state.out_len() < shard.config.limits.output_queue_bytes_max as usize
+    };
+    if repump {
+        // Wakes the connection again if it wrote: the next turn sends it.
+        shard.pump(&conn);
+    }
     unstall(shard, &conn);
     finish_if_answered(shard, &conn);
     // A peer that stopped reading cannot hold a closing session: once the

@@ -712,12 +712,18 @@ impl Shard {
             return;
         }
         let mut wrote = false;
+        let out_max = limits.output_queue_bytes_max as usize;
+        state.pump_blocked = false;
         loop {
             let room = state.window_room(
                 limits.delivery_window_messages,
                 limits.delivery_window_bytes,
             );
-            if room == 0 || state.out_len() >= limits.output_queue_bytes_max as usize {
+            if room == 0 {
+                break;
+            }
+            if state.out_len() >= out_max {
+                state.pump_blocked = true;
                 break;
             }
             positions.clear();
@@ -742,6 +748,14 @@ impl Shard {
                     limits.delivery_window_bytes,
                 ) == 0
                 {
+                    break;
+                }
+                // The output bound holds per frame, not per batch: a peer
+                // that stops reading never has more than one frame past it.
+                // The socket loop pumps again once the queue has moved to
+                // the socket (`pump_blocked`).
+                if state.out_len() >= out_max {
+                    state.pump_blocked = true;
                     break;
                 }
                 progressed = true;
