@@ -541,27 +541,8 @@ fn random_splits_resets_and_garbage_leave_no_session_behind() {
 #[test]
 fn a_stalled_recipient_holds_the_output_bound_and_then_gets_the_whole_window() {
     let dir = tempfile::tempdir().unwrap();
-    const PAYLOAD: usize = 60_000;
     const N: u64 = 128;
-    let server = Server::start(dir.path(), |c| {
-        c.server.shards = 1;
-        c.limits.payload_bytes_max = 65_536;
-        c.limits.frame_bytes_max = 65_536 + 512;
-        c.limits.delivery_window_messages = N as u32;
-        c.limits.delivery_window_bytes = 16 << 20;
-        c.limits.output_queue_bytes_max = 128 << 10;
-        c.store.segment_size_bytes = 4 << 20;
-    });
-    let alice = RawClient::register(server.addr);
-    let bob = RawClient::register(server.addr);
-    let (mut a, _) = RawClient::login(server.addr, &alice);
-    let payload = vec![7u8; PAYLOAD];
-    for id in 1..=N {
-        a.send_message(bob.user, id, &payload);
-        if id % 8 == 0 {
-            a.collect_acks(8);
-        }
-    }
+    let (server, bob) = common::backlog_of_large_messages(dir.path(), N);
     std::thread::sleep(Duration::from_millis(200));
     let rss_before = server.rss_bytes();
     // 7.7 MB due; the connection reads nothing for a while.
@@ -576,7 +557,9 @@ fn a_stalled_recipient_holds_the_output_bound_and_then_gets_the_whole_window() {
     let delivered = b.collect_delivers(N as usize);
     let sequences: Vec<u64> = delivered.iter().map(|d| d.sequence).collect();
     assert_eq!(sequences, (1..=N).collect::<Vec<_>>());
-    assert!(delivered.iter().all(|d| d.payload.len() == PAYLOAD));
+    assert!(delivered
+        .iter()
+        .all(|d| d.payload.len() == common::LARGE_PAYLOAD));
     b.ack(N);
     b.send(&Frame::Ping(pb::Ping { nonce: 3 }));
     match b.recv() {

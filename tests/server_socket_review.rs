@@ -267,35 +267,14 @@ fn acks_sent_just_before_a_reconnect_count_before_the_new_session_delivers() {
 #[test]
 fn acks_a_stuck_session_set_aside_count_when_the_device_connects_again() {
     let dir = tempfile::tempdir().unwrap();
-    const PAYLOAD: usize = 60_000;
     const N: u64 = 128;
-    let server = Server::start(dir.path(), |c| {
-        c.server.shards = 1;
-        c.limits.payload_bytes_max = 65_536;
-        c.limits.frame_bytes_max = 65_536 + 512;
-        c.limits.delivery_window_messages = N as u32;
-        c.limits.delivery_window_bytes = 16 << 20;
-        c.limits.output_queue_bytes_max = 128 << 10;
-        c.store.segment_size_bytes = 4 << 20;
-    });
-    let alice = RawClient::register(server.addr);
-    let bob = RawClient::register(server.addr);
-    let (mut a, _) = RawClient::login(server.addr, &alice);
-    let payload = vec![7u8; PAYLOAD];
-    for id in 1..=N {
-        a.send_message(bob.user, id, &payload);
-        if id % 8 == 0 {
-            a.collect_acks(8);
-        }
-    }
-    // The first connection never reads. Its session is sent the first 64
-    // messages (3.8 MB, which loopback's socket buffers take), then 63 more
-    // on its Ack of the first: more than the kernel takes. The Pong of a
-    // Ping then finds the socket full, and the Ack behind it is set aside.
+    let (server, bob) = common::backlog_of_large_messages(dir.path(), N);
+    // The first connection never reads. Its session is sent messages until
+    // the kernel's socket buffers and the server's bounds are full (7.7 MB
+    // are due, more than loopback takes). The Pong of a Ping then finds the
+    // socket full, and the Ack behind it is set aside.
     let (mut stuck, _) = RawClient::login(server.addr, &bob);
-    std::thread::sleep(Duration::from_millis(300));
-    stuck.ack(1);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(500));
     stuck.send(&Frame::Ping(pb::Ping { nonce: 1 }));
     std::thread::sleep(Duration::from_millis(100));
     stuck.ack(5);

@@ -396,3 +396,35 @@ pub fn hello(account: &Account) -> Frame {
         secret: account.secret.clone(),
     })
 }
+
+/// Payload bytes of each message `backlog_of_large_messages` stores.
+pub const LARGE_PAYLOAD: usize = 60_000;
+
+/// A one-shard server that takes 60 KB payloads, with a delivery window of
+/// `window` messages (16 MiB) and a 128 KiB output bound, and an inbox for a
+/// new account holding `window` such messages (7.7 MB for 128) from
+/// another; returns the server and the recipient's account.
+#[allow(dead_code)]
+pub fn backlog_of_large_messages(dir: &Path, window: u64) -> (Server, Account) {
+    let server = Server::start(dir, |c| {
+        c.server.shards = 1;
+        c.limits.payload_bytes_max = 65_536;
+        c.limits.frame_bytes_max = 65_536 + 512;
+        c.limits.delivery_window_messages = window as u32;
+        c.limits.delivery_window_bytes = 16 << 20;
+        c.limits.output_queue_bytes_max = 128 << 10;
+        c.store.segment_size_bytes = 4 << 20;
+    });
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    let payload = vec![7u8; LARGE_PAYLOAD];
+    for id in 1..=window {
+        a.send_message(bob.user, id, &payload);
+        // Eight unanswered Sends are the test bound.
+        if id % 8 == 0 {
+            a.collect_acks(8);
+        }
+    }
+    (server, bob)
+}
