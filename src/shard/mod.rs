@@ -360,7 +360,6 @@ impl Shard {
         // entries never delivered would drop them unseen, and its receipt
         // could list a whole inbox. The window bounds every ack's work.
         let last_sent = conn.state.borrow().last_sent();
-        eprintln!("DBG ack {:?} last_sent {}", ack.up_to_sequence, last_sent);
         let up_to = ack.up_to_sequence.min(last_sent);
         let list: Vec<InboxSeq> = ack
             .sequences
