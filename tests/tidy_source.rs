@@ -1,6 +1,8 @@
 //! Source rules that have hurt servers like this one, checked as a test:
-//! no locks in shard-owned code, no `dbg!`, and every `unsafe` block or
-//! function carries its `SAFETY:` / `# Safety` reasoning.
+//! no locks in shard-owned code, no `dbg!`, no prints in server code (it
+//! logs with `tracing`; a print on a hot path is a write per call), and
+//! every `unsafe` block or function carries its `SAFETY:` / `# Safety`
+//! reasoning.
 
 use std::path::{Path, PathBuf};
 
@@ -106,6 +108,39 @@ fn every_unsafe_block_says_why() {
     assert!(
         offenders.is_empty(),
         "unsafe without its reason:\n{}",
+        offenders.join("\n")
+    );
+}
+
+#[test]
+fn server_code_logs_instead_of_printing() {
+    // Unit tests (after a file's `#[cfg(test)]`) may print their reports.
+    let server = [
+        "/src/shard/",
+        "/src/net/",
+        "/src/session/",
+        "/src/store/",
+        "/src/route/",
+    ];
+    let mut offenders = Vec::new();
+    for (path, text) in source_files() {
+        let p = path.to_string_lossy();
+        if !server.iter().any(|dir| p.contains(dir)) {
+            continue;
+        }
+        let tests_from = text
+            .lines()
+            .position(|l| l.trim() == "#[cfg(test)]")
+            .map_or(usize::MAX, |i| i + 1);
+        for (line, code) in code_lines(&text) {
+            if line < tests_from && (code.contains("println!(") || code.contains("print!(")) {
+                offenders.push(format!("{p}:{line}: {}", code.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "prints in server code (use tracing):\n{}",
         offenders.join("\n")
     );
 }
