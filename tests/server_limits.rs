@@ -146,7 +146,7 @@ fn wrong_secret_fails_and_repeated_failures_are_slowed_down() {
 }
 
 #[test]
-fn send_to_unknown_user_and_oversized_payload_get_non_fatal_errors() {
+fn send_to_unknown_user_oversized_payload_and_relay_device_get_non_fatal_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), |_| {});
     let account = RawClient::register(server.addr);
@@ -166,6 +166,15 @@ fn send_to_unknown_user_and_oversized_payload_get_non_fatal_errors() {
         device_payloads: vec![pb::DevicePayload::default()],
     }));
     c.expect_error(ErrorCode::UnsupportedFeature);
+    // A read receipt for a device id no device can have (relay inboxes use
+    // the top bit) is refused like one for an unknown user.
+    c.send(&Frame::ReadReceipt(pb::ReadReceipt {
+        sender_user_id: account.user,
+        sender_device_id: 1 << 31 | 1,
+        client_message_ids: vec![1],
+    }));
+    let e = c.expect_error(ErrorCode::UnknownRecipient);
+    assert!(!e.fatal);
     // The session goes on.
     c.send_message(account.user, 8, b"fine");
     assert_eq!(c.collect_acks(1).0[0].client_message_id, 8);

@@ -59,6 +59,7 @@ fn appends_and_reads_back_messages_and_receipts() {
             kind: ReceiptKind::Read,
             by: bob,
             client_message_ids: &[10, 11],
+            timestamp_ms: None,
         })
         .unwrap();
     assert_eq!(receipt.seq, InboxSeq(1));
@@ -126,12 +127,17 @@ fn acked_messages_are_reported_and_not_resurrected_after_reopen() {
             kind: ReceiptKind::Delivered,
             by: alice,
             client_message_ids: &[7],
+            timestamp_ms: None,
         })
         .unwrap();
+        // What the ack will remove can be read first, removing nothing.
+        let preview = log.acked_messages(bob, InboxSeq(3), &[InboxSeq(5), InboxSeq(11)]);
+        assert_eq!(log.pending_count(bob), 11);
         let outcome = log
             .ack(bob, InboxSeq(3), &[InboxSeq(5), InboxSeq(11)])
             .unwrap();
         assert_eq!(outcome.removed, 5);
+        assert_eq!(preview, outcome.acked_messages);
         assert_eq!(
             outcome.acked_messages,
             [101, 102, 103, 105]
@@ -599,6 +605,7 @@ fn random_operations_agree_with_a_model_across_reopens() {
                         kind: ReceiptKind::Delivered,
                         by: key(1, 1),
                         client_message_ids: &[step as u64],
+                        timestamp_ms: None,
                     })
                     .unwrap();
                 let last = last_seq.entry(inbox).or_default();
@@ -677,4 +684,48 @@ fn random_operations_agree_with_a_model_across_reopens() {
     }
     let stats = log.stats();
     assert!(stats.segments >= 1);
+}
+
+#[test]
+fn relay_inboxes_hold_receipts_until_acknowledged_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let (alice, bob) = (key(1, 1), key(2, 1));
+    let relay = alice.relay();
+    // A relayed receipt keeps the time it arose.
+    let then = switchboard::store::Clock::now_ms(&*clock) - 5_000;
+    assert!(relay.is_relay() && !alice.is_relay());
+    assert_eq!(relay.relayed_to(), alice);
+    {
+        let mut log = open(dir.path(), &config, &clock);
+        for id in [[7u64], [8]] {
+            log.append_receipt(&NewReceipt {
+                recipient: relay,
+                kind: ReceiptKind::Delivered,
+                by: bob,
+                client_message_ids: &id,
+                timestamp_ms: Some(then),
+            })
+            .unwrap();
+        }
+        assert_eq!(log.relay_inboxes(), vec![relay]);
+        // The home shard stored the first: it is acknowledged by sequence.
+        log.ack(relay, InboxSeq(0), &[InboxSeq(1)]).unwrap();
+        assert_eq!(log.pending_count(relay), 1);
+    }
+    // After a restart the second is still there to forward, with its time.
+    let log = open(dir.path(), &config, &clock);
+    assert_eq!(log.relay_inboxes(), vec![relay]);
+    let entries = pending(&log, relay);
+    assert_eq!(entries.len(), 1);
+    match log.read_for(relay, entries[0].1).unwrap() {
+        Some(switchboard::store::StoredEntry::Receipt(r)) => {
+            assert_eq!(r.seq, InboxSeq(2));
+            assert_eq!(r.client_message_ids, vec![8]);
+            assert_eq!(r.timestamp_ms, then);
+            assert_eq!(r.by, bob);
+        }
+        other => panic!("expected the relayed receipt, got {other:?}"),
+    }
 }

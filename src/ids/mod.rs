@@ -48,8 +48,43 @@ pub struct InboxKey {
     pub device: DeviceId,
 }
 
+/// Set in the device id of a relay inbox (`InboxKey::relay`). Device ids
+/// are numbered from 1 per account and never reach it.
+pub const RELAY_DEVICE_BIT: u32 = 1 << 31;
+
+impl InboxKey {
+    /// The relay inbox for device `self`, kept on another shard's log: a
+    /// receipt bound for `self` from a device homed elsewhere is stored
+    /// there first, in the same commit as the Ack or ReadReceipt that made
+    /// it, then forwarded to `self`'s home shard, and acknowledged there once
+    /// that shard has stored it durably. Recovery forwards what was not.
+    pub fn relay(self) -> InboxKey {
+        InboxKey {
+            user: self.user,
+            device: DeviceId(self.device.0 | RELAY_DEVICE_BIT),
+        }
+    }
+
+    /// Whether this is a relay inbox, never a device's.
+    pub fn is_relay(self) -> bool {
+        self.device.0 & RELAY_DEVICE_BIT != 0
+    }
+
+    /// The device a relay inbox forwards to.
+    pub fn relayed_to(self) -> InboxKey {
+        InboxKey {
+            user: self.user,
+            device: DeviceId(self.device.0 & !RELAY_DEVICE_BIT),
+        }
+    }
+}
+
 impl fmt::Display for InboxKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.user, self.device)
+        if self.is_relay() {
+            write!(f, "{}/{} (relay)", self.user, self.relayed_to().device)
+        } else {
+            write!(f, "{}/{}", self.user, self.device)
+        }
     }
 }

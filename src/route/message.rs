@@ -24,6 +24,14 @@ pub struct ConnRef {
     pub id: u64,
 }
 
+/// A receipt in its origin shard's relay inbox (`InboxKey::relay`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayRef {
+    pub shard: ShardId,
+    pub inbox: InboxKey,
+    pub seq: u64,
+}
+
 /// Work one shard asks of another (the target is always the home shard of
 /// the user or device the request is about).
 #[derive(Debug)]
@@ -42,6 +50,11 @@ pub enum Request {
         kind: ReceiptKind,
         by: InboxKey,
         client_message_ids: Vec<u64>,
+        /// When the receipt arose on the origin shard.
+        timestamp_ms: u64,
+        /// Where the origin shard keeps it until it is stored here (`None`
+        /// if it could not keep it); answered with `Reply::Relayed`.
+        relay: Option<RelayRef>,
     },
     /// An authenticated connection moving to its device's home shard: the
     /// socket and the bytes already read past the Hello.
@@ -72,4 +85,7 @@ pub enum Reply {
         client_message_id: ClientMessageId,
         code: ErrorCode,
     },
+    /// A relayed receipt is durable in its recipient's inbox (or could not
+    /// be stored there, which is logged): the origin drops its copy.
+    Relayed { relay: RelayRef },
 }

@@ -35,7 +35,7 @@ use crate::metrics::ShardMetrics;
 use crate::net::conn::{CloseReason, Conn};
 use crate::proto::{error_frame, pb, ErrorCode, Frame, GoAwayReason};
 use crate::route::home_shard;
-use crate::route::message::{ConnRef, Reply, Request};
+use crate::route::message::{ConnRef, RelayRef, Reply, Request};
 use crate::session::AuthThrottle;
 use crate::store::{
     CommitTicket, Log, NewMessage, NewReceipt, ReceiptKind, StoreError, StoredEntry,
@@ -75,6 +75,8 @@ enum AfterCommit {
     },
     /// An inbox entry became durable: deliverable.
     Visible { inbox: InboxKey },
+    /// A relayed receipt became durable: its origin drops its copy.
+    Relayed(RelayRef),
 }
 
 pub struct Shard {
@@ -367,31 +369,14 @@ impl Shard {
             .filter(|&&s| s <= last_sent)
             .map(|&s| InboxSeq(s))
             .collect();
-        let outcome = self
+        // Delivered receipts are written before the ack record, one per
+        // sender device listing its message ids: a crash between the two
+        // then repeats a receipt (the message comes again and is acked
+        // again) instead of losing it.
+        let mut acked = self
             .log
-            .borrow_mut()
-            .ack(conn.device, InboxSeq(up_to), &list);
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(err) => {
-                error!(shard = %self.id, %err, "appending an ack record failed");
-                conn.enqueue(&error_frame(
-                    ErrorCode::StoreFailed,
-                    "ack not recorded",
-                    false,
-                ));
-                return Outbound::None;
-            }
-        };
-        conn.state
-            .borrow_mut()
-            .on_ack(ack.up_to_sequence, &ack.sequences);
-        self.metrics
-            .messages_acked
-            .add(outcome.acked_messages.len() as u64);
-        self.kick_commit();
-        // One delivered receipt per sender device, listing its message ids.
-        let mut acked = outcome.acked_messages;
+            .borrow()
+            .acked_messages(conn.device, InboxSeq(up_to), &list);
         acked.sort_by_key(|m| m.sender);
         let mut remote = Vec::new();
         let mut start = 0;
@@ -403,13 +388,32 @@ impl Shard {
                 .map(|m| m.client_message_id.0)
                 .collect();
             start = end;
-            let request = Request::StoreReceipt {
-                recipient: sender,
-                kind: ReceiptKind::Delivered,
-                by: conn.device,
-                client_message_ids: ids,
-            };
-            remote.extend(self.route(self.home_of(sender.user), request));
+            remote.extend(self.store_receipt(sender, ReceiptKind::Delivered, conn.device, ids));
+        }
+        let outcome = self
+            .log
+            .borrow_mut()
+            .ack(conn.device, InboxSeq(up_to), &list);
+        match outcome {
+            Ok(outcome) => {
+                conn.state
+                    .borrow_mut()
+                    .on_ack(ack.up_to_sequence, &ack.sequences);
+                self.metrics
+                    .messages_acked
+                    .add(outcome.acked_messages.len() as u64);
+                self.kick_commit();
+            }
+            Err(err) => {
+                // The receipts stand; the client acks again and they come
+                // twice.
+                error!(shard = %self.id, %err, "appending an ack record failed");
+                conn.enqueue(&error_frame(
+                    ErrorCode::StoreFailed,
+                    "ack not recorded",
+                    false,
+                ));
+            }
         }
         self.pump(conn);
         match remote.len() {
@@ -432,7 +436,8 @@ impl Shard {
             return Outbound::None;
         }
         let sender = UserId(read.sender_user_id);
-        if !self.meta.user_exists(sender) || read.client_message_ids.is_empty() {
+        let relay_device = read.sender_device_id & crate::ids::RELAY_DEVICE_BIT != 0;
+        if relay_device || !self.meta.user_exists(sender) || read.client_message_ids.is_empty() {
             conn.enqueue(&error_frame(
                 ErrorCode::UnknownRecipient,
                 "read receipt for an unknown sender",
@@ -440,18 +445,131 @@ impl Shard {
             ));
             return Outbound::None;
         }
-        let request = Request::StoreReceipt {
-            recipient: InboxKey {
-                user: sender,
-                device: DeviceId(read.sender_device_id),
-            },
-            kind: ReceiptKind::Read,
-            by: conn.device,
-            client_message_ids: read.client_message_ids,
+        let recipient = InboxKey {
+            user: sender,
+            device: DeviceId(read.sender_device_id),
         };
-        match self.route(self.home_of(sender), request) {
+        let ids = read.client_message_ids;
+        match self.store_receipt(recipient, ReceiptKind::Read, conn.device, ids) {
             Some((target, request)) => Outbound::One(target, request),
             None => Outbound::None,
+        }
+    }
+
+    /// Stores a receipt for `recipient` (a sender device), or returns the
+    /// request that stores it on that device's home shard.
+    ///
+    /// A receipt bound for another shard is first appended here, to the
+    /// relay inbox of `recipient`, in the same commit as the Ack or
+    /// ReadReceipt record that caused it; the home shard answers
+    /// `Reply::Relayed` once its copy is durable, and the relay entry is
+    /// acknowledged. After a crash, `forward_relayed` sends what is left
+    /// again: a receipt is never lost while its cause is kept, and may
+    /// arrive twice (receipts are idempotent to the client).
+    fn store_receipt(
+        self: &Rc<Self>,
+        recipient: InboxKey,
+        kind: ReceiptKind,
+        by: InboxKey,
+        client_message_ids: Vec<u64>,
+    ) -> Option<(ShardId, Request)> {
+        let home = self.home_of(recipient.user);
+        let appended = if home == self.id {
+            None
+        } else {
+            let kept = self.log.borrow_mut().append_receipt(&NewReceipt {
+                recipient: recipient.relay(),
+                kind,
+                by,
+                client_message_ids: &client_message_ids,
+                timestamp_ms: None,
+            });
+            match kept {
+                Ok(appended) => Some(appended),
+                Err(err) => {
+                    // Forwarded all the same; only a crash before the
+                    // home shard's commit could lose it now.
+                    warn!(shard = %self.id, %err, %recipient, "receipt not kept for relay");
+                    None
+                }
+            }
+        };
+        let request = Request::StoreReceipt {
+            recipient,
+            kind,
+            by,
+            client_message_ids,
+            timestamp_ms: appended.map_or_else(|| self.now_ms(), |a| a.timestamp_ms),
+            relay: appended.map(|a| RelayRef {
+                shard: self.id,
+                inbox: recipient.relay(),
+                seq: a.seq.0,
+            }),
+        };
+        self.route(home, request)
+    }
+
+    /// Forwards the receipts left in this shard's relay inboxes (a crash
+    /// came between their cause's commit and their home shard's). Runs
+    /// once at start, with every shard's channels connected.
+    pub async fn forward_relayed(self: &Rc<Self>) {
+        // Only what recovery found: receipts relayed from now on are
+        // forwarded as they arise.
+        let inboxes: Vec<(InboxKey, InboxSeq)> = {
+            let log = self.log.borrow();
+            log.relay_inboxes()
+                .into_iter()
+                .map(|inbox| (inbox, log.last_seq(inbox)))
+                .collect()
+        };
+        let mut positions = Vec::new();
+        let mut forwarded = 0u64;
+        for (inbox, last) in inboxes {
+            let mut after = InboxSeq(0);
+            while after < last {
+                positions.clear();
+                self.log
+                    .borrow()
+                    .pending_after(inbox, after, 64, &mut positions);
+                if positions.is_empty() {
+                    break;
+                }
+                for &(seq, position) in positions.iter() {
+                    if seq > last {
+                        after = last;
+                        break;
+                    }
+                    after = seq;
+                    let entry = self.log.borrow().read_for(inbox, position);
+                    let receipt = match entry {
+                        Ok(Some(StoredEntry::Receipt(r))) => r,
+                        Ok(_) => continue,
+                        Err(err) => {
+                            error!(shard = %self.id, %inbox, seq = seq.0, %err, "unreadable relayed receipt skipped");
+                            continue;
+                        }
+                    };
+                    let recipient = inbox.relayed_to();
+                    let request = Request::StoreReceipt {
+                        recipient,
+                        kind: receipt.kind,
+                        by: receipt.by,
+                        client_message_ids: receipt.client_message_ids,
+                        timestamp_ms: receipt.timestamp_ms,
+                        relay: Some(RelayRef {
+                            shard: self.id,
+                            inbox,
+                            seq: seq.0,
+                        }),
+                    };
+                    self.route_request(self.home_of(recipient.user), request)
+                        .await;
+                    forwarded += 1;
+                }
+            }
+        }
+        if forwarded > 0 {
+            warn!(shard = %self.id, forwarded, "receipts relayed again after a restart");
         }
     }
 
@@ -549,12 +667,15 @@ impl Shard {
                 kind,
                 by,
                 client_message_ids,
+                timestamp_ms,
+                relay,
             } => {
                 let appended = self.log.borrow_mut().append_receipt(&NewReceipt {
                     recipient,
                     kind,
                     by,
                     client_message_ids: &client_message_ids,
+                    timestamp_ms: Some(timestamp_ms),
                 });
                 match appended {
                     Ok(appended) => {
@@ -562,10 +683,16 @@ impl Shard {
                             appended.ticket,
                             AfterCommit::Visible { inbox: recipient },
                         );
+                        if let Some(relay) = relay {
+                            self.push_after_commit(appended.ticket, AfterCommit::Relayed(relay));
+                        }
                     }
                     Err(err) => {
                         // The acked messages stay acked; only the tick is lost.
                         warn!(shard = %self.id, %err, %recipient, "receipt not stored");
+                        if let Some(relay) = relay {
+                            self.send_reply(Reply::Relayed { relay });
+                        }
                     }
                 }
             }
@@ -596,14 +723,15 @@ impl Shard {
 
     /// Sends a reply to the origin's shard, or applies it here.
     fn send_reply(self: &Rc<Self>, reply: Reply) {
-        let origin = match &reply {
-            Reply::Stored { origin, .. } | Reply::Refused { origin, .. } => *origin,
+        let target = match &reply {
+            Reply::Stored { origin, .. } | Reply::Refused { origin, .. } => origin.shard,
+            Reply::Relayed { relay } => relay.shard,
         };
-        if origin.shard == self.id {
+        if target == self.id {
             self.on_reply(reply);
             return;
         }
-        let sender = self.replies[origin.shard.0 as usize]
+        let sender = self.replies[target.0 as usize]
             .as_ref()
             .expect("a channel to every other shard");
         // Reply receivers never wait on anything, so a full reply channel
@@ -612,7 +740,7 @@ impl Shard {
         if let Some(reply) = sender.try_send(reply).err().and_then(channel_item) {
             let shard = self.clone();
             glommio::spawn_local(async move {
-                let sender = shard.replies[origin.shard.0 as usize]
+                let sender = shard.replies[target.0 as usize]
                     .as_ref()
                     .expect("a channel to every other shard");
                 let _ = sender.send(reply).await;
@@ -621,9 +749,22 @@ impl Shard {
         }
     }
 
-    /// A reply for one of this shard's connections.
+    /// A reply for one of this shard's connections, or for a relayed
+    /// receipt kept here.
     pub fn on_reply(&self, reply: Reply) {
         let (origin, frame) = match reply {
+            Reply::Relayed { relay } => {
+                let acked =
+                    self.log
+                        .borrow_mut()
+                        .ack(relay.inbox, InboxSeq(0), &[InboxSeq(relay.seq)]);
+                if let Err(err) = acked {
+                    // Kept, and forwarded again after a restart.
+                    warn!(shard = %self.id, %err, inbox = %relay.inbox, "relayed receipt not dropped");
+                }
+                self.kick_commit();
+                return;
+            }
             Reply::Stored {
                 origin,
                 client_message_id,
@@ -696,6 +837,7 @@ impl Shard {
                         self.pump(&conn);
                     }
                 }
+                AfterCommit::Relayed(relay) => self.send_reply(Reply::Relayed { relay }),
             }
         }
     }

@@ -323,6 +323,9 @@ async fn shard_main(start: ShardStart) {
     }
     glommio::spawn_local(shard.clone().commit_loop()).detach();
     glommio::spawn_local(maintenance(shard.clone(), start.stop.clone())).detach();
+    // Receipts a crash left between this shard and their home shard.
+    let relaying = shard.clone();
+    glommio::spawn_local(async move { relaying.forward_relayed().await }).detach();
 
     // Accepted sockets inherit TCP_NODELAY from the listener.
     if let Err(err) = socket::setsockopt(&start.listener, sockopt::TcpNoDelay, &true) {

@@ -546,7 +546,7 @@ impl Log {
     }
 
     pub fn append_receipt(&mut self, receipt: &NewReceipt<'_>) -> Result<Appended, StoreError> {
-        let now = self.now_ms();
+        let now = receipt.timestamp_ms.unwrap_or_else(|| self.now_ms());
         let expires_ms = now.saturating_add(self.ttl_ms);
         let seq = self.next_seq(receipt.recipient);
         let mut ids = std::mem::take(&mut self.scratch);
@@ -788,30 +788,68 @@ impl Log {
             removed: removed.len() as u32,
             ticket: CommitTicket(ticket),
         };
-        for e in &removed {
-            match self.record_at(e.position()) {
-                Ok(Record::Message {
-                    sender,
-                    client_message_id,
-                    ..
-                })
-                | Ok(Record::MultiMessage {
-                    sender,
-                    client_message_id,
-                    ..
-                }) => outcome.acked_messages.push(AckedMessage {
-                    sender,
-                    client_message_id,
-                }),
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "acked entry no longer reads back");
-                }
-            }
-        }
+        outcome
+            .acked_messages
+            .extend(removed.iter().filter_map(|e| self.message_of(e)));
         self.removed_scratch = removed;
         self.reclaim_logged();
         Ok(outcome)
+    }
+
+    /// The messages (not receipts) an `ack` with these arguments would
+    /// remove, in inbox order, without removing them: a caller that must
+    /// write what the ack causes before the ack record (delivered receipts)
+    /// reads them here first.
+    pub fn acked_messages(
+        &self,
+        inbox: InboxKey,
+        up_to: InboxSeq,
+        list: &[InboxSeq],
+    ) -> Vec<AckedMessage> {
+        let Some(i) = self.state.inboxes.get(&inbox) else {
+            return Vec::new();
+        };
+        let mut out: Vec<AckedMessage> = i
+            .iter()
+            .take_while(|e| e.seq <= up_to.0)
+            .filter_map(|e| self.message_of(e))
+            .collect();
+        let mut listed: Vec<u64> = list.iter().map(|s| s.0).filter(|&s| s > up_to.0).collect();
+        listed.sort_unstable();
+        listed.dedup();
+        out.extend(
+            listed
+                .into_iter()
+                .filter_map(|s| i.get(s))
+                .filter_map(|e| self.message_of(&e)),
+        );
+        out
+    }
+
+    /// The sender and client id of the message at an inbox entry (`None`
+    /// for a receipt, or a record that no longer reads back, which is
+    /// logged).
+    fn message_of(&self, entry: &Entry) -> Option<AckedMessage> {
+        match self.record_at(entry.position()) {
+            Ok(Record::Message {
+                sender,
+                client_message_id,
+                ..
+            })
+            | Ok(Record::MultiMessage {
+                sender,
+                client_message_id,
+                ..
+            }) => Some(AckedMessage {
+                sender,
+                client_message_id,
+            }),
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(%error, "acked entry no longer reads back");
+                None
+            }
+        }
     }
 
     fn record_at(&self, position: LogPosition) -> Result<Record<'_>, StoreError> {
@@ -861,6 +899,17 @@ impl Log {
     }
 
     /// Pending (unacknowledged, unexpired) entries of `inbox`.
+    /// Relay inboxes (`InboxKey::relay`) holding entries: receipts stored
+    /// here and not yet acknowledged by their recipient's home shard.
+    pub fn relay_inboxes(&self) -> Vec<InboxKey> {
+        self.state
+            .inboxes
+            .iter()
+            .filter(|(key, inbox)| key.is_relay() && inbox.pending() > 0)
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
     pub fn pending_count(&self, inbox: InboxKey) -> u64 {
         let Some(i) = self.state.inboxes.get(&inbox) else {
             return 0;

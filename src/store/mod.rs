@@ -130,6 +130,9 @@ pub struct NewReceipt<'a> {
     pub kind: ReceiptKind,
     pub by: InboxKey,
     pub client_message_ids: &'a [u64],
+    /// When the receipt arose (a relayed receipt keeps its first time);
+    /// `None`: now.
+    pub timestamp_ms: Option<u64>,
 }
 
 /// What an append assigned.
