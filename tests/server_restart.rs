@@ -249,8 +249,12 @@ fn delivered_receipts_across_shards_survive_a_crash() {
                 ),
             }
         }
+        let (_, metrics) = common::admin_get(server.admin, "/metrics");
+        let relayed_again =
+            common::metric_sum(&metrics, "switchboard_receipts_relayed_again_total", "");
         eprintln!(
-            "round {round}: {} acknowledged before the kill, every receipt arrived",
+            "round {round}: {} acknowledged before the kill, {relayed_again} receipts \
+             relayed again at the restart, every receipt arrived",
             acked_before.len()
         );
     }

@@ -272,6 +272,9 @@ pub struct ShardMetrics {
     pub messages_expired: Counter,
     /// Delivered and read receipts sent to senders.
     pub receipts_sent: Counter,
+    /// Receipts forwarded again at start from this shard's relay inboxes
+    /// (a crash came before their home shard had stored them).
+    pub receipts_relayed_again: Counter,
     /// Undelivered entries across this shard's inboxes (gauge).
     pub inbox_depth: Gauge,
     /// Bytes held by this shard's log segments (gauge).
@@ -524,6 +527,12 @@ impl Registry {
             "switchboard_receipts_sent_total",
             "Delivered and read receipts sent to senders.",
             |m| m.receipts_sent.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_receipts_relayed_again_total",
+            "Receipts forwarded again at start: a crash came before their home shard stored them.",
+            |m| m.receipts_relayed_again.get(),
         );
         self.gauge(
             out,

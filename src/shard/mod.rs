@@ -564,6 +564,7 @@ impl Shard {
                     };
                     self.route_request(self.home_of(recipient.user), request)
                         .await;
+                    self.metrics.receipts_relayed_again.inc();
                     forwarded += 1;
                 }
             }
