@@ -171,6 +171,17 @@ fn delivered_receipts_across_shards_survive_a_crash() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
+    receipts_across_a_restart(rounds, false);
+}
+
+/// The same with SIGTERM: the shards drain together, so every relayed
+/// receipt is stored before the exit and none is sent again at the start.
+#[test]
+fn a_graceful_stop_settles_relayed_receipts_before_it_exits() {
+    receipts_across_a_restart(2, true);
+}
+
+fn receipts_across_a_restart(rounds: u64, graceful: bool) {
     const M: u64 = 4_000;
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), |c| {
@@ -199,7 +210,11 @@ fn delivered_receipts_across_shards_survive_a_crash() {
             std::thread::spawn(move || ack_until_killed(addr, &bob))
         };
         std::thread::sleep(Duration::from_millis(20 + 30 * round));
-        server.kill9();
+        if graceful {
+            assert_eq!(server.terminate(), Some(0), "clean exit on SIGTERM");
+        } else {
+            server.kill9();
+        }
         let acked_before = acker.join().unwrap();
         server.launch();
         // The recipient takes what is left (what it acked may come again).
@@ -252,6 +267,12 @@ fn delivered_receipts_across_shards_survive_a_crash() {
         let (_, metrics) = common::admin_get(server.admin, "/metrics");
         let relayed_again =
             common::metric_sum(&metrics, "switchboard_receipts_relayed_again_total", "");
+        if graceful {
+            assert_eq!(
+                relayed_again, 0.0,
+                "round {round}: a graceful stop left receipts to relay"
+            );
+        }
         eprintln!(
             "round {round}: {} acknowledged before the kill, {relayed_again} receipts \
              relayed again at the restart, every receipt arrived",

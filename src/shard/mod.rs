@@ -1066,4 +1066,10 @@ impl Shard {
     pub fn commits_settled(&self) -> bool {
         self.pending.borrow().is_empty()
     }
+
+    /// Whether every receipt relayed from here was stored by its home shard
+    /// (a graceful stop waits for it, so a restart repeats none).
+    pub fn relays_settled(&self) -> bool {
+        self.log.borrow().relay_inboxes().is_empty()
+    }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,9 @@ struct ShardStart {
     reply_senders: Vec<Option<SharedSender<Reply>>>,
     reply_receivers: Vec<Option<SharedReceiver<Reply>>>,
     stop: Arc<AtomicBool>,
+    /// Shards still draining after a stop: each stays up, answering the
+    /// others' requests (receipts relayed to it), until it reaches 0.
+    draining: Arc<AtomicU32>,
     ready: crossbeam_channel::Sender<Result<ShardId, String>>,
 }
 
@@ -165,6 +168,7 @@ pub fn run(
     let cpus = usable_cpus();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded(shards as usize);
     let mut handles = Vec::new();
+    let draining = Arc::new(AtomicU32::new(shards));
     for (index, listener) in listeners.into_iter().enumerate() {
         let start = ShardStart {
             id: ShardId(index as u32),
@@ -178,6 +182,7 @@ pub fn run(
             reply_senders: std::mem::take(&mut rep_tx[index]),
             reply_receivers: std::mem::take(&mut rep_rx[index]),
             stop: stop.clone(),
+            draining: draining.clone(),
             ready: ready_tx.clone(),
         };
         // Placement: one shard per usable CPU when pinning (the thread-per-
@@ -351,12 +356,20 @@ async fn shard_main(start: ShardStart) {
     crate::net::go_away_all(&shard);
     let deadline =
         Instant::now() + Duration::from_millis(start.config.limits.shutdown_deadline_ms as u64);
+    let mut drained = false;
     while Instant::now() < deadline {
         shard.kick_commit();
-        if shard.commits_settled()
+        if !drained
+            && shard.commits_settled()
+            && shard.relays_settled()
             && shard.sockets.session_count() == 0
             && shard.sockets.connections() == 0
         {
+            drained = true;
+            start.draining.fetch_sub(1, Ordering::SeqCst);
+        }
+        // Drained, a shard still answers the others until they are too.
+        if drained && start.draining.load(Ordering::SeqCst) == 0 {
             break;
         }
         glommio::timer::sleep(Duration::from_millis(10)).await;
