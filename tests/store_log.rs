@@ -688,15 +688,16 @@ fn random_operations_agree_with_a_model_across_reopens() {
 
 #[test]
 fn relay_inboxes_hold_receipts_until_acknowledged_and_survive_reopen() {
+    use switchboard::shard::{relay_ids, split_relay_ids};
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let config = config(Durability::Os);
     let (alice, bob) = (key(1, 1), key(2, 1));
-    let relay = alice.relay();
+    // One relay inbox for every device homed on shard 1.
+    let relay = InboxKey::relay_to_shard(ShardId(1));
     // A relayed receipt keeps the time it arose.
     let then = switchboard::store::Clock::now_ms(&*clock) - 5_000;
     assert!(relay.is_relay() && !alice.is_relay());
-    assert_eq!(relay.relayed_to(), alice);
     {
         let mut log = open(dir.path(), &config, &clock);
         for id in [[7u64], [8]] {
@@ -704,7 +705,7 @@ fn relay_inboxes_hold_receipts_until_acknowledged_and_survive_reopen() {
                 recipient: relay,
                 kind: ReceiptKind::Delivered,
                 by: bob,
-                client_message_ids: &id,
+                client_message_ids: &relay_ids(alice, &id),
                 timestamp_ms: Some(then),
             })
             .unwrap();
@@ -714,7 +715,8 @@ fn relay_inboxes_hold_receipts_until_acknowledged_and_survive_reopen() {
         log.ack(relay, InboxSeq(0), &[InboxSeq(1)]).unwrap();
         assert_eq!(log.pending_count(relay), 1);
     }
-    // After a restart the second is still there to forward, with its time.
+    // After a restart the second is still there to forward, with its
+    // recipient and its time.
     let log = open(dir.path(), &config, &clock);
     assert_eq!(log.relay_inboxes(), vec![relay]);
     let entries = pending(&log, relay);
@@ -722,10 +724,13 @@ fn relay_inboxes_hold_receipts_until_acknowledged_and_survive_reopen() {
     match log.read_for(relay, entries[0].1).unwrap() {
         Some(switchboard::store::StoredEntry::Receipt(r)) => {
             assert_eq!(r.seq, InboxSeq(2));
-            assert_eq!(r.client_message_ids, vec![8]);
+            let (recipient, ids) = split_relay_ids(&r.client_message_ids).unwrap();
+            assert_eq!(recipient, alice);
+            assert_eq!(ids, &[8]);
             assert_eq!(r.timestamp_ms, then);
             assert_eq!(r.by, bob);
         }
         other => panic!("expected the relayed receipt, got {other:?}"),
     }
+    assert!(split_relay_ids(&[1]).is_none());
 }

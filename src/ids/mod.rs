@@ -53,15 +53,16 @@ pub struct InboxKey {
 pub const RELAY_DEVICE_BIT: u32 = 1 << 31;
 
 impl InboxKey {
-    /// The relay inbox for device `self`, kept on another shard's log: a
-    /// receipt bound for `self` from a device homed elsewhere is stored
-    /// there first, in the same commit as the Ack or ReadReceipt that made
-    /// it, then forwarded to `self`'s home shard, and acknowledged there once
-    /// that shard has stored it durably. Recovery forwards what was not.
-    pub fn relay(self) -> InboxKey {
+    /// The relay inbox, in a shard's log, of receipts bound for devices
+    /// homed on shard `to`: a receipt caused here (an Ack, a ReadReceipt)
+    /// for a device homed there is stored here first, in the same commit as
+    /// its cause, then forwarded, and acknowledged once that shard has
+    /// stored it durably; recovery forwards what was not. One per target
+    /// shard, so its memory does not grow with the users.
+    pub fn relay_to_shard(to: ShardId) -> InboxKey {
         InboxKey {
-            user: self.user,
-            device: DeviceId(self.device.0 | RELAY_DEVICE_BIT),
+            user: UserId(to.0 as u64),
+            device: DeviceId(RELAY_DEVICE_BIT),
         }
     }
 
@@ -69,20 +70,12 @@ impl InboxKey {
     pub fn is_relay(self) -> bool {
         self.device.0 & RELAY_DEVICE_BIT != 0
     }
-
-    /// The device a relay inbox forwards to.
-    pub fn relayed_to(self) -> InboxKey {
-        InboxKey {
-            user: self.user,
-            device: DeviceId(self.device.0 & !RELAY_DEVICE_BIT),
-        }
-    }
 }
 
 impl fmt::Display for InboxKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_relay() {
-            write!(f, "{}/{} (relay)", self.user, self.relayed_to().device)
+            write!(f, "relay to shard {}", self.user)
         } else {
             write!(f, "{}/{}", self.user, self.device)
         }

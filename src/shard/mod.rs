@@ -41,6 +41,31 @@ use crate::store::{
     CommitTicket, Log, NewMessage, NewReceipt, ReceiptKind, StoreError, StoredEntry,
 };
 
+/// The id list of a relay entry: the recipient device (user, device), then
+/// the receipt's client message ids. A relay inbox serves every device of
+/// its target shard, so each entry names its own.
+pub fn relay_ids(recipient: InboxKey, client_message_ids: &[u64]) -> Vec<u64> {
+    let mut ids = Vec::with_capacity(client_message_ids.len() + 2);
+    ids.push(recipient.user.0);
+    ids.push(recipient.device.0 as u64);
+    ids.extend_from_slice(client_message_ids);
+    ids
+}
+
+/// Reads back `relay_ids`: the recipient and the message ids.
+pub fn split_relay_ids(ids: &[u64]) -> Option<(InboxKey, &[u64])> {
+    match ids {
+        [user, device, rest @ ..] => Some((
+            InboxKey {
+                user: UserId(*user),
+                device: DeviceId(u32::try_from(*device).ok()?),
+            },
+            rest,
+        )),
+        _ => None,
+    }
+}
+
 /// The device every v1 message is addressed to: registration creates device
 /// 1 and v1 has no call that adds devices. Multi-device Sends will carry one
 /// payload per device (`Send.device_payloads`).
@@ -460,8 +485,9 @@ impl Shard {
     /// request that stores it on that device's home shard.
     ///
     /// A receipt bound for another shard is first appended here, to the
-    /// relay inbox of `recipient`, in the same commit as the Ack or
-    /// ReadReceipt record that caused it; the home shard answers
+    /// relay inbox of that shard (`InboxKey::relay_to_shard`; its id list
+    /// led by `recipient`, see `relay_ids`), in the same commit as the Ack
+    /// or ReadReceipt record that caused it; the home shard answers
     /// `Reply::Relayed` once its copy is durable, and the relay entry is
     /// acknowledged. After a crash, `forward_relayed` sends what is left
     /// again: a receipt is never lost while its cause is kept, and may
@@ -474,14 +500,15 @@ impl Shard {
         client_message_ids: Vec<u64>,
     ) -> Option<(ShardId, Request)> {
         let home = self.home_of(recipient.user);
+        let relay_inbox = InboxKey::relay_to_shard(home);
         let appended = if home == self.id {
             None
         } else {
             let kept = self.log.borrow_mut().append_receipt(&NewReceipt {
-                recipient: recipient.relay(),
+                recipient: relay_inbox,
                 kind,
                 by,
-                client_message_ids: &client_message_ids,
+                client_message_ids: &relay_ids(recipient, &client_message_ids),
                 timestamp_ms: None,
             });
             match kept {
@@ -502,7 +529,7 @@ impl Shard {
             timestamp_ms: appended.map_or_else(|| self.now_ms(), |a| a.timestamp_ms),
             relay: appended.map(|a| RelayRef {
                 shard: self.id,
-                inbox: recipient.relay(),
+                inbox: relay_inbox,
                 seq: a.seq.0,
             }),
         };
@@ -549,12 +576,16 @@ impl Shard {
                             continue;
                         }
                     };
-                    let recipient = inbox.relayed_to();
+                    let Some((recipient, ids)) = split_relay_ids(&receipt.client_message_ids)
+                    else {
+                        error!(shard = %self.id, %inbox, seq = seq.0, "relayed receipt without its recipient skipped");
+                        continue;
+                    };
                     let request = Request::StoreReceipt {
                         recipient,
                         kind: receipt.kind,
                         by: receipt.by,
-                        client_message_ids: receipt.client_message_ids,
+                        client_message_ids: ids.to_vec(),
                         timestamp_ms: receipt.timestamp_ms,
                         relay: Some(RelayRef {
                             shard: self.id,
