@@ -85,7 +85,13 @@ pub enum Reply {
         client_message_id: ClientMessageId,
         code: ErrorCode,
     },
-    /// A relayed receipt is durable in its recipient's inbox (or could not
-    /// be stored there, which is logged): the origin drops its copy.
-    Relayed { relay: RelayRef },
+    /// Relayed receipts are durable in their recipients' inboxes (or could
+    /// not be stored there, which is logged): the origin `shard` drops its
+    /// copies, the entries `seqs` of its relay inbox `inbox`. One reply per
+    /// commit batch and relay inbox.
+    Relayed {
+        shard: ShardId,
+        inbox: InboxKey,
+        seqs: Vec<u64>,
+    },
 }

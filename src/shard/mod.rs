@@ -723,7 +723,11 @@ impl Shard {
                         // The acked messages stay acked; only the tick is lost.
                         warn!(shard = %self.id, %err, %recipient, "receipt not stored");
                         if let Some(relay) = relay {
-                            self.send_reply(Reply::Relayed { relay });
+                            self.send_reply(Reply::Relayed {
+                                shard: relay.shard,
+                                inbox: relay.inbox,
+                                seqs: vec![relay.seq],
+                            });
                         }
                     }
                 }
@@ -757,7 +761,7 @@ impl Shard {
     fn send_reply(self: &Rc<Self>, reply: Reply) {
         let target = match &reply {
             Reply::Stored { origin, .. } | Reply::Refused { origin, .. } => origin.shard,
-            Reply::Relayed { relay } => relay.shard,
+            Reply::Relayed { shard, .. } => *shard,
         };
         if target == self.id {
             self.on_reply(reply);
@@ -785,14 +789,12 @@ impl Shard {
     /// receipt kept here.
     pub fn on_reply(&self, reply: Reply) {
         let (origin, frame) = match reply {
-            Reply::Relayed { relay } => {
-                let acked =
-                    self.log
-                        .borrow_mut()
-                        .ack(relay.inbox, InboxSeq(0), &[InboxSeq(relay.seq)]);
+            Reply::Relayed { inbox, seqs, .. } => {
+                let seqs: Vec<InboxSeq> = seqs.into_iter().map(InboxSeq).collect();
+                let acked = self.log.borrow_mut().ack(inbox, InboxSeq(0), &seqs);
                 if let Err(err) = acked {
                     // Kept, and forwarded again after a restart.
-                    warn!(shard = %self.id, %err, inbox = %relay.inbox, "relayed receipt not dropped");
+                    warn!(shard = %self.id, %err, %inbox, "relayed receipts not dropped");
                 }
                 self.kick_commit();
                 return;
@@ -842,6 +844,9 @@ impl Shard {
     /// Runs every action whose record is now durable, in commit order.
     pub fn drain_durable(self: &Rc<Self>) {
         let durable = self.log.borrow().durable_ticket();
+        // Relayed receipts now durable, answered once per origin and relay
+        // inbox after the loop.
+        let mut relayed: Vec<RelayRef> = Vec::new();
         loop {
             let next = {
                 let mut pending = self.pending.borrow_mut();
@@ -869,7 +874,19 @@ impl Shard {
                         self.pump(&conn);
                     }
                 }
-                AfterCommit::Relayed(relay) => self.send_reply(Reply::Relayed { relay }),
+                AfterCommit::Relayed(relay) => relayed.push(relay),
+            }
+        }
+        relayed.sort_by_key(|r| (r.shard, r.inbox, r.seq));
+        for group in relayed.chunk_by(|a, b| (a.shard, a.inbox) == (b.shard, b.inbox)) {
+            // Bounded ack records: at most `ids_per_frame_max` per reply.
+            let chunk = self.config.limits.ids_per_frame_max.max(1) as usize;
+            for part in group.chunks(chunk) {
+                self.send_reply(Reply::Relayed {
+                    shard: part[0].shard,
+                    inbox: part[0].inbox,
+                    seqs: part.iter().map(|r| r.seq).collect(),
+                });
             }
         }
     }
