@@ -424,9 +424,8 @@ impl Shard {
                 conn.state
                     .borrow_mut()
                     .on_ack(ack.up_to_sequence, &ack.sequences);
-                self.metrics
-                    .messages_acked
-                    .add(outcome.acked_messages.len() as u64);
+                debug_assert!(outcome.removed as usize >= acked.len());
+                self.metrics.messages_acked.add(acked.len() as u64);
                 self.kick_commit();
             }
             Err(err) => {

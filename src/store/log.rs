@@ -783,14 +783,12 @@ impl Log {
             &mut removed,
         );
         self.scratch = enc;
-        let mut outcome = AckOutcome {
-            acked_messages: Vec::new(),
+        // Which of them were messages, and from whom, is
+        // `acked_messages`, read before the ack by the caller that needs it.
+        let outcome = AckOutcome {
             removed: removed.len() as u32,
             ticket: CommitTicket(ticket),
         };
-        outcome
-            .acked_messages
-            .extend(removed.iter().filter_map(|e| self.message_of(e)));
         self.removed_scratch = removed;
         self.reclaim_logged();
         Ok(outcome)

@@ -189,9 +189,8 @@ pub struct AckedMessage {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AckOutcome {
-    /// Messages (not receipts) removed, in inbox order.
-    pub acked_messages: Vec<AckedMessage>,
-    /// Entries (messages and receipts) removed.
+    /// Entries (messages and receipts) removed. The messages among them
+    /// are what `Log::acked_messages` returned just before.
     pub removed: u32,
     /// Ticket of the ack record; the ack is durable at this ticket.
     pub ticket: CommitTicket,
