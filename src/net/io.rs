@@ -106,12 +106,12 @@ struct Releasing {
 /// So the earlier session is marked superseded (its frames are handled
 /// whatever its socket and in-flight bounds say, up to twice its output
 /// bound, and frames it set aside are handled now, its reading resumed),
-/// and the new one opens after at least one
-/// more poll of the ring, whose events are handled before deferred opens:
-/// every byte that reached the old socket before the new session was
-/// authenticated is handled first. An earlier session that cannot finish
-/// (its requests wait for room in a full shard channel) delays the open by
-/// at most `OPENING_TURNS_MAX` turns.
+/// and the new one opens after at least one more poll of the ring, whose
+/// events are handled before deferred opens: every byte that reached the
+/// old socket before the new session was authenticated is handled first.
+/// An earlier session that cannot finish (its requests wait for room in a
+/// full shard channel) delays the open by at most `OPENING_TURNS_MAX`
+/// turns.
 struct Opening {
     device: InboxKey,
     version: u32,
