@@ -225,7 +225,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shards = config.shard_count();
     let metrics: Vec<Arc<ShardMetrics>> =
         (0..shards).map(|_| Arc::new(ShardMetrics::new())).collect();
-    let registry = Arc::new(Registry::from_shards(metrics.clone()));
+    let registry = Arc::new(
+        Registry::from_shards(metrics.clone())
+            .with_stall_limit_ms(u64::from(config.server.shard_stall_ready_ms)),
+    );
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();

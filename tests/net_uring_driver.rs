@@ -64,6 +64,33 @@ async fn run_until(
     }
 }
 
+/// Runs the driver's loop with no timer, so only the driver's own wake-ups
+/// (the eventfd, its notifier) move it, until one frame has been echoed
+/// (from `only`, if given); fails if the loop is not woken within 5 s.
+async fn echo_woken_by_the_ring_alone(driver: &mut Driver, only: Option<ConnId>, what: &str) {
+    let notifier = driver.notifier();
+    let mut events = Vec::new();
+    let mut echoed = false;
+    while !echoed {
+        glommio::timer::timeout(Duration::from_secs(5), async {
+            notifier.wait().await;
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the loop was not woken (work left parked)"));
+        driver.poll_events(&mut events).expect("poll");
+        for event in events.drain(..) {
+            if let Event::Data { conn, frames } = event {
+                if let Some(only) = only {
+                    assert_eq!(conn, only, "only that peer talks");
+                }
+                driver.send(conn, frames).expect("send");
+                echoed = true;
+            }
+        }
+    }
+}
+
 /// Echo with flow control: a refused frame is held and the connection
 /// paused until `Writable`, so nothing is dropped and memory stays bounded.
 #[derive(Default)]
@@ -174,25 +201,7 @@ fn completions_wake_the_executor(mode: SetupMode) {
             stream.read_exact(&mut back).expect("echo");
             back
         });
-        let notifier = driver.notifier();
-        let mut events = Vec::new();
-        let mut echoed = false;
-        // No timer here: only the eventfd can wake this loop.
-        while !echoed {
-            glommio::timer::timeout(Duration::from_secs(5), async {
-                notifier.wait().await;
-                Ok(())
-            })
-            .await
-            .expect("woken by the ring");
-            driver.poll_events(&mut events).expect("poll");
-            for event in events.drain(..) {
-                if let Event::Data { conn, frames } = event {
-                    driver.send(conn, frames).expect("send");
-                    echoed = true;
-                }
-            }
-        }
+        echo_woken_by_the_ring_alone(&mut driver, None, &format!("{mode:?}")).await;
         // Flush the echo.
         run_until(
             &mut driver,
@@ -876,5 +885,81 @@ fn half_close_reports_input_closed_and_the_socket_still_takes_output() {
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).unwrap();
         assert_eq!(reply, frame(b"answer"));
+    });
+}
+
+#[test]
+fn a_burst_of_closes_larger_than_one_enters_work_still_wakes_the_loop() {
+    // A DEFER_TASKRUN ring runs at most 20 items of deferred work per enter.
+    // It signals its eventfd when such work is queued on an empty list or
+    // when an enter posts completions, and a poll wake-up that finds no
+    // data posts none. Each socket here gets a last frame and a half-close;
+    // the peer's ACK of the FIN wakes the socket's armed receive with
+    // nothing to read, so a burst of them is deferred work that signals
+    // nothing. The loop must see the work left (IORING_SQ_TASKRUN) and turn
+    // again, or it parks for good, as a shard did when 100 handshakes timed
+    // out together. Without that check this fails on every run here.
+    for mode in [
+        SetupMode::DeferTaskrun,
+        SetupMode::CoopTaskrun,
+        SetupMode::Plain,
+    ] {
+        burst_of_closes_wakes_the_loop(mode, 300);
+    }
+}
+
+fn burst_of_closes_wakes_the_loop(mode: SetupMode, count: usize) {
+    executor().run(async move {
+        let mut config = DriverConfig::for_tests();
+        config.ring_mode_max = mode;
+        // Longer than the test: no linger timeout may post a completion
+        // (and so signal the eventfd) before the echo is in.
+        config.linger = Duration::from_secs(30);
+        let mut driver = Driver::new(config).expect("driver");
+        let (fd, addr) = listener();
+        driver.listen(fd).expect("listen");
+        // More connects than the listen backlog: they come from another
+        // thread while this one accepts.
+        let connecting = std::thread::spawn(move || {
+            (0..=count)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect::<Vec<_>>()
+        });
+        let mut accepted = Vec::new();
+        run_until(&mut driver, Duration::from_secs(10), |_, event| {
+            if let Some(Event::Accepted { conn, .. }) = event {
+                accepted.push(conn);
+            }
+            accepted.len() == count + 1
+        })
+        .await;
+        let clients = connecting.join().expect("connects");
+        // The last connection stays open and talks after the burst; the
+        // others are silent peers that never read or close.
+        let live = accepted.pop().expect("one more than the burst");
+        let mut talker = clients[count].try_clone().expect("clone");
+        // What the server does to a handshake that timed out: a last
+        // frame, then a flushing close.
+        for conn in &accepted {
+            driver
+                .send(*conn, Bytes::from(frame(b"timed out")))
+                .expect("send");
+            driver.close(*conn, CloseMode::Flush).expect("close");
+        }
+        let client = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            talker.write_all(&frame(b"still there?")).expect("write");
+            let mut back = [0u8; 16];
+            talker.read_exact(&mut back).expect("echo");
+        });
+        echo_woken_by_the_ring_alone(&mut driver, Some(live), &format!("{mode:?}")).await;
+        run_until(
+            &mut driver,
+            Duration::from_secs(5),
+            until(|_| client.is_finished()),
+        )
+        .await;
+        client.join().expect("echo read back");
+        drop(clients);
     });
 }

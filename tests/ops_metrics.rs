@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard::metrics::{serve_admin, Registry, ADMIN_REQUEST_BYTES_MAX};
+use switchboard::metrics::{monotonic_ms, serve_admin, Registry, ADMIN_REQUEST_BYTES_MAX};
 use switchboard::proto::{ErrorCode, FrameType};
 
 struct Admin {
@@ -268,4 +268,44 @@ fn stop_flag_ends_the_admin_thread() {
     let started = std::time::Instant::now();
     thread.join().unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn readyz_names_a_stalled_shard_and_recovers_when_it_runs() {
+    let registry = Arc::new(Registry::new(2).with_stall_limit_ms(200));
+    for shard in registry.shards() {
+        shard.set_recovered(true);
+    }
+    let admin = Admin::start(Arc::clone(&registry));
+    // The stamps below lie up to a second in the past of the process clock.
+    while monotonic_ms() < 1_100 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let now = monotonic_ms();
+    // Shard 0 runs; shard 1 has had work waiting since two ticks ago with
+    // no loop turn since (its socket loop last turned before that).
+    for (index, shard) in registry.shards().iter().enumerate() {
+        shard.liveness.loop_turned(now.saturating_sub(1_000));
+        shard.liveness.tick(now.saturating_sub(500), index == 1);
+        shard.liveness.tick(now, index == 1);
+    }
+    let (status, body) = admin.get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("not ready: shard 1 has had work waiting for "),
+        "{body}"
+    );
+    let (_, metrics) = admin.get("/metrics");
+    let stalled: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_shard_stalled_seconds{shard=\"1\"} "))
+        .expect("the stall gauge")
+        .parse()
+        .unwrap();
+    assert!(stalled >= 0.5, "{stalled}");
+    // The loop turns and the next tick finds nothing waiting.
+    let later = monotonic_ms();
+    registry.shard(1).liveness.loop_turned(later);
+    registry.shard(1).liveness.tick(later, false);
+    assert_eq!(admin.get("/readyz"), (200, "ready\n".to_string()));
 }

@@ -86,6 +86,10 @@ pub struct ServerConfig {
     pub log_level: String,
     /// The socket ring's preferred setup. Default `defer_taskrun`.
     pub socket_ring_setup: SocketRingSetup,
+    /// A shard that has had work waiting and not run it for this long, ms,
+    /// makes `/readyz` fail and is logged as an error. Default 5,000: far
+    /// above any loop turn or commit of a healthy shard.
+    pub shard_stall_ready_ms: u32,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +104,7 @@ impl Default for ServerConfig {
             registration_tokens: Vec::new(),
             log_level: "info".to_string(),
             socket_ring_setup: SocketRingSetup::DeferTaskrun,
+            shard_stall_ready_ms: crate::metrics::DEFAULT_STALL_LIMIT_MS as u32,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::Registry;
+use super::{Readiness, Registry};
 
 /// Largest request head accepted (request line plus headers); bigger gets 431.
 pub const ADMIN_REQUEST_BYTES_MAX: usize = 8 * 1024;
@@ -138,24 +138,25 @@ fn route(path: &str, registry: &Registry) -> (u16, &'static str, String) {
             (200, PROMETHEUS, body)
         }
         "/healthz" => (200, TEXT, "ok\n".to_string()),
-        "/readyz" => {
-            if registry.ready() {
-                (200, TEXT, "ready\n".to_string())
-            } else if registry.is_draining() {
-                (503, TEXT, "not ready: draining\n".to_string())
-            } else {
-                let recovering = registry
-                    .shards()
-                    .iter()
-                    .filter(|s| !s.is_recovered())
-                    .count();
-                (
-                    503,
-                    TEXT,
-                    format!("not ready: {recovering} shard(s) recovering\n"),
-                )
-            }
-        }
+        "/readyz" => match registry.readiness() {
+            Readiness::Ready => (200, TEXT, "ready\n".to_string()),
+            Readiness::Draining => (503, TEXT, "not ready: draining\n".to_string()),
+            Readiness::NoShards => (503, TEXT, "not ready: no shards\n".to_string()),
+            Readiness::Recovering(count) => (
+                503,
+                TEXT,
+                format!("not ready: {count} shard(s) recovering\n"),
+            ),
+            Readiness::Stalled { shard, stalled_ms } => (
+                503,
+                TEXT,
+                format!(
+                    "not ready: shard {shard} has had work waiting for {}.{:03} s without running it\n",
+                    stalled_ms / 1000,
+                    stalled_ms % 1000
+                ),
+            ),
+        },
         _ => (404, TEXT, "not found\n".to_string()),
     }
 }

@@ -53,6 +53,87 @@ impl Counter {
     }
 }
 
+/// Milliseconds on one monotonic clock shared by every thread of the
+/// process, from 1 (so 0 can mean "never"). Shards stamp their loops with it
+/// and the admin thread compares the stamps with its own reading.
+pub fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
+/// Whether a shard still runs what it has to do. Written by the shard (its
+/// socket loop on every turn, its maintenance timer on every tick), read by
+/// `/readyz` and `/metrics`.
+///
+/// A shard that has nothing to do sleeps, so "has not run for a while" alone
+/// is no fault. A shard is stalled when it has work and does not run it:
+/// its maintenance timer (always due, every 100 ms) has not ticked, or its
+/// socket ring has held work for the loop, tick after tick, with no loop
+/// turn in between.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// `monotonic_ms` of the socket loop's last turn; 0 before the first.
+    loop_turn_ms: AtomicU64,
+    /// `monotonic_ms` of the maintenance timer's last tick; 0 before the first.
+    tick_ms: AtomicU64,
+    /// `monotonic_ms` of the tick that first saw the socket ring holding
+    /// work the loop has not turned for since; 0 when no work waits.
+    work_waiting_since_ms: AtomicU64,
+}
+
+impl Liveness {
+    /// The socket loop is turning (one store per turn).
+    #[inline]
+    pub fn loop_turned(&self, now_ms: u64) {
+        self.loop_turn_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// The maintenance timer ticked; `loop_work_waiting`: the socket ring
+    /// has work the loop has not taken yet.
+    pub fn tick(&self, now_ms: u64, loop_work_waiting: bool) {
+        let since = self.work_waiting_since_ms.load(Ordering::Relaxed);
+        let since = if !loop_work_waiting {
+            0
+        } else if since == 0 || self.loop_turn_ms.load(Ordering::Relaxed) >= since {
+            // New work, or the loop turned since the last sighting: the
+            // wait starts now.
+            now_ms
+        } else {
+            since
+        };
+        self.work_waiting_since_ms.store(since, Ordering::Relaxed);
+        self.tick_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the socket loop last turned, `None` before it ran.
+    pub fn loop_age_ms(&self, now_ms: u64) -> Option<u64> {
+        match self.loop_turn_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(now_ms.saturating_sub(at)),
+        }
+    }
+
+    /// Milliseconds the shard has had work waiting without running it; 0 for
+    /// a shard that runs (busy or asleep) or has not started. A healthy
+    /// shard reads up to one timer period (100 ms).
+    pub fn stalled_ms(&self, now_ms: u64) -> u64 {
+        let tick = self.tick_ms.load(Ordering::Relaxed);
+        if tick == 0 {
+            return 0;
+        }
+        let timer = now_ms.saturating_sub(tick);
+        let socket_loop = match self.work_waiting_since_ms.load(Ordering::Relaxed) {
+            0 => 0,
+            since => now_ms.saturating_sub(since),
+        };
+        timer.max(socket_loop)
+    }
+}
+
 /// A value that goes up and down (a level, not a count of events).
 #[derive(Debug, Default)]
 pub struct Gauge(AtomicI64);
@@ -300,8 +381,13 @@ pub struct ShardMetrics {
     pub socket_ring_stale_completions: Counter,
     /// Bytes of incomplete frames held for connections (gauge).
     pub socket_tail_bytes: Gauge,
+    /// Sockets the shard's ring holds: handshakes, sessions and sockets
+    /// still closing (gauge).
+    pub sockets: Gauge,
     /// True once this shard has recovered its log and accepts connections.
     pub recovered: AtomicBool,
+    /// Whether the shard's loops still run (see [`Liveness`]).
+    pub liveness: Liveness,
 }
 
 impl ShardMetrics {
@@ -339,6 +425,10 @@ impl ShardMetrics {
     }
 }
 
+/// How long (ms) a shard may have work waiting without running it before
+/// `/readyz` fails, unless the configuration says otherwise.
+pub const DEFAULT_STALL_LIMIT_MS: u64 = 5_000;
+
 /// All shards' metrics, read by the admin thread.
 #[derive(Debug)]
 pub struct Registry {
@@ -347,6 +437,23 @@ pub struct Registry {
     /// Set at the start of a graceful shutdown so `/readyz` turns 503 and load
     /// balancers stop sending new connections while existing ones drain.
     draining: AtomicBool,
+    /// A shard stalled this long (ms) makes the process not ready.
+    stall_limit_ms: u64,
+}
+
+/// What `/readyz` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Draining,
+    /// This many shards have not recovered their logs yet.
+    Recovering(usize),
+    /// A shard has had work waiting and not run it for this long.
+    Stalled {
+        shard: usize,
+        stalled_ms: u64,
+    },
+    NoShards,
 }
 
 impl Registry {
@@ -365,7 +472,15 @@ impl Registry {
             shards,
             started: std::time::Instant::now(),
             draining: AtomicBool::new(false),
+            stall_limit_ms: DEFAULT_STALL_LIMIT_MS,
         }
+    }
+
+    /// Sets how long (ms) a shard may have work waiting without running it
+    /// before `/readyz` fails. Default [`DEFAULT_STALL_LIMIT_MS`].
+    pub fn with_stall_limit_ms(mut self, stall_limit_ms: u64) -> Registry {
+        self.stall_limit_ms = stall_limit_ms;
+        self
     }
 
     /// Marks the process as draining (shutting down): not ready, still healthy.
@@ -389,12 +504,35 @@ impl Registry {
         &self.shards
     }
 
-    /// Ready when there is at least one shard, every shard has recovered, and the
-    /// process is not draining.
+    /// Ready when there is at least one shard, every shard has recovered and
+    /// runs (none stalled past the limit), and the process is not draining.
     pub fn ready(&self) -> bool {
-        !self.is_draining()
-            && !self.shards.is_empty()
-            && self.shards.iter().all(|s| s.is_recovered())
+        self.readiness() == Readiness::Ready
+    }
+
+    /// Why the process is or is not ready; the first reason found wins.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness_at(monotonic_ms())
+    }
+
+    fn readiness_at(&self, now: u64) -> Readiness {
+        if self.is_draining() {
+            return Readiness::Draining;
+        }
+        if self.shards.is_empty() {
+            return Readiness::NoShards;
+        }
+        let recovering = self.shards.iter().filter(|s| !s.is_recovered()).count();
+        if recovering > 0 {
+            return Readiness::Recovering(recovering);
+        }
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let stalled_ms = metrics.liveness.stalled_ms(now);
+            if stalled_ms > self.stall_limit_ms {
+                return Readiness::Stalled { shard, stalled_ms };
+            }
+        }
+        Readiness::Ready
     }
 
     /// Appends every metric in the Prometheus text exposition format (version 0.0.4).
@@ -560,6 +698,12 @@ impl Registry {
         );
         self.gauge(
             out,
+            "switchboard_sockets",
+            "Sockets the shard's ring holds (handshakes, sessions, closing).",
+            |m| m.sockets.get(),
+        );
+        self.gauge(
+            out,
             "switchboard_shard_channel_depth",
             "Messages waiting in the shard's inbound channels.",
             |m| m.shard_channel_depth.get(),
@@ -572,6 +716,39 @@ impl Registry {
         );
         self.refusals(out);
         self.commit_latency(out);
+        let now = monotonic_ms();
+        self.seconds(
+            out,
+            "switchboard_shard_loop_last_turn_age_seconds",
+            "Seconds since the shard's socket loop last turned (grows while an idle shard sleeps).",
+            |m| m.liveness.loop_age_ms(now).unwrap_or(0),
+        );
+        self.seconds(
+            out,
+            "switchboard_shard_stalled_seconds",
+            "Seconds the shard has had work waiting without running it (0 when it runs).",
+            |m| m.liveness.stalled_ms(now),
+        );
+    }
+
+    /// A gauge in seconds, from a reading in milliseconds.
+    fn seconds(
+        &self,
+        out: &mut String,
+        name: &str,
+        help: &str,
+        read_ms: impl Fn(&ShardMetrics) -> u64,
+    ) {
+        family(out, name, "gauge", help);
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let ms = read_ms(metrics);
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{shard}\"}} {}.{:03}",
+                ms / 1000,
+                ms % 1000
+            );
+        }
     }
 
     fn counter(
@@ -759,5 +936,58 @@ mod tests {
         registry.set_draining(true);
         assert!(!registry.ready());
         assert!(!Registry::new(0).ready());
+    }
+
+    #[test]
+    fn a_shard_is_stalled_only_while_work_waits_unrun() {
+        let liveness = Liveness::default();
+        assert_eq!(liveness.stalled_ms(10_000), 0, "not started");
+        liveness.loop_turned(1_000);
+        liveness.tick(1_000, false);
+        // Asleep with nothing to do: the loop's age grows, no stall.
+        liveness.tick(9_000, false);
+        assert_eq!(liveness.loop_age_ms(9_050), Some(8_050));
+        assert_eq!(liveness.stalled_ms(9_050), 50, "the timer's own period");
+        // Work arrives for a loop that slept long: the wait starts now.
+        liveness.tick(9_100, true);
+        assert_eq!(liveness.stalled_ms(9_100), 0);
+        // The loop turns, more work comes: still no stall.
+        liveness.loop_turned(9_150);
+        liveness.tick(9_200, true);
+        assert_eq!(liveness.stalled_ms(9_250), 50);
+        // Work waits tick after tick and the loop does not turn.
+        liveness.tick(9_300, true);
+        liveness.tick(12_200, true);
+        assert_eq!(liveness.stalled_ms(12_200), 3_000);
+        liveness.loop_turned(12_250);
+        liveness.tick(12_300, false);
+        assert_eq!(liveness.stalled_ms(12_300), 0);
+        // The timer itself stops: the whole executor is stuck.
+        assert_eq!(liveness.stalled_ms(20_000), 7_700);
+    }
+
+    #[test]
+    fn readiness_fails_on_a_stalled_shard() {
+        let registry = Registry::new(2).with_stall_limit_ms(1_000);
+        for shard in registry.shards() {
+            shard.set_recovered(true);
+            shard.liveness.loop_turned(100);
+            shard.liveness.tick(100, false);
+        }
+        assert_eq!(registry.readiness_at(900), Readiness::Ready);
+        registry.shard(0).liveness.tick(1_000, false);
+        registry.shard(1).liveness.tick(1_000, true);
+        registry.shard(0).liveness.tick(2_100, false);
+        registry.shard(1).liveness.tick(2_100, true);
+        assert_eq!(
+            registry.readiness_at(2_150),
+            Readiness::Stalled {
+                shard: 1,
+                stalled_ms: 1_150
+            }
+        );
+        registry.shard(1).liveness.loop_turned(2_200);
+        registry.shard(1).liveness.tick(2_250, false);
+        assert_eq!(registry.readiness_at(2_300), Readiness::Ready);
     }
 }

@@ -210,6 +210,11 @@ impl Sockets {
         self.driver.borrow().stats()
     }
 
+    /// Whether the socket loop has work it has not taken yet.
+    pub fn loop_work_waiting(&self) -> bool {
+        self.driver.borrow_mut().has_work()
+    }
+
     /// Copies the driver's counters into the shard's metrics.
     pub fn publish(&self, metrics: &crate::metrics::ShardMetrics) {
         let stats = self.stats();
@@ -220,6 +225,7 @@ impl Sockets {
             .socket_ring_stale_completions
             .set_total(stats.stale_completions);
         metrics.socket_tail_bytes.set(stats.tail_bytes as i64);
+        metrics.sockets.set(self.connections() as i64);
     }
 
     /// Milliseconds since the loop started (wraps after 49 days; handshake
@@ -273,12 +279,27 @@ impl Sockets {
     /// Runs `f` on every session of the shard (the live ones and those
     /// replaced but not yet closed). `f` may queue frames and start closes;
     /// it must not open or end sessions.
-    pub fn for_each_session(&self, mut f: impl FnMut(&Rc<Conn>)) {
-        for (_, slot) in self.slots.borrow().iter() {
+    pub fn for_each_session(&self, f: impl FnMut(&Rc<Conn>)) {
+        self.for_each_session_in(0, usize::MAX, f);
+    }
+
+    /// Runs `f` on the sessions among `count` socket slots from slot
+    /// `start`; returns the slot to go on from, `None` at the end. Lets a
+    /// pass over every session yield between slices.
+    pub fn for_each_session_in(
+        &self,
+        start: usize,
+        count: usize,
+        mut f: impl FnMut(&Rc<Conn>),
+    ) -> Option<usize> {
+        let slots = self.slots.borrow();
+        let end = start.saturating_add(count).min(slots.len());
+        for (_, slot) in slots.get(start..end).unwrap_or_default() {
             if let Slot::Session(conn) = slot {
                 f(conn);
             }
         }
+        (end < slots.len()).then_some(end)
     }
 
     /// Sessions open on the shard.
@@ -370,6 +391,10 @@ pub async fn run(shard: Rc<Shard>) {
     let mut opening = Vec::new();
     loop {
         notifier.wait().await;
+        shard
+            .metrics
+            .liveness
+            .loop_turned(crate::metrics::monotonic_ms());
         // Sessions deferred before this poll open after its events.
         std::mem::swap(&mut opening, &mut *shard.sockets.opening.borrow_mut());
         let polled = shard.sockets.driver.borrow_mut().poll_events(&mut events);
@@ -1115,11 +1140,12 @@ fn end_session(shard: &Shard, conn: &Rc<Conn>) {
     shard.metrics_session_closed();
 }
 
-/// Refuses handshakes that ran past the handshake timeout. Called by the
-/// shard's maintenance timer.
-pub fn expire_handshakes(shard: &Rc<Shard>) {
+/// Refuses handshakes that ran past the handshake timeout, at most `max`
+/// of them; returns true if more are due (the caller yields, then calls
+/// again). Called by the shard's maintenance timer.
+pub fn expire_handshakes(shard: &Rc<Shard>, max: usize) -> bool {
     let now = shard.sockets.now_ms();
-    loop {
+    for _ in 0..max {
         let expired = {
             let mut deadlines = shard.sockets.deadlines.borrow_mut();
             match deadlines.front() {
@@ -1134,7 +1160,7 @@ pub fn expire_handshakes(shard: &Rc<Shard>) {
                         let keep = deadlines.len() * 2;
                         deadlines.shrink_to(keep);
                     }
-                    return;
+                    return false;
                 }
             }
         };
@@ -1148,6 +1174,7 @@ pub fn expire_handshakes(shard: &Rc<Shard>) {
             );
         }
     }
+    true
 }
 
 /// Graceful stop, first step: no new sockets; handshakes in progress are

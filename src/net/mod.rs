@@ -35,15 +35,17 @@ pub fn go_away_all(shard: &Shard) {
     });
 }
 
-/// Closes sessions silent for longer than the idle timeout.
-pub fn sweep_idle(shard: &Shard) {
+/// Closes sessions silent for longer than the idle timeout, looking at
+/// `count` socket slots from `start`; returns where to go on (`None`: the
+/// pass is done), so the caller can yield between slices.
+pub fn sweep_idle(shard: &Shard, start: usize, count: usize) -> Option<usize> {
     let now = shard.now_s();
     let idle_s = shard.config.limits.idle_timeout_ms.div_ceil(1000);
-    shard.sockets.for_each_session(|conn| {
+    shard.sockets.for_each_session_in(start, count, |conn| {
         let last = conn.state.borrow().last_activity_s;
         if now.saturating_sub(last) >= idle_s && !conn.is_closing() {
             debug!(device = %conn.device, "idle timeout");
             conn.fatal(ErrorCode::IdleTimeout, "no frame within the idle timeout");
         }
-    });
+    })
 }

@@ -420,12 +420,32 @@ async fn repolled<F: std::future::Future>(future: F) -> F::Output {
     }
 }
 
+/// Items the maintenance timer handles before it lets the shard's other
+/// tasks run (sockets looked at by the idle sweep, handshakes expired): a
+/// slice of closes takes a few milliseconds.
+const MAINTENANCE_SLICE: usize = 1024;
+
 /// Periodic work: stop requests, idle sessions, expiry.
 async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
     let mut last_expiry = Instant::now();
     let mut last_sweep = Instant::now();
+    let stall_limit_ms = u64::from(shard.config.server.shard_stall_ready_ms);
+    let mut stall_reported = false;
     loop {
         glommio::timer::sleep(Duration::from_millis(100)).await;
+        // Liveness first, before this tick's own work wakes the loop: work the
+        // socket ring held across a whole tick with no loop turn is a stall.
+        let now_ms = crate::metrics::monotonic_ms();
+        let liveness = &shard.metrics.liveness;
+        liveness.tick(now_ms, shard.sockets.loop_work_waiting());
+        let stalled_ms = liveness.stalled_ms(now_ms);
+        if stalled_ms > stall_limit_ms && !stall_reported {
+            stall_reported = true;
+            error!(shard = %shard.id, stalled_ms, "the socket loop has had work waiting without running it");
+        } else if stalled_ms == 0 && stall_reported {
+            stall_reported = false;
+            info!(shard = %shard.id, "the socket loop runs again");
+        }
         if stop.load(Ordering::Relaxed) && !shard.stopping.get() {
             shard.stopping.set(true);
         }
@@ -434,9 +454,17 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
         // memory on every idle socket).
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             last_sweep = Instant::now();
-            crate::net::sweep_idle(&shard);
+            let mut next = Some(0);
+            while let Some(start) = next {
+                next = crate::net::sweep_idle(&shard, start, MAINTENANCE_SLICE);
+                glommio::executor().yield_now().await;
+            }
         }
-        crate::net::io::expire_handshakes(&shard);
+        while crate::net::io::expire_handshakes(&shard, MAINTENANCE_SLICE) {
+            // A burst of timeouts is closed a slice at a time, so sessions
+            // that are still talking get their turns in between.
+            glommio::executor().yield_now().await;
+        }
         shard.sockets.publish(&shard.metrics);
         if last_expiry.elapsed() >= Duration::from_secs(10) {
             last_expiry = Instant::now();

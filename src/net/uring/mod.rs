@@ -719,6 +719,18 @@ impl Driver {
         Ok(())
     }
 
+    /// Whether the driver has work for its loop's next turn: a wake-up not
+    /// yet taken, frames to send, completions to reap, or deferred work the
+    /// kernel holds. Cheap (no syscall); the liveness check reads it.
+    pub fn has_work(&mut self) -> bool {
+        self.shared.ready.get()
+            || !self.dirty.is_empty()
+            || !self.pending.is_empty()
+            || self.ring.unsubmitted() > 0
+            || self.ring.has_completions()
+            || self.ring.kernel_work_pending()
+    }
+
     /// No connection left and no operation in flight.
     pub fn is_idle(&self) -> bool {
         self.conns.len() == 0 && self.ring.in_flight() == 0
@@ -753,7 +765,17 @@ impl Driver {
         self.completions = completions;
         out.append(&mut self.pending);
         self.ring.publish();
-        if self.ring.unsubmitted() > 0 || self.ring.has_completions() || !self.dirty.is_empty() {
+        // The eventfd cannot be the only wake-up: with DEFER_TASKRUN the
+        // kernel signals it only when its deferred-work list goes from empty
+        // to non-empty, and one enter runs at most 20 items of that work
+        // (`IO_LOCAL_TW_DEFAULT_MAX`), keeping the rest on a retry list with
+        // `IORING_SQ_TASKRUN` still set. A loop that parked then would wait
+        // for a signal that never comes (see docs/reliability.md).
+        if self.ring.unsubmitted() > 0
+            || self.ring.has_completions()
+            || !self.dirty.is_empty()
+            || self.ring.kernel_work_pending()
+        {
             self.shared.ready.set(true);
         }
         result
@@ -1078,18 +1100,26 @@ impl Driver {
         record.queue.release();
         record.queued_bytes = 0;
         release_tail(record, &mut self.tail_bytes);
-        if record.ops > 0 {
-            let linger = record.linger_armed;
+        // Each operation that can wait is cancelled by its own user data
+        // (see `Ring::cancel_send`); a shutdown or a cancel ends by itself.
+        if record.recv_armed {
             record.ops += 1;
             self.ring
-                .cancel_fd(record.fd.as_raw_fd(), conn_token(Kind::Cancel, conn))?;
-            if linger {
-                record.ops += 1;
-                self.ring.cancel(
-                    conn_token(Kind::Linger, conn),
-                    conn_token(Kind::Cancel, conn),
-                )?;
-            }
+                .cancel(conn_token(Kind::Recv, conn), conn_token(Kind::Cancel, conn))?;
+        }
+        if record.sending > 0
+            && self
+                .ring
+                .cancel_send(conn_token(Kind::Send, conn), conn_token(Kind::Cancel, conn))?
+        {
+            record.ops += 1;
+        }
+        if record.linger_armed {
+            record.ops += 1;
+            self.ring.cancel(
+                conn_token(Kind::Linger, conn),
+                conn_token(Kind::Cancel, conn),
+            )?;
         }
         self.flush_closed(conn);
         Ok(())

@@ -406,12 +406,32 @@ impl Ring {
         self.push(entry)
     }
 
-    /// Cancels every operation on `fd`.
-    pub fn cancel_fd(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
-        let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-            .build()
-            .user_data(token.encode());
-        self.push(entry)
+    /// Cancels the sendmsg in flight for `owner` (a connection's `Send`
+    /// token), if any; returns whether a cancel was queued.
+    ///
+    /// A send's user data names its slot, not its connection, so the slot is
+    /// looked up here. It cannot name another connection's send by the time
+    /// the kernel sees the cancel: a slot is freed only when its completion
+    /// is reaped, and the next enter submits this cancel before it reaps.
+    ///
+    /// Cancels always name one operation's user data: the kernel finds that
+    /// in a hash table, while a cancel by descriptor scans every armed poll
+    /// of the ring (a burst of N closes then costs N × N).
+    pub fn cancel_send(&mut self, owner: Token, token: Token) -> io::Result<bool> {
+        let Some(index) = self
+            .slots
+            .iter()
+            .position(|slot| slot.busy && slot.owner == owner)
+        else {
+            return Ok(false);
+        };
+        let target = Token {
+            kind: Kind::Send,
+            generation: 0,
+            index: index as u32,
+        };
+        self.cancel(target, token)?;
+        Ok(true)
     }
 
     pub fn shutdown_write(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
@@ -531,6 +551,14 @@ impl Ring {
             Err(err) if err.raw_os_error() == Some(libc::EBUSY) => Ok(()),
             Err(err) => Err(err),
         }
+    }
+
+    /// Whether the kernel holds work for this ring that only an enter with
+    /// GETEVENTS runs (`IORING_SQ_TASKRUN`): deferred task work it has not
+    /// run yet, or completions in its overflow list. Cheap; no syscall.
+    pub fn kernel_work_pending(&mut self) -> bool {
+        let sq = self.ring.submission();
+        sq.taskrun() || sq.cq_overflow()
     }
 
     /// Whether completions wait in the queue (cheap; no syscall).
