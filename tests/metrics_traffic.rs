@@ -79,3 +79,53 @@ fn counters_follow_the_traffic() {
     drop(b);
     drop(a);
 }
+
+/// The inbox depth gauge counts a backlog for an offline device, while
+/// running and after a kill -9 and restart, and falls as it is delivered.
+#[test]
+fn inbox_depth_counts_a_backlog_across_a_restart() {
+    const BACKLOG: u64 = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), |_| {});
+    let alice = RawClient::register_on_shard(server.addr, 0, server.shards());
+    let bob = RawClient::register_on_shard(server.addr, 1, server.shards());
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    // Sends in flight are bounded (8 in tests): send in steps, each acked.
+    for first in (1..=BACKLOG).step_by(8) {
+        let last = (first + 7).min(BACKLOG);
+        for id in first..=last {
+            a.send_message(bob.user, id, b"queued for bob");
+        }
+        a.collect_acks((last - first + 1) as usize);
+    }
+    drop(a);
+    let depth_of = |server: &Server, shard: u32| {
+        let (_, text) = admin_get(server.admin, "/metrics");
+        metric_sum(
+            &text,
+            "switchboard_inbox_depth",
+            &format!("shard=\"{shard}\""),
+        )
+    };
+    let settle = |server: &Server, shard: u32, want: f64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let depth = depth_of(server, shard);
+            if depth == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shard {shard}: inbox depth {depth}, expected {want}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    settle(&server, 1, BACKLOG as f64);
+    server.kill9();
+    server.launch();
+    settle(&server, 1, BACKLOG as f64);
+    let (mut b, _) = RawClient::login(server.addr, &bob);
+    assert_eq!(b.receive_and_ack(BACKLOG as usize).len() as u64, BACKLOG);
+    settle(&server, 1, 0.0);
+}

@@ -452,8 +452,9 @@ fn oversized_length_prefix_is_reported_and_flush_close_delivers_the_last_frame()
                     assert_eq!(&frames[..], &frame(b"ok")[..]);
                     got_data = true;
                 }
-                Some(Event::BadFrame { conn, length }) => {
-                    bad = Some(length);
+                Some(Event::BadFrame { conn, header }) => {
+                    assert_eq!(header.as_bytes(), &(max + 1).to_be_bytes()[..]);
+                    bad = Some(header.length());
                     d.send(conn, Bytes::from(frame(b"bye"))).expect("send");
                     d.close(conn, CloseMode::Flush).expect("close");
                 }

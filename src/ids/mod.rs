@@ -81,3 +81,8 @@ impl fmt::Display for InboxKey {
         }
     }
 }
+
+/// The device every v1 message is addressed to: registration creates device
+/// 1 and v1 has no call that adds devices. Multi-device Sends will carry one
+/// payload per device (`Send.device_payloads`).
+pub const PRIMARY_DEVICE: DeviceId = DeviceId(1);

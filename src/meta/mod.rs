@@ -145,6 +145,13 @@ impl MetaStore {
         user.0 >= 1 && user.0 < self.next_user_id.load(Ordering::Acquire)
     }
 
+    /// Whether `device` of `user` exists (answered from memory). In protocol
+    /// v1 an account has exactly one device, 1, created by Register; the
+    /// relay bit (`ids::RELAY_DEVICE_BIT`) never names a device.
+    pub fn device_exists(&self, user: UserId, device: DeviceId) -> bool {
+        self.user_exists(user) && device == crate::ids::PRIMARY_DEVICE
+    }
+
     /// Accounts created so far.
     pub fn user_count(&self) -> u64 {
         self.next_user_id.load(Ordering::Acquire) - 1

@@ -42,7 +42,7 @@ use crate::config::{Config, RegistrationPolicy, SocketRingSetup};
 use crate::ids::{DeviceId, InboxKey, UserId};
 use crate::net::conn::{self, Conn};
 use crate::net::uring::{
-    CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, Notifier, SendError,
+    CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, FrameHeader, Notifier, SendError,
     SendErrorKind, SetupMode, UringError,
 };
 use crate::proto::{self, error_frame, pb, ErrorCode, Frame, GoAwayReason};
@@ -358,6 +358,8 @@ pub fn driver_config(config: &Config) -> DriverConfig {
         SocketRingSetup::Plain => SetupMode::Plain,
     };
     driver.frame_bytes_max = limits.frame_bytes_max;
+    // An unknown type is refused from the header, before its body arrives.
+    driver.frame_type_known = Some(|byte| proto::FrameType::from_byte(byte).is_some());
     // A client may pipeline frames and half-close: they are still handled
     // and answered.
     driver.half_close = true;
@@ -422,7 +424,7 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
     match event {
         Event::Accepted { conn, peer } => accepted(shard, conn, peer.ip()),
         Event::Data { conn, frames } => data(shard, conn, frames),
-        Event::BadFrame { conn, length } => bad_frame(shard, conn, length),
+        Event::BadFrame { conn, header } => bad_frame(shard, conn, header),
         Event::InputClosed { conn } => input_closed(shard, conn),
         Event::Writable { conn } => {
             if let Some(session) = shard.sockets.session(conn) {
@@ -447,29 +449,32 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
 /// account lookup) come first: the prefix goes behind them and framing
 /// refuses it in its turn, with the same code (MALFORMED_FRAME for a length
 /// of 0, FRAME_TOO_LARGE past `frame_bytes_max`).
-fn bad_frame(shard: &Rc<Shard>, id: ConnId, length: u32) {
-    let prefix = length.to_be_bytes();
+/// The driver refused a frame header. Its bytes join the connection's input
+/// like any other, so the one decoder that reads frames (`proto`) finds the
+/// error in order, after the frames before it, and names its code.
+fn bad_frame(shard: &Rc<Shard>, id: ConnId, header: FrameHeader) {
+    let header = header.as_bytes();
     if let Some(conn) = shard.sockets.session(id) {
         if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id()) {
-            stalled.input.extend_from_slice(&prefix);
+            stalled.input.extend_from_slice(header);
             return;
         }
-        let code = if length == 0 {
-            ErrorCode::MalformedFrame
-        } else {
-            ErrorCode::FrameTooLarge
+        let mut input = BytesMut::from(header);
+        let code = match proto::split_frame(&mut input, shard.config.limits.frame_bytes_max) {
+            Err(err) => err.code(),
+            Ok(_) => ErrorCode::MalformedFrame,
         };
         return conn.fatal(code, "bad frame");
     }
     let handshaking = shard
         .sockets
-        .with_handshake(id, |hs| hs.input.extend_from_slice(&prefix));
+        .with_handshake(id, |hs| hs.input.extend_from_slice(header));
     if handshaking.is_some() {
         return handshake_step(shard, id);
     }
     shard
         .sockets
-        .with_opening(id, |o| o.input.extend_from_slice(&prefix));
+        .with_opening(id, |o| o.input.extend_from_slice(header));
 }
 
 fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {

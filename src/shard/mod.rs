@@ -66,10 +66,7 @@ pub fn split_relay_ids(ids: &[u64]) -> Option<(InboxKey, &[u64])> {
     }
 }
 
-/// The device every v1 message is addressed to: registration creates device
-/// 1 and v1 has no call that adds devices. Multi-device Sends will carry one
-/// payload per device (`Send.device_payloads`).
-pub const PRIMARY_DEVICE: DeviceId = DeviceId(1);
+pub use crate::ids::PRIMARY_DEVICE;
 
 /// The value a failed channel send hands back.
 fn channel_item<T>(err: glommio::GlommioError<T>) -> Option<T> {
@@ -459,12 +456,16 @@ impl Shard {
             ));
             return Outbound::None;
         }
+        // Nothing was read: nothing to relay, and nothing wrong either.
+        if read.client_message_ids.is_empty() {
+            return Outbound::None;
+        }
         let sender = UserId(read.sender_user_id);
-        let relay_device = read.sender_device_id & crate::ids::RELAY_DEVICE_BIT != 0;
-        if relay_device || !self.meta.user_exists(sender) || read.client_message_ids.is_empty() {
+        let device = DeviceId(read.sender_device_id);
+        if !self.meta.device_exists(sender, device) {
             conn.enqueue(&error_frame(
                 ErrorCode::UnknownRecipient,
-                "read receipt for an unknown sender",
+                "read receipt for a sender device that does not exist",
                 false,
             ));
             return Outbound::None;

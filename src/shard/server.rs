@@ -466,10 +466,12 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
             glommio::executor().yield_now().await;
         }
         shard.sockets.publish(&shard.metrics);
+        // Cheap (a pass over the segments, not the inboxes), so the gauges
+        // are at most a tick old, from the first tick after recovery on.
+        shard.publish_log_gauges();
         if last_expiry.elapsed() >= Duration::from_secs(10) {
             last_expiry = Instant::now();
             let expired = shard.log.borrow_mut().expire_and_reclaim();
-            shard.publish_log_gauges();
             match expired {
                 Ok(0) => {}
                 Ok(n) => {

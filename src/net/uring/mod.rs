@@ -70,6 +70,10 @@ pub struct DriverConfig {
     /// The largest frame (its length prefix value); a longer prefix is
     /// reported as [`Event::BadFrame`].
     pub frame_bytes_max: u32,
+    /// Which type bytes (the byte after the length prefix) the protocol
+    /// knows; `None` takes any. A frame of another type is reported as
+    /// [`Event::BadFrame`] as soon as its fifth byte is in, before its body.
+    pub frame_type_known: Option<fn(u8) -> bool>,
     /// Bytes queued per connection and not yet sent, past which `send`
     /// refuses (a single frame is always accepted into an empty queue).
     pub send_queue_bytes_max: u32,
@@ -107,6 +111,7 @@ impl DriverConfig {
             buffer_bytes: 4096,
             buffer_group: 0,
             frame_bytes_max: 65_536 + 1_024,
+            frame_type_known: None,
             send_queue_bytes_max: 256 * 1024,
             send_bytes_per_op_max: 64 * 1024,
             send_slots_max: 4096,
@@ -128,6 +133,7 @@ impl DriverConfig {
             buffer_bytes: 512,
             buffer_group: 0,
             frame_bytes_max: 4_096 + 512,
+            frame_type_known: None,
             send_queue_bytes_max: 16 * 1024,
             send_bytes_per_op_max: 8 * 1024,
             send_slots_max: 64,
@@ -194,6 +200,35 @@ pub enum CloseMode {
     Flush,
 }
 
+/// The first bytes of a refused frame: its length prefix and, when the
+/// type byte is why it was refused, that byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    bytes: [u8; crate::proto::HEADER_BYTES],
+    len: u8,
+}
+
+impl FrameHeader {
+    fn new(bytes: &[u8]) -> FrameHeader {
+        let len = bytes.len().min(crate::proto::HEADER_BYTES);
+        let mut header = FrameHeader {
+            bytes: [0; crate::proto::HEADER_BYTES],
+            len: len as u8,
+        };
+        header.bytes[..len].copy_from_slice(&bytes[..len]);
+        header
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    /// The length prefix's value.
+    pub fn length(&self) -> u32 {
+        u32::from_be_bytes([self.bytes[0], self.bytes[1], self.bytes[2], self.bytes[3]])
+    }
+}
+
 /// Why `send` refused a frame; the frame comes back.
 #[derive(Debug)]
 pub struct SendError {
@@ -218,9 +253,12 @@ pub enum Event {
     /// prefix (`proto::split_frame` takes them apart). Frames of one
     /// connection arrive in order.
     Data { conn: ConnId, frames: Bytes },
-    /// A length prefix of 0 or past `frame_bytes_max`. Reading stopped; the
-    /// frames before it were delivered. The logic answers and closes.
-    BadFrame { conn: ConnId, length: u32 },
+    /// A frame header the driver refuses: a length prefix of 0 or past
+    /// `frame_bytes_max`, or a type byte `frame_type_known` does not know.
+    /// `header` holds the bytes of that header that had arrived (the prefix,
+    /// and the type byte when it is the reason). Reading stopped; the frames
+    /// before it were delivered. The logic answers and closes.
+    BadFrame { conn: ConnId, header: FrameHeader },
     /// The send queue, refused before, drained to half its bound.
     Writable { conn: ConnId },
     /// With `half_close`: the peer sent its FIN after the frames already
@@ -1070,7 +1108,7 @@ impl Driver {
     /// Input can no longer be framed: report and stop reading.
     fn stop_input(&mut self, conn: ConnId, stop: InputStop) -> Result<(), UringError> {
         match stop {
-            InputStop::BadLength(length) => {
+            InputStop::BadHeader(header) => {
                 let record = self.conns.get_mut(conn).expect("caller checked");
                 record.bad_frame = true;
                 release_tail(record, &mut self.tail_bytes);
@@ -1079,7 +1117,7 @@ impl Driver {
                     self.ring
                         .cancel(conn_token(Kind::Recv, conn), conn_token(Kind::Cancel, conn))?;
                 }
-                self.pending.push(Event::BadFrame { conn, length });
+                self.pending.push(Event::BadFrame { conn, header });
                 self.shared.ready.set(true);
                 Ok(())
             }
@@ -1270,19 +1308,34 @@ fn release_tail(record: &mut Conn, tail_bytes: &mut usize) {
 /// Why framing stopped.
 #[derive(Clone, Copy, Debug)]
 enum InputStop {
-    BadLength(u32),
+    BadHeader(FrameHeader),
     Overloaded,
 }
 
+/// Bytes of a frame's header: the length prefix and the type byte.
+const HEADER_BYTES: usize = crate::proto::HEADER_BYTES;
+
 /// The total bytes (prefix included) of the frame whose prefix starts
-/// `bytes`, if the prefix is whole.
-fn frame_total(bytes: &[u8], frame_bytes_max: u32) -> Result<Option<usize>, InputStop> {
+/// `bytes`, if the prefix is whole; checks the type byte too once it is
+/// there.
+fn frame_total(bytes: &[u8], config: &DriverConfig) -> Result<Option<usize>, InputStop> {
     if bytes.len() < LENGTH_PREFIX_BYTES {
         return Ok(None);
     }
     let length = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    if length == 0 || length > frame_bytes_max {
-        return Err(InputStop::BadLength(length));
+    if length == 0 || length > config.frame_bytes_max {
+        return Err(InputStop::BadHeader(FrameHeader::new(
+            &bytes[..LENGTH_PREFIX_BYTES],
+        )));
+    }
+    if let (Some(known), Some(&type_byte)) =
+        (config.frame_type_known, bytes.get(LENGTH_PREFIX_BYTES))
+    {
+        if !known(type_byte) {
+            return Err(InputStop::BadHeader(FrameHeader::new(
+                &bytes[..HEADER_BYTES],
+            )));
+        }
     }
     Ok(Some(LENGTH_PREFIX_BYTES + length as usize))
 }
@@ -1297,15 +1350,16 @@ fn frame_input(
     tail_bytes: &mut usize,
     out: &mut Vec<Event>,
 ) -> Result<(), InputStop> {
-    let max = config.frame_bytes_max;
-    // 1. Complete the frame begun in the tail.
+    // 1. Complete the frame begun in the tail; its header first (a frame
+    // is never shorter than its header), so the type is checked before
+    // room for the body is reserved.
     if let Some(tail) = record.tail.as_mut() {
-        if tail.len() < LENGTH_PREFIX_BYTES {
-            let take = (LENGTH_PREFIX_BYTES - tail.len()).min(data.len());
+        if tail.len() < HEADER_BYTES {
+            let take = (HEADER_BYTES - tail.len()).min(data.len());
             tail.extend_from_slice(&data[..take]);
             data = &data[take..];
         }
-        let Some(total) = frame_total(tail, max)? else {
+        let Some(total) = frame_total(tail, config)? else {
             return Ok(());
         };
         if tail.capacity() < total {
@@ -1333,7 +1387,7 @@ fn frame_input(
     let mut end = 0usize;
     let mut bad = None;
     loop {
-        match frame_total(&data[end..], max) {
+        match frame_total(&data[end..], config) {
             Ok(Some(total)) if data.len() - end >= total => end += total,
             Ok(_) => break,
             Err(stop) => {
@@ -1354,9 +1408,10 @@ fn frame_input(
     // 3. Keep the incomplete rest.
     let rest = &data[end..];
     if !rest.is_empty() {
-        let want = match frame_total(rest, max)? {
+        let want = match frame_total(rest, config)? {
             Some(total) => total,
-            None => LENGTH_PREFIX_BYTES,
+            // Room for the whole header: step 1 completes it in place.
+            None => HEADER_BYTES,
         };
         if *tail_bytes + want > config.tail_bytes_max {
             return Err(InputStop::Overloaded);
@@ -1403,7 +1458,7 @@ mod tests {
             // Every Data event holds whole frames.
             let mut rest = &frames[..];
             while !rest.is_empty() {
-                let total = frame_total(rest, config.frame_bytes_max)
+                let total = frame_total(rest, config)
                     .expect("valid")
                     .expect("whole prefix");
                 assert!(rest.len() >= total, "whole frames only");
@@ -1488,7 +1543,7 @@ mod tests {
             &mut tail_bytes,
             &mut out,
         );
-        assert!(matches!(result, Err(InputStop::BadLength(0))));
+        assert!(matches!(result, Err(InputStop::BadHeader(h)) if h.as_bytes() == [0, 0, 0, 0]));
         let too_long = (config.frame_bytes_max + 1).to_be_bytes();
         let result = frame_input(
             &mut record,
@@ -1498,7 +1553,53 @@ mod tests {
             &mut tail_bytes,
             &mut out,
         );
-        assert!(matches!(result, Err(InputStop::BadLength(_))));
+        assert!(
+            matches!(result, Err(InputStop::BadHeader(h)) if h.length() == config.frame_bytes_max + 1)
+        );
+        assert_eq!(tail_bytes, 0);
+    }
+
+    #[test]
+    fn framing_refuses_an_unknown_type_at_its_fifth_byte() {
+        let mut config = DriverConfig::for_tests();
+        config.frame_type_known = Some(|byte| byte < 0x40);
+        let id = ConnId {
+            index: 0,
+            generation: 0,
+        };
+        let mut tail_bytes = 0;
+        let mut out = Vec::new();
+        // A whole known frame, then an unknown header split 4 + 1.
+        let mut record = conn();
+        let mut first = frame(3, 7);
+        first.extend_from_slice(&[0, 0, 0, 40]);
+        frame_input(&mut record, id, &first, &config, &mut tail_bytes, &mut out)
+            .expect("no verdict yet");
+        assert_eq!(out.len(), 1, "the known frame is delivered");
+        let result = frame_input(
+            &mut record,
+            id,
+            &[0x7f, 1, 2],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(
+            matches!(result, Err(InputStop::BadHeader(h)) if h.as_bytes() == [0, 0, 0, 40, 0x7f])
+        );
+        release_tail(&mut record, &mut tail_bytes);
+        assert_eq!(tail_bytes, 0);
+        // The same header in one read, with no body behind it.
+        let mut record = conn();
+        let result = frame_input(
+            &mut record,
+            id,
+            &[0, 0, 0, 40, 0x7f],
+            &config,
+            &mut tail_bytes,
+            &mut out,
+        );
+        assert!(matches!(result, Err(InputStop::BadHeader(h)) if h.length() == 40));
         assert_eq!(tail_bytes, 0);
     }
 

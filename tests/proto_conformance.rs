@@ -1,0 +1,190 @@
+//! The edges of docs/protocol.md, checked against the real binary over real
+//! sockets: each test names the section whose sentence it holds the server to.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RawClient, Server};
+use switchboard::proto::{pb, ErrorCode, Frame};
+
+fn start(dir: &std::path::Path) -> Server {
+    Server::start(dir, |_| {})
+}
+
+/// §1: an unknown type byte is fatal (UNKNOWN_FRAME_TYPE), checked before
+/// the body arrives: a header alone gets the Error and the close.
+#[test]
+fn unknown_type_is_refused_from_the_header_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    // First frame of a connection.
+    let mut client = RawClient::connect(server.addr);
+    client.send_bytes(&[0, 0, 0, 40, 0x7f]).unwrap();
+    match client.recv_timeout(Duration::from_secs(2)) {
+        Some(Frame::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::UnknownFrameType as i32, "{e:?}");
+            assert!(e.fatal);
+        }
+        other => panic!("expected UNKNOWN_FRAME_TYPE, got {other:?}"),
+    }
+    client.expect_closed();
+    // The header split over two writes: the fifth byte decides.
+    let mut client = RawClient::connect(server.addr);
+    client.send_bytes(&[0, 0, 0, 40]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    client.send_bytes(&[0x7f]).unwrap();
+    client.expect_error(ErrorCode::UnknownFrameType);
+    client.expect_closed();
+    // In a session, after a good frame that is answered first.
+    let account = RawClient::register(server.addr);
+    let (mut session, _) = RawClient::login(server.addr, &account);
+    let mut bytes = Frame::Ping(pb::Ping { nonce: 7 }).to_bytes().to_vec();
+    bytes.extend_from_slice(&[0, 0, 1, 0, 0x66]);
+    session.send_bytes(&bytes).unwrap();
+    match session.recv_timeout(Duration::from_secs(2)) {
+        Some(Frame::Pong(p)) => assert_eq!(p.nonce, 7),
+        other => panic!("expected the Pong first, got {other:?}"),
+    }
+    session.expect_error(ErrorCode::UnknownFrameType);
+    session.expect_closed();
+    // The server still serves.
+    let (mut again, _) = RawClient::login(server.addr, &account);
+    again.send(&Frame::Ping(pb::Ping { nonce: 8 }));
+    assert!(matches!(again.recv(), Some(Frame::Pong(p)) if p.nonce == 8));
+}
+
+/// §4.2: an account is durable when Registered arrives; a crash right
+/// after it loses nothing.
+#[test]
+fn an_account_is_durable_when_registered_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path());
+    let accounts: Vec<_> = (0..5).map(|_| RawClient::register(server.addr)).collect();
+    server.kill9();
+    server.launch();
+    for account in &accounts {
+        let (mut client, welcome) = RawClient::login(server.addr, account);
+        assert!(welcome.protocol_version >= 1);
+        client.send(&Frame::Ping(pb::Ping { nonce: 1 }));
+        assert!(matches!(client.recv(), Some(Frame::Pong(_))));
+    }
+}
+
+fn register_frame() -> Frame {
+    Frame::Register(pb::Register {
+        protocol_version: 1,
+        registration_token: String::new(),
+    })
+}
+
+fn ping_pongs(client: &mut RawClient, nonce: u64) {
+    client.send(&Frame::Ping(pb::Ping { nonce }));
+    match client.recv_timeout(Duration::from_secs(2)) {
+        Some(Frame::Pong(p)) => assert_eq!(p.nonce, nonce),
+        other => panic!("expected Pong {nonce}, got {other:?}"),
+    }
+}
+
+/// §4.1: before authentication, every frame but Register and Hello gets
+/// NOT_AUTHENTICATED, a server-to-client type included, and also after
+/// Registered; §3: in a session a server-to-client type, a Hello or a
+/// Register gets UNEXPECTED_FRAME; a second Register gets UNEXPECTED_FRAME.
+#[test]
+fn frames_out_of_place_get_the_documented_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let welcome = Frame::Welcome(pb::Welcome::default());
+    // A server-to-client type as the first frame.
+    let mut client = RawClient::connect(server.addr);
+    client.send(&welcome);
+    client.expect_error(ErrorCode::NotAuthenticated);
+    client.expect_closed();
+    // Ping before authentication.
+    let mut client = RawClient::connect(server.addr);
+    client.send(&Frame::Ping(pb::Ping { nonce: 1 }));
+    client.expect_error(ErrorCode::NotAuthenticated);
+    client.expect_closed();
+    // After Registered, anything but Hello.
+    let mut client = RawClient::connect(server.addr);
+    client.send(&register_frame());
+    assert!(matches!(client.recv(), Some(Frame::Registered(_))));
+    client.send(&Frame::Ping(pb::Ping { nonce: 2 }));
+    client.expect_error(ErrorCode::NotAuthenticated);
+    client.expect_closed();
+    // A second Register on one connection.
+    let mut client = RawClient::connect(server.addr);
+    client.send(&register_frame());
+    assert!(matches!(client.recv(), Some(Frame::Registered(_))));
+    client.send(&register_frame());
+    client.expect_error(ErrorCode::UnexpectedFrame);
+    client.expect_closed();
+    // In a session: Register, Hello, a server-to-client type.
+    let account = RawClient::register(server.addr);
+    for frame in [register_frame(), common::hello(&account), welcome] {
+        let (mut session, _) = RawClient::login(server.addr, &account);
+        session.send(&frame);
+        session.expect_error(ErrorCode::UnexpectedFrame);
+        session.expect_closed();
+    }
+}
+
+/// §4.6: an empty ReadReceipt is ignored; one naming a sender device that
+/// does not exist (device 0, a device the account does not have, an
+/// unknown user) gets UNKNOWN_RECIPIENT, non-fatal.
+#[test]
+fn read_receipts_name_an_existing_sender_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (mut b, _) = RawClient::login(server.addr, &bob);
+    let read = |user: u64, device: u32, ids: Vec<u64>| {
+        Frame::ReadReceipt(pb::ReadReceipt {
+            sender_user_id: user,
+            sender_device_id: device,
+            client_message_ids: ids,
+        })
+    };
+    b.send(&read(alice.user, 1, vec![]));
+    ping_pongs(&mut b, 1);
+    for (user, device) in [
+        (alice.user, 0),
+        (alice.user, 2),
+        (alice.user, 1 << 31),
+        (999_999, 1),
+    ] {
+        b.send(&read(user, device, vec![1]));
+        let error = b.expect_error(ErrorCode::UnknownRecipient);
+        assert!(!error.fatal, "{error:?}");
+    }
+    ping_pongs(&mut b, 2);
+}
+
+/// §4.4: an empty payload is stored and delivered; ServerAck and Deliver
+/// carry the same timestamp; a retry with the same id is answered with the
+/// original ServerAck and its content is dropped.
+#[test]
+fn empty_payloads_timestamps_and_retries_are_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    a.send_message(bob.user, 1, b"");
+    let (acks, _) = a.collect_acks(1);
+    a.send_message(bob.user, 1, b"a different payload");
+    let (retry, _) = a.collect_acks(1);
+    assert_eq!(retry, acks, "the retry gets the original ServerAck");
+    let (mut b, _) = RawClient::login(server.addr, &bob);
+    let delivered = b.collect_delivers(1);
+    assert!(delivered[0].payload.is_empty());
+    assert_eq!(delivered[0].timestamp_ms, acks[0].timestamp_ms);
+    assert_eq!(delivered[0].sequence, acks[0].server_sequence);
+    b.ack(delivered[0].sequence);
+    // Nothing else was stored: the next message is the next sequence.
+    a.send_message(bob.user, 2, b"next");
+    let next = b.collect_delivers(1);
+    assert_eq!(next[0].sequence, delivered[0].sequence + 1);
+    assert_eq!(next[0].client_message_id, 2);
+}
