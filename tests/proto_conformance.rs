@@ -188,3 +188,63 @@ fn empty_payloads_timestamps_and_retries_are_as_documented() {
     assert_eq!(next[0].sequence, delivered[0].sequence + 1);
     assert_eq!(next[0].client_message_id, 2);
 }
+
+/// §4.3: failed Hellos are limited per address for the whole server: on 2
+/// shards, exactly 5 AUTH_FAILED, then RATE_LIMITED for every Hello, a
+/// correct one included, until the delay has passed; then a correct Hello
+/// is welcomed.
+#[test]
+fn failed_hellos_are_limited_per_address_across_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| {
+        c.server.shards = 2;
+        c.limits.auth_failures_before_delay = 5;
+        c.limits.auth_failure_delay_ms = 1_000;
+    });
+    let account = RawClient::register(server.addr);
+    let mut wrong = account.clone();
+    wrong.secret = bytes::Bytes::from(vec![0u8; 32]);
+    let attempt = |account: &common::Account| {
+        let mut client = RawClient::connect(server.addr);
+        client.send(&common::hello(account));
+        match client.recv_timeout(Duration::from_secs(5)) {
+            Some(Frame::Error(e)) => Err((e.code, e.retry_after_ms)),
+            Some(Frame::Welcome(_)) => Ok(()),
+            other => panic!("expected Welcome or Error, got {other:?}"),
+        }
+    };
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        answers.push(attempt(&wrong));
+    }
+    let failed = ErrorCode::AuthFailed as i32;
+    let limited = ErrorCode::RateLimited as i32;
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Err((code, _)) if i < 5 => assert_eq!(*code, failed, "attempt {i}: {answers:?}"),
+            Err((code, after)) => {
+                assert_eq!(*code, limited, "attempt {i}: {answers:?}");
+                assert!((1..=1_000).contains(after), "attempt {i}: {answers:?}");
+            }
+            Ok(()) => panic!("a wrong secret was welcomed: {answers:?}"),
+        }
+    }
+    // A correct Hello inside the delay is refused too.
+    let Err((code, after)) = attempt(&account) else {
+        panic!("welcomed inside the delay")
+    };
+    assert_eq!(code, limited);
+    std::thread::sleep(Duration::from_millis(u64::from(after) + 50));
+    assert_eq!(attempt(&account), Ok(()));
+    // Both shards accepted some of these connections: the budget held
+    // across them.
+    let (_, metrics) = common::admin_get(server.admin, "/metrics");
+    for shard in 0..2 {
+        let accepted = common::metric_sum(
+            &metrics,
+            "switchboard_accepts_total",
+            &format!("shard=\"{shard}\""),
+        );
+        assert!(accepted > 0.0, "shard {shard} accepted nothing");
+    }
+}

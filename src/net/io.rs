@@ -46,7 +46,8 @@ use crate::net::uring::{
     SendErrorKind, SetupMode, UringError,
 };
 use crate::proto::{self, error_frame, pb, ErrorCode, Frame, GoAwayReason};
-use crate::route::message::Request;
+use crate::route::address_home;
+use crate::route::message::{ConnRef, HelloVerdict, Request};
 use crate::session::{client_may_send_in_session, negotiate_version};
 use crate::shard::{Outbound, Shard};
 
@@ -83,6 +84,9 @@ struct Handshake {
     input_closed: bool,
     /// Frames received and not yet handled.
     input: BytesMut,
+    /// The Hello being checked (on the home shard of `peer`'s address): its
+    /// device and the negotiated protocol version.
+    hello: Option<(InboxKey, u32)>,
 }
 
 struct Releasing {
@@ -492,6 +496,7 @@ fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
             busy: false,
             input_closed: false,
             input: BytesMut::new(),
+            hello: None,
         })),
     );
     let deadline = shard
@@ -564,7 +569,11 @@ enum HandshakeStep {
     Register {
         version: u32,
     },
-    Hello(pb::Hello),
+    Hello {
+        peer: IpAddr,
+        device: InboxKey,
+        secret: Bytes,
+    },
     /// The peer half-closed and every frame it sent is handled.
     Done,
 }
@@ -597,17 +606,19 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
                 Ok(Some(HandshakeStep::Register { version }))
             }
             Some(Frame::Hello(hello)) => {
-                negotiate_version(hello.protocol_version)
+                let version = negotiate_version(hello.protocol_version)
                     .map_err(|c| (c, "unsupported protocol version", 0))?;
-                if let Some(wait) = shard.throttle.borrow_mut().check(hs.peer, Instant::now()) {
-                    return Err((
-                        ErrorCode::RateLimited,
-                        "too many failed logins",
-                        wait.as_millis().min(u32::MAX as u128) as u32,
-                    ));
-                }
+                let device = InboxKey {
+                    user: UserId(hello.user_id),
+                    device: DeviceId(hello.device_id),
+                };
                 hs.busy = true;
-                Ok(Some(HandshakeStep::Hello(hello)))
+                hs.hello = Some((device, version));
+                Ok(Some(HandshakeStep::Hello {
+                    peer: hs.peer,
+                    device,
+                    secret: hello.secret,
+                }))
             }
             Some(_) => Err((
                 ErrorCode::NotAuthenticated,
@@ -629,9 +640,11 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
                 HandshakeStep::Register { version } => {
                     glommio::spawn_local(register(shard.clone(), id, version))
                 }
-                HandshakeStep::Hello(hello) => {
-                    glommio::spawn_local(verify(shard.clone(), id, hello))
-                }
+                HandshakeStep::Hello {
+                    peer,
+                    device,
+                    secret,
+                } => return check_hello(shard, id, peer, device, secret),
                 HandshakeStep::Done => unreachable!("matched above"),
             };
             task.detach();
@@ -704,45 +717,61 @@ async fn register(shard: Rc<Shard>, id: ConnId, version: u32) {
     lookup_done(&shard, id);
 }
 
-async fn verify(shard: Rc<Shard>, id: ConnId, hello: pb::Hello) {
-    let user = UserId(hello.user_id);
-    let device = DeviceId(hello.device_id);
-    let meta = shard.meta.clone();
-    let secret = hello.secret;
-    let verified = glommio::executor()
-        .spawn_blocking(move || meta.verify(user, device, &secret))
-        .await;
-    let Some(peer) = shard.sockets.with_handshake(id, |hs| hs.peer) else {
+/// Sends a Hello's credential to the home shard of the client's address,
+/// which decides it (`Shard::check_hello`); the verdict comes back through
+/// `hello_verdict`. Reading stays paused meanwhile.
+fn check_hello(shard: &Rc<Shard>, id: ConnId, peer: IpAddr, device: InboxKey, secret: Bytes) {
+    let request = Request::Hello {
+        origin: ConnRef {
+            shard: shard.id,
+            id: id.to_u64(),
+        },
+        peer,
+        device,
+        secret,
+    };
+    let target = address_home(peer, shard.shards);
+    if target == shard.id {
+        return shard.handle_request(request);
+    }
+    if let Some(wait) = shard.forward(Outbound::One(target, request)) {
+        // That shard's channel is full: the handshake waits for room.
+        glommio::spawn_local(wait).detach();
+    }
+}
+
+/// The verdict on a Hello of handshake `id` (gone already: nothing to do).
+pub fn hello_verdict(shard: &Rc<Shard>, id: ConnId, verdict: HelloVerdict) {
+    let Some(Some((device, version))) = shard.sockets.with_handshake(id, |hs| hs.hello.take())
+    else {
         return;
     };
-    match verified {
-        Err(err) => {
-            warn!(%err, "credential lookup failed");
-            refuse(
-                &shard,
-                id,
-                ErrorCode::Internal,
-                "credential lookup failed",
-                0,
-            );
-        }
-        Ok(false) => {
-            shard.throttle.borrow_mut().on_failure(peer, Instant::now());
+    match verdict {
+        HelloVerdict::Accepted => authenticated(shard, id, device, version),
+        HelloVerdict::Failed => {
             shard.metrics_auth_failed();
             refuse(
-                &shard,
+                shard,
                 id,
                 ErrorCode::AuthFailed,
                 "unknown device or wrong secret",
                 0,
             );
         }
-        Ok(true) => {
-            shard.throttle.borrow_mut().on_success(peer);
-            let version =
-                negotiate_version(hello.protocol_version).unwrap_or(proto::PROTOCOL_VERSION);
-            authenticated(&shard, id, InboxKey { user, device }, version);
-        }
+        HelloVerdict::RateLimited { retry_after_ms } => refuse(
+            shard,
+            id,
+            ErrorCode::RateLimited,
+            "too many failed logins",
+            retry_after_ms,
+        ),
+        HelloVerdict::Internal => refuse(
+            shard,
+            id,
+            ErrorCode::Internal,
+            "credential lookup failed",
+            0,
+        ),
     }
 }
 

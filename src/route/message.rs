@@ -7,6 +7,7 @@
 //! local connection queues and never sends on a channel, so replies always
 //! drain and the two meshes cannot deadlock each other.
 
+use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
@@ -56,6 +57,16 @@ pub enum Request {
         /// if it could not keep it); answered with `Reply::Relayed`.
         relay: Option<RelayRef>,
     },
+    /// Check a Hello's credential for `origin`, a handshake on another
+    /// shard, on the home shard of the client's address (`address_home`),
+    /// which keeps the failed-login count of that address for the whole
+    /// server; answered with `Reply::Hello`.
+    Hello {
+        origin: ConnRef,
+        peer: IpAddr,
+        device: InboxKey,
+        secret: Bytes,
+    },
     /// An authenticated connection moving to its device's home shard: the
     /// socket and the bytes already read past the Hello.
     Handoff {
@@ -67,6 +78,19 @@ pub enum Request {
         /// When the socket was accepted (`net::conn::connected_now`).
         connected_at: u32,
     },
+}
+
+/// What the home shard of a client's address decided about its Hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HelloVerdict {
+    /// The credential is good: the session may open.
+    Accepted,
+    /// Unknown device or wrong secret (counted against the address).
+    Failed,
+    /// The address is delaying after failed Hellos; try again after this.
+    RateLimited { retry_after_ms: u32 },
+    /// The credential could not be read (a metadata error, logged there).
+    Internal,
 }
 
 /// The answer to a `Request::Store`.
@@ -84,6 +108,11 @@ pub enum Reply {
         origin: ConnRef,
         client_message_id: ClientMessageId,
         code: ErrorCode,
+    },
+    /// The verdict on a `Request::Hello`.
+    Hello {
+        origin: ConnRef,
+        verdict: HelloVerdict,
     },
     /// Relayed receipts are durable in their recipients' inboxes (or could
     /// not be stored there, which is logged): the origin `shard` drops its

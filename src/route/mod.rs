@@ -34,6 +34,25 @@ pub fn home_shard(user: UserId, shards: u32) -> ShardId {
     shard_for(user.0, shards)
 }
 
+/// The shard that keeps the failed-login count of a client address, so one
+/// address has one budget for the whole server wherever the kernel's
+/// SO_REUSEPORT hash lands its connections. `shard_for` over the address
+/// folded to 64 bits: an IPv4 address is its 32-bit value, an IPv6 address
+/// the XOR of its two halves (an IPv4-mapped one counts as the IPv4).
+pub fn address_home(address: std::net::IpAddr, shards: u32) -> ShardId {
+    let key = match address {
+        std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u64::from(u32::from(v4)),
+            None => {
+                let bits = u128::from(v6);
+                (bits >> 64) as u64 ^ bits as u64
+            }
+        },
+    };
+    shard_for(key, shards)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,9 @@
 //! Slows down repeated failed logins from one address.
 //!
-//! Per shard (SO_REUSEPORT spreads one address's connections over shards, so
-//! the effective budget is per shard). Past `auth_failures_before_delay`
+//! Each shard keeps the entries of the addresses it is home to
+//! (`route::address_home`): every Hello is decided there, whichever shard
+//! SO_REUSEPORT gave the connection to, so an address has one budget for the
+//! whole server. Past `auth_failures_before_delay`
 //! failures an address must wait `auth_failure_delay_ms`, doubling per
 //! further failure up to 30 s; a success or a minute without failures forgets
 //! it. At most `auth_failure_addresses_max` addresses are tracked; the oldest

@@ -25,6 +25,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use glommio::channels::shared_channel::ConnectedSender;
 use tracing::{debug, error, warn};
 
@@ -35,7 +37,7 @@ use crate::metrics::ShardMetrics;
 use crate::net::conn::{CloseReason, Conn};
 use crate::proto::{error_frame, pb, ErrorCode, Frame, GoAwayReason};
 use crate::route::home_shard;
-use crate::route::message::{ConnRef, RelayRef, Reply, Request};
+use crate::route::message::{ConnRef, HelloVerdict, RelayRef, Reply, Request};
 use crate::session::AuthThrottle;
 use crate::store::{
     CommitTicket, Log, NewMessage, NewReceipt, ReceiptKind, StoreError, StoredEntry,
@@ -617,17 +619,21 @@ impl Shard {
             .expect("a channel to every other shard");
         if let Err(err) = sender.send(request).await {
             // The target shard has stopped (shutdown): answer what we can.
-            if let Some(Request::Store {
-                origin,
-                client_message_id,
-                ..
-            }) = channel_item(err)
-            {
-                self.on_reply(Reply::Refused {
+            match channel_item(err) {
+                Some(Request::Store {
+                    origin,
+                    client_message_id,
+                    ..
+                }) => self.on_reply(Reply::Refused {
                     origin,
                     client_message_id,
                     code: ErrorCode::Internal,
-                });
+                }),
+                Some(Request::Hello { origin, .. }) => self.on_reply(Reply::Hello {
+                    origin,
+                    verdict: HelloVerdict::Internal,
+                }),
+                _ => {}
             }
         }
     }
@@ -742,7 +748,58 @@ impl Shard {
                 self.metrics.handoffs_in.inc();
                 crate::net::io::adopt(self, fd, device, version, buffered, connected_at);
             }
+            Request::Hello {
+                origin,
+                peer,
+                device,
+                secret,
+            } => {
+                glommio::spawn_local(self.clone().check_hello(origin, peer, device, secret))
+                    .detach();
+            }
         }
+    }
+
+    /// Decides a Hello as the home shard of the client's address
+    /// (`route::address_home`), which keeps that address's failed-login
+    /// count for the whole server: a delaying address is refused at once,
+    /// else the credential is checked on the blocking pool and the outcome
+    /// counted. Hellos of one address that arrive together are each checked
+    /// against the count as it stands when they arrive.
+    async fn check_hello(
+        self: Rc<Self>,
+        origin: ConnRef,
+        peer: std::net::IpAddr,
+        device: InboxKey,
+        secret: Bytes,
+    ) {
+        let wait = self.throttle.borrow_mut().check(peer, Instant::now());
+        let verdict = match wait {
+            Some(wait) => HelloVerdict::RateLimited {
+                retry_after_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
+            },
+            None => {
+                let meta = self.meta.clone();
+                let verified = glommio::executor()
+                    .spawn_blocking(move || meta.verify(device.user, device.device, &secret))
+                    .await;
+                match verified {
+                    Err(err) => {
+                        warn!(%err, "credential lookup failed");
+                        HelloVerdict::Internal
+                    }
+                    Ok(false) => {
+                        self.throttle.borrow_mut().on_failure(peer, Instant::now());
+                        HelloVerdict::Failed
+                    }
+                    Ok(true) => {
+                        self.throttle.borrow_mut().on_success(peer);
+                        HelloVerdict::Accepted
+                    }
+                }
+            }
+        };
+        self.send_reply(Reply::Hello { origin, verdict });
     }
 
     fn push_after_commit(self: &Rc<Self>, ticket: CommitTicket, action: AfterCommit) {
@@ -760,7 +817,9 @@ impl Shard {
     /// Sends a reply to the origin's shard, or applies it here.
     fn send_reply(self: &Rc<Self>, reply: Reply) {
         let target = match &reply {
-            Reply::Stored { origin, .. } | Reply::Refused { origin, .. } => origin.shard,
+            Reply::Stored { origin, .. }
+            | Reply::Refused { origin, .. }
+            | Reply::Hello { origin, .. } => origin.shard,
             Reply::Relayed { shard, .. } => *shard,
         };
         if target == self.id {
@@ -787,8 +846,16 @@ impl Shard {
 
     /// A reply for one of this shard's connections, or for a relayed
     /// receipt kept here.
-    pub fn on_reply(&self, reply: Reply) {
+    pub fn on_reply(self: &Rc<Self>, reply: Reply) {
         let (origin, frame) = match reply {
+            Reply::Hello { origin, verdict } => {
+                crate::net::io::hello_verdict(
+                    self,
+                    crate::net::uring::ConnId::from_u64(origin.id),
+                    verdict,
+                );
+                return;
+            }
             Reply::Relayed { inbox, seqs, .. } => {
                 let seqs: Vec<InboxSeq> = seqs.into_iter().map(InboxSeq).collect();
                 let acked = self.log.borrow_mut().ack(inbox, InboxSeq(0), &seqs);
