@@ -33,17 +33,75 @@ pub const READ_CHUNK_BYTES: usize = 2048;
 /// Largest Switchboard frame accepted from the server (the server's default).
 pub const FRAME_BYTES_MAX: u32 = 66_560;
 
-/// Runs `future`, failing after `duration` with `what` in the message.
+/// Longest bare TCP connect [`explain`] tries.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `3 s`, `2.5 s`: a duration the way the options are given.
+pub fn seconds(duration: Duration) -> String {
+    format!("{} s", duration.as_secs_f64())
+}
+
+/// A wait for a handshake answer that ended without one: what it waited
+/// for, from whom, and how long. The bound covers the TCP connect too.
+#[derive(Debug)]
+pub struct NoAnswer {
+    /// The frame or packet waited for: `Registered`, `Welcome`, `CONNACK`,
+    /// `SUBACK`.
+    pub awaited: &'static str,
+    pub from: SocketAddr,
+    pub within: Duration,
+}
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no {} from {} within {}",
+            self.awaited,
+            self.from,
+            seconds(self.within)
+        )
+    }
+}
+
+impl std::error::Error for NoAnswer {}
+
+/// Runs `future`, failing after `duration` with a [`NoAnswer`] naming what
+/// `awaited` holds at that moment (a handshake sets it at each step).
 pub async fn with_timeout<T>(
     duration: Duration,
-    what: &str,
+    awaited: &Cell<&'static str>,
+    from: SocketAddr,
     future: impl Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
     futures_lite::future::or(future, async {
         glommio::timer::sleep(duration).await;
-        Err(anyhow!("{what} timed out after {duration:?}"))
+        Err(anyhow::Error::new(NoAnswer {
+            awaited: awaited.get(),
+            from,
+            within: duration,
+        }))
     })
     .await
+}
+
+/// Adds to a [`NoAnswer`] what a bare TCP connect to the target (bounded by
+/// `timeout`, at most [`PROBE_TIMEOUT`]) finds: a port that accepts and
+/// stays silent, or one that does not accept at all. Empty for any other
+/// error, whose own text says what the peer did.
+pub async fn explain(error: &anyhow::Error, target: &Target, timeout: Duration) -> String {
+    if error.downcast_ref::<NoAnswer>().is_none() {
+        return String::new();
+    }
+    match TcpStream::connect_timeout(target.server, timeout.min(PROBE_TIMEOUT)).await {
+        Ok(_) => format!(
+            "; it accepts TCP connections but sent no answer: is this {}?",
+            target.port_kind()
+        ),
+        Err(error) => format!(
+            "; a bare TCP connect to it fails too ({error}): is the server up at this address?"
+        ),
+    }
 }
 
 /// What a run connects to.
@@ -74,6 +132,14 @@ impl Target {
             .parse()
             .with_context(|| format!("target {text:?} is not HOST:PORT with an IP address"))?;
         Ok(Target { protocol, server })
+    }
+
+    /// What the target's port should be, for hints.
+    pub fn port_kind(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Switchboard => "a Switchboard client port",
+            Protocol::Mqtt => "an MQTT broker port",
+        }
     }
 
     pub fn url(&self) -> String {
@@ -205,6 +271,35 @@ fn connect_options(
     options
 }
 
+/// A failed handshake (`verb` is `registering`, `logging in`), saying what
+/// it waited for (`awaited`) and from whom. A peer that closes or sends
+/// bytes that are not frames is probably not a Switchboard client port, and
+/// the message says so.
+fn handshake_error(
+    error: ClientError,
+    verb: &str,
+    awaited: &'static str,
+    server: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Error {
+    const HINT: &str = "is this a Switchboard client port?";
+    match error {
+        ClientError::Timeout => anyhow::Error::new(NoAnswer {
+            awaited,
+            from: server,
+            within: timeout,
+        }),
+        ClientError::Closed => {
+            anyhow!("{server} closed the connection instead of sending {awaited}: {HINT}")
+        }
+        ClientError::Protocol(_) | ClientError::UnexpectedFrame(_) => {
+            anyhow!("{verb} at {server}: {error} instead of {awaited}: {HINT}")
+        }
+        // The error's own text holds its cause (an i/o error's too).
+        other => anyhow!("{verb} at {server}: {other}"),
+    }
+}
+
 impl Account {
     fn credentials(&self) -> anyhow::Result<Credentials> {
         let secret: [u8; 32] = hex::decode(&self.secret)?
@@ -225,8 +320,9 @@ impl SwitchboardLink {
         bind_ip: Option<IpAddr>,
         timeout: Duration,
     ) -> anyhow::Result<Account> {
-        let credentials =
-            client::register(&connect_options(server, bind_ip, timeout), None).await?;
+        let credentials = client::register(&connect_options(server, bind_ip, timeout), None)
+            .await
+            .map_err(|e| handshake_error(e, "registering", "Registered", server, timeout))?;
         Ok(Account {
             user: credentials.user.0,
             device: credentials.device.0,
@@ -244,7 +340,8 @@ impl SwitchboardLink {
             &connect_options(server, bind_ip, timeout),
             &account.credentials()?,
         )
-        .await?;
+        .await
+        .map_err(|e| handshake_error(e, "logging in", "Welcome", server, timeout))?;
         Ok(SwitchboardLink { session })
     }
 
@@ -469,6 +566,20 @@ mod tests {
             assert_eq!(PayloadHeader::decode(&bytes), Some(header));
         }
         assert_eq!(PayloadHeader::decode(b"short"), None);
+    }
+
+    #[test]
+    fn no_answer_names_the_wait_the_peer_and_the_bound() {
+        let error = NoAnswer {
+            awaited: "Registered",
+            from: "127.0.0.1:7701".parse().unwrap(),
+            within: Duration::from_secs(5),
+        };
+        assert_eq!(
+            error.to_string(),
+            "no Registered from 127.0.0.1:7701 within 5 s"
+        );
+        assert_eq!(seconds(Duration::from_millis(2500)), "2.5 s");
     }
 
     #[test]

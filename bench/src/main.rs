@@ -12,6 +12,7 @@ mod latency;
 mod limits;
 mod link;
 mod mqtt;
+mod reaper;
 mod report;
 mod sysmem;
 mod worker;
@@ -161,6 +162,11 @@ struct ChurnArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Scenario::Worker | Scenario::Compare { .. }) {
+        // Before any other thread starts, so every thread blocks the stop
+        // signals and Ctrl-C reaches the thread that kills the workers.
+        reaper::handle_stop_signals()?;
+    }
     match cli.command {
         Scenario::Worker => worker::run(),
         Scenario::Compare { a, b } => {
@@ -196,6 +202,9 @@ fn load_accounts(path: &Option<PathBuf>) -> anyhow::Result<Vec<Account>> {
     let value: Value = serde_json::from_str(&text)?;
     Ok(serde_json::from_value(value["accounts"].clone())?)
 }
+
+/// How [`Run::timeout`] is made, for messages.
+const TIMEOUT_BOUND: &str = "--timeout plus 5 s";
 
 struct Run {
     scenario: &'static str,
@@ -241,6 +250,7 @@ impl Run {
             let share = *share as usize;
             specs.push(WorkerSpec {
                 worker: worker as u64,
+                coordinator_pid: std::process::id(),
                 target,
                 users: users[first..first + share].to_vec(),
                 source_ips: split.source_ips.clone(),
@@ -289,6 +299,8 @@ impl Run {
         Ok(run)
     }
 
+    /// How long the coordinator waits for a worker's answer: the worker's
+    /// own bound on each wait plus time to report ([`TIMEOUT_BOUND`]).
     fn timeout(&self) -> Duration {
         Duration::from_secs_f64(self.common.timeout + 5.0)
     }
@@ -300,7 +312,7 @@ impl Run {
         let missing = self.users.iter().filter(|u| u.account.is_none()).count();
         self.fleet.set_phase("register");
         self.fleet.broadcast(&Command::Register)?;
-        let answers = self.fleet.collect(self.timeout())?;
+        let answers = self.fleet.collect(self.timeout(), TIMEOUT_BOUND)?;
         let mut elapsed: f64 = 0.0;
         for answer in answers {
             if let Report::Registered {
@@ -330,7 +342,7 @@ impl Run {
     fn connect_all(&mut self, subset: Subset) -> anyhow::Result<(u64, f64, Latency)> {
         self.fleet.set_phase("connect");
         self.fleet.broadcast(&Command::Connect { subset })?;
-        let answers = self.fleet.collect(self.timeout())?;
+        let answers = self.fleet.collect(self.timeout(), TIMEOUT_BOUND)?;
         let (mut connected, mut failed, mut elapsed) = (0, 0, 0f64);
         let mut handshakes = Latency::default();
         for answer in answers {
@@ -446,7 +458,9 @@ impl Run {
             )?;
         }
         let wait = Duration::from_secs_f64(duration + args.drain_timeout + 10.0);
-        let answers = self.fleet.collect(wait)?;
+        let answers = self
+            .fleet
+            .collect(wait, "--duration plus --drain-timeout plus 10 s")?;
         let mut step = Step {
             rate,
             duration,
@@ -563,7 +577,7 @@ impl Run {
             self.fleet.broadcast(&Command::Disconnect {
                 subset: Subset::Recipients,
             })?;
-            self.fleet.collect(self.timeout())?;
+            self.fleet.collect(self.timeout(), TIMEOUT_BOUND)?;
         }
         self.connect_all(Subset::Senders)?;
         self.fleet.set_phase("queue");
@@ -572,7 +586,7 @@ impl Run {
             payload_bytes: args.payload,
         })?;
         let (mut sent, mut acked, mut queue_s) = (0, 0, 0f64);
-        for answer in self.fleet.collect(self.timeout())? {
+        for answer in self.fleet.collect(self.timeout(), TIMEOUT_BOUND)? {
             if let Report::BurstDone {
                 sent: s,
                 acked: a,
@@ -598,7 +612,7 @@ impl Run {
             )?;
         }
         let (mut delivered, mut drain_s, mut connect_s) = (0, 0f64, 0f64);
-        for answer in self.fleet.collect(self.timeout())? {
+        for answer in self.fleet.collect(self.timeout(), TIMEOUT_BOUND)? {
             if let Report::Drained {
                 delivered: d,
                 elapsed_s,

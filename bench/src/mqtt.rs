@@ -93,7 +93,8 @@ impl MqttLink {
         user_index: u64,
         timeout: Duration,
     ) -> anyhow::Result<MqttLink> {
-        with_timeout(timeout, "MQTT CONNECT", async {
+        let awaited = Cell::new("CONNACK");
+        with_timeout(timeout, &awaited, server, async {
             let link = MqttLink {
                 wire: Wire::new(connect_socket(server, bind_ip)?),
                 inflight: RefCell::new(HashMap::new()),
@@ -107,23 +108,36 @@ impl MqttLink {
             connect
                 .write(&mut link.wire.out.borrow_mut())
                 .map_err(|e| anyhow!("encoding CONNECT: {e:?}"))?;
-            link.wire.flush().await?;
-            let session_present = match link.read_packet().await? {
+            link.wire
+                .flush()
+                .await
+                .with_context(|| format!("sending CONNECT to {server}"))?;
+            let session_present = match link.read_packet().await.with_context(|| {
+                format!("waiting for CONNACK from {server} (is this an MQTT broker port?)")
+            })? {
                 Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => {
                     ack.session_present
                 }
-                other => bail!("broker refused CONNECT: {other:?}"),
+                other => bail!("{server} refused CONNECT: {other:?}"),
             };
             if !session_present {
+                awaited.set("SUBACK");
                 let mut subscribe = v4::Subscribe::new(topic(user_index), QoS::AtLeastOnce);
                 subscribe.pkid = 1;
                 subscribe
                     .write(&mut link.wire.out.borrow_mut())
                     .map_err(|e| anyhow!("encoding SUBSCRIBE: {e:?}"))?;
-                link.wire.flush().await?;
-                match link.read_packet().await? {
+                link.wire
+                    .flush()
+                    .await
+                    .with_context(|| format!("sending SUBSCRIBE to {server}"))?;
+                match link
+                    .read_packet()
+                    .await
+                    .with_context(|| format!("waiting for SUBACK from {server}"))?
+                {
                     Packet::SubAck(_) => {}
-                    other => bail!("expected SUBACK, got {other:?}"),
+                    other => bail!("expected SUBACK from {server}, got {other:?}"),
                 }
             }
             Ok(link)

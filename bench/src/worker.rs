@@ -24,12 +24,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::latency::{monotonic_ns, ChainLatency, Latency, Schedule};
 use crate::limits::source_ip_for;
-use crate::link::{Account, Event, Link, PayloadHeader, Protocol, SwitchboardLink, Target, User};
+use crate::link::{
+    explain, seconds, Account, Event, Link, PayloadHeader, Protocol, SwitchboardLink, Target, User,
+};
 
 /// The first line a worker reads.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerSpec {
     pub worker: u64,
+    /// The process that started this worker, which it must not outlive.
+    pub coordinator_pid: u32,
     pub target: Target,
     pub users: Vec<User>,
     pub source_ips: Vec<IpAddr>,
@@ -95,6 +99,21 @@ pub enum Command {
         expected: u64,
     },
     Quit,
+}
+
+impl Command {
+    /// The command's name on the wire (its `cmd`), for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Register => "register",
+            Command::Connect { .. } => "connect",
+            Command::Disconnect { .. } => "disconnect",
+            Command::P2p(_) => "p2p",
+            Command::Burst { .. } => "burst",
+            Command::Drain { .. } => "drain",
+            Command::Quit => "quit",
+        }
+    }
 }
 
 /// Running totals, reported every half second.
@@ -251,12 +270,31 @@ impl Worker {
 
 /// Runs a worker on this thread until `Quit` or the end of stdin.
 pub fn run() -> anyhow::Result<()> {
+    // The coordinator blocks its stop signals in every thread, and a blocked
+    // mask survives exec: unblock them so Ctrl-C and kill end a worker.
+    crate::reaper::stop_signals()
+        .thread_unblock()
+        .context("unblocking SIGINT, SIGTERM, SIGHUP")?;
+    // Die with the coordinator however it ends, even by SIGKILL, so no worker
+    // outlives it holding connections to the server.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("asking for SIGKILL on the coordinator's death")?;
     let mut first = String::new();
     std::io::stdin()
         .lock()
         .read_line(&mut first)
         .context("reading the worker spec")?;
     let spec: WorkerSpec = serde_json::from_str(&first).context("parsing the worker spec")?;
+    // The coordinator may have died before the request above took effect,
+    // and then this worker was handed to another parent.
+    let parent = nix::unistd::getppid().as_raw();
+    if u32::try_from(parent).ok() != Some(spec.coordinator_pid) {
+        anyhow::bail!(
+            "worker {}: the coordinator (pid {}) exited before the worker started",
+            spec.worker,
+            spec.coordinator_pid
+        );
+    }
     crate::limits::raise_nofile();
     // Unbound: the operator pins the whole load generator with taskset, away
     // from the server's CPUs; the executor stays on whatever CPU it is given.
@@ -360,7 +398,7 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
         match command {
             Command::Quit => break,
             Command::Register => register(&worker).await?,
-            Command::Connect { subset } => connect(&worker, subset).await,
+            Command::Connect { subset } => connect(&worker, subset).await?,
             Command::Disconnect { subset } => {
                 for slot in worker.slots.iter().filter(|s| subset.contains(s.local)) {
                     let link = slot.link.borrow_mut().take();
@@ -394,22 +432,26 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `job` for every index in `indices`, `concurrency` at a time.
-async fn pool<F, Fut>(indices: Vec<usize>, concurrency: usize, job: F)
+/// Runs `job` for every index in `indices`, `concurrency` at a time, and
+/// starts no further job once `stop()` says so (the running ones finish,
+/// each bounded by its own timeout). The number of jobs started.
+async fn pool<F, Fut, S>(indices: Vec<usize>, concurrency: usize, stop: S, job: F) -> usize
 where
     F: Fn(usize) -> Fut + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
+    S: Fn() -> bool + 'static,
 {
     let indices = Rc::new(indices);
     let next = Rc::new(Cell::new(0usize));
     let job = Rc::new(job);
+    let stop = Rc::new(stop);
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1).min(indices.len()) {
-        let (indices, next, job) = (indices.clone(), next.clone(), job.clone());
+        let (indices, next, job, stop) = (indices.clone(), next.clone(), job.clone(), stop.clone());
         tasks.push(glommio::spawn_local(async move {
             loop {
                 let i = next.get();
-                if i >= indices.len() {
+                if i >= indices.len() || stop() {
                     break;
                 }
                 next.set(i + 1);
@@ -420,6 +462,7 @@ where
     for task in tasks {
         task.await;
     }
+    next.get()
 }
 
 async fn register(worker: &Rc<Worker>) -> anyhow::Result<()> {
@@ -430,12 +473,27 @@ async fn register(worker: &Rc<Worker>) -> anyhow::Result<()> {
         .filter(|s| s.user.borrow().account.is_none())
         .map(|s| s.local)
         .collect();
+    let attempts_max = missing.len();
+    let mut tried = 0;
     let created = Rc::new(RefCell::new(Vec::new()));
-    let failures = Rc::new(RefCell::new(Vec::new()));
+    let failed = Rc::new(Cell::new(0usize));
+    let first_error = Rc::new(RefCell::new(None::<anyhow::Error>));
     if worker.spec.target.protocol == Protocol::Switchboard {
-        let (w, created2, failures2) = (worker.clone(), created.clone(), failures.clone());
-        pool(missing, worker.spec.connect_concurrency, move |local| {
-            let (w, created, failures) = (w.clone(), created2.clone(), failures2.clone());
+        let (w, created2, failed2, first2) = (
+            worker.clone(),
+            created.clone(),
+            failed.clone(),
+            first_error.clone(),
+        );
+        // One failed registration fails the run, so no more are started:
+        // against a port that never answers, each would wait out the timeout.
+        let any_failed = {
+            let failed = failed.clone();
+            move || failed.get() > 0
+        };
+        let job = move |local: usize| {
+            let (w, created, failed, first_error) =
+                (w.clone(), created2.clone(), failed2.clone(), first2.clone());
             async move {
                 let slot = w.slots[local].clone();
                 // Registrations are short connections: the kernel picks
@@ -449,16 +507,23 @@ async fn register(worker: &Rc<Worker>) -> anyhow::Result<()> {
                             .borrow_mut()
                             .push((slot.user.borrow().index, account));
                     }
-                    Err(e) => failures.borrow_mut().push(format!("{e:#}")),
+                    Err(error) => {
+                        failed.set(failed.get() + 1);
+                        first_error.borrow_mut().get_or_insert(error);
+                    }
                 }
             }
-        })
-        .await;
+        };
+        tried = pool(missing, worker.spec.connect_concurrency, any_failed, job).await;
     }
-    if let Some(first) = failures.borrow().first() {
+    let first_error = first_error.borrow_mut().take();
+    if let Some(error) = first_error {
+        let server = worker.spec.target.server;
+        let hint = explain(&error, &worker.spec.target, worker.timeout).await;
         anyhow::bail!(
-            "{} registrations failed, the first: {first}",
-            failures.borrow().len()
+            "{} of {tried} registrations with {server} failed ({} not tried), the first: {error:#}{hint}",
+            failed.get(),
+            attempts_max - tried
         );
     }
     let accounts = created.borrow().clone();
@@ -484,7 +549,11 @@ async fn open(worker: &Rc<Worker>, slot: &Rc<Slot>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(worker: &Rc<Worker>, subset: Subset) {
+/// Connects the users of `subset`; failures among successes are counted.
+/// Fails when none connects, and starts no more once the timeout has passed
+/// with none connected: against a port that never answers, each would wait
+/// out the timeout again.
+async fn connect(worker: &Rc<Worker>, subset: Subset) -> anyhow::Result<()> {
     let started = monotonic_ns();
     let indices: Vec<usize> = worker
         .slots
@@ -494,16 +563,21 @@ async fn connect(worker: &Rc<Worker>, subset: Subset) {
         .collect();
     let handshakes = Rc::new(RefCell::new(Latency::default()));
     let failed = Rc::new(Cell::new(0u64));
-    let first_error = Rc::new(RefCell::new(None::<String>));
-    let total = indices.len() as u64;
-    {
+    let first_error = Rc::new(RefCell::new(None::<anyhow::Error>));
+    let total = indices.len();
+    let nothing_works = {
+        let handshakes = handshakes.clone();
+        let timeout_ns = worker.timeout.as_nanos() as u64;
+        move || handshakes.borrow().count() == 0 && monotonic_ns() - started >= timeout_ns
+    };
+    let job = {
         let (w, h, f, e) = (
             worker.clone(),
             handshakes.clone(),
             failed.clone(),
             first_error.clone(),
         );
-        pool(indices, worker.spec.connect_concurrency, move |local| {
+        move |local: usize| {
             let (w, h, f, e) = (w.clone(), h.clone(), f.clone(), e.clone());
             async move {
                 let slot = w.slots[local].clone();
@@ -512,27 +586,39 @@ async fn connect(worker: &Rc<Worker>, subset: Subset) {
                     Ok(()) => h.borrow_mut().record(begin, monotonic_ns()),
                     Err(error) => {
                         f.set(f.get() + 1);
-                        e.borrow_mut().get_or_insert(format!("{error:#}"));
+                        e.borrow_mut().get_or_insert(error);
                     }
                 }
             }
-        })
-        .await;
+        }
+    };
+    let tried = pool(indices, worker.spec.connect_concurrency, nothing_works, job).await;
+    if handshakes.borrow().count() == 0 {
+        let first_error = first_error.borrow_mut().take();
+        if let Some(error) = first_error {
+            let hint = explain(&error, &worker.spec.target, worker.timeout).await;
+            anyhow::bail!(
+                "none of {tried} connects to {} succeeded ({} not tried), the first error: {error:#}{hint}",
+                worker.spec.target.server,
+                total - tried
+            );
+        }
     }
     if let Some(error) = first_error.borrow().as_ref() {
         eprintln!(
-            "worker {}: {} connects failed, the first: {error}",
+            "worker {}: {} connects failed, the first: {error:#}",
             worker.spec.worker,
             failed.get()
         );
     }
     let handshake_hex = handshakes.borrow().to_hex();
     emit(&Report::Connected {
-        connected: total - failed.get(),
+        connected: total as u64 - failed.get(),
         failed: failed.get(),
         elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
         handshake_hex,
     });
+    Ok(())
 }
 
 /// The receiving task of one link: times acks, deliveries and receipts.
@@ -738,7 +824,25 @@ async fn p2p(worker: &Rc<Worker>, step: &P2pStep) -> StepResult {
         let complete = c.acked - before.acked >= sent
             && c.delivered - before.delivered >= sent
             && (!worker.receipts_expected() || c.receipts - before.receipts >= sent);
-        if complete || monotonic_ns() >= deadline {
+        if complete {
+            break;
+        }
+        if monotonic_ns() >= deadline {
+            let missing = |got: u64| sent.saturating_sub(got);
+            let receipts_missing = if worker.receipts_expected() {
+                missing(c.receipts - before.receipts)
+            } else {
+                0
+            };
+            eprintln!(
+                "worker {}: {} acks, {} deliveries and {receipts_missing} receipts of {sent} \
+                 messages did not come from {} within --drain-timeout {}",
+                worker.spec.worker,
+                missing(c.acked - before.acked),
+                missing(c.delivered - before.delivered),
+                worker.spec.target.server,
+                seconds(Duration::from_secs_f64(step.drain_timeout_s)),
+            );
             break;
         }
         glommio::timer::sleep(Duration::from_millis(2)).await;
@@ -828,7 +932,18 @@ async fn burst(worker: &Rc<Worker>, per_user: u64, payload_bytes: usize) {
     let deadline = monotonic_ns() + worker.timeout.as_nanos() as u64;
     loop {
         let c = worker.counters.get();
-        if c.acked - before.acked >= c.sent - before.sent || monotonic_ns() >= deadline {
+        let (sent, acked) = (c.sent - before.sent, c.acked - before.acked);
+        if acked >= sent {
+            break;
+        }
+        if monotonic_ns() >= deadline {
+            eprintln!(
+                "worker {}: {} acks of {sent} queued messages did not come from {} within --timeout {}",
+                worker.spec.worker,
+                sent - acked,
+                worker.spec.target.server,
+                seconds(worker.timeout),
+            );
             break;
         }
         glommio::timer::sleep(Duration::from_millis(2)).await;
@@ -852,21 +967,35 @@ async fn drain(worker: &Rc<Worker>, expected: u64) {
         .map(|s| s.local)
         .collect();
     let w = worker.clone();
-    pool(recipients, worker.spec.connect_concurrency, move |local| {
-        let w = w.clone();
-        async move {
-            let slot = w.slots[local].clone();
-            if let Err(error) = open(&w, &slot).await {
-                w.bump(|c| c.errors += 1);
-                w.report_error(format_args!("drain connect: {error:#}"));
+    pool(
+        recipients,
+        worker.spec.connect_concurrency,
+        || false,
+        move |local| {
+            let w = w.clone();
+            async move {
+                let slot = w.slots[local].clone();
+                if let Err(error) = open(&w, &slot).await {
+                    w.bump(|c| c.errors += 1);
+                    w.report_error(format_args!("drain connect: {error:#}"));
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let connect_s = (monotonic_ns() - started) as f64 / 1e9;
     let deadline = monotonic_ns() + worker.timeout.as_nanos() as u64;
-    while worker.counters.get().delivered - before.delivered < expected && monotonic_ns() < deadline
-    {
+    while worker.counters.get().delivered - before.delivered < expected {
+        if monotonic_ns() >= deadline {
+            eprintln!(
+                "worker {}: {} of {expected} queued messages were not delivered by {} within --timeout {}",
+                worker.spec.worker,
+                expected - (worker.counters.get().delivered - before.delivered),
+                worker.spec.target.server,
+                seconds(worker.timeout),
+            );
+            break;
+        }
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
     let last = worker.stats.borrow().last_delivery_ns.max(started);
@@ -875,4 +1004,40 @@ async fn drain(worker: &Rc<Worker>, expected: u64) {
         elapsed_s: (last - started) as f64 / 1e9,
         connect_s,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_names_match_their_wire_tags() {
+        let commands = [
+            Command::Register,
+            Command::Connect {
+                subset: Subset::All,
+            },
+            Command::Disconnect {
+                subset: Subset::Recipients,
+            },
+            Command::P2p(P2pStep {
+                rate_per_s: 1.0,
+                duration_s: 1.0,
+                payload_bytes: 100,
+                start_at_ns: 0,
+                drain_timeout_s: 1.0,
+                churn_per_s: 0.0,
+            }),
+            Command::Burst {
+                per_user: 1,
+                payload_bytes: 100,
+            },
+            Command::Drain { expected: 1 },
+            Command::Quit,
+        ];
+        for command in commands {
+            let wire = serde_json::to_value(&command).unwrap();
+            assert_eq!(wire["cmd"], command.name());
+        }
+    }
 }
