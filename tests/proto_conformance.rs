@@ -162,8 +162,9 @@ fn read_receipts_name_an_existing_sender_device() {
 }
 
 /// §4.4: an empty payload is stored and delivered; ServerAck and Deliver
-/// carry the same timestamp; a retry with the same id is answered with the
-/// original ServerAck and its content is dropped.
+/// carry the same timestamp; a retry with the same id and content is
+/// answered with the original ServerAck, one with other content gets
+/// DUPLICATE_ID_MISMATCH, and neither is stored again.
 #[test]
 fn empty_payloads_timestamps_and_retries_are_as_documented() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,9 +174,24 @@ fn empty_payloads_timestamps_and_retries_are_as_documented() {
     let (mut a, _) = RawClient::login(server.addr, &alice);
     a.send_message(bob.user, 1, b"");
     let (acks, _) = a.collect_acks(1);
-    a.send_message(bob.user, 1, b"a different payload");
+    a.send_message(bob.user, 1, b"");
     let (retry, _) = a.collect_acks(1);
     assert_eq!(retry, acks, "the retry gets the original ServerAck");
+    a.send_message(bob.user, 1, b"a different payload");
+    let error = a.expect_error(ErrorCode::DuplicateIdMismatch);
+    assert_eq!(error.client_message_id, 1);
+    assert!(!error.fatal);
+    // Another recipient on the same shard (one shard here would be simplest;
+    // with 2 shards, Alice herself lands where she lands): only a recipient
+    // homed with the original one can see the reuse.
+    let carol = RawClient::register_on_shard(
+        server.addr,
+        switchboard::route::shard_for(bob.user, server.shards()).0,
+        server.shards(),
+    );
+    a.send_message(carol.user, 1, b"");
+    let error = a.expect_error(ErrorCode::DuplicateIdMismatch);
+    assert_eq!(error.client_message_id, 1);
     let (mut b, _) = RawClient::login(server.addr, &bob);
     let delivered = b.collect_delivers(1);
     assert!(delivered[0].payload.is_empty());
@@ -247,4 +263,25 @@ fn failed_hellos_are_limited_per_address_across_shards() {
         );
         assert!(accepted > 0.0, "shard {shard} accepted nothing");
     }
+}
+
+/// §4.4: the dedupe memory, payload digest included, is rebuilt from the
+/// log after a kill -9.
+#[test]
+fn retries_are_recognised_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path());
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    a.send_message(bob.user, 9, b"before the crash");
+    let (acks, _) = a.collect_acks(1);
+    drop(a);
+    server.kill9();
+    server.launch();
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    a.send_message(bob.user, 9, b"before the crash");
+    assert_eq!(a.collect_acks(1).0, acks);
+    a.send_message(bob.user, 9, b"after the crash");
+    a.expect_error(ErrorCode::DuplicateIdMismatch);
 }

@@ -157,8 +157,8 @@ pub struct Limits {
     /// 40 bytes each); the oldest entry is evicted first.
     pub auth_failure_addresses_max: u32,
     /// Remembered (sender device, client message id) pairs per shard for
-    /// dedupe of retried Sends. Default 1,048,576: about 92 bytes each as
-    /// measured (`docs/store.md`), so about 95 MB per shard when full. The
+    /// dedupe of retried Sends. Default 1,048,576: about 100 bytes each as
+    /// measured (`docs/store.md`), so about 105 MB per shard when full. The
     /// oldest entry is forgotten first; entries for messages still in the log
     /// are rebuilt on recovery. A retry must come within this many newer
     /// Sends to the shard to be recognised.

@@ -655,6 +655,19 @@ impl Shard {
                 };
                 let duplicate = self.log.borrow().find_duplicate(sender, client_message_id);
                 if let Some(dup) = duplicate {
+                    // A retry must carry what the first Send carried; a
+                    // client that reuses an id for other content is told so
+                    // (its new content is not stored).
+                    if dup.recipient.user != recipient
+                        || dup.payload_digest != crate::store::payload_digest(&payload)
+                    {
+                        self.send_reply(Reply::Refused {
+                            origin,
+                            client_message_id,
+                            code: ErrorCode::DuplicateIdMismatch,
+                        });
+                        return;
+                    }
                     self.push_after_commit(
                         dup.ticket,
                         AfterCommit::Ack {

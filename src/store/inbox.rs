@@ -166,13 +166,23 @@ pub struct DedupeValue {
     pub seq: InboxSeq,
     pub timestamp_ms: u64,
     pub ticket: u64,
+    /// `payload_digest` of the payload, so a retry that carries another
+    /// payload is told apart from a true retry.
+    pub payload_digest: u32,
+}
+
+/// A 32-bit digest of a payload (CRC32C, hardware-assisted): enough to catch
+/// a client that reuses a message id for other content, which is a bug it
+/// should hear about; not a security check.
+pub fn payload_digest(payload: &[u8]) -> u32 {
+    crc32c::crc32c(payload)
 }
 
 /// (sender device, client message id) → what was appended; FIFO-bounded.
 ///
-/// Each remembered Send is one 56-byte slot in a ring (oldest first), found
+/// Each remembered Send is one 64-byte slot in a ring (oldest first), found
 /// through a hash index of 16-byte entries (the key's 64-bit hash → the
-/// slot's absolute position). About 90 bytes per entry in all, where a map
+/// slot's absolute position). About 100 bytes per entry in all, where a map
 /// holding keys and values twice over cost 160. Two keys whose 64-bit hashes
 /// collide (odds about 2^-64 per pair) shadow each other: the older one is
 /// no longer found, so a retry of it would be stored again, exactly as if it
@@ -196,6 +206,7 @@ struct DedupeSlot {
     ticket: u64,
     sender_device: u32,
     recipient_device: u32,
+    payload_digest: u32,
 }
 
 impl DedupeSlot {
@@ -214,6 +225,7 @@ impl DedupeSlot {
             seq: InboxSeq(self.seq),
             timestamp_ms: self.timestamp_ms,
             ticket: self.ticket,
+            payload_digest: self.payload_digest,
         }
     }
 }
@@ -273,6 +285,7 @@ impl Dedupe {
             ticket: value.ticket,
             sender_device: sender.device.0,
             recipient_device: value.recipient.device.0,
+            payload_digest: value.payload_digest,
         };
         let hash = dedupe_hash(sender, id);
         if let Some(&position) = self.index.get(&hash) {
@@ -393,6 +406,7 @@ mod tests {
             seq: InboxSeq(1),
             timestamp_ms: 0,
             ticket: 0,
+            payload_digest: 7,
         };
         let mut d = Dedupe::new(2);
         d.insert(key(1), ClientMessageId(1), value);
@@ -414,6 +428,7 @@ mod tests {
             seq: InboxSeq(seq),
             timestamp_ms: seq * 10,
             ticket: seq,
+            payload_digest: 7,
         };
         let mut d = Dedupe::new(100);
         d.insert(key(1, 1), ClientMessageId(5), value(1));
@@ -438,6 +453,7 @@ mod tests {
             seq: InboxSeq(1),
             timestamp_ms: 0,
             ticket: 0,
+            payload_digest: 7,
         };
         let mut d = Dedupe::new(1_000);
         for i in 0..10_000u64 {
@@ -480,6 +496,7 @@ mod tests {
                 seq: InboxSeq(i),
                 timestamp_ms: i,
                 ticket: i,
+                payload_digest: 7,
             };
             d.insert(key(1_000_000), ClientMessageId(i), value);
         }

@@ -13,7 +13,7 @@ use crate::config::{Durability, StoreConfig};
 use crate::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
 
 use super::commit::{CommitBatch, CommitShared};
-use super::inbox::{Dedupe, DedupeValue, Entry, Inboxes};
+use super::inbox::{payload_digest, Dedupe, DedupeValue, Entry, Inboxes};
 use super::record::{
     decode, encode_inbox_seqs, encode_u64s, peek_expires_ms, InboxSeqList, Record, U64List,
 };
@@ -152,10 +152,10 @@ impl State {
         entry: Entry,
         expires_ms: u64,
         now_ms: u64,
-        dedupe: Option<(InboxKey, ClientMessageId, u64)>,
+        dedupe: Option<(InboxKey, ClientMessageId, u64, u32)>,
     ) {
         self.note_seq(recipient, entry.seq, entry.segment);
-        if let Some((sender, client_message_id, timestamp_ms)) = dedupe {
+        if let Some((sender, client_message_id, timestamp_ms, payload_digest)) = dedupe {
             self.dedupe.insert(
                 sender,
                 client_message_id,
@@ -164,6 +164,7 @@ impl State {
                     seq: InboxSeq(entry.seq),
                     timestamp_ms,
                     ticket: 0,
+                    payload_digest,
                 },
             );
         }
@@ -191,9 +192,15 @@ impl State {
                 client_message_id,
                 timestamp_ms,
                 expires_ms,
+                payload,
                 ..
             } => {
-                let dedupe = Some((sender, client_message_id, timestamp_ms));
+                let dedupe = Some((
+                    sender,
+                    client_message_id,
+                    timestamp_ms,
+                    payload_digest(payload),
+                ));
                 self.recover_entry(recipient, entry(seq), expires_ms, now_ms, dedupe);
             }
             Record::Receipt {
@@ -208,11 +215,14 @@ impl State {
                 timestamp_ms,
                 expires_ms,
                 recipients,
+                payload,
                 ..
             } => {
+                let digest = payload_digest(payload);
                 for (i, (recipient, seq)) in recipients.iter().enumerate() {
                     // One dedupe entry per Send: the first recipient's.
-                    let dedupe = (i == 0).then_some((sender, client_message_id, timestamp_ms));
+                    let dedupe =
+                        (i == 0).then_some((sender, client_message_id, timestamp_ms, digest));
                     self.recover_entry(recipient, entry(seq), expires_ms, now_ms, dedupe);
                 }
             }
@@ -494,6 +504,7 @@ impl Log {
                 seq: v.seq,
                 timestamp_ms: v.timestamp_ms,
                 ticket: CommitTicket(v.ticket),
+                payload_digest: v.payload_digest,
             })
     }
 
@@ -535,6 +546,7 @@ impl Log {
                 seq,
                 timestamp_ms: now,
                 ticket,
+                payload_digest: payload_digest(message.payload),
             },
         );
         Ok(Appended {
@@ -634,6 +646,7 @@ impl Log {
                     seq,
                     timestamp_ms: now,
                     ticket,
+                    payload_digest: payload_digest(payload),
                 },
             );
         }

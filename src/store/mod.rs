@@ -36,6 +36,7 @@ pub mod segment;
 pub mod storage;
 
 pub use commit::CommitBatch;
+pub use inbox::payload_digest;
 pub use inspect::{inspect, InspectReport};
 pub use log::{Log, MultiAppended, DEDUPE_CAPACITY_DEFAULT};
 
@@ -151,6 +152,8 @@ pub struct Duplicate {
     pub seq: InboxSeq,
     pub timestamp_ms: u64,
     pub ticket: CommitTicket,
+    /// `inbox::payload_digest` of the stored payload.
+    pub payload_digest: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
