@@ -285,3 +285,44 @@ fn retries_are_recognised_after_a_crash() {
     a.send_message(bob.user, 9, b"after the crash");
     a.expect_error(ErrorCode::DuplicateIdMismatch);
 }
+
+/// §2, §4.5, §5: Welcome announces every limit a client must stay within,
+/// and the "up to date" mark: the highest sequence pending at connect.
+#[test]
+fn welcome_announces_the_limits_and_the_up_to_date_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let limits = &server.config.limits;
+    let alice = RawClient::register(server.addr);
+    let bob = RawClient::register(server.addr);
+    let (_, welcome) = RawClient::login(server.addr, &bob);
+    assert_eq!(welcome.ids_per_frame_max, limits.ids_per_frame_max);
+    assert_eq!(
+        welcome.delivery_window_bytes,
+        u64::from(limits.delivery_window_bytes)
+    );
+    assert_eq!(welcome.inbox_pending_through, 0, "nothing is pending");
+    // Ten messages while Bob is away (in steps: Sends in flight are bounded).
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    let mut last_seq = 0;
+    for first in [1u64, 6] {
+        for id in first..first + 5 {
+            a.send_message(bob.user, id, b"while away");
+        }
+        let (acks, _) = a.collect_acks(5);
+        last_seq = last_seq.max(acks.iter().map(|x| x.server_sequence).max().unwrap());
+    }
+    let (mut b, welcome) = RawClient::login(server.addr, &bob);
+    assert_eq!(welcome.inbox_pending_through, last_seq);
+    let mut seen = 0;
+    while seen < welcome.inbox_pending_through {
+        let d = b.collect_delivers(1).remove(0);
+        seen = d.sequence;
+        b.ack(d.sequence);
+    }
+    assert_eq!(seen, last_seq, "up to date at the mark");
+    // Acknowledged: the next session has nothing pending.
+    drop(b);
+    let (_, welcome) = RawClient::login(server.addr, &bob);
+    assert_eq!(welcome.inbox_pending_through, 0);
+}

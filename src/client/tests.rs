@@ -88,6 +88,9 @@ fn test_welcome() -> pb::Welcome {
         max_frame_bytes: FRAME_BYTES_MAX,
         delivery_window: 64,
         idle_timeout_ms: 120_000,
+        ids_per_frame_max: 1_024,
+        delivery_window_bytes: 262_144,
+        inbox_pending_through: 0,
     }
 }
 

@@ -77,6 +77,9 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 max_frame_bytes: 66_560,
                 delivery_window: 64,
                 idle_timeout_ms: 120_000,
+                ids_per_frame_max: 1_024,
+                delivery_window_bytes: 262_144,
+                inbox_pending_through: 0,
             }),
         ),
         (
@@ -429,13 +432,16 @@ fn arbitrary_frame() -> impl Strategy<Value = Frame> {
                 secret: s,
             })
         }),
-        (any::<[u32; 5]>(), any::<u64>()).prop_map(|(v, t)| Frame::Welcome(pb::Welcome {
+        (any::<[u32; 6]>(), any::<[u64; 3]>()).prop_map(|(v, t)| Frame::Welcome(pb::Welcome {
             protocol_version: v[0],
-            server_time_ms: t,
+            server_time_ms: t[0],
             max_payload_bytes: v[1],
             max_frame_bytes: v[2],
             delivery_window: v[3],
             idle_timeout_ms: v[4],
+            ids_per_frame_max: v[5],
+            delivery_window_bytes: t[1],
+            inbox_pending_through: t[2],
         })),
         (
             any::<u64>(),

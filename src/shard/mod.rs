@@ -218,6 +218,7 @@ impl Shard {
             return conn;
         }
         let limits = &self.config.limits;
+        let inbox_pending_through = self.log.borrow().last_pending(device).0;
         conn.enqueue(&Frame::Welcome(pb::Welcome {
             protocol_version,
             server_time_ms: self.now_ms(),
@@ -225,6 +226,9 @@ impl Shard {
             max_frame_bytes: limits.frame_bytes_max,
             delivery_window: limits.delivery_window_messages,
             idle_timeout_ms: limits.idle_timeout_ms,
+            ids_per_frame_max: limits.ids_per_frame_max,
+            delivery_window_bytes: u64::from(limits.delivery_window_bytes),
+            inbox_pending_through,
         }));
         let previous = self.devices.borrow_mut().insert(device, conn.clone());
         if let Some(previous) = previous {

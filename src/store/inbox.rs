@@ -141,6 +141,11 @@ impl Inbox {
         self.entries.range(start..).filter(|e| !e.is_tombstone())
     }
 
+    /// The last live entry.
+    pub fn last_live(&self) -> Option<&Entry> {
+        self.entries.iter().rev().find(|e| !e.is_tombstone())
+    }
+
     /// Live entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter().filter(|e| !e.is_tombstone())

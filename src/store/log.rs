@@ -909,7 +909,6 @@ impl Log {
         }
     }
 
-    /// Pending (unacknowledged, unexpired) entries of `inbox`.
     /// Relay inboxes (`InboxKey::relay`) holding entries: receipts stored
     /// here and not yet acknowledged by their recipient's home shard.
     pub fn relay_inboxes(&self) -> Vec<InboxKey> {
@@ -921,6 +920,7 @@ impl Log {
             .collect()
     }
 
+    /// Pending (unacknowledged, unexpired) entries of `inbox`.
     pub fn pending_count(&self, inbox: InboxKey) -> u64 {
         let Some(i) = self.state.inboxes.get(&inbox) else {
             return 0;
@@ -931,6 +931,20 @@ impl Log {
             .take_while(|e| Log::entry_expired(&self.segments, e, now))
             .count();
         i.pending() as u64 - expired as u64
+    }
+
+    /// The highest sequence pending (unacknowledged, unexpired) in `inbox`;
+    /// 0 if none is. Entries expire in sequence order, so the last is
+    /// pending only if it has not expired.
+    pub fn last_pending(&self, inbox: InboxKey) -> InboxSeq {
+        let Some(i) = self.state.inboxes.get(&inbox) else {
+            return InboxSeq(0);
+        };
+        let now = self.clock.now_ms().max(self.last_timestamp_ms);
+        match i.last_live() {
+            Some(e) if !Log::entry_expired(&self.segments, e, now) => InboxSeq(e.seq),
+            _ => InboxSeq(0),
+        }
     }
 
     /// The highest sequence assigned in `inbox` (0 if none).
