@@ -38,8 +38,8 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, error, warn};
 
-use crate::config::{Config, RegistrationPolicy, SocketRingSetup};
-use crate::ids::{DeviceId, InboxKey, UserId};
+use crate::config::{Config, SocketRingSetup};
+use crate::ids::InboxKey;
 use crate::net::conn::{self, Conn};
 use crate::net::uring::{
     CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, FrameHeader, Notifier, SendError,
@@ -48,7 +48,8 @@ use crate::net::uring::{
 use crate::proto::{self, error_frame, pb, ErrorCode, Frame, GoAwayReason};
 use crate::route::address_home;
 use crate::route::message::{ConnRef, HelloVerdict, Request};
-use crate::session::{client_may_send_in_session, negotiate_version};
+use crate::session::client_may_send_in_session;
+use crate::session::handshake::{Handshake, RegistrationRules, Step};
 use crate::shard::{Outbound, Shard};
 
 /// Connections past `connections_per_shard_max` the driver still takes, so
@@ -67,26 +68,6 @@ enum Slot {
     Opening(Box<Opening>),
     /// A last frame is being flushed; the driver closes the socket.
     Closing,
-}
-
-struct Handshake {
-    peer: IpAddr,
-    /// When the socket was accepted (`conn::connected_now`).
-    connected_at: u32,
-    /// One Register per connection: account creation writes to the
-    /// metadata database, so a connection may not become a registration
-    /// loop.
-    registered: bool,
-    /// An account lookup is running; reading is paused until it ends.
-    busy: bool,
-    /// The peer half-closed: once its frames are handled, the socket is
-    /// closed.
-    input_closed: bool,
-    /// Frames received and not yet handled.
-    input: BytesMut,
-    /// The Hello being checked (on the home shard of `peer`'s address): its
-    /// device and the negotiated protocol version.
-    hello: Option<(InboxKey, u32)>,
 }
 
 struct Releasing {
@@ -470,9 +451,7 @@ fn bad_frame(shard: &Rc<Shard>, id: ConnId, header: FrameHeader) {
         };
         return conn.fatal(code, "bad frame");
     }
-    let handshaking = shard
-        .sockets
-        .with_handshake(id, |hs| hs.input.extend_from_slice(header));
+    let handshaking = shard.sockets.with_handshake(id, |hs| hs.input(header));
     if handshaking.is_some() {
         return handshake_step(shard, id);
     }
@@ -489,15 +468,7 @@ fn accepted(shard: &Rc<Shard>, id: ConnId, peer: IpAddr) {
     let limits = &shard.config.limits;
     shard.sockets.set(
         id,
-        Slot::Handshake(Box::new(Handshake {
-            peer,
-            connected_at: conn::connected_now(),
-            registered: false,
-            busy: false,
-            input_closed: false,
-            input: BytesMut::new(),
-            hello: None,
-        })),
+        Slot::Handshake(Box::new(Handshake::new(peer, conn::connected_now()))),
     );
     let deadline = shard
         .sockets
@@ -545,14 +516,9 @@ fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
         return;
     }
     let mut frames = Some(frames);
-    let handshaking = shard.sockets.with_handshake(id, |hs| {
-        let frames = frames.take().expect("taken once");
-        if hs.input.is_empty() {
-            hs.input = BytesMut::from(frames);
-        } else {
-            hs.input.extend_from_slice(&frames);
-        }
-    });
+    let handshaking = shard
+        .sockets
+        .with_handshake(id, |hs| hs.input(&frames.take().expect("taken once")));
     if handshaking.is_some() {
         return handshake_step(shard, id);
     }
@@ -564,116 +530,39 @@ fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
     // Closing or releasing: the input is of no use any more.
 }
 
-/// What the next handshake frame asks for.
-enum HandshakeStep {
-    Register {
-        version: u32,
-    },
-    Hello {
-        peer: IpAddr,
-        device: InboxKey,
-        secret: Bytes,
-    },
-    /// The peer half-closed and every frame it sent is handled.
-    Done,
-}
-
 /// Handles buffered handshake frames until one needs an account lookup,
 /// the input runs out, or the connection is refused.
 fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
+    let server = &shard.config.server;
+    let rules = RegistrationRules {
+        policy: server.registration,
+        tokens: &server.registration_tokens,
+    };
     let frame_bytes_max = shard.config.limits.frame_bytes_max;
-    let next = shard.sockets.with_handshake(id, |hs| {
-        if hs.busy {
-            return Ok(None);
-        }
-        let frame = proto::next_frame(&mut hs.input, frame_bytes_max)
-            .map_err(|e| (e.code(), "bad frame during handshake", 0))?;
-        if hs.input.is_empty() && hs.input.capacity() > 0 {
-            hs.input = BytesMut::new();
-        }
-        match frame {
-            None if hs.input_closed => Ok(Some(HandshakeStep::Done)),
-            None => Ok(None),
-            Some(Frame::Register(register)) => {
-                if hs.registered {
-                    return Err((ErrorCode::UnexpectedFrame, "one Register per connection", 0));
-                }
-                hs.registered = true;
-                let version = negotiate_version(register.protocol_version)
-                    .map_err(|c| (c, "unsupported protocol version", 0))?;
-                check_registration(&shard.config, &register)?;
-                hs.busy = true;
-                Ok(Some(HandshakeStep::Register { version }))
-            }
-            Some(Frame::Hello(hello)) => {
-                let version = negotiate_version(hello.protocol_version)
-                    .map_err(|c| (c, "unsupported protocol version", 0))?;
-                let device = InboxKey {
-                    user: UserId(hello.user_id),
-                    device: DeviceId(hello.device_id),
-                };
-                hs.busy = true;
-                hs.hello = Some((device, version));
-                Ok(Some(HandshakeStep::Hello {
-                    peer: hs.peer,
-                    device,
-                    secret: hello.secret,
-                }))
-            }
-            Some(_) => Err((
-                ErrorCode::NotAuthenticated,
-                "the first frame must be Hello or Register",
-                0,
-            )),
-        }
-    });
-    match next {
-        None | Some(Ok(None)) => {}
-        Some(Err((code, message, retry))) => refuse(shard, id, code, message, retry),
-        Some(Ok(Some(HandshakeStep::Done))) => {
+    let Some(step) = shard
+        .sockets
+        .with_handshake(id, |hs| hs.step(rules, frame_bytes_max))
+    else {
+        return;
+    };
+    match step {
+        Step::Wait => {}
+        Step::Refuse((code, message, retry)) => refuse(shard, id, code, message, retry),
+        Step::Done => {
             shard.sockets.set(id, Slot::Closing);
             shard.sockets.close(id);
         }
-        Some(Ok(Some(step))) => {
+        Step::Register { version } => {
             shard.sockets.pause(id);
-            let task = match step {
-                HandshakeStep::Register { version } => {
-                    glommio::spawn_local(register(shard.clone(), id, version))
-                }
-                HandshakeStep::Hello {
-                    peer,
-                    device,
-                    secret,
-                } => return check_hello(shard, id, peer, device, secret),
-                HandshakeStep::Done => unreachable!("matched above"),
-            };
-            task.detach();
+            glommio::spawn_local(register(shard.clone(), id, version)).detach();
         }
-    }
-}
-
-type Refusal = (ErrorCode, &'static str, u32);
-
-fn check_registration(config: &Config, register: &pb::Register) -> Result<(), Refusal> {
-    match config.server.registration {
-        RegistrationPolicy::Open => Ok(()),
-        RegistrationPolicy::Closed => {
-            Err((ErrorCode::RegistrationClosed, "registration is closed", 0))
-        }
-        RegistrationPolicy::Token => {
-            let ok = config.server.registration_tokens.iter().any(|t| {
-                subtle::ConstantTimeEq::ct_eq(t.as_bytes(), register.registration_token.as_bytes())
-                    .into()
-            });
-            if ok {
-                Ok(())
-            } else {
-                Err((
-                    ErrorCode::BadRegistrationToken,
-                    "registration token not accepted",
-                    0,
-                ))
-            }
+        Step::Hello {
+            peer,
+            device,
+            secret,
+        } => {
+            shard.sockets.pause(id);
+            check_hello(shard, id, peer, device, secret);
         }
     }
 }
@@ -682,7 +571,7 @@ fn check_registration(config: &Config, register: &pb::Register) -> Result<(), Re
 fn lookup_done(shard: &Rc<Shard>, id: ConnId) {
     if shard
         .sockets
-        .with_handshake(id, |hs| hs.busy = false)
+        .with_handshake(id, |hs| hs.lookup_done())
         .is_some()
     {
         shard.sockets.resume(id);
@@ -742,7 +631,7 @@ fn check_hello(shard: &Rc<Shard>, id: ConnId, peer: IpAddr, device: InboxKey, se
 
 /// The verdict on a Hello of handshake `id` (gone already: nothing to do).
 pub fn hello_verdict(shard: &Rc<Shard>, id: ConnId, verdict: HelloVerdict) {
-    let Some(Some((device, version))) = shard.sockets.with_handshake(id, |hs| hs.hello.take())
+    let Some(Some((device, version))) = shard.sockets.with_handshake(id, |hs| hs.take_hello())
     else {
         return;
     };
@@ -780,11 +669,12 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
     let Slot::Handshake(hs) = shard.sockets.take(id) else {
         unreachable!("checked by the caller");
     };
-    let input = hs.input;
+    let (connected_at, input_closed) = (hs.connected_at, hs.is_input_closed());
+    let input = hs.into_input();
     if shard.home_of(device.user) == shard.id {
         // Reading is paused (the lookup); it resumes when the session opens.
-        let opening = Opening::new(device, version, hs.connected_at, input);
-        start_session(shard, id, opening, hs.input_closed);
+        let opening = Opening::new(device, version, connected_at, input);
+        start_session(shard, id, opening, input_closed);
     } else {
         // A half-close travels with the socket: the home shard reads the
         // FIN again.
@@ -793,7 +683,7 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
             Slot::Releasing(Box::new(Releasing {
                 device,
                 version,
-                connected_at: hs.connected_at,
+                connected_at,
                 input,
             })),
         );
@@ -972,9 +862,7 @@ fn input_closed(shard: &Rc<Shard>, id: ConnId) {
         finish_if_answered(shard, &conn);
         return;
     }
-    let handshaking = shard
-        .sockets
-        .with_handshake(id, |hs| hs.input_closed = true);
+    let handshaking = shard.sockets.with_handshake(id, |hs| hs.input_closed());
     if handshaking.is_some() {
         return handshake_step(shard, id);
     }

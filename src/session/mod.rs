@@ -1,11 +1,13 @@
 //! Per-connection protocol logic that does no I/O.
 //!
-//! The delivery window, the handshake checks, the validation of client
-//! frames and the failed-login throttle are plain values driven by the
+//! The delivery window, the handshake state machine (`handshake`), the
+//! validation of client frames and the failed-login throttle are plain
+//! values driven by the
 //! shard's socket loop in `net::io` (on the shard thread that owns the
 //! connection).
 //! They take the time as an argument, so tests drive them deterministically.
 
+pub mod handshake;
 pub mod throttle;
 pub mod window;
 
