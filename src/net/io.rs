@@ -429,14 +429,13 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
     }
 }
 
-/// The driver met a bad length prefix after the frames it delivered. Frames
-/// still set aside (a backpressured session, a handshake waiting on its
-/// account lookup) come first: the prefix goes behind them and framing
-/// refuses it in its turn, with the same code (MALFORMED_FRAME for a length
-/// of 0, FRAME_TOO_LARGE past `frame_bytes_max`).
-/// The driver refused a frame header. Its bytes join the connection's input
-/// like any other, so the one decoder that reads frames (`proto`) finds the
-/// error in order, after the frames before it, and names its code.
+/// The driver refused a frame header (a bad length prefix, an unknown type)
+/// after the frames it delivered. Frames still set aside (a backpressured
+/// session, a handshake waiting on its account lookup) come first: the
+/// header's bytes go behind them and the one decoder that reads frames
+/// (`proto`) refuses them in their turn and names the code
+/// (MALFORMED_FRAME for a length of 0, FRAME_TOO_LARGE past
+/// `frame_bytes_max`, UNKNOWN_FRAME_TYPE).
 fn bad_frame(shard: &Rc<Shard>, id: ConnId, header: FrameHeader) {
     let header = header.as_bytes();
     if let Some(conn) = shard.sockets.session(id) {
