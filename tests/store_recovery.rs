@@ -393,3 +393,136 @@ fn segment_with_a_damaged_header_is_reported_and_others_recovered() {
     assert!(!kept.is_empty() && kept.len() < 150);
     assert!(path.exists(), "damaged segment is left for the operator");
 }
+
+// Findings of the `log_recovery` fuzz target (tests/fuzz). Each test is the
+// smallest input that shows the bug; it is ignored until the fix lands.
+
+/// A segment file numbered 0 passes every header check, but 0 also stands
+/// for "no segment" in the log's count of which segment holds each inbox's
+/// last sequence: recovering any record in it takes one from a count of 0.
+#[test]
+#[ignore = "fuzz finding: a record in segment 0 underflows seq_holders, 0 doubling as 'no segment'"]
+fn segment_numbered_zero_recovers() {
+    use switchboard::store::record::Record;
+    use switchboard::store::segment::SegmentHeader;
+    use switchboard::store::Clock;
+
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let now = clock.now_ms();
+    let size_bytes = 64u64 << 10;
+    let mut bytes = vec![0u8; size_bytes as usize];
+    let header = SegmentHeader {
+        shard: 0,
+        seq: 0,
+        size_bytes,
+        created_ms: now,
+    };
+    bytes[..64].copy_from_slice(&header.encode());
+    let record = Record::Message {
+        recipient: key(2, 1),
+        seq: InboxSeq(1),
+        sender: key(1, 1),
+        client_message_id: ClientMessageId(1),
+        timestamp_ms: now,
+        expires_ms: now + 3_600_000,
+        payload: b"in segment zero",
+    };
+    let len = record.framed_len();
+    record.encode(0, &mut bytes[64..64 + len]);
+    std::fs::write(segment_path(dir.path(), 0), &bytes).unwrap();
+
+    // Panics today: attempt to subtract with overflow (State::note_seq).
+    let (log, report) = Log::open(dir.path(), ShardId(0), &config(Durability::Os), clock).unwrap();
+    // Recovered, or reported: never silently dropped.
+    let recovered = pending_payloads(&log, key(2, 1));
+    assert!(
+        recovered == vec![(1, b"in segment zero".to_vec())]
+            || report.corruptions.iter().any(|c| c.segment == 0),
+        "{recovered:?} {:?}",
+        report.corruptions
+    );
+}
+
+/// `Log::open` numbers the next segment `highest on disk + 1`, and a roll
+/// adds one to that, both unchecked: a file named for the last sequence,
+/// even an empty one that open itself removes as a torn creation, stops
+/// the log from opening.
+#[test]
+#[ignore = "fuzz finding: a segment file numbered u32::MAX overflows the next segment number in Log::open"]
+fn segment_numbered_u32_max_does_not_stop_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let bob = key(2, 1);
+    std::fs::write(segment_path(dir.path(), u32::MAX), b"").unwrap();
+
+    // Panics today: attempt to add with overflow (Log::open_with_storage).
+    let (mut log, report) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    append(&mut log, bob, 1, b"after the torn creation");
+    drop(log);
+    let (log, _) = Log::open(dir.path(), ShardId(0), &config, clock).unwrap();
+    assert_eq!(pending_payloads(&log, bob).len(), 1);
+}
+
+/// A crash between creating a segment and preallocating it leaves an empty
+/// file, which open removes. A last segment cut below 128 bytes with a
+/// valid header and part of a record is not that, yet it is removed too,
+/// with nothing in the report; `docs/store.md` removes only "zero header
+/// and no data" and reports any other bad segment at offset 0, leaving the
+/// file on disk.
+#[test]
+#[ignore = "fuzz finding: a last segment cut below 128 bytes is deleted without a corruption report"]
+fn short_last_segment_is_reported_not_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    {
+        let (mut log, _) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+        append(&mut log, key(2, 1), 1, b"cut short");
+    }
+    let path = segment_path(dir.path(), 1);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..100]).unwrap();
+
+    let (_log, report) = Log::open(dir.path(), ShardId(0), &config, clock).unwrap();
+    let reported: Vec<(u32, u32)> = report
+        .corruptions
+        .iter()
+        .map(|c| (c.segment, c.offset))
+        .collect();
+    assert_eq!(reported, vec![(1, 0)]);
+    assert_eq!(std::fs::metadata(&path).map(|m| m.len()).ok(), Some(100));
+}
+
+/// `store::inspect` replays an ack as "drop every entry up to `up_to + 1`",
+/// unchecked, so an ack up to `u64::MAX` (which `Log::ack` accepts and
+/// recovery applies) panics in a debug build and, wrapping to 0, acks
+/// nothing in a release build, reporting acknowledged entries as live.
+#[test]
+#[ignore = "finding while writing the log_recovery target: inspect overflows on an ack up to u64::MAX"]
+fn inspect_reads_an_ack_up_to_the_last_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let bob = key(2, 1);
+    {
+        let (mut log, _) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+        append(&mut log, bob, 1, b"acknowledged");
+        assert_eq!(log.ack(bob, InboxSeq(u64::MAX), &[]).unwrap().removed, 1);
+    }
+    let (log, _) = Log::open(dir.path(), ShardId(0), &config, clock).unwrap();
+    assert!(
+        pending_payloads(&log, bob).is_empty(),
+        "recovery applies it"
+    );
+    drop(log);
+
+    // Panics today: attempt to add with overflow (inspect_log).
+    let report = switchboard::store::inspect(dir.path()).unwrap();
+    assert_eq!(
+        (report.logs[0].entries_live, report.logs[0].entries_dead),
+        (0, 1)
+    );
+}
