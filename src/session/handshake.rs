@@ -62,6 +62,18 @@ impl RegistrationRules<'_> {
     }
 }
 
+/// Every code a handshake may refuse with (docs/protocol.md §3, §4.1).
+pub const REFUSAL_CODES: [ErrorCode; 8] = [
+    ErrorCode::MalformedFrame,
+    ErrorCode::FrameTooLarge,
+    ErrorCode::UnknownFrameType,
+    ErrorCode::NotAuthenticated,
+    ErrorCode::UnsupportedVersion,
+    ErrorCode::UnexpectedFrame,
+    ErrorCode::RegistrationClosed,
+    ErrorCode::BadRegistrationToken,
+];
+
 /// What the handshake needs done next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -314,18 +326,6 @@ mod tests {
         assert_eq!(hs.step(open(), MAX), Step::Done);
     }
 
-    /// The codes a handshake may refuse with (docs/protocol.md §3, §4.1).
-    const HANDSHAKE_CODES: [ErrorCode; 8] = [
-        ErrorCode::MalformedFrame,
-        ErrorCode::FrameTooLarge,
-        ErrorCode::UnknownFrameType,
-        ErrorCode::NotAuthenticated,
-        ErrorCode::UnsupportedVersion,
-        ErrorCode::UnexpectedFrame,
-        ErrorCode::RegistrationClosed,
-        ErrorCode::BadRegistrationToken,
-    ];
-
     proptest! {
         /// Any bytes in any chunks: no panic, documented codes only, one
         /// Register at most, nothing decided while a lookup runs, and
@@ -345,7 +345,7 @@ mod tests {
                 }
                 match hs.step(open(), MAX) {
                     Step::Refuse((code, _, _)) => {
-                        prop_assert!(HANDSHAKE_CODES.contains(&code), "{code:?}");
+                        prop_assert!(REFUSAL_CODES.contains(&code), "{code:?}");
                         break;
                     }
                     Step::Register { version } => {

@@ -44,17 +44,8 @@ use switchboard::session::handshake::{Handshake, RegistrationRules, Step};
 /// The one token a `token` policy accepts in this target.
 pub const TOKEN: &str = "tok";
 
-/// The codes a handshake may refuse with (docs/protocol.md §3, §4.1).
-const HANDSHAKE_CODES: [ErrorCode; 8] = [
-    ErrorCode::MalformedFrame,
-    ErrorCode::FrameTooLarge,
-    ErrorCode::UnknownFrameType,
-    ErrorCode::NotAuthenticated,
-    ErrorCode::UnsupportedVersion,
-    ErrorCode::UnexpectedFrame,
-    ErrorCode::RegistrationClosed,
-    ErrorCode::BadRegistrationToken,
-];
+/// The codes a handshake may refuse with, as the machine declares them.
+use switchboard::session::handshake::REFUSAL_CODES as HANDSHAKE_CODES;
 
 /// One event of an input.
 #[derive(Clone, Debug)]
