@@ -394,14 +394,15 @@ fn segment_with_a_damaged_header_is_reported_and_others_recovered() {
     assert!(path.exists(), "damaged segment is left for the operator");
 }
 
-// Findings of the `log_recovery` fuzz target (tests/fuzz). Each test is the
-// smallest input that shows the bug; it is ignored until the fix lands.
+// Findings of the `log_recovery` fuzz target (tests/fuzz), kept as
+// regression tests. Each is the smallest input that showed the bug.
 
 /// A segment file numbered 0 passes every header check, but 0 also stands
 /// for "no segment" in the log's count of which segment holds each inbox's
-/// last sequence: recovering any record in it takes one from a count of 0.
+/// last sequence: recovering a record in it took one from a count of 0.
+/// The writer numbers segments from 1, so open reports such a file and
+/// leaves it on disk, as it does a bad header.
 #[test]
-#[ignore = "fuzz finding: a record in segment 0 underflows seq_holders, 0 doubling as 'no segment'"]
 fn segment_numbered_zero_recovers() {
     use switchboard::store::record::Record;
     use switchboard::store::segment::SegmentHeader;
@@ -432,8 +433,8 @@ fn segment_numbered_zero_recovers() {
     record.encode(0, &mut bytes[64..64 + len]);
     std::fs::write(segment_path(dir.path(), 0), &bytes).unwrap();
 
-    // Panics today: attempt to subtract with overflow (State::note_seq).
-    let (log, report) = Log::open(dir.path(), ShardId(0), &config(Durability::Os), clock).unwrap();
+    let (mut log, report) =
+        Log::open(dir.path(), ShardId(0), &config(Durability::Os), clock).unwrap();
     // Recovered, or reported: never silently dropped.
     let recovered = pending_payloads(&log, key(2, 1));
     assert!(
@@ -442,14 +443,19 @@ fn segment_numbered_zero_recovers() {
         "{recovered:?} {:?}",
         report.corruptions
     );
+    assert!(
+        segment_path(dir.path(), 0).exists(),
+        "left for the operator"
+    );
+    let (_, position) = append(&mut log, key(2, 1), 2, b"after segment zero");
+    assert_eq!(position.segment, 1);
 }
 
-/// `Log::open` numbers the next segment `highest on disk + 1`, and a roll
-/// adds one to that, both unchecked: a file named for the last sequence,
-/// even an empty one that open itself removes as a torn creation, stops
-/// the log from opening.
+/// `Log::open` numbered the next segment `highest on disk + 1`, and a roll
+/// added one to that, both unchecked: a file named for the last sequence,
+/// even an empty one that open itself removes as a torn creation, stopped
+/// the log from opening. Numbers now continue above the files left on disk.
 #[test]
-#[ignore = "fuzz finding: a segment file numbered u32::MAX overflows the next segment number in Log::open"]
 fn segment_numbered_u32_max_does_not_stop_open() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
@@ -457,7 +463,6 @@ fn segment_numbered_u32_max_does_not_stop_open() {
     let bob = key(2, 1);
     std::fs::write(segment_path(dir.path(), u32::MAX), b"").unwrap();
 
-    // Panics today: attempt to add with overflow (Log::open_with_storage).
     let (mut log, report) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
     assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
     append(&mut log, bob, 1, b"after the torn creation");
@@ -468,12 +473,11 @@ fn segment_numbered_u32_max_does_not_stop_open() {
 
 /// A crash between creating a segment and preallocating it leaves an empty
 /// file, which open removes. A last segment cut below 128 bytes with a
-/// valid header and part of a record is not that, yet it is removed too,
-/// with nothing in the report; `docs/store.md` removes only "zero header
-/// and no data" and reports any other bad segment at offset 0, leaving the
-/// file on disk.
+/// valid header and part of a record is not that, yet it was removed too,
+/// with nothing in the report; `docs/store.md` removes only a file of
+/// zeros and reports any other bad segment at offset 0, leaving the file
+/// on disk.
 #[test]
-#[ignore = "fuzz finding: a last segment cut below 128 bytes is deleted without a corruption report"]
 fn short_last_segment_is_reported_not_removed() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
@@ -496,12 +500,12 @@ fn short_last_segment_is_reported_not_removed() {
     assert_eq!(std::fs::metadata(&path).map(|m| m.len()).ok(), Some(100));
 }
 
-/// `store::inspect` replays an ack as "drop every entry up to `up_to + 1`",
+/// `store::inspect` replayed an ack as "keep the entries from `up_to + 1`",
 /// unchecked, so an ack up to `u64::MAX` (which `Log::ack` accepts and
-/// recovery applies) panics in a debug build and, wrapping to 0, acks
+/// recovery applies) panicked in a debug build and, wrapping to 0, acked
 /// nothing in a release build, reporting acknowledged entries as live.
+/// Found while writing the `log_recovery` target's checks of `inspect`.
 #[test]
-#[ignore = "finding while writing the log_recovery target: inspect overflows on an ack up to u64::MAX"]
 fn inspect_reads_an_ack_up_to_the_last_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
@@ -519,10 +523,56 @@ fn inspect_reads_an_ack_up_to_the_last_sequence() {
     );
     drop(log);
 
-    // Panics today: attempt to add with overflow (inspect_log).
     let report = switchboard::store::inspect(dir.path()).unwrap();
     assert_eq!(
         (report.logs[0].entries_live, report.logs[0].entries_dead),
         (0, 1)
     );
+}
+
+/// A segment numbered `u32::MAX` that holds records is recovered and
+/// appended to; once it is full no number is left for the next segment,
+/// and the roll is refused as `Full` rather than wrapping to 0.
+#[test]
+fn segment_numbered_u32_max_is_the_last_one() {
+    use switchboard::store::segment::SegmentHeader;
+    use switchboard::store::{Clock, StoreError};
+
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let bob = key(2, 1);
+    let mut bytes = vec![0u8; 64 << 10];
+    let header = SegmentHeader {
+        shard: 0,
+        seq: u32::MAX,
+        size_bytes: 64 << 10,
+        created_ms: clock.now_ms(),
+    };
+    bytes[..64].copy_from_slice(&header.encode());
+    std::fs::write(segment_path(dir.path(), u32::MAX), &bytes).unwrap();
+
+    let (mut log, report) = Log::open(dir.path(), ShardId(0), &config, clock.clone()).unwrap();
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    let mut appended = 0u64;
+    let full = loop {
+        match log.append_message(&NewMessage {
+            recipient: bob,
+            sender: key(1, 1),
+            client_message_id: ClientMessageId(appended + 1),
+            payload: &[7; 1000],
+        }) {
+            Ok(a) => {
+                assert_eq!(a.position.segment, u32::MAX);
+                appended += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(full, StoreError::Full(_)), "{full}");
+    assert!(appended > 0);
+    drop(log);
+    let (log, report) = Log::open(dir.path(), ShardId(0), &config, clock).unwrap();
+    assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+    assert_eq!(pending_payloads(&log, bob).len() as u64, appended);
 }

@@ -120,6 +120,8 @@ fn inspect_log(dir: &Path, now_ms: u64) -> io::Result<LogInspection> {
             header_error: None,
         };
         match SegmentHeader::decode(&map) {
+            // Recovery ignores it too: see `Log::open`.
+            Ok(_) if *seq == 0 => seg.header_error = Some("segment number 0 is never written"),
             Ok(h) if h.seq == *seq => {
                 seg.created_ms = h.created_ms;
                 log.shard.get_or_insert(h.shard);
@@ -165,8 +167,11 @@ fn inspect_log(dir: &Path, now_ms: u64) -> io::Result<LogInspection> {
                 }
                 Record::Ack { inbox, up_to, list } => {
                     if let Some(p) = pending.get_mut(&inbox) {
-                        let keep = p.split_off(&(up_to.0 + 1));
-                        *p = keep;
+                        // An ack up to the last sequence keeps nothing.
+                        match up_to.0.checked_add(1) {
+                            Some(first_kept) => *p = p.split_off(&first_kept),
+                            None => p.clear(),
+                        }
                         for s in list.iter() {
                             p.remove(&s);
                         }

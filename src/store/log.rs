@@ -262,7 +262,8 @@ pub struct Log {
     segments: BTreeMap<u32, Segment>,
     state: State,
     active: u32,
-    next_segment_seq: u32,
+    /// Number of the next segment created; `None` once `u32::MAX` is used.
+    next_segment_seq: Option<u32>,
     appended: u64,
     durable: u64,
     last_timestamp_ms: u64,
@@ -323,8 +324,6 @@ impl Log {
         let dir_file = File::open(dir)?;
         let listed = segment::list(dir)?;
         let mut report = RecoveryReport::default();
-        let mut removed_any = false;
-
         let mut segments = BTreeMap::new();
         let mut state = State {
             meta: BTreeMap::new(),
@@ -333,15 +332,32 @@ impl Log {
             pending_total: 0,
             reclaim_wanted: true,
         };
-        let max_seq_on_disk = listed.last().map_or(0, |l| l.0);
+        // A torn creation removed below; every other file stays on disk.
+        let mut torn_creation = None;
         for (i, (seq, path)) in listed.iter().enumerate() {
             let is_last = i + 1 == listed.len();
+            if *seq == 0 {
+                // The writer numbers segments from 1, and 0 stands for "no
+                // segment" in the log's bookkeeping (an inbox's last
+                // sequence holder, the position before the first record).
+                report.corruptions.push(Corruption {
+                    segment: 0,
+                    offset: 0,
+                    reason: "segment number 0 is never written",
+                });
+                continue;
+            }
             let size = std::fs::metadata(path)?.len();
             if size < SEGMENT_HEADER_BYTES as u64 * 2 || size > u32::MAX as u64 {
-                if is_last && size < SEGMENT_HEADER_BYTES as u64 * 2 {
+                // A short file is small enough to read whole: only one that
+                // holds nothing but zeros can be a torn creation.
+                if is_last
+                    && size < SEGMENT_HEADER_BYTES as u64 * 2
+                    && std::fs::read(path)?.iter().all(|&b| b == 0)
+                {
                     // Created but not yet preallocated when the process died.
                     storage.remove(path)?;
-                    removed_any = true;
+                    torn_creation = Some(*seq);
                 } else {
                     report.corruptions.push(Corruption {
                         segment: *seq,
@@ -371,7 +387,7 @@ impl Log {
                         // Created but never written before a crash.
                         drop(seg);
                         storage.remove(path)?;
-                        removed_any = true;
+                        torn_creation = Some(*seq);
                     } else {
                         report.corruptions.push(Corruption {
                             segment: *seq,
@@ -382,6 +398,19 @@ impl Log {
                 }
             }
         }
+        let mut removed_any = torn_creation.is_some();
+        // New segments are numbered above every file left on disk, so log
+        // order stays file-name order and no file's number is reused; a torn
+        // creation held nothing, so its number may be. `None` when no
+        // number is left: the log then appends only into its last segment.
+        let next_segment_seq = match listed
+            .iter()
+            .map(|l| l.0)
+            .rfind(|&seq| Some(seq) != torn_creation)
+        {
+            Some(highest) => highest.checked_add(1),
+            None => Some(1),
+        };
 
         let now_ms = clock.now_ms();
         let last_seq = segments.keys().next_back().copied();
@@ -431,7 +460,7 @@ impl Log {
             segments,
             state,
             active: 0,
-            next_segment_seq: max_seq_on_disk + 1,
+            next_segment_seq,
             appended: 0,
             durable: 0,
             last_timestamp_ms,
@@ -717,7 +746,9 @@ impl Log {
         {
             return Err(StoreError::Full("log_bytes_max reached"));
         }
-        let seq = self.next_segment_seq;
+        let seq = self.next_segment_seq.ok_or(StoreError::Full(
+            "no segment number left above the highest on disk",
+        ))?;
         let header = SegmentHeader {
             shard: self.shard.0,
             seq,
@@ -731,7 +762,7 @@ impl Log {
                 StoreError::Io(e)
             }
         })?;
-        self.next_segment_seq += 1;
+        self.next_segment_seq = seq.checked_add(1);
         if self.durability == Durability::Fsync {
             self.dirty.push(seg.handle.clone());
             self.dir_dirty = true;

@@ -1,22 +1,31 @@
 //! Recovery: how the bytes of each segment are read back at start (and by
 //! `log inspect`), and what is done with each kind of damage.
 //!
-//! | Found                                                        | Where                 | Action                                                                                   |
-//! |--------------------------------------------------------------|-----------------------|------------------------------------------------------------------------------------------|
-//! | valid record                                                 | any segment           | applied (indexed, acked, floor raised)                                                   |
-//! | header of zeros followed only by zeros                       | any segment           | end of that segment's records                                                            |
-//! | invalid bytes (bad CRC, length, kind) with a valid record later | any segment        | `Corruption { segment, offset }` reported, the damaged bytes skipped, scan resumes at the next valid record (8-byte aligned) |
-//! | invalid bytes up to the end (nothing valid after)            | last segment          | torn tail: zeroed and synced, counted in `torn_tail_truncated_bytes`, not reported as corruption |
-//! | invalid bytes up to the end                                  | earlier segment       | `Corruption` reported (the segment was sealed; its tail should be valid)                  |
-//! | bad or zero header                                           | last segment, no data | torn creation: the file is removed                                                       |
-//! | bad header, wrong shard or sequence                          | any other             | `Corruption { segment, offset: 0 }` reported, the segment is left on disk and ignored    |
-//! | message or receipt past its expiry                           | any segment           | not indexed (dropped, as `expire_and_reclaim` would)                                     |
-//! | ack record                                                   | any segment           | removes the acknowledged entries indexed so far                                          |
+//! | Found                                                        | Where           | Action                                                                                                                      |
+//! |--------------------------------------------------------------|-----------------|-----------------------------------------------------------------------------------------------------------------------------|
+//! | valid record                                                 | any segment     | applied (indexed, acked, floor raised)                                                                                      |
+//! | record header of zeros followed only by zeros                | any segment     | end of that segment's records                                                                                               |
+//! | invalid bytes (bad CRC, length, kind) with a valid record later | any segment  | `Corruption { segment, offset }` reported, the damaged bytes skipped, scan resumes at the next valid record (8-byte aligned) |
+//! | invalid bytes up to the end (nothing valid after)            | last segment    | torn tail: zeroed and synced, counted in `torn_tail_truncated_bytes`, not reported as corruption                            |
+//! | invalid bytes up to the end                                  | earlier segment | `Corruption` reported (the segment was sealed; its tail should be valid)                                                    |
+//! | file numbered 0 (the writer numbers from 1; 0 is "no segment") | any file      | `Corruption { segment: 0, offset: 0 }` reported, the file is left on disk and ignored                                       |
+//! | nothing but zeros, or nothing at all                         | last file       | torn creation: the file is removed                                                                                          |
+//! | bad header, or another shard's, sequence's or size's header  | any other file  | `Corruption { segment, offset: 0 }` reported, the file is left on disk and ignored                                          |
+//! | file shorter than 128 bytes, or longer than 4 GiB            | any other file  | `Corruption { segment, offset: 0 }` reported, the file is left on disk and ignored                                          |
+//! | message or receipt past its expiry                           | any segment     | not indexed (dropped, as `expire_and_reclaim` would)                                                                        |
+//! | ack record                                                   | any segment     | removes the acknowledged entries indexed so far                                                                             |
 //!
-//! A damaged record is never delivered, and everything else is recovered;
-//! recovery fails only on I/O errors. Records in a damaged region may have
-//! held an inbox's highest sequence; see `docs/store.md` for what that
-//! means for sequence numbers.
+//! A damaged record is never delivered, everything else is recovered, and
+//! nothing is dropped without a report. Records in a damaged region may
+//! have held an inbox's highest sequence; see `docs/store.md` for what
+//! that means for sequence numbers.
+//!
+//! New segments are numbered above every file left on disk, so file-name
+//! order stays log order (a removed torn creation held nothing, so its
+//! number may be used again). Once a segment numbered `u32::MAX` exists no
+//! number is left: a roll fails with `StoreError::Full` and the log appends
+//! only into the space left in its last segment. Recovery fails only on
+//! I/O errors, and with that `Full` when no segment is left to append to.
 
 use super::record::{decode, DecodeError, Record, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES};
 use super::segment::SEGMENT_HEADER_BYTES;
