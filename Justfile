@@ -35,3 +35,7 @@ bench-store:
 # A two-terminal chat: `just chat alice` in one, `just chat bob` in another.
 chat PROFILE="me":
     cargo run --release -- chat --profile {{PROFILE}}.cred
+
+# The seeded simulation, long: `just sim --seeds 100000 --steps 1000 [--first S] [--jobs J]`.
+sim *ARGS:
+    bash tests/sim/run.sh {{ARGS}}

@@ -3,6 +3,7 @@
 //! The tree mirrors the architecture (see `docs/architecture.md`):
 //! - `proto`: wire framing and frame types (sans-IO).
 //! - `session`: the per-connection protocol state machine (sans-IO).
+//! - `engine`: the delivery logic, one folder per feature (sans-IO).
 //! - `route`: placement of users on shards and inter-shard messages.
 //! - `store`: the per-shard segment log, inboxes and group commit.
 //! - `meta`: accounts and device credentials in an embedded database.
@@ -17,6 +18,7 @@ pub mod chat;
 pub mod client;
 pub mod config;
 pub mod doctor;
+pub mod engine;
 pub mod ids;
 pub mod meta;
 pub mod metrics;

@@ -1,8 +1,8 @@
-//! One client connection's shared state: its output queue, delivery window
-//! and wake-up flag.
+//! One client connection's shared state: its output queue and wake-up flag
+//! (its delivery window is the engine's, `engine::delivery`).
 //!
 //! Lives on one shard (`Rc`, never sent). The shard's socket loop
-//! (`net::io`) is the only writer to the socket; everyone else (the commit
+//! (`shard::io`) is the only writer to the socket; everyone else (the commit
 //! task, the reply handler, the sweeper, the loop itself) appends encoded
 //! frames to `out` and marks the connection woken, so all frames due to one
 //! connection in a loop turn leave in one send.
@@ -17,7 +17,6 @@ use crate::ids::InboxKey;
 use crate::metrics::ShardMetrics;
 use crate::net::uring::{ConnId, Notifier};
 use crate::proto::{error_frame, ErrorCode, Frame};
-use crate::session::DeliveryWindow;
 
 thread_local! {
     /// The metrics of the shard running on this thread, so every frame
@@ -32,19 +31,13 @@ thread_local! {
 
 /// Milliseconds on a clock shared by every shard of the process (monotonic,
 /// wrapping after 49 days), to order the connections of one device; compare
-/// with [`accepted_after`].
+/// with [`crate::session::accepted_after`].
 pub fn connected_now() -> u32 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     EPOCH
         .get_or_init(std::time::Instant::now)
         .elapsed()
         .as_millis() as u32
-}
-
-/// Whether `a` was taken by `connected_now` strictly after `b` (the two
-/// less than 24 days apart; 4 bytes per connection instead of 8).
-pub fn accepted_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
 }
 
 /// Binds this thread's frame counters to its shard's metrics.
@@ -91,23 +84,18 @@ pub enum CloseReason {
     InputClosed,
 }
 
-/// What a connection holds only while it has output queued or deliveries
-/// in flight; released when both are empty, so an idle session keeps a
-/// pointer instead of the queue and window headers.
+/// What a connection holds only while it has output queued; released when
+/// the queue is empty, so an idle session keeps a pointer instead of the
+/// queue's header.
 #[derive(Debug, Default)]
 pub struct Active {
     /// Encoded frames not yet written.
     pub out: BytesMut,
-    pub window: DeliveryWindow,
 }
 
 #[derive(Debug, Default)]
 pub struct ConnState {
     active: Option<Box<Active>>,
-    /// Highest sequence written, kept here while `active` is released.
-    last_sent: u64,
-    /// Sends read and not yet answered.
-    pub sends_in_flight: u32,
     /// Coarse shard clock (seconds) of the last frame received.
     pub last_activity_s: u32,
     /// Set once; the socket loop flushes the output queue and closes.
@@ -118,24 +106,15 @@ pub struct ConnState {
     /// The peer sent its FIN: nothing more will be read.
     pub input_closed: bool,
     /// A later connection of the device waits to open until this session
-    /// has handled what it read (`net::io`, `Opening`): its frames are
+    /// has handled what it read (`shard::io`, `Opening`): its frames are
     /// handled whatever its socket and in-flight bounds say.
     pub superseded: bool,
-    /// The delivery pump stopped at the output bound with window room
-    /// left: once the queue has gone to the socket, it pumps again.
-    pub pump_blocked: bool,
 }
 
 impl ConnState {
     /// The active part, created on first use.
     pub fn active(&mut self) -> &mut Active {
-        let last_sent = self.last_sent;
-        self.active.get_or_insert_with(|| {
-            Box::new(Active {
-                out: BytesMut::new(),
-                window: DeliveryWindow::resume(last_sent),
-            })
-        })
+        self.active.get_or_insert_with(Box::default)
     }
 
     /// The active part if there is one.
@@ -148,49 +127,10 @@ impl ConnState {
         self.active.as_ref().map_or(0, |a| a.out.len())
     }
 
-    /// Highest sequence written to the connection.
-    pub fn last_sent(&self) -> u64 {
-        self.active
-            .as_ref()
-            .map_or(self.last_sent, |a| a.window.last_sent)
-    }
-
-    /// Entries the delivery window still admits.
-    pub fn window_room(&self, messages_max: u32, bytes_max: u32) -> usize {
-        self.active.as_ref().map_or(messages_max as usize, |a| {
-            a.window.room(messages_max, bytes_max)
-        })
-    }
-
-    /// Records an entry skipped without sending (expired or unreadable).
-    pub fn skip(&mut self, seq: u64) {
-        match self.active.as_deref_mut() {
-            Some(active) => active.window.on_skipped(seq),
-            None => {
-                assert!(
-                    seq > self.last_sent,
-                    "entries are visited in sequence order"
-                );
-                self.last_sent = seq;
-            }
-        }
-    }
-
-    /// Applies a device ack to the window.
-    pub fn on_ack(&mut self, up_to: u64, list: &[u64]) {
-        if let Some(active) = self.active.as_deref_mut() {
-            active.window.on_ack(up_to, list);
-        }
-        self.release_if_idle();
-    }
-
     /// Frees the active part once it holds nothing.
     pub fn release_if_idle(&mut self) {
-        if let Some(active) = &self.active {
-            if active.out.is_empty() && active.window.in_flight() == 0 {
-                self.last_sent = active.window.last_sent;
-                self.active = None;
-            }
+        if self.active.as_ref().is_some_and(|a| a.out.is_empty()) {
+            self.active = None;
         }
     }
 }
@@ -239,12 +179,6 @@ impl Conn {
         }
         count_out(frame);
         self.wake();
-    }
-
-    /// Queues a frame encoded elsewhere (delivery encodes straight into the
-    /// queue); counts it.
-    pub fn note_encoded(frame: &Frame) {
-        count_out(frame);
     }
 
     /// Queues a final frame and starts the close.

@@ -12,51 +12,16 @@ use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 
-use crate::ids::{ClientMessageId, InboxKey, ShardId, UserId};
-use crate::proto::ErrorCode;
-use crate::store::ReceiptKind;
+use crate::ids::InboxKey;
 
-/// A connection, named across shards: the shard it lives on and its id there
-/// (its socket's slot and generation in that shard's driver, so a reply for
-/// a connection that has gone never reaches the one reusing its slot).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnRef {
-    pub shard: ShardId,
-    pub id: u64,
-}
-
-/// A receipt in its origin shard's relay inbox (`InboxKey::relay`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RelayRef {
-    pub shard: ShardId,
-    pub inbox: InboxKey,
-    pub seq: u64,
-}
+pub use crate::engine::{ConnRef, RelayRef};
 
 /// Work one shard asks of another (the target is always the home shard of
-/// the user or device the request is about).
+/// the user, device or address the request is about).
 #[derive(Debug)]
 pub enum Request {
-    /// Store a message in `recipient`'s inbox and answer `origin` when durable.
-    Store {
-        origin: ConnRef,
-        sender: InboxKey,
-        client_message_id: ClientMessageId,
-        recipient: UserId,
-        payload: Bytes,
-    },
-    /// Store a receipt in `recipient`'s inbox (the original sender device).
-    StoreReceipt {
-        recipient: InboxKey,
-        kind: ReceiptKind,
-        by: InboxKey,
-        client_message_ids: Vec<u64>,
-        /// When the receipt arose on the origin shard.
-        timestamp_ms: u64,
-        /// Where the origin shard keeps it until it is stored here (`None`
-        /// if it could not keep it); answered with `Reply::Relayed`.
-        relay: Option<RelayRef>,
-    },
+    /// Work for the target's delivery engine (a message or receipt to store).
+    Engine(crate::engine::Request),
     /// Check a Hello's credential for `origin`, a handshake on another
     /// shard, on the home shard of the client's address (`address_home`),
     /// which keeps the failed-login count of that address for the whole
@@ -93,34 +58,15 @@ pub enum HelloVerdict {
     Internal,
 }
 
-/// The answer to a `Request::Store`.
+/// An answer from one shard to another.
 #[derive(Debug)]
 pub enum Reply {
-    /// Durable: send ServerAck (✓).
-    Stored {
-        origin: ConnRef,
-        client_message_id: ClientMessageId,
-        seq: u64,
-        timestamp_ms: u64,
-    },
-    /// Not stored: send Error with the client message id.
-    Refused {
-        origin: ConnRef,
-        client_message_id: ClientMessageId,
-        code: ErrorCode,
-    },
+    /// For the target's delivery engine (a Send stored or refused, relayed
+    /// receipts stored).
+    Engine(crate::engine::Reply),
     /// The verdict on a `Request::Hello`.
     Hello {
         origin: ConnRef,
         verdict: HelloVerdict,
-    },
-    /// Relayed receipts are durable in their recipients' inboxes (or could
-    /// not be stored there, which is logged): the origin `shard` drops its
-    /// copies, the entries `seqs` of its relay inbox `inbox`. One reply per
-    /// commit batch and relay inbox.
-    Relayed {
-        shard: ShardId,
-        inbox: InboxKey,
-        seqs: Vec<u64>,
     },
 }

@@ -1,7 +1,7 @@
 //! A connection's handshake as a state machine that does no I/O: bytes in,
 //! one decision out at a time.
 //!
-//! The socket loop (`net::io`) feeds it what a handshaking socket reads and
+//! The socket loop (`shard::io`) feeds it what a handshaking socket reads and
 //! carries out each [`Step`]: an account lookup (Register, or a Hello
 //! checked on the home shard of the client's address), a refusal, or the
 //! close after a half-close. While a lookup runs the machine is busy and

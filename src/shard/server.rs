@@ -231,7 +231,8 @@ async fn shard_main(start: ShardStart) {
     let id = start.id;
     crate::net::conn::set_thread_metrics(start.metrics.clone());
     let log_dir = start.config.server.data_dir.join(format!("shard-{}", id.0));
-    let opened = Log::open(&log_dir, id, &start.config.store, Rc::new(SystemClock));
+    let clock: Rc<dyn crate::store::Clock> = Rc::new(SystemClock);
+    let opened = Log::open(&log_dir, id, &start.config.store, clock.clone());
     let log = match opened {
         Ok((mut log, report)) => {
             log.set_dedupe_capacity(start.config.limits.dedupe_entries_max as usize);
@@ -282,7 +283,7 @@ async fn shard_main(start: ShardStart) {
             None => None,
         });
     }
-    let sockets = match crate::net::io::Sockets::new(&start.config) {
+    let sockets = match crate::shard::io::Sockets::new(&start.config) {
         Ok(sockets) => sockets,
         Err(err) => {
             let _ = start
@@ -292,13 +293,22 @@ async fn shard_main(start: ShardStart) {
         }
     };
     crate::net::conn::set_thread_notifier(sockets.notifier());
+    let engine = crate::engine::Engine::new(
+        id,
+        start.shards,
+        start.config.limits.clone(),
+        log,
+        start.meta.clone(),
+        start.metrics.clone(),
+        clock,
+    );
     let shard = Rc::new(Shard::new(
         id,
         start.shards,
         start.config.clone(),
         start.meta,
         start.metrics,
-        log,
+        engine,
         requests,
         replies,
         sockets,
@@ -342,7 +352,7 @@ async fn shard_main(start: ShardStart) {
             .send(Err(format!("accepting on its listener: {err}")));
         return;
     }
-    let socket_loop = glommio::spawn_local(crate::net::io::run(shard.clone()));
+    let socket_loop = glommio::spawn_local(crate::shard::io::run(shard.clone()));
     shard.metrics.set_recovered(true);
     let _ = start.ready.send(Ok(id));
     while !shard.stopping.get() {
@@ -352,8 +362,8 @@ async fn shard_main(start: ShardStart) {
     // Stopping: no new sockets, GoAway to everyone, let sessions flush,
     // finish pending commits, then close what is left.
     info!(shard = %id, "stopping");
-    crate::net::io::stop_accepting(&shard);
-    crate::net::go_away_all(&shard);
+    crate::shard::io::stop_accepting(&shard);
+    crate::shard::io::go_away_all(&shard);
     let deadline =
         Instant::now() + Duration::from_millis(start.config.limits.shutdown_deadline_ms as u64);
     let mut drained = false;
@@ -380,7 +390,7 @@ async fn shard_main(start: ShardStart) {
         shard.kick_commit();
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    crate::net::io::shutdown(&shard);
+    crate::shard::io::shutdown(&shard);
     let closed = futures_lite::future::or(
         async {
             socket_loop.await;
@@ -456,11 +466,11 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
             last_sweep = Instant::now();
             let mut next = Some(0);
             while let Some(start) = next {
-                next = crate::net::sweep_idle(&shard, start, MAINTENANCE_SLICE);
+                next = crate::shard::io::sweep_idle(&shard, start, MAINTENANCE_SLICE);
                 glommio::executor().yield_now().await;
             }
         }
-        while crate::net::io::expire_handshakes(&shard, MAINTENANCE_SLICE) {
+        while crate::shard::io::expire_handshakes(&shard, MAINTENANCE_SLICE) {
             // A burst of timeouts is closed a slice at a time, so sessions
             // that are still talking get their turns in between.
             glommio::executor().yield_now().await;
@@ -471,7 +481,7 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
         shard.publish_log_gauges();
         if last_expiry.elapsed() >= Duration::from_secs(10) {
             last_expiry = Instant::now();
-            let expired = shard.log.borrow_mut().expire_and_reclaim();
+            let expired = shard.engine.borrow_mut().log_mut().expire_and_reclaim();
             match expired {
                 Ok(0) => {}
                 Ok(n) => {

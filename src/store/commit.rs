@@ -99,6 +99,21 @@ impl CommitBatch {
         Ok(())
     }
 
+    /// Makes the batch durable with blocking fdatasyncs on this thread,
+    /// for code that runs without an executor: the simulation and tests of
+    /// the delivery engine. The server uses `sync`.
+    pub fn sync_blocking(&self) -> Result<(), StoreError> {
+        for (handle, _) in &self.files {
+            self.storage.check_sync(&handle.path)?;
+            handle.file.sync_data()?;
+        }
+        if let Some(dir) = &self.dir {
+            self.storage.check_sync(&dir.path)?;
+            dir.file.sync_data()?;
+        }
+        Ok(())
+    }
+
     pub(super) fn finish(mut self) -> Finished {
         self.finished = true;
         self.shared.in_flight.set(false);

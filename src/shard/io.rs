@@ -3,12 +3,13 @@
 //!
 //! One task per shard (`run`) waits on the driver's notifier, collects the
 //! ring's events and answers them with the sans-IO logic of `session` and
-//! `shard`:
+//! the engine (through the shard's glue):
 //! - `Accepted` starts a handshake, a small boxed record in the slot table
 //!   (indexed like the driver's connection table);
 //! - `Data` carries complete frames: a handshake decodes Register/Hello
 //!   (the account lookups run on the blocking pool while the connection's
-//!   reading is paused), a session hands each frame to `Shard::on_frame`;
+//!   reading is paused), a session hands each frame to `Shard::on_frame` (the engine's
+//!   `Event::Frame`);
 //! - output: a `Conn`'s frames are encoded into its queue wherever they
 //!   arise (`Conn::enqueue`, delivery) and the connection is marked woken;
 //!   once per loop turn the loop moves each woken connection's queue to the
@@ -38,6 +39,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, error, warn};
 
+use super::{Outbound, Shard};
 use crate::config::{Config, SocketRingSetup};
 use crate::ids::InboxKey;
 use crate::net::conn::{self, Conn};
@@ -50,7 +52,6 @@ use crate::route::address_home;
 use crate::route::message::{ConnRef, HelloVerdict, Request};
 use crate::session::client_may_send_in_session;
 use crate::session::handshake::{Handshake, RegistrationRules, Step};
-use crate::shard::{Outbound, Shard};
 
 /// Connections past `connections_per_shard_max` the driver still takes, so
 /// the ones over the limit can be told SERVER_BUSY before they are closed.
@@ -875,11 +876,11 @@ fn finish_if_answered(shard: &Shard, conn: &Conn) {
     // flag test, not a lookup in the stalled table.
     {
         let state = conn.state.borrow();
-        if !state.input_closed || state.close.is_some() || state.sends_in_flight > 0 {
+        if !state.input_closed || state.close.is_some() {
             return;
         }
     }
-    if shard.sockets.stalled.borrow().contains_key(&conn.id()) {
+    if shard.sends_in_flight(conn) > 0 || shard.sockets.stalled.borrow().contains_key(&conn.id()) {
         return;
     }
     conn.state.borrow_mut().close = Some(crate::net::conn::CloseReason::InputClosed);
@@ -951,7 +952,7 @@ fn backpressured(shard: &Shard, conn: &Conn) -> bool {
     }
     state.socket_full
         || state.out_len() >= limits.output_queue_bytes_max as usize
-        || state.sends_in_flight >= limits.sends_in_flight_max
+        || shard.sends_in_flight(conn) >= limits.sends_in_flight_max
 }
 
 /// Sets the rest of `input` aside and stops reading the peer.
@@ -994,15 +995,14 @@ fn flush(shard: &Rc<Shard>, socket: ConnId) {
     };
     conn.clear_woken();
     write_out(shard, &conn);
-    let repump = {
+    let drained = {
         let state = conn.state.borrow();
-        state.pump_blocked
-            && !state.socket_full
-            && state.out_len() < shard.config.limits.output_queue_bytes_max as usize
+        !state.socket_full && state.out_len() < shard.config.limits.output_queue_bytes_max as usize
     };
-    if repump {
-        // Wakes the connection again if it wrote: the next turn sends it.
-        shard.pump(&conn);
+    if drained {
+        // The engine pumps again if it stopped at the output bound; the
+        // connection is woken again if it wrote, and the next turn sends it.
+        shard.output_drained(&conn);
     }
     unstall(shard, &conn);
     finish_if_answered(shard, &conn);
@@ -1054,7 +1054,7 @@ fn write_out(shard: &Shard, conn: &Conn) {
 }
 
 /// Forgets a session (its socket is closing or closed).
-fn end_session(shard: &Shard, conn: &Rc<Conn>) {
+fn end_session(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     shard.sockets.sessions.set(shard.sockets.sessions.get() - 1);
     shard.sockets.stalled.borrow_mut().remove(&conn.id());
     shard.close_session(conn);
@@ -1127,4 +1127,32 @@ pub fn shutdown(shard: &Shard) {
         ring_failed(err);
     }
     shard.sockets.notifier.notify();
+}
+
+/// Closes every session with GoAway(SHUTTING_DOWN).
+pub fn go_away_all(shard: &Shard) {
+    shard.sockets.for_each_session(|conn| {
+        conn.close_with(
+            &Frame::GoAway(pb::GoAway {
+                reason: proto::GoAwayReason::ShuttingDown as i32,
+                reconnect_after_ms: 1_000,
+            }),
+            conn::CloseReason::Shutdown,
+        );
+    });
+}
+
+/// Closes sessions silent for longer than the idle timeout, looking at
+/// `count` socket slots from `start`; returns where to go on (`None`: the
+/// pass is done), so the caller can yield between slices.
+pub fn sweep_idle(shard: &Shard, start: usize, count: usize) -> Option<usize> {
+    let now = shard.now_s();
+    let idle_s = shard.config.limits.idle_timeout_ms.div_ceil(1000);
+    shard.sockets.for_each_session_in(start, count, |conn| {
+        let last = conn.state.borrow().last_activity_s;
+        if now.saturating_sub(last) >= idle_s && !conn.is_closing() {
+            debug!(device = %conn.device, "idle timeout");
+            conn.fatal(ErrorCode::IdleTimeout, "no frame within the idle timeout");
+        }
+    })
 }

@@ -1,0 +1,168 @@
+//! Test support for the engine's features: an engine on a real log in a
+//! temporary directory, a manual clock, a directory of users, and a host
+//! that records what the engine did.
+
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{Closing, Directory, Engine, Event, Host, Reply, Request, SessionId};
+use crate::config::Config;
+use crate::ids::{DeviceId, InboxKey, ShardId, UserId, PRIMARY_DEVICE};
+use crate::metrics::ShardMetrics;
+use crate::proto::{pb, Frame};
+use crate::store::{Log, ManualClock};
+
+/// Users 1..=`users` exist, each with its primary device.
+pub struct Users(pub u64);
+
+impl Directory for Users {
+    fn user_exists(&self, user: UserId) -> bool {
+        (1..=self.0).contains(&user.0)
+    }
+    fn device_exists(&self, user: UserId, device: DeviceId) -> bool {
+        self.user_exists(user) && device == PRIMARY_DEVICE
+    }
+}
+
+/// Everything the engine asked of its host, in order.
+#[derive(Default)]
+pub struct Recorder {
+    pub frames: Vec<(SessionId, Frame)>,
+    pub closes: Vec<(SessionId, Closing)>,
+    pub requests: Vec<(ShardId, Request)>,
+    pub replies: Vec<(ShardId, Reply)>,
+    pub commits_due: u32,
+    /// Sessions whose output queue counts as full.
+    pub full: HashSet<SessionId>,
+}
+
+impl Recorder {
+    /// Takes the frames sent to `session`.
+    pub fn take_frames(&mut self, session: SessionId) -> Vec<Frame> {
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            self.frames.drain(..).partition(|(s, _)| *s == session);
+        self.frames = rest;
+        mine.into_iter().map(|(_, f)| f).collect()
+    }
+}
+
+impl Host for Recorder {
+    fn send(&mut self, session: SessionId, frame: &Frame) {
+        self.frames.push((session, frame.clone()));
+    }
+    fn close(&mut self, session: SessionId, frame: &Frame, closing: Closing) {
+        self.frames.push((session, frame.clone()));
+        self.closes.push((session, closing));
+    }
+    fn output_full(&self, session: SessionId) -> bool {
+        self.full.contains(&session)
+    }
+    fn closing(&self, session: SessionId) -> bool {
+        self.closes.iter().any(|(s, _)| *s == session)
+    }
+    fn request(&mut self, shard: ShardId, request: Request) {
+        self.requests.push((shard, request));
+    }
+    fn reply(&mut self, shard: ShardId, reply: Reply) {
+        self.replies.push((shard, reply));
+    }
+    fn commit_due(&mut self) {
+        self.commits_due += 1;
+    }
+}
+
+/// An engine for shard `id` of `shards`, with users 1..=20.
+pub struct Fixture {
+    pub engine: Engine,
+    pub host: Recorder,
+    /// The engine's and the log's clock (tests move it to expire entries).
+    #[allow(dead_code)]
+    pub clock: Rc<ManualClock>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new(id: u32, shards: u32) -> Fixture {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = Config::for_tests(dir.path());
+        let clock = Rc::new(ManualClock::starting_now());
+        let (log, _) =
+            Log::open(dir.path(), ShardId(id), &config.store, clock.clone()).expect("log opens");
+        let engine = Engine::new(
+            ShardId(id),
+            shards,
+            config.limits.clone(),
+            log,
+            Arc::new(Users(20)),
+            Arc::new(ShardMetrics::default()),
+            clock.clone(),
+        );
+        Fixture {
+            engine,
+            host: Recorder::default(),
+            clock,
+            _dir: dir,
+        }
+    }
+
+    pub fn handle(&mut self, event: Event) {
+        self.engine.handle(event, &mut self.host);
+    }
+
+    /// Makes everything appended durable and tells the engine.
+    pub fn commit(&mut self) {
+        if let Some(batch) = self.engine.log_mut().begin_commit() {
+            batch.sync_blocking().expect("sync");
+            self.engine.log_mut().finish_commit(batch);
+        }
+        self.handle(Event::Durable);
+    }
+
+    pub fn open(&mut self, user: u64, session: SessionId) {
+        self.handle(Event::Opened {
+            device: device(user),
+            session,
+            connected_at: session as u32,
+            protocol_version: 1,
+        });
+    }
+
+    pub fn frame(&mut self, user: u64, session: SessionId, frame: Frame) {
+        self.handle(Event::Frame {
+            device: device(user),
+            session,
+            frame,
+        });
+    }
+
+    pub fn send(&mut self, from: u64, session: SessionId, id: u64, to: u64, payload: &[u8]) {
+        self.frame(
+            from,
+            session,
+            Frame::Send(pb::Send {
+                client_message_id: id,
+                recipient_user_id: to,
+                payload: Bytes::copy_from_slice(payload),
+                device_payloads: vec![],
+            }),
+        );
+    }
+}
+
+pub fn device(user: u64) -> InboxKey {
+    InboxKey {
+        user: UserId(user),
+        device: PRIMARY_DEVICE,
+    }
+}
+
+/// A user homed on shard `shard` of `shards`, from 1 up.
+pub fn user_on(shard: u32, shards: u32, nth: usize) -> u64 {
+    (1..=20)
+        .filter(|&u| crate::route::home_shard(UserId(u), shards) == ShardId(shard))
+        .nth(nth)
+        .expect("enough users on the shard")
+}
