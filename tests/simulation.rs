@@ -958,7 +958,22 @@ impl Sim {
         }
         for engine in self.engines.iter().flatten() {
             if !engine.relays_settled() {
-                return Err(format!("shard {}: relayed receipts left", engine.id));
+                let mut left = Vec::new();
+                for target in 0..self.engines.len() as u32 {
+                    let inbox = InboxKey::relay_to_shard(ShardId(target));
+                    let mut positions = Vec::new();
+                    engine
+                        .log()
+                        .pending_after(inbox, InboxSeq(0), 16, &mut positions);
+                    let seqs: Vec<u64> = positions.iter().map(|(q, _)| q.0).collect();
+                    if !seqs.is_empty() {
+                        left.push((target, seqs));
+                    }
+                }
+                return Err(format!(
+                    "shard {}: relayed receipts left (target shard, relay sequences): {left:?}",
+                    engine.id
+                ));
             }
         }
         Ok(())

@@ -255,6 +255,7 @@ pub struct Engine {
     /// Actions waiting for the commit of their record, in ticket order.
     pending: VecDeque<(CommitTicket, AfterCommit)>,
     delivery: delivery::Delivery,
+    receipts: receipts::Receipts,
     flaws: Flaws,
 }
 
@@ -278,6 +279,7 @@ impl Engine {
             clock,
             pending: VecDeque::new(),
             delivery: delivery::Delivery::default(),
+            receipts: receipts::Receipts::default(),
             flaws: Flaws::default(),
         }
     }
@@ -325,7 +327,10 @@ impl Engine {
             },
             Event::Request(request) => self.on_request(request, host),
             Event::Reply(reply) => self.on_reply(reply, host),
-            Event::Durable => self.drain_durable(host),
+            Event::Durable => {
+                self.drain_durable(host);
+                self.retry_undropped(host);
+            }
             Event::OutputDrained { device, session } => self.output_drained(device, session, host),
             Event::Recovered => self.forward_relayed(host),
         }

@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::ids::{DeviceId, InboxKey, ShardId, UserId, PRIMARY_DEVICE};
 use crate::metrics::ShardMetrics;
 use crate::proto::{pb, Frame};
+use crate::store::storage::{RealStorage, Storage};
 use crate::store::{Log, ManualClock};
 
 /// Users 1..=`users` exist, each with its primary device.
@@ -86,11 +87,23 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(id: u32, shards: u32) -> Fixture {
+        Fixture::with_storage(id, shards, Rc::new(RealStorage))
+    }
+
+    /// An engine whose log runs on `storage` (a `SimStorage` to inject
+    /// faults).
+    pub fn with_storage(id: u32, shards: u32, storage: Rc<dyn Storage>) -> Fixture {
         let dir = tempfile::tempdir().expect("temporary directory");
         let config = Config::for_tests(dir.path());
         let clock = Rc::new(ManualClock::starting_now());
-        let (log, _) =
-            Log::open(dir.path(), ShardId(id), &config.store, clock.clone()).expect("log opens");
+        let (log, _) = Log::open_with_storage(
+            dir.path(),
+            ShardId(id),
+            &config.store,
+            clock.clone(),
+            storage,
+        )
+        .expect("log opens");
         let engine = Engine::new(
             ShardId(id),
             shards,

@@ -12,7 +12,8 @@
 //! receipt is never lost while its cause is kept, and may arrive twice
 //! (receipts are idempotent to the client).
 //!
-//! State: none beyond the log's relay inboxes.
+//! State: the log's relay inboxes, and the relay entries whose drop could
+//! not be recorded yet (retried after each commit).
 
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,15 @@ pub fn split_relay_ids(ids: &[u64]) -> Option<(InboxKey, &[u64])> {
         )),
         _ => None,
     }
+}
+
+/// Receipts' own state.
+#[derive(Debug, Default)]
+pub struct Receipts {
+    /// Relay entries answered `Reply::Relayed` whose ack record could not be
+    /// appended (the disk was full): dropped on a later try, so their
+    /// segments can be reclaimed without waiting for a restart.
+    undropped: Vec<(InboxKey, Vec<InboxSeq>)>,
 }
 
 impl Engine {
@@ -264,9 +274,26 @@ impl Engine {
     /// Relayed receipts are stored on their home shard: drop the copies.
     pub(super) fn relayed(&mut self, inbox: InboxKey, seqs: Vec<u64>, host: &mut impl Host) {
         let seqs: Vec<InboxSeq> = seqs.into_iter().map(InboxSeq).collect();
+        self.drop_relayed(inbox, seqs);
+        host.commit_due();
+    }
+
+    fn drop_relayed(&mut self, inbox: InboxKey, seqs: Vec<InboxSeq>) {
         if let Err(err) = self.log.ack(inbox, InboxSeq(0), &seqs) {
-            // Kept, and forwarded again after a restart.
+            // Kept, tried again after the next commit (and forwarded again
+            // after a restart).
             warn!(shard = %self.id, %err, %inbox, "relayed receipts not dropped");
+            self.receipts.undropped.push((inbox, seqs));
+        }
+    }
+
+    /// Tries again to drop relay entries whose drop failed.
+    pub(super) fn retry_undropped(&mut self, host: &mut impl Host) {
+        if self.receipts.undropped.is_empty() {
+            return;
+        }
+        for (inbox, seqs) in std::mem::take(&mut self.receipts.undropped) {
+            self.drop_relayed(inbox, seqs);
         }
         host.commit_due();
     }

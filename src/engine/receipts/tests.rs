@@ -194,3 +194,67 @@ fn read_receipts_for_no_ids_are_ignored_and_for_no_device_refused() {
         other => panic!("expected one Error, got {other:?}"),
     }
 }
+
+#[test]
+fn an_ack_the_log_cannot_record_still_frees_the_window() {
+    let storage = std::rc::Rc::new(crate::store::storage::SimStorage::new(7));
+    let mut f = Fixture::with_storage(0, 1, storage.clone());
+    let window = f.engine.limits().delivery_window_messages as u64;
+    f.open(1, 10);
+    for id in 1..=window + 2 {
+        f.send(1, 10, id, 2, b"m");
+    }
+    f.commit();
+    f.open(2, 20);
+    let first: Vec<u64> = delivered(&f.host.take_frames(20));
+    assert_eq!(first, (1..=window).collect::<Vec<_>>(), "a full window");
+    // The disk fills: sends fill the segment until even an empty one is
+    // refused, so an ack record listing many sequences has no room either.
+    storage.disk_full.set(true);
+    let mut id = 1_000;
+    for filler in [vec![0u8; 2_000], vec![0u8; 100], Vec::new()] {
+        loop {
+            id += 1;
+            f.send(1, 10, id, 3, &filler);
+            let refused = f.host.take_frames(10).iter().any(
+                |frame| matches!(frame, Frame::Error(e) if e.code == ErrorCode::StoreFull as i32),
+            );
+            if refused {
+                break;
+            }
+            assert!(id < 2_000, "the segment never filled");
+        }
+    }
+    let many = f.engine.limits().ids_per_frame_max as usize;
+    f.frame(
+        2,
+        20,
+        Frame::Ack(pb::Ack {
+            up_to_sequence: 0,
+            sequences: (1..=window).cycle().take(many).collect(),
+        }),
+    );
+    let frames = f.host.take_frames(20);
+    assert!(
+        frames.iter().any(|frame| matches!(frame, Frame::Error(e)
+            if e.code == ErrorCode::StoreFailed as i32 && e.client_message_id == 0 && !e.fatal)),
+        "the client is told: {frames:?}"
+    );
+    assert_eq!(
+        delivered(&frames),
+        vec![window + 1, window + 2],
+        "delivery goes on"
+    );
+    // Nothing was recorded: the entries come again on the next session.
+    assert_eq!(f.engine.log().pending_count(device(2)), window + 2);
+}
+
+fn delivered(frames: &[Frame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Deliver(d) => Some(d.sequence),
+            _ => None,
+        })
+        .collect()
+}
