@@ -21,16 +21,23 @@
 //!   their first byte, the scan resuming at the next valid record (8-byte
 //!   aligned); invalid bytes up to the end a torn tail in the last segment
 //!   (zeroed on disk, counted, not reported) and corruption in an earlier
-//!   one; a zero header and no data in the last segment removed; a bad
-//!   header, or another shard's, sequence's or size's, reported at offset 0
-//!   and the file left untouched;
+//!   one; a last file of nothing but zeros (a torn creation) removed; a
+//!   file numbered 0, a bad header, another shard's, sequence's or size's,
+//!   or a file under 128 bytes holding any nonzero byte, reported at
+//!   offset 0 and the file left untouched;
+//! - new segments are numbered one above the highest file left on disk (1
+//!   when none is left, so a removed torn creation's number comes back);
+//!   with a file numbered `u32::MAX` there is no number left: open fails
+//!   with `StoreError::Full` when it has no segment to append to, and an
+//!   append that needs a new segment is refused as `Full`;
 //! - every offset reported lies inside the file (nothing is read past it);
 //! - no damaged record is delivered: every pending entry points at a record
 //!   the model accepted, and reads back without error;
 //! - appends resume after the last valid record, and a reopen finds no new
 //!   corruption and no torn tail (the zeroing was made durable);
-//! - `inspect` (read-only) does not modify the files and, when every header
-//!   is valid, reports the same corruption and torn tail as recovery.
+//! - `inspect` (read-only) does not modify the files, reports a file
+//!   numbered 0 at offset 0, and, when every header is valid, reports the
+//!   same corruption and torn tail as recovery.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,7 +48,7 @@ use switchboard::config::{Durability, StoreConfig};
 use switchboard::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
 use switchboard::store::record::{decode, framed_len, Record, BODY_BYTES_MAX};
 use switchboard::store::segment::{file_name, SegmentHeader, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC};
-use switchboard::store::{Clock, Corruption, Log, NewMessage};
+use switchboard::store::{Clock, Corruption, Log, NewMessage, StoreError};
 
 /// The wall clock of the seeds: 2027-01-15, ms since the Unix epoch.
 pub const SEED_EPOCH_MS: u64 = 1_800_000_000_000;
@@ -86,37 +93,15 @@ pub fn header_seq(data: &[u8]) -> u32 {
 pub fn check(data: &[u8]) {
     let dir = scratch_dir();
     let seq = header_seq(data);
-    if known_finding(seq) {
-        return;
-    }
     run(&dir, &[(seq, data.to_vec())]);
-    if let Some(next) = seq.checked_add(1).filter(|&n| !known_finding(n)) {
+    // Nothing can follow a segment numbered `u32::MAX`.
+    if let Some(next) = seq.checked_add(1) {
         run(&dir, &[(seq, data.to_vec()), (next, empty_segment(next))]);
     }
     let forged = forge(data);
     if forged != data {
         run(&dir, &[(seq, forged)]);
     }
-}
-
-/// Inputs that reach a bug already reported, each reproduced by an ignored
-/// test in `tests/store_recovery.rs`: skipped, so a run goes on to find
-/// others. Remove an entry once its test passes; set
-/// `SWITCHBOARD_FUZZ_KNOWN=1` to run them anyway.
-fn known_finding(seq: u32) -> bool {
-    if !tolerate_known_findings() {
-        return false;
-    }
-    // `segment_numbered_zero_recovers`: 0 also means "no segment" in the
-    // log's bookkeeping of which segment holds an inbox's last sequence.
-    // `segment_numbered_u32_max_does_not_stop_open`: open computes the next
-    // segment's number as the highest on disk plus one, and a roll adds one
-    // to it, both unchecked; a run rolls at most twice.
-    seq == 0 || seq > u32::MAX - 3
-}
-
-fn tolerate_known_findings() -> bool {
-    std::env::var_os("SWITCHBOARD_FUZZ_KNOWN").is_none()
 }
 
 /// A directory of this process, emptied before each use. On tmpfs when
@@ -243,8 +228,11 @@ fn model_segment(seq: u32, bytes: &[u8]) -> SegmentModel {
 struct LogModel {
     /// Files a torn creation left: removed by open.
     removed: Vec<u32>,
-    /// Files with a bad header: reported, left untouched.
+    /// Files numbered 0 or with a bad header: reported, left untouched.
     ignored: Vec<u32>,
+    /// The number of the next segment created: one above the highest file
+    /// left on disk, 1 when none is left, `None` when `u32::MAX` is taken.
+    next_segment: Option<u32>,
     /// Segments recovered, by sequence.
     segments: BTreeMap<u32, SegmentModel>,
     corruptions: Vec<Corruption>,
@@ -257,18 +245,17 @@ fn model_log(files: &[(u32, Vec<u8>)]) -> LogModel {
     let last_on_disk = files.iter().map(|f| f.0).max();
     for (seq, bytes) in files {
         let header = SegmentHeader::decode(bytes);
-        let valid = bytes.len() >= 2 * HEADER
+        // The writer numbers segments from 1; 0 means "no segment".
+        let valid = *seq != 0
+            && bytes.len() >= 2 * HEADER
             && header.is_ok_and(|h| {
                 h.shard == SHARD.0 && h.seq == *seq && h.size_bytes == bytes.len() as u64
             });
         if valid {
             model.segments.insert(*seq, model_segment(*seq, bytes));
-        } else if Some(*seq) == last_on_disk
-            && (bytes.iter().all(|&b| b == 0)
-                || (tolerate_known_findings() && bytes.len() < 2 * HEADER))
-        {
-            // Known finding, `short_last_segment_is_reported_not_removed`:
-            // open removes a last file under 128 bytes whatever it holds.
+        } else if *seq != 0 && Some(*seq) == last_on_disk && bytes.iter().all(|&b| b == 0) {
+            // A torn creation: nothing but zeros (or nothing at all). A
+            // short file holding any other byte is reported and kept.
             model.removed.push(*seq);
         } else {
             model.ignored.push(*seq);
@@ -279,6 +266,15 @@ fn model_log(files: &[(u32, Vec<u8>)]) -> LogModel {
             });
         }
     }
+    model.next_segment = match files
+        .iter()
+        .map(|f| f.0)
+        .filter(|seq| !model.removed.contains(seq))
+        .max()
+    {
+        Some(highest) => highest.checked_add(1),
+        None => Some(1),
+    };
     let last_valid = model.segments.keys().next_back().copied();
     for (seq, segment) in &model.segments {
         model.records += segment.records.len() as u64;
@@ -354,20 +350,6 @@ fn inboxes_named(model: &LogModel, files: &[(u32, Vec<u8>)]) -> BTreeSet<InboxKe
     keys
 }
 
-/// Whether a valid record is an ack up to `u64::MAX`.
-fn acks_up_to_last_sequence(model: &LogModel, files: &[(u32, Vec<u8>)]) -> bool {
-    files.iter().any(|(seq, bytes)| {
-        model.segments.get(seq).is_some_and(|segment| {
-            segment.records.iter().any(|&(offset, _)| {
-                matches!(
-                    decode(*seq, &bytes[offset as usize..]),
-                    Ok((Record::Ack { up_to, .. }, _)) if up_to.0 == u64::MAX
-                )
-            })
-        })
-    })
-}
-
 /// Opens `files` as a log and checks everything the module doc lists.
 fn run(dir: &Path, files: &[(u32, Vec<u8>)]) {
     let _ = std::fs::remove_dir_all(dir);
@@ -378,21 +360,25 @@ fn run(dir: &Path, files: &[(u32, Vec<u8>)]) {
     let model = model_log(files);
 
     // The read-only report first: it must leave every byte as it was.
-    // Known finding, `inspect_reads_an_ack_up_to_the_last_sequence`:
-    // inspect adds one to an ack's `up_to` unchecked.
-    let skip_inspect = tolerate_known_findings() && acks_up_to_last_sequence(&model, files);
-    let inspected = if skip_inspect {
-        None
-    } else {
-        Some(switchboard::store::inspect(dir).expect("inspect"))
-    };
+    let inspected = switchboard::store::inspect(dir).expect("inspect");
     for (seq, bytes) in files {
         let after = std::fs::read(segment_path(dir, *seq)).expect("read segment");
         assert!(&after == bytes, "inspect modified segment {seq}");
     }
+    let [log] = &inspected.logs[..] else {
+        panic!("inspect found {} logs, not 1", inspected.logs.len());
+    };
+    if files.iter().any(|f| f.0 == 0) {
+        assert!(
+            log.corruptions
+                .iter()
+                .any(|c| (c.segment, c.offset) == (0, 0)),
+            "inspect did not report segment 0: {:?}",
+            log.corruptions
+        );
+    }
     let headers_valid = model.removed.is_empty() && model.ignored.is_empty();
-    if let Some(inspected) = inspected.filter(|_| headers_valid) {
-        let log = &inspected.logs[0];
+    if headers_valid {
         assert_eq!(
             normalised(&log.corruptions),
             normalised(&model.corruptions),
@@ -404,8 +390,27 @@ fn run(dir: &Path, files: &[(u32, Vec<u8>)]) {
 
     let clock = Rc::new(FixedClock(Cell::new(OPEN_AT_MS)));
     let config = config(3_600);
-    let (mut log, report) = Log::open(dir, SHARD, &config, clock.clone())
-        .unwrap_or_else(|e| panic!("open failed on damaged data, not I/O: {e}"));
+    let opened = Log::open(dir, SHARD, &config, clock.clone());
+    if model.segments.is_empty() && model.next_segment.is_none() {
+        // Nothing recovered to append to, and no number left for a segment.
+        match opened {
+            Err(StoreError::Full(_)) => {}
+            Ok(_) => panic!("open made a segment with u32::MAX on disk"),
+            Err(e) => panic!("open failed with {e}, not Full"),
+        }
+        for (seq, bytes) in files {
+            let path = segment_path(dir, *seq);
+            if model.removed.contains(seq) {
+                assert!(!path.exists(), "torn creation {seq} not removed");
+            } else {
+                let after = std::fs::read(&path).expect("ignored segment left on disk");
+                assert!(&after == bytes, "ignored segment {seq} modified");
+            }
+        }
+        return;
+    }
+    let (mut log, report) =
+        opened.unwrap_or_else(|e| panic!("open failed on damaged data, not I/O: {e}"));
 
     // The report is the model's.
     assert_eq!(report.records, model.records, "records applied");
@@ -425,12 +430,37 @@ fn run(dir: &Path, files: &[(u32, Vec<u8>)]) {
         );
     }
 
-    // The files on disk: removed, untouched, or tail zeroed.
+    // With no segment recovered, open creates one, numbered above every
+    // file left on disk.
     let last_valid = model.segments.keys().next_back().copied();
+    let active = last_valid.unwrap_or_else(|| {
+        let created = model.next_segment.expect("checked above");
+        let bytes = std::fs::read(segment_path(dir, created))
+            .unwrap_or_else(|e| panic!("new segment {created} not created: {e}"));
+        let header = SegmentHeader::decode(&bytes)
+            .unwrap_or_else(|e| panic!("new segment {created}'s header: {e}"));
+        assert_eq!(
+            (header.shard, header.seq, bytes.len() as u64),
+            (SHARD.0, created, SEGMENT_SIZE_BYTES),
+            "new segment {created}'s header"
+        );
+        created
+    });
+    // The number a roll takes next.
+    let next_after_open = match last_valid {
+        Some(_) => model.next_segment,
+        None => active.checked_add(1),
+    };
+
+    // The files on disk: removed, untouched, or tail zeroed.
     for (seq, bytes) in files {
         let path = segment_path(dir, *seq);
         if model.removed.contains(seq) {
-            assert!(!path.exists(), "torn creation {seq} not removed");
+            // Unless its number came back for the segment open created.
+            assert!(
+                *seq == active || !path.exists(),
+                "torn creation {seq} not removed"
+            );
             continue;
         }
         if model.ignored.contains(seq) {
@@ -492,28 +522,54 @@ fn run(dir: &Path, files: &[(u32, Vec<u8>)]) {
         device: DeviceId(1),
     };
     let payload = b"appended after recovery";
-    let appended = log
-        .append_message(&NewMessage {
-            recipient: writer,
-            sender: writer,
-            client_message_id: ClientMessageId(u64::MAX),
-            payload,
-        })
-        .unwrap_or_else(|e| panic!("append after recovery: {e}"));
-    if files.len() == 1 && last_valid.is_some() {
-        let segment = &model.segments[&files[0].0];
-        let size = files[0].1.len();
-        // A message body is 60 bytes plus the payload.
-        let framed = framed_len(60 + payload.len());
-        if segment.end_offset as usize + framed <= size {
-            assert_eq!(appended.position.segment, files[0].0);
-            assert_eq!(
-                appended.position.offset, segment.end_offset,
-                "append offset"
+    let appended = match log.append_message(&NewMessage {
+        recipient: writer,
+        sender: writer,
+        client_message_id: ClientMessageId(u64::MAX),
+        payload,
+    }) {
+        Ok(appended) => {
+            let at = appended.position.segment;
+            assert!(
+                at == active || Some(at) == next_after_open,
+                "appended to segment {at}, not {active} or {next_after_open:?}"
             );
-        } else {
-            assert_eq!(appended.position.offset, SEGMENT_HEADER_BYTES);
+            Some(appended)
         }
+        // No number left for the segment the append needed.
+        Err(StoreError::Full(reason)) => {
+            assert!(
+                segment_path(dir, u32::MAX).exists(),
+                "append refused as full ({reason}) with no segment {} on disk",
+                u32::MAX
+            );
+            None
+        }
+        Err(e) => panic!("append after recovery: {e}"),
+    };
+    if files.len() == 1 {
+        // Right after the last valid record when it fits, else at the
+        // start of a new segment, else (no number left) nowhere. A message
+        // body is 60 bytes plus the payload.
+        let framed = framed_len(60 + payload.len());
+        let expected = match last_valid {
+            Some(seq) => {
+                let end = model.segments[&seq].end_offset;
+                if end as usize + framed <= files[0].1.len() {
+                    Some((seq, end))
+                } else {
+                    next_after_open.map(|n| (n, SEGMENT_HEADER_BYTES))
+                }
+            }
+            None => Some((active, SEGMENT_HEADER_BYTES)),
+        };
+        assert_eq!(
+            appended
+                .as_ref()
+                .map(|a| (a.position.segment, a.position.offset)),
+            expected,
+            "append position"
+        );
     }
     drop(log);
 
@@ -525,5 +581,7 @@ fn run(dir: &Path, files: &[(u32, Vec<u8>)]) {
     for c in positions(&again.corruptions) {
         assert!(before.contains(&c), "new corruption {c:?} after reopen");
     }
-    assert!(log.last_seq(writer) >= appended.seq, "appended record lost");
+    if let Some(appended) = appended {
+        assert!(log.last_seq(writer) >= appended.seq, "appended record lost");
+    }
 }
