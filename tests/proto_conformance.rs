@@ -161,6 +161,56 @@ fn read_receipts_name_an_existing_sender_device() {
     ping_pongs(&mut b, 2);
 }
 
+/// §4.6: a ReadReceipt is relayed only for messages the reader got: ids of
+/// a message stored for another recipient, or for the reader but not yet
+/// sent to it, are dropped; the rest of the frame is relayed.
+#[test]
+fn read_receipts_are_relayed_only_for_messages_the_reader_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let shards = server.shards();
+    let alice = RawClient::register_on_shard(server.addr, 0, shards);
+    let bob = RawClient::register_on_shard(server.addr, shards - 1, shards);
+    let carol = RawClient::register_on_shard(server.addr, shards - 1, shards);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    let window = server.config.limits.delivery_window_messages as u64;
+    // Bob gets 1 and 10.. (a window more than he is sent); Carol gets 2.
+    a.send_message(bob.user, 1, b"one");
+    a.send_message(carol.user, 2, b"two");
+    for id in 10..10 + window {
+        a.send_message(bob.user, id, b"more");
+    }
+    a.collect_acks(2 + window as usize);
+    let (mut b, _) = RawClient::login(server.addr, &bob);
+    let got: Vec<u64> = b
+        .collect_delivers(window as usize)
+        .iter()
+        .map(|d| d.client_message_id)
+        .collect();
+    let unsent = 10 + window - 1;
+    assert!(got.contains(&1) && !got.contains(&unsent), "{got:?}");
+    let read = |ids: Vec<u64>| {
+        Frame::ReadReceipt(pb::ReadReceipt {
+            sender_user_id: alice.user,
+            sender_device_id: 1,
+            client_message_ids: ids,
+        })
+    };
+    b.send(&read(vec![2]));
+    b.send(&read(vec![unsent]));
+    b.send(&read(vec![2, 1, unsent]));
+    ping_pongs(&mut b, 1);
+    let receipt = loop {
+        match a.recv() {
+            Some(Frame::Receipt(r)) => break r,
+            Some(_) => continue,
+            None => panic!("alice's connection closed"),
+        }
+    };
+    assert_eq!(receipt.kind, pb::ReceiptKind::Read as i32);
+    assert_eq!(receipt.client_message_ids, vec![1], "only what Bob got");
+}
+
 /// §4.4: an empty payload is stored and delivered; ServerAck and Deliver
 /// carry the same timestamp; a retry with the same id and content is
 /// answered with the original ServerAck, one with other content gets

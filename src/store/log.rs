@@ -940,6 +940,15 @@ impl Log {
         }
     }
 
+    /// Whether entry `seq` of `inbox` is still stored and unacknowledged
+    /// (expired or not).
+    pub fn is_pending(&self, inbox: InboxKey, seq: InboxSeq) -> bool {
+        self.state
+            .inboxes
+            .get(&inbox)
+            .is_some_and(|i| i.get(seq.0).is_some())
+    }
+
     /// Relay inboxes (`InboxKey::relay`) holding entries: receipts stored
     /// here and not yet acknowledged by their recipient's home shard.
     pub fn relay_inboxes(&self) -> Vec<InboxKey> {

@@ -7,10 +7,9 @@
 //! boxed and released when nothing is in flight, so an idle session holds
 //! its last sent sequence and no allocation.
 
+mod table;
 #[cfg(test)]
 mod tests;
-
-use std::collections::HashMap;
 
 use bytes::Bytes;
 use tracing::{debug, error, warn};
@@ -102,7 +101,7 @@ impl Session {
 /// scratch list the pump reuses.
 #[derive(Debug, Default)]
 pub struct Delivery {
-    sessions: HashMap<InboxKey, Session>,
+    sessions: table::Sessions,
     positions: Vec<(InboxSeq, LogPosition)>,
 }
 

@@ -21,7 +21,7 @@ mod tests;
 use tracing::{error, warn};
 
 use super::{AfterCommit, Engine, Host, RelayRef, Reply, Request, SessionId};
-use crate::ids::{DeviceId, InboxKey, InboxSeq, ShardId, UserId};
+use crate::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
 use crate::proto::{error_frame, pb, ErrorCode};
 use crate::store::{NewReceipt, ReceiptKind, StoredEntry};
 
@@ -168,13 +168,41 @@ impl Engine {
             user: sender,
             device: sender_device,
         };
-        self.store_receipt(
-            recipient,
-            ReceiptKind::Read,
-            device,
-            read.client_message_ids,
-            host,
-        );
+        // Only messages this reader got are relayed; other ids are dropped.
+        let last_sent = self
+            .session_mut(device, session)
+            .map_or(0, |s| s.last_sent());
+        let mut ids = read.client_message_ids;
+        ids.retain(|&id| self.reader_got(device, recipient, id, last_sent));
+        if ids.is_empty() {
+            return;
+        }
+        self.store_receipt(recipient, ReceiptKind::Read, device, ids, host);
+    }
+
+    /// Whether `sender`'s message `client_message_id` reached `reader`, as
+    /// far as this shard knows. It is the reader's home, where every message
+    /// to the reader is stored, and its dedupe table remembers the messages
+    /// stored here (the last `dedupe_entries_max`, and since a restart those
+    /// still in the log): one it remembers must be the reader's, and either
+    /// acknowledged (no longer pending) or written to the reader's current
+    /// session. One it does not remember (older than that, or never stored
+    /// for anyone here) cannot be told apart and is relayed.
+    fn reader_got(
+        &self,
+        reader: InboxKey,
+        sender: InboxKey,
+        client_message_id: u64,
+        last_sent: u64,
+    ) -> bool {
+        let Some(stored) = self
+            .log
+            .find_duplicate(sender, ClientMessageId(client_message_id))
+        else {
+            return true;
+        };
+        stored.recipient == reader
+            && (stored.seq.0 <= last_sent || !self.log.is_pending(reader, stored.seq))
     }
 
     /// Stores a receipt for `recipient` (a sender device) here, or sends it
