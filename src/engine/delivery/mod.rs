@@ -7,9 +7,10 @@
 //! boxed and released when nothing is in flight, so an idle session holds
 //! its last sent sequence and no allocation.
 
-mod table;
 #[cfg(test)]
 mod tests;
+
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use tracing::{debug, error, warn};
@@ -101,7 +102,7 @@ impl Session {
 /// scratch list the pump reuses.
 #[derive(Debug, Default)]
 pub struct Delivery {
-    sessions: table::Sessions,
+    sessions: HashMap<InboxKey, Session>,
     positions: Vec<(InboxSeq, LogPosition)>,
 }
 
