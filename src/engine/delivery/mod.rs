@@ -10,7 +10,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use tracing::{debug, error, warn};
@@ -100,9 +100,14 @@ impl Session {
 
 /// Delivery's state: the live sessions of this shard's devices, and a
 /// scratch list the pump reuses.
+///
+/// The sessions are in a B-tree: its nodes run about 70 % full whatever the
+/// count, where a hash map of these 56-byte entries keeps up to half its
+/// buckets empty after it doubles (memory per idle connection is the
+/// figure this server is judged by; a lookup costs a few node visits).
 #[derive(Debug, Default)]
 pub struct Delivery {
-    sessions: HashMap<InboxKey, Session>,
+    sessions: BTreeMap<InboxKey, Session>,
     positions: Vec<(InboxSeq, LogPosition)>,
 }
 
