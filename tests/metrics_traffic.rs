@@ -76,6 +76,15 @@ fn counters_follow_the_traffic() {
     assert!(ring("switchboard_socket_ring_enters_total") > 0.0);
     assert!(ring("switchboard_socket_ring_completions_total") > N as f64);
     assert_eq!(ring("switchboard_socket_ring_stale_completions_total"), 0.0);
+    // Every poll of the shards' tasks is timed: the socket loops, the
+    // commit loops and the maintenance ticks have all run.
+    assert!(ring("switchboard_shard_task_poll_microseconds_count") > N as f64);
+    for task in ["sockets", "commit", "maintenance"] {
+        let filter = format!("task=\"{task}\"");
+        let longest = metric_sum(&later, "switchboard_shard_task_poll_max_seconds", &filter);
+        assert!(longest > 0.0, "no poll of {task} was timed");
+        assert!(longest < 60.0, "{task}: a poll of {longest} s");
+    }
     drop(b);
     drop(a);
 }

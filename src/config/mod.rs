@@ -136,7 +136,8 @@ pub struct Limits {
     /// At least one message is always allowed in flight.
     pub delivery_window_bytes: u32,
     /// Sends read from a connection and not yet answered (ServerAck or Error).
-    /// Default 256. At the bound the connection is not read until answers go out.
+    /// Default 256, at most 65,535. At the bound the connection is not read
+    /// until answers go out.
     pub sends_in_flight_max: u32,
     /// Unsent output queued for one connection, bytes. Default 1,048,576. At
     /// the bound the server stops reading that connection until it drains.
@@ -321,6 +322,9 @@ impl Config {
         }
         if l.delivery_window_messages == 0 || l.sends_in_flight_max == 0 {
             return invalid("delivery and send windows must be at least 1".into());
+        }
+        if l.sends_in_flight_max > u16::MAX as u32 {
+            return invalid("limits.sends_in_flight_max must be at most 65535".into());
         }
         if l.shard_channel_capacity == 0 {
             return invalid("limits.shard_channel_capacity must be at least 1".into());

@@ -244,6 +244,50 @@ impl LatencyHistogram {
     }
 }
 
+/// The shard's long-lived tasks, whose polls are timed (`task_poll`): each
+/// poll holds the shard's thread, so the longest one is the longest time
+/// anything on the shard waited for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardTask {
+    /// The socket ring's loop: reading, handling frames, writing.
+    Sockets,
+    /// The group commit: fdatasync and what waits for it.
+    Commit,
+    /// Requests and replies from other shards.
+    Channels,
+    /// The 100 ms tick: idle and handshake sweeps, expiry, gauges.
+    Maintenance,
+    /// Everything else (registrations, Hello checks, relays, handoffs).
+    Other,
+}
+
+impl ShardTask {
+    /// Every task, in the order of their metric arrays.
+    pub const ALL: [ShardTask; 5] = [
+        ShardTask::Sockets,
+        ShardTask::Commit,
+        ShardTask::Channels,
+        ShardTask::Maintenance,
+        ShardTask::Other,
+    ];
+
+    /// The `task` label of its metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ShardTask::Sockets => "sockets",
+            ShardTask::Commit => "commit",
+            ShardTask::Channels => "channels",
+            ShardTask::Maintenance => "maintenance",
+            ShardTask::Other => "other",
+        }
+    }
+
+    /// Its index in the metric arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Number of distinct frame types counted per direction.
 pub const FRAME_TYPES: usize = FrameType::ALL.len();
 
@@ -388,6 +432,11 @@ pub struct ShardMetrics {
     pub recovered: AtomicBool,
     /// Whether the shard's loops still run (see [`Liveness`]).
     pub liveness: Liveness,
+    /// How long each poll of the shard's tasks held its thread.
+    pub task_poll: LatencyHistogram,
+    /// The longest poll of each task since start, microseconds (index with
+    /// [`ShardTask::index`]).
+    pub task_poll_max_us: [AtomicU64; ShardTask::ALL.len()],
 }
 
 impl ShardMetrics {
@@ -404,6 +453,18 @@ impl ShardMetrics {
     /// Whether the shard has recovered its log and accepts connections.
     pub fn is_recovered(&self) -> bool {
         self.recovered.load(Ordering::Relaxed)
+    }
+
+    /// Records one poll of `task` that held the thread for `us`.
+    #[inline]
+    pub fn task_polled(&self, task: ShardTask, us: u64) {
+        self.task_poll.record_us(us);
+        self.task_poll_max_us[task.index()].fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// The longest poll of `task` since start, microseconds.
+    pub fn task_poll_max_us(&self, task: ShardTask) -> u64 {
+        self.task_poll_max_us[task.index()].load(Ordering::Relaxed)
     }
 
     /// Counts one frame received.
@@ -716,6 +777,7 @@ impl Registry {
         );
         self.refusals(out);
         self.commit_latency(out);
+        self.task_polls(out);
         let now = monotonic_ms();
         self.seconds(
             out,
@@ -821,15 +883,51 @@ impl Registry {
     }
 
     fn commit_latency(&self, out: &mut String) {
-        let name = "switchboard_commit_latency_microseconds";
+        self.histogram(
+            out,
+            "switchboard_commit_latency_microseconds",
+            "Group commit latency, first append to fdatasync done, in microseconds.",
+            |m| &m.commit_latency,
+        );
+    }
+
+    fn task_polls(&self, out: &mut String) {
+        self.histogram(
+            out,
+            "switchboard_shard_task_poll_microseconds",
+            "How long each poll of a shard's tasks held the shard's thread, in microseconds.",
+            |m| &m.task_poll,
+        );
+        let name = "switchboard_shard_task_poll_max_seconds";
         family(
             out,
             name,
-            "histogram",
-            "Group commit latency, first append to fdatasync done, in microseconds.",
+            "gauge",
+            "The longest single poll of each shard task since start: the longest the shard's thread was held.",
         );
         for (shard, metrics) in self.shards.iter().enumerate() {
-            let histogram = &metrics.commit_latency;
+            for task in ShardTask::ALL {
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{shard}\",task=\"{}\"}} {:.6}",
+                    task.label(),
+                    metrics.task_poll_max_us(task) as f64 / 1e6
+                );
+            }
+        }
+    }
+
+    /// One histogram family, one series per shard.
+    fn histogram(
+        &self,
+        out: &mut String,
+        name: &str,
+        help: &str,
+        of: impl Fn(&ShardMetrics) -> &LatencyHistogram,
+    ) {
+        family(out, name, "histogram", help);
+        for (shard, metrics) in self.shards.iter().enumerate() {
+            let histogram = of(metrics);
             let mut cumulative = 0u64;
             for index in 0..LATENCY_BUCKETS {
                 cumulative += histogram.bucket_count(index);

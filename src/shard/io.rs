@@ -42,6 +42,7 @@ use tracing::{debug, error, warn};
 use super::{Outbound, Shard};
 use crate::config::{Config, SocketRingSetup};
 use crate::ids::InboxKey;
+use crate::metrics::ShardTask;
 use crate::net::conn::{self, Conn};
 use crate::net::uring::{
     CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, FrameHeader, Notifier, SendError,
@@ -554,7 +555,7 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
         }
         Step::Register { version } => {
             shard.sockets.pause(id);
-            glommio::spawn_local(register(shard.clone(), id, version)).detach();
+            shard.spawn(ShardTask::Other, register(shard.clone(), id, version));
         }
         Step::Hello {
             peer,
@@ -625,7 +626,7 @@ fn check_hello(shard: &Rc<Shard>, id: ConnId, peer: IpAddr, device: InboxKey, se
     }
     if let Some(wait) = shard.forward(Outbound::One(target, request)) {
         // That shard's channel is full: the handshake waits for room.
-        glommio::spawn_local(wait).detach();
+        shard.spawn(ShardTask::Other, wait);
     }
 }
 
@@ -719,7 +720,7 @@ fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
     };
     let outbound = Outbound::One(shard.home_of(device.user), request);
     if let Some(wait) = shard.forward(outbound) {
-        glommio::spawn_local(wait).detach();
+        shard.spawn(ShardTask::Other, wait);
     }
 }
 
@@ -927,14 +928,13 @@ fn handle_frames(shard: &Rc<Shard>, conn: &Rc<Conn>, input: &mut BytesMut) {
             stall(shard, conn, input, true);
             let shard = shard.clone();
             let conn = conn.clone();
-            glommio::spawn_local(async move {
+            shard.clone().spawn(ShardTask::Other, async move {
                 wait.await;
                 if let Some(stalled) = shard.sockets.stalled.borrow_mut().get_mut(&conn.id()) {
                     stalled.waiting = false;
                 }
                 conn.wake();
-            })
-            .detach();
+            });
             return;
         }
     }
@@ -1149,7 +1149,7 @@ pub fn sweep_idle(shard: &Shard, start: usize, count: usize) -> Option<usize> {
     let now = shard.now_s();
     let idle_s = shard.config.limits.idle_timeout_ms.div_ceil(1000);
     shard.sockets.for_each_session_in(start, count, |conn| {
-        let last = conn.state.borrow().last_activity_s;
+        let last = conn.last_activity_s.get();
         if now.saturating_sub(last) >= idle_s && !conn.is_closing() {
             debug!(device = %conn.device, "idle timeout");
             conn.fatal(ErrorCode::IdleTimeout, "no frame within the idle timeout");

@@ -19,6 +19,21 @@
 pub mod io;
 pub mod server;
 
+/// Runs `future`, timing each of its polls as shard task `task`
+/// (`ShardMetrics::task_polled`): a poll holds the shard's thread, so these
+/// are the times everything else on the shard waited.
+pub async fn timed<F: Future>(metrics: Arc<ShardMetrics>, task: ShardTask, future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(move |cx| {
+        let started = Instant::now();
+        let polled = future.as_mut().poll(cx);
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        metrics.task_polled(task, us);
+        polled
+    })
+    .await
+}
+
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
@@ -35,7 +50,7 @@ use crate::config::{Config, Durability};
 use crate::engine::{self, Closing, Engine, Event, Host, SessionId};
 use crate::ids::{InboxKey, ShardId, UserId};
 use crate::meta::MetaStore;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{ShardMetrics, ShardTask};
 use crate::net::conn::{CloseReason, Conn};
 use crate::net::uring::ConnId;
 use crate::proto::{ErrorCode, Frame};
@@ -212,8 +227,13 @@ impl Shard {
     fn feed_detached(self: &Rc<Self>, event: Event) {
         let outbound = self.feed(event);
         if let Some(wait) = self.forward(outbound) {
-            glommio::spawn_local(wait).detach();
+            self.spawn(ShardTask::Other, wait);
         }
+    }
+
+    /// Starts a detached task of the shard, its polls timed as `task`.
+    pub fn spawn(&self, task: ShardTask, future: impl Future<Output = ()> + 'static) {
+        glommio::spawn_local(timed(self.metrics.clone(), task, future)).detach();
     }
 
     // ---- sessions -------------------------------------------------------
@@ -229,7 +249,7 @@ impl Shard {
         socket: ConnId,
         connected_at: u32,
     ) -> Rc<Conn> {
-        let conn = Rc::new(Conn::new(device, socket, connected_at, self.now_s()));
+        let conn = Rc::new(Conn::new(device, socket, self.now_s()));
         // The engine's frames reach the connection through the socket
         // table, where the caller puts it next; so queue them here first.
         let mut host = OpeningHost {
@@ -273,7 +293,7 @@ impl Shard {
             .borrow()
             .session(conn.device)
             .filter(|s| s.id == conn.id())
-            .map_or(0, |s| s.sends_in_flight)
+            .map_or(0, |s| u32::from(s.sends_in_flight))
     }
 
     /// The session's output queue went below its bound: the engine pumps
@@ -293,7 +313,7 @@ impl Shard {
     /// do is returned, and the socket loop sends it (`forward`), setting the
     /// session's later frames aside while a channel is full.
     pub fn on_frame(self: &Rc<Self>, conn: &Rc<Conn>, frame: Frame) -> Outbound {
-        conn.state.borrow_mut().last_activity_s = self.now_s();
+        conn.last_activity_s.set(self.now_s());
         self.feed(Event::Frame {
             device: conn.device,
             session: conn.id(),
@@ -407,8 +427,10 @@ impl Shard {
                 device,
                 secret,
             } => {
-                glommio::spawn_local(self.clone().check_hello(origin, peer, device, secret))
-                    .detach();
+                self.spawn(
+                    ShardTask::Other,
+                    self.clone().check_hello(origin, peer, device, secret),
+                );
             }
         }
     }
@@ -476,13 +498,12 @@ impl Shard {
         // blocks on it.
         if let Some(reply) = sender.try_send(reply).err().and_then(channel_item) {
             let shard = self.clone();
-            glommio::spawn_local(async move {
+            self.spawn(ShardTask::Channels, async move {
                 let sender = shard.replies[target.0 as usize]
                     .as_ref()
                     .expect("a channel to every other shard");
                 let _ = sender.send(reply).await;
-            })
-            .detach();
+            });
         }
     }
 

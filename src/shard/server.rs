@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::config::{usable_cpus, Config};
 use crate::ids::ShardId;
 use crate::meta::MetaStore;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{ShardMetrics, ShardTask};
 use crate::route::message::{Reply, Request};
 use crate::shard::Shard;
 use crate::store::{Log, SystemClock};
@@ -315,32 +315,36 @@ async fn shard_main(start: ShardStart) {
     ));
     for task in receiver_tasks {
         let Some(rx) = task.await else { continue };
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
+        let task_shard = shard.clone();
+        shard.spawn(ShardTask::Channels, async move {
             while let Some(request) = rx.recv().await {
-                shard.handle_request(request);
+                task_shard.handle_request(request);
                 // A full channel drains in bounded slices between other work.
                 glommio::yield_if_needed().await;
             }
-        })
-        .detach();
+        });
     }
     for task in reply_receiver_tasks {
         let Some(rx) = task.await else { continue };
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
+        let task_shard = shard.clone();
+        shard.spawn(ShardTask::Channels, async move {
             while let Some(reply) = rx.recv().await {
-                shard.on_reply(reply);
+                task_shard.on_reply(reply);
                 glommio::yield_if_needed().await;
             }
-        })
-        .detach();
+        });
     }
-    glommio::spawn_local(shard.clone().commit_loop()).detach();
-    glommio::spawn_local(maintenance(shard.clone(), start.stop.clone())).detach();
+    shard.spawn(ShardTask::Commit, shard.clone().commit_loop());
+    shard.spawn(
+        ShardTask::Maintenance,
+        maintenance(shard.clone(), start.stop.clone()),
+    );
     // Receipts a crash left between this shard and their home shard.
     let relaying = shard.clone();
-    glommio::spawn_local(async move { relaying.forward_relayed().await }).detach();
+    shard.spawn(
+        ShardTask::Other,
+        async move { relaying.forward_relayed().await },
+    );
 
     // Accepted sockets inherit TCP_NODELAY from the listener.
     if let Err(err) = socket::setsockopt(&start.listener, sockopt::TcpNoDelay, &true) {
@@ -352,7 +356,11 @@ async fn shard_main(start: ShardStart) {
             .send(Err(format!("accepting on its listener: {err}")));
         return;
     }
-    let socket_loop = glommio::spawn_local(crate::shard::io::run(shard.clone()));
+    let socket_loop = glommio::spawn_local(crate::shard::timed(
+        shard.metrics.clone(),
+        ShardTask::Sockets,
+        crate::shard::io::run(shard.clone()),
+    ));
     shard.metrics.set_recovered(true);
     let _ = start.ready.send(Ok(id));
     while !shard.stopping.get() {

@@ -29,14 +29,18 @@ pub struct Session {
     /// connected later wins (`session::accepted_after`).
     pub connected_at: u32,
     /// Sends read and not yet answered (the socket loop stops reading at
-    /// `sends_in_flight_max`).
-    pub sends_in_flight: u32,
+    /// `sends_in_flight_max`, at most 65,535 by the configuration's check).
+    pub sends_in_flight: u16,
     /// The pump stopped at the output bound with window room left.
     pump_blocked: bool,
     /// Highest sequence written while `window` is released.
     last_sent: u64,
     window: Option<Box<DeliveryWindow>>,
 }
+
+// One per live session, in the B-tree's nodes beside its 16-byte key.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(std::mem::size_of::<Session>() <= 32);
 
 impl Session {
     fn new(id: SessionId, connected_at: u32) -> Session {
@@ -102,7 +106,7 @@ impl Session {
 /// scratch list the pump reuses.
 ///
 /// The sessions are in a B-tree: its nodes run about 70 % full whatever the
-/// count, where a hash map of these 56-byte entries keeps up to half its
+/// count, where a hash map of these 48-byte entries keeps up to half its
 /// buckets empty after it doubles (memory per idle connection is the
 /// figure this server is judged by; a lookup costs a few node visits).
 #[derive(Debug, Default)]
@@ -256,7 +260,7 @@ impl Engine {
         // replaced is stored all the same (its ServerAck may not reach it,
         // and the retry is answered by dedupe).
         if let Some(live) = self.session_mut(device, session) {
-            live.sends_in_flight += 1;
+            live.sends_in_flight = live.sends_in_flight.saturating_add(1);
         }
         let request = Request::Store {
             origin: ConnRef {
