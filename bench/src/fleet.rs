@@ -120,8 +120,7 @@ impl Fleet {
                 let _ = tx.send((i, None));
             });
         }
-        let pids: Vec<u32> = fleet.members.iter().map(|m| m.pid).collect();
-        eprintln!("worker processes started: pids {pids:?}");
+        eprintln!("worker processes started: pids {:?}", fleet.pids());
         Ok(fleet)
     }
 
@@ -179,6 +178,11 @@ impl Fleet {
             })
             .map(|kb| kb * 1024)
             .sum()
+    }
+
+    /// The worker processes' pids, in worker order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(|m| m.pid).collect()
     }
 
     pub fn len(&self) -> usize {

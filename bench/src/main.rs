@@ -5,8 +5,10 @@
 //! plans how the connections are split over worker processes and source
 //! addresses (`limits`), drives the workers through the scenario's phases
 //! (`fleet`, `worker`), samples the server's and the kernel's memory
-//! (`sysmem`) and writes the results (`report`). See docs/benchmarks.md.
+//! (`sysmem`) and the harness's and the server's CPU time over each p2p step
+//! (`cpu`), and writes the results (`report`). See docs/benchmarks.md.
 
+mod cpu;
 mod fleet;
 mod latency;
 mod limits;
@@ -25,6 +27,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
+use crate::cpu::StepCpu;
 use crate::fleet::Fleet;
 use crate::latency::{monotonic_ns, ChainLatency, Latency};
 use crate::link::{Account, Protocol, Target, User};
@@ -79,8 +82,8 @@ struct Common {
     /// appended, so a run on a warm server skips registration.
     #[arg(long)]
     users: Option<PathBuf>,
-    /// The server's pid (memory sampling); found from the listening port
-    /// when not given.
+    /// The server's pid (memory and CPU sampling); found from the listening
+    /// port when not given.
     #[arg(long)]
     server_pid: Option<u32>,
     /// At least this many worker processes (more are used when the
@@ -264,7 +267,9 @@ impl Run {
             .server_pid
             .or_else(|| sysmem::find_listener_pid(target.server));
         if server_pid.is_none() {
-            eprintln!("server pid not found (pass --server-pid); server memory is not sampled");
+            eprintln!(
+                "server pid not found (pass --server-pid); server memory and CPU are not sampled"
+            );
         }
         let fleet = Fleet::start(specs, common.quiet)?;
         let out = json!({
@@ -443,6 +448,9 @@ impl Run {
     ) -> anyhow::Result<Step> {
         let pairs_total = self.users.len() as f64 / 2.0;
         let start_at_ns = monotonic_ns() + 300_000_000;
+        // Started before the workers hear of the step, so its first sample
+        // precedes the step's start; dropped with an error return.
+        let sampler = cpu::Sampler::start(self.fleet.pids(), self.server_pid, start_at_ns);
         for (i, share) in self.split.users_per_process.clone().iter().enumerate() {
             let fraction = (*share as f64 / 2.0) / pairs_total;
             self.fleet.send(
@@ -471,6 +479,21 @@ impl Run {
                 step.add(&result)?;
             }
         }
+        let samples = sampler.finish();
+        // The span the delivered rate is taken over: from the scheduled
+        // start to the last delivery, at least the schedule, and at least
+        // the last send of a sender that fell behind it. Not the drain's
+        // wait for messages that never come.
+        let r = &step.result;
+        let span_s = r.elapsed_s.max(r.send_s).max(duration);
+        let end_ns = start_at_ns + (span_s * 1e9) as u64;
+        step.cpu = StepCpu::over(
+            &samples,
+            cpu::ticks_per_s(),
+            start_at_ns,
+            end_ns,
+            r.delivered,
+        );
         Ok(step)
     }
 
@@ -481,6 +504,11 @@ impl Run {
             let mut rate = args.rate_start;
             let mut good: Option<Step> = None;
             let mut bad: Option<f64> = None;
+            // Whether the first rate that missed (where doubling stopped)
+            // and the lowest one (the search's upper bracket) were bound by
+            // the harness.
+            let mut first_bad_harness_bound: Option<bool> = None;
+            let mut last_bad_harness_bound: Option<bool> = None;
             let mut trail = Vec::new();
             for _ in 0..24 {
                 let mut attempt = 0;
@@ -488,13 +516,20 @@ impl Run {
                     let step = self.step(args, rate, args.step_duration, churn_per_s)?;
                     let ok = step.ok(args.p99_max_ms);
                     trail.push(json!({"rate": rate, "delivered": step.result.delivered, "offered": step.result.offered,
-                        "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok, "attempt": attempt}));
+                        "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok, "attempt": attempt,
+                        "cpu": step.cpu_json()}));
+                    let verdict = match (ok, step.harness_bound()) {
+                        (true, false) => "ok",
+                        (true, true) => "ok (harness-bound)",
+                        (false, false) => "not met",
+                        (false, true) => "not met (harness-bound)",
+                    };
                     eprintln!(
-                        "rate {rate:.0}/s: offered {} delivered {} p99 {} us: {}",
+                        "rate {rate:.0}/s: offered {} delivered {} p99 {} us, {}: {verdict}",
                         step.result.offered,
                         step.result.delivered,
                         step.chain.deliver.summary().p99,
-                        if ok { "ok" } else { "not met" }
+                        step.cpu_text(),
                     );
                     if ok || attempt >= args.step_retries {
                         break (step, ok);
@@ -505,6 +540,8 @@ impl Run {
                     good = Some(step);
                 } else {
                     bad = Some(rate);
+                    first_bad_harness_bound.get_or_insert(step.harness_bound());
+                    last_bad_harness_bound = Some(step.harness_bound());
                 }
                 let low = good.as_ref().map(|s| s.rate).unwrap_or(0.0);
                 rate = match bad {
@@ -518,6 +555,14 @@ impl Run {
             }
             self.out["search"] = json!(trail);
             self.out["rate_max"] = json!(good.as_ref().map(|s| s.rate));
+            // A harness at its limit at the best rate, or at a rate that
+            // missed, may be what stopped the search: the maximum is then a
+            // lower bound of the server's.
+            self.out["rate_max_harness_bound"] = json!(
+                good.as_ref().is_some_and(Step::harness_bound)
+                    || first_bad_harness_bound == Some(true)
+                    || last_bad_harness_bound == Some(true)
+            );
             good.ok_or_else(|| {
                 anyhow::anyhow!(
                     "no rate met the bound (delivered in full, p99 under {} ms)",
@@ -537,6 +582,7 @@ impl Run {
         self.out["rates"]["offered_msgs_per_s"] = json!(r.offered as f64 / step.duration);
         self.out["rates"]["delivered_msgs_per_s"] =
             json!(r.delivered as f64 / r.elapsed_s.max(step.duration));
+        self.out["cpu"] = step.cpu_json();
         self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
         self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
         self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
@@ -686,6 +732,8 @@ struct Step {
     chain: ChainLatency,
     reconnect: Latency,
     seconds: BTreeMap<u64, Second>,
+    /// `None` when the span was empty.
+    cpu: Option<StepCpu>,
 }
 
 impl Step {
@@ -724,6 +772,31 @@ impl Step {
             && r.sent == r.offered
             && r.delivered == r.offered
             && (self.chain.deliver.summary().p99 as f64) <= p99_max_ms * 1000.0
+    }
+
+    /// Whether a harness thread was saturated during the step.
+    fn harness_bound(&self) -> bool {
+        self.cpu.is_some_and(|cpu| cpu.harness_bound)
+    }
+
+    /// The step's `cpu` object (null without figures).
+    fn cpu_json(&self) -> Value {
+        serde_json::to_value(self.cpu).expect("CPU figures serialize")
+    }
+
+    /// The CPU figures for a progress line.
+    fn cpu_text(&self) -> String {
+        let Some(cpu) = &self.cpu else {
+            return "CPU not measured".to_string();
+        };
+        let server = match cpu.server_cores {
+            Some(cores) => format!("server {cores:.2} cores"),
+            None => "server CPU unknown".to_string(),
+        };
+        format!(
+            "busiest harness thread {:.2} core, {server}",
+            cpu.harness_busiest_cores
+        )
     }
 }
 

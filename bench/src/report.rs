@@ -39,13 +39,25 @@ pub fn write_hgrm(dir: &Path, histograms: &[(&str, &Latency)]) -> anyhow::Result
     Ok(())
 }
 
-fn number(value: &Value, path: &[&str]) -> Option<f64> {
+fn lookup<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
     let mut v = value;
     for key in path {
         v = v.get(key)?;
     }
-    v.as_f64()
+    Some(v)
 }
+
+fn number(value: &Value, path: &[&str]) -> Option<f64> {
+    lookup(value, path)?.as_f64()
+}
+
+/// Whether the flag at `path` is set.
+fn flag(value: &Value, path: &[&str]) -> bool {
+    lookup(value, path).and_then(Value::as_bool) == Some(true)
+}
+
+/// The flags that say a result measured the harness, not (only) the server.
+const HARNESS_BOUND_FLAGS: &[&[&str]] = &[&["cpu", "harness_bound"], &["rate_max_harness_bound"]];
 
 /// The rows of the final table: label and JSON path.
 const ROWS: &[(&str, &[&str])] = &[
@@ -55,6 +67,12 @@ const ROWS: &[(&str, &[&str])] = &[
     ("offered msg/s", &["rates", "offered_msgs_per_s"]),
     ("delivered msg/s", &["rates", "delivered_msgs_per_s"]),
     ("drain msg/s", &["rates", "drain_msgs_per_s"]),
+    ("harness CPU (busiest)", &["cpu", "harness_busiest_cores"]),
+    ("harness CPU (sum)", &["cpu", "harness_sum_cores"]),
+    ("harness-bound", HARNESS_BOUND_FLAGS[0]),
+    ("rate max harness-bound", HARNESS_BOUND_FLAGS[1]),
+    ("server CPU cores", &["cpu", "server_cores"]),
+    ("server CPU us/msg", &["cpu", "server_us_per_msg"]),
     ("server RSS bytes", &["server", "rss_bytes"]),
     ("server RSS B/conn", &["server", "rss_bytes_per_conn"]),
     ("server PSS B/conn", &["server", "pss_bytes_per_conn"]),
@@ -72,6 +90,9 @@ const ROWS: &[(&str, &[&str])] = &[
 ];
 
 fn cell(value: &Value, path: &[&str]) -> String {
+    if let Some(set) = lookup(value, path).and_then(Value::as_bool) {
+        return if set { "yes" } else { "no" }.to_string();
+    }
     match number(value, path) {
         Some(x) if x.fract() == 0.0 => format!("{}", x as i64),
         Some(x) if x.abs() < 10.0 => format!("{x:.3}"),
@@ -88,11 +109,21 @@ pub fn table(value: &Value) -> String {
         value["target"].as_str().unwrap_or("?")
     );
     for (label, path) in ROWS {
-        let text = cell(value, path);
+        let mut text = cell(value, path);
         let empty_receipt = path.contains(&"receipt") && text == "0";
-        if text != "-" && !empty_receipt {
-            out.push_str(&format!("  {label:<20} {text:>14}\n"));
+        if HARNESS_BOUND_FLAGS.contains(path) && flag(value, path) {
+            text.push_str(" *");
         }
+        if text != "-" && !empty_receipt {
+            out.push_str(&format!("  {label:<22} {text:>14}\n"));
+        }
+    }
+    if HARNESS_BOUND_FLAGS.iter().any(|path| flag(value, path)) {
+        out.push_str(&format!(
+            "  * a harness thread was at least {:.0} % of a core busy: the rates are the \
+             harness's limit as much as the server's (a lower bound of the server's)\n",
+            crate::cpu::HARNESS_BOUND_CORES * 100.0
+        ));
     }
     out
 }
@@ -108,7 +139,7 @@ pub fn compare(a: &Value, b: &Value) -> String {
     };
     let (na, nb) = (name(a), name(b));
     let width = na.len().max(nb.len()).max(14);
-    let mut out = format!("{:<20} {na:>width$} {nb:>width$}   ratio\n", "");
+    let mut out = format!("{:<22} {na:>width$} {nb:>width$}   ratio\n", "");
     for (label, path) in ROWS {
         let shown = |v: &Value| {
             let text = cell(v, path);
@@ -126,7 +157,7 @@ pub fn compare(a: &Value, b: &Value) -> String {
             (Some(x), Some(y)) if y != 0.0 && x != 0.0 => format!("{:.2}", x / y),
             _ => "-".to_string(),
         };
-        out.push_str(&format!("{label:<20} {x:>width$} {y:>width$}   {ratio}\n"));
+        out.push_str(&format!("{label:<22} {x:>width$} {y:>width$}   {ratio}\n"));
     }
     out
 }
@@ -217,6 +248,72 @@ mod tests {
         let text = compare(&a, &b);
         assert!(text.contains("delivered msg/s"));
         assert!(text.contains("2.00"), "{text}");
+    }
+
+    fn p2p_with_cpu(harness_bound: bool) -> Value {
+        json!({"scenario": "p2p", "target": "switchboard://x",
+            "rates": {"delivered_msgs_per_s": 20000.0},
+            "cpu": {"span_s": 5.0, "harness_busiest_cores": if harness_bound { 0.97 } else { 0.42 },
+                "harness_sum_cores": 1.1, "server_cores": 0.8, "server_us_per_msg": 40.25,
+                "harness_bound": harness_bound}})
+    }
+
+    /// The value of the table row `label`, if the row is there.
+    fn row<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+        text.lines()
+            .find_map(|line| line.trim_start().strip_prefix(label))
+            .filter(|rest| rest.starts_with(' '))
+            .map(str::trim)
+    }
+
+    #[test]
+    fn table_shows_cpu_rows() {
+        let text = table(&p2p_with_cpu(false));
+        assert_eq!(row(&text, "harness CPU (busiest)"), Some("0.420"), "{text}");
+        assert_eq!(row(&text, "harness CPU (sum)"), Some("1.100"), "{text}");
+        assert_eq!(row(&text, "harness-bound"), Some("no"), "{text}");
+        assert_eq!(row(&text, "server CPU cores"), Some("0.800"), "{text}");
+        assert_eq!(row(&text, "server CPU us/msg"), Some("40.2"), "{text}");
+        assert!(!text.contains('*'), "{text}");
+    }
+
+    #[test]
+    fn table_marks_a_harness_bound_step() {
+        let text = table(&p2p_with_cpu(true));
+        assert_eq!(row(&text, "harness-bound"), Some("yes *"), "{text}");
+        assert!(
+            text.contains("* a harness thread was at least 90 %"),
+            "{text}"
+        );
+        assert_eq!(row(&text, "rate max harness-bound"), None, "{text}");
+    }
+
+    #[test]
+    fn table_marks_a_search_stopped_by_the_harness() {
+        let mut value = p2p_with_cpu(false);
+        value["rate_max_harness_bound"] = json!(true);
+        let text = table(&value);
+        assert_eq!(
+            row(&text, "rate max harness-bound"),
+            Some("yes *"),
+            "{text}"
+        );
+        assert!(text.contains("lower bound of the server's"), "{text}");
+    }
+
+    #[test]
+    fn compare_shows_cpu_rows_of_both_runs() {
+        let mut b = p2p_with_cpu(true);
+        b["target"] = json!("mqtt://y");
+        b["cpu"]["server_us_per_msg"] = json!(20.125);
+        let text = compare(&p2p_with_cpu(false), &b);
+        assert!(text.contains("server CPU us/msg"), "{text}");
+        assert!(text.contains("2.00"), "{text}");
+        let bound = text
+            .lines()
+            .find(|l| l.starts_with("harness-bound"))
+            .unwrap();
+        assert!(bound.contains("no") && bound.contains("yes"), "{text}");
     }
 
     #[test]

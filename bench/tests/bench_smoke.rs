@@ -230,6 +230,23 @@ fn check_summary(v: &Value, which: &str, count: f64) {
     }
 }
 
+/// The CPU figures of a p2p step: the harness's busiest thread can use at
+/// most one core (plus a clock tick's rounding), and the server, found from
+/// its listening port, is measured too.
+fn check_cpu(v: &Value) {
+    let busiest = number(v, &["cpu", "harness_busiest_cores"]);
+    assert!((0.0..=1.05).contains(&busiest), "{v:#}");
+    assert!(number(v, &["cpu", "harness_sum_cores"]) >= 0.0, "{v:#}");
+    assert!(number(v, &["cpu", "span_s"]) >= 1.0, "{v:#}");
+    assert!(number(v, &["cpu", "server_cores"]) >= 0.0, "{v:#}");
+    assert!(number(v, &["cpu", "server_us_per_msg"]) >= 0.0, "{v:#}");
+    assert_eq!(
+        v["cpu"]["harness_bound"].as_bool(),
+        Some(busiest >= 0.9),
+        "{v:#}"
+    );
+}
+
 /// Runs every scenario at tiny scale; `receipts` says whether the target
 /// sends delivered receipts.
 fn scenarios(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
@@ -291,6 +308,7 @@ fn scenarios(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
         number(&v, &["rates", "delivered_msgs_per_s"])
             <= number(&v, &["rates", "offered_msgs_per_s"]) * 1.01
     );
+    check_cpu(&v);
 
     let v = run("offline", &["offline", "-n", "20", "-k", "20"]);
     check_shape(&v, "offline", 20);

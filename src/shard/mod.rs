@@ -608,8 +608,24 @@ impl Shard {
                 self.engine.borrow_mut().log_mut().finish_commit(batch);
             }
             self.feed_detached(Event::Durable);
+            self.prepare_spare();
             glommio::yield_if_needed().await;
         }
+    }
+
+    /// Has the log's next segment file made ahead of its roll, the
+    /// fallocate on the kernel's side of the ring, when the log wants one
+    /// (`Log::spare_wanted`).
+    pub fn prepare_spare(self: &Rc<Self>) {
+        let Some(request) = self.engine.borrow_mut().log_mut().spare_wanted() else {
+            return;
+        };
+        let shard = self.clone();
+        self.spawn(ShardTask::Other, async move {
+            let made =
+                crate::store::segment::preallocate_spare(&request.path, request.size_bytes).await;
+            shard.engine.borrow_mut().log_mut().spare_prepared(made);
+        });
     }
 
     /// Whether every action waiting on a commit has run.

@@ -487,6 +487,7 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
         // Cheap (a pass over the segments, not the inboxes), so the gauges
         // are at most a tick old, from the first tick after recovery on.
         shard.publish_log_gauges();
+        shard.prepare_spare();
         if last_expiry.elapsed() >= Duration::from_secs(10) {
             last_expiry = Instant::now();
             let expired = shard.engine.borrow_mut().log_mut().expire_and_reclaim();

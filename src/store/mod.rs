@@ -38,7 +38,7 @@ pub mod storage;
 pub use commit::CommitBatch;
 pub use inbox::payload_digest;
 pub use inspect::{inspect, InspectReport};
-pub use log::{Log, MultiAppended, DEDUPE_CAPACITY_DEFAULT};
+pub use log::{Log, MultiAppended, SpareRequest, DEDUPE_CAPACITY_DEFAULT, SPARE_FILE};
 
 /// Wall-clock milliseconds since the Unix epoch; injected so expiry is tested
 /// without waiting.

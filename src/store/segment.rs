@@ -164,6 +164,34 @@ impl Segment {
         })
     }
 
+    /// Makes a segment of a spare file made by `preallocate_spare`: renames
+    /// it to the segment's name, maps it and writes the header.
+    pub fn create_from_spare(
+        storage: &dyn Storage,
+        dir: &Path,
+        spare: &Path,
+        file: File,
+        header: SegmentHeader,
+    ) -> io::Result<Segment> {
+        if file.metadata()?.len() != header.size_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the spare file is not a segment's size",
+            ));
+        }
+        let path = dir.join(file_name(header.seq));
+        std::fs::rename(spare, &path)?;
+        let mut map = map_mut(&file, header.size_bytes)?;
+        map[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
+        storage.wrote(&path, 0, SEGMENT_HEADER_BYTES as u64);
+        Ok(Segment {
+            seq: header.seq,
+            handle: Rc::new(SyncHandle::new(path, file)),
+            map,
+            write_offset: SEGMENT_HEADER_BYTES,
+        })
+    }
+
     /// Maps an existing segment for recovery and appending.
     pub fn open(seq: u32, path: PathBuf) -> io::Result<Segment> {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
@@ -179,6 +207,37 @@ impl Segment {
 
     pub fn size_bytes(&self) -> u32 {
         self.map.len() as u32
+    }
+}
+
+/// Creates `path` (new) with `size_bytes` allocated, the fallocate going
+/// through the executor's ring (the kernel runs it on a worker thread, so
+/// the shard keeps running). Must be called on a glommio executor thread.
+pub async fn preallocate_spare(path: &Path, size_bytes: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let fd = file.try_clone()?.into_raw_fd();
+    // SAFETY: `fd` was just duplicated for this handle alone; the
+    // BufferedFile becomes its only owner and closes it.
+    let uring = unsafe { glommio::io::BufferedFile::from_raw_fd(fd) };
+    let allocated = uring.pre_allocate(size_bytes, false).await;
+    let _ = uring.close().await;
+    let allocated =
+        allocated
+            .map_err(io::Error::from)
+            .and_then(|()| match file.metadata()?.len() {
+                len if len == size_bytes => Ok(()),
+                _ => Err(io::Error::other("fallocate left the file short")),
+            });
+    match allocated {
+        Ok(()) => Ok(file),
+        Err(error) => {
+            let _ = std::fs::remove_file(path);
+            Err(error)
+        }
     }
 }
 
