@@ -385,6 +385,16 @@ mod tests {
     }
 
     #[test]
+    fn sends_in_flight_max_is_capped_at_u16() {
+        let mut config = Config::default();
+        config.limits.sends_in_flight_max = 65_535;
+        config.validate().expect("65,535 fits");
+        config.limits.sends_in_flight_max = 65_536;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("sends_in_flight_max"), "{err}");
+    }
+
+    #[test]
     fn parses_partial_toml_with_defaults() {
         let config: Config =
             toml::from_str("[server]\nshards = 3\n[store]\ndurability = \"os\"\n").unwrap();

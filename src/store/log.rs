@@ -802,7 +802,6 @@ impl Log {
                 Segment::create_from_spare(&*self.storage, &self.dir, &spare_path, file, header)
                     .or_else(|error| {
                         tracing::warn!(%error, "the spare segment file was not usable; creating one");
-                        let _ = std::fs::remove_file(&spare_path);
                         Segment::create(&*self.storage, &self.dir, header)
                     })
             }
@@ -843,7 +842,8 @@ impl Log {
             return None;
         }
         let size_bytes = u64::from(self.segment_size_bytes);
-        if self.log_bytes_max != 0 && self.bytes_on_disk() + 2 * size_bytes > self.log_bytes_max {
+        // The spare is on disk from now on: it must fit as the roll would.
+        if self.log_bytes_max != 0 && self.bytes_on_disk() + size_bytes > self.log_bytes_max {
             return None;
         }
         self.spare = Spare::Preparing;

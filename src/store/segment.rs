@@ -126,10 +126,7 @@ impl SyncHandle {
             match &*slot {
                 Some(h) => h.clone(),
                 None => {
-                    let fd = self.file.try_clone()?.into_raw_fd();
-                    // SAFETY: `fd` was just duplicated for this handle alone;
-                    // the BufferedFile becomes its only owner and closes it.
-                    let h = Rc::new(unsafe { glommio::io::BufferedFile::from_raw_fd(fd) });
+                    let h = Rc::new(uring_handle(&self.file)?);
                     *slot = Some(h.clone());
                     h
                 }
@@ -153,6 +150,16 @@ impl Segment {
     pub fn create(storage: &dyn Storage, dir: &Path, header: SegmentHeader) -> io::Result<Segment> {
         let path = dir.join(file_name(header.seq));
         let file = storage.create_preallocated(&path, header.size_bytes)?;
+        Segment::start(storage, path, file, header)
+    }
+
+    /// Maps a new segment's preallocated file and writes its header.
+    fn start(
+        storage: &dyn Storage,
+        path: PathBuf,
+        file: File,
+        header: SegmentHeader,
+    ) -> io::Result<Segment> {
         let mut map = map_mut(&file, header.size_bytes)?;
         map[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
         storage.wrote(&path, 0, SEGMENT_HEADER_BYTES as u64);
@@ -165,7 +172,8 @@ impl Segment {
     }
 
     /// Makes a segment of a spare file made by `preallocate_spare`: renames
-    /// it to the segment's name, maps it and writes the header.
+    /// it to the segment's name, maps it and writes the header. On an error
+    /// neither the spare nor the segment's file is left behind.
     pub fn create_from_spare(
         storage: &dyn Storage,
         dir: &Path,
@@ -173,22 +181,25 @@ impl Segment {
         file: File,
         header: SegmentHeader,
     ) -> io::Result<Segment> {
-        if file.metadata()?.len() != header.size_bytes {
-            return Err(io::Error::new(
+        let sized = match file.metadata() {
+            Ok(m) if m.len() == header.size_bytes => Ok(()),
+            Ok(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the spare file is not a segment's size",
-            ));
+            )),
+            Err(e) => Err(e),
+        };
+        if let Err(error) = sized {
+            let _ = std::fs::remove_file(spare);
+            return Err(error);
         }
         let path = dir.join(file_name(header.seq));
-        std::fs::rename(spare, &path)?;
-        let mut map = map_mut(&file, header.size_bytes)?;
-        map[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
-        storage.wrote(&path, 0, SEGMENT_HEADER_BYTES as u64);
-        Ok(Segment {
-            seq: header.seq,
-            handle: Rc::new(SyncHandle::new(path, file)),
-            map,
-            write_offset: SEGMENT_HEADER_BYTES,
+        if let Err(error) = std::fs::rename(spare, &path) {
+            let _ = std::fs::remove_file(spare);
+            return Err(error);
+        }
+        Segment::start(storage, path.clone(), file, header).inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
         })
     }
 
@@ -210,28 +221,33 @@ impl Segment {
     }
 }
 
+/// A glommio handle on a duplicate of `file`'s descriptor, for operations
+/// through the executor's ring.
+fn uring_handle(file: &File) -> io::Result<glommio::io::BufferedFile> {
+    let fd = file.try_clone()?.into_raw_fd();
+    // SAFETY: `fd` was just duplicated for this handle alone; the
+    // BufferedFile becomes its only owner and closes it.
+    Ok(unsafe { glommio::io::BufferedFile::from_raw_fd(fd) })
+}
+
 /// Creates `path` (new) with `size_bytes` allocated, the fallocate going
 /// through the executor's ring (the kernel runs it on a worker thread, so
 /// the shard keeps running). Must be called on a glommio executor thread.
+/// The roll that takes the file checks its size.
 pub async fn preallocate_spare(path: &Path, size_bytes: u64) -> io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(path)?;
-    let fd = file.try_clone()?.into_raw_fd();
-    // SAFETY: `fd` was just duplicated for this handle alone; the
-    // BufferedFile becomes its only owner and closes it.
-    let uring = unsafe { glommio::io::BufferedFile::from_raw_fd(fd) };
-    let allocated = uring.pre_allocate(size_bytes, false).await;
-    let _ = uring.close().await;
-    let allocated =
-        allocated
-            .map_err(io::Error::from)
-            .and_then(|()| match file.metadata()?.len() {
-                len if len == size_bytes => Ok(()),
-                _ => Err(io::Error::other("fallocate left the file short")),
-            });
+    let allocated = match uring_handle(&file) {
+        Ok(uring) => {
+            let allocated = uring.pre_allocate(size_bytes, false).await;
+            let _ = uring.close().await;
+            allocated.map_err(io::Error::from)
+        }
+        Err(error) => Err(error),
+    };
     match allocated {
         Ok(()) => Ok(file),
         Err(error) => {
