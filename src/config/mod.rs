@@ -90,6 +90,12 @@ pub struct ServerConfig {
     /// makes `/readyz` fail and is logged as an error. Default 5,000: far
     /// above any loop turn or commit of a healthy shard.
     pub shard_stall_ready_ms: u32,
+    /// While the socket ring has had traffic in the last second, the loop
+    /// also looks at the ring this often, µs, instead of waiting for the
+    /// eventfd alone: with DEFER_TASKRUN the kernel may post that eventfd
+    /// only after an RCU grace period, 4-20 ms (docs/uring.md). 0: the
+    /// eventfd alone. Default 1,000.
+    pub socket_poll_interval_us: u32,
 }
 
 impl Default for ServerConfig {
@@ -105,6 +111,7 @@ impl Default for ServerConfig {
             log_level: "info".to_string(),
             socket_ring_setup: SocketRingSetup::DeferTaskrun,
             shard_stall_ready_ms: crate::metrics::DEFAULT_STALL_LIMIT_MS as u32,
+            socket_poll_interval_us: 1_000,
         }
     }
 }
@@ -338,6 +345,12 @@ impl Config {
         if s.message_ttl_s == 0 {
             return invalid("store.message_ttl_s must be positive".into());
         }
+        let poll = self.server.socket_poll_interval_us;
+        if poll != 0 && !(100..=1_000_000).contains(&poll) {
+            return invalid(
+                "server.socket_poll_interval_us must be 0 or between 100 and 1,000,000".into(),
+            );
+        }
         if self.server.registration == RegistrationPolicy::Token
             && self.server.registration_tokens.is_empty()
         {
@@ -368,6 +381,21 @@ pub fn usable_cpus() -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_poll_interval_is_zero_or_bounded() {
+        let mut config = Config::default();
+        for (us, ok) in [
+            (0, true),
+            (99, false),
+            (100, true),
+            (1_000_000, true),
+            (1_000_001, false),
+        ] {
+            config.server.socket_poll_interval_us = us;
+            assert_eq!(config.validate().is_ok(), ok, "{us}");
+        }
+    }
 
     #[test]
     fn defaults_and_test_config_validate() {

@@ -34,7 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, error, warn};
@@ -371,6 +371,10 @@ fn ring_failed(err: UringError) -> ! {
     std::process::exit(70);
 }
 
+/// How long after its last socket event the loop keeps looking at the ring
+/// every `socket_poll_interval_us`.
+const POLL_ACTIVE_WINDOW_MS: u64 = 1_000;
+
 /// The socket loop of one shard; returns after `shutdown` once the driver
 /// has closed everything.
 pub async fn run(shard: Rc<Shard>) {
@@ -378,8 +382,19 @@ pub async fn run(shard: Rc<Shard>) {
     let mut events = Vec::new();
     let mut woken = Vec::new();
     let mut opening = Vec::new();
+    let poll_every = Duration::from_micros(u64::from(shard.config.server.socket_poll_interval_us));
+    let mut last_traffic_ms = 0u64;
     loop {
-        notifier.wait().await;
+        let waiting = shard.sockets.driver.borrow_mut().park();
+        let active =
+            crate::metrics::monotonic_ms().saturating_sub(last_traffic_ms) < POLL_ACTIVE_WINDOW_MS;
+        if waiting || poll_every.is_zero() || !active {
+            notifier.wait().await;
+        } else {
+            // The eventfd may come a grace period late; look again soon.
+            futures_lite::future::or(notifier.wait(), glommio::timer::sleep(poll_every)).await;
+        }
+        shard.sockets.driver.borrow_mut().unpark();
         shard
             .metrics
             .liveness
@@ -389,6 +404,9 @@ pub async fn run(shard: Rc<Shard>) {
         let polled = shard.sockets.driver.borrow_mut().poll_events(&mut events);
         if let Err(err) = polled {
             ring_failed(err);
+        }
+        if !events.is_empty() {
+            last_traffic_ms = crate::metrics::monotonic_ms();
         }
         for event in events.drain(..) {
             on_event(&shard, event);

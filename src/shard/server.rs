@@ -464,6 +464,10 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
             stall_reported = false;
             info!(shard = %shard.id, "the socket loop runs again");
         }
+        // A wake-up the kernel never delivered costs at most one tick.
+        if shard.sockets.loop_work_waiting() {
+            shard.sockets.notifier().notify();
+        }
         if stop.load(Ordering::Relaxed) && !shard.stopping.get() {
             shard.stopping.set(true);
         }

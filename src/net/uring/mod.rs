@@ -53,8 +53,9 @@ const LENGTH_PREFIX_BYTES: usize = crate::proto::LENGTH_PREFIX_BYTES;
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
     /// The most capable ring setup to try; weaker ones are the fallbacks.
-    /// `DeferTaskrun` in production (see docs/uring.md); tests force the
-    /// fallbacks to check they work.
+    /// `DeferTaskrun` in `production()` (the doctor's capability probe); the
+    /// server takes it from `server.socket_ring_setup` (docs/uring.md);
+    /// tests force the fallbacks.
     pub ring_mode_max: SetupMode,
     /// Submission queue entries; the completion queue gets four times as
     /// many. Memory: 64 B per SQE, 16 B per CQE.
@@ -817,6 +818,28 @@ impl Driver {
             self.shared.ready.set(true);
         }
         result
+    }
+
+    /// Called before the shard's loop parks: turns the eventfd on and says
+    /// whether work is already waiting (then the loop must not park). The
+    /// eventfd is off while the loop runs (`unpark`), so the completions the
+    /// loop collects itself never wake it a second time.
+    pub fn park(&mut self) -> bool {
+        self.ring.set_eventfd_enabled(true);
+        let waiting = self.ring.unsubmitted() > 0
+            || self.ring.has_completions()
+            || !self.dirty.is_empty()
+            || !self.pending.is_empty()
+            || self.ring.kernel_work_pending();
+        if waiting {
+            self.shared.ready.set(true);
+        }
+        waiting
+    }
+
+    /// The loop woke: eventfd signals off until it parks again.
+    pub fn unpark(&mut self) {
+        self.ring.set_eventfd_enabled(false);
     }
 
     fn mark_dirty(&mut self, conn: ConnId) {

@@ -359,6 +359,23 @@ impl Ring {
         self.ring.submitter().register_eventfd(fd)
     }
 
+    /// Turns the kernel's eventfd signals on or off
+    /// (`IORING_CQ_EVENTFD_DISABLED`). Off while the shard's loop runs, so
+    /// completions it collects itself (its own sends, mostly) do not wake
+    /// it again; on before it parks.
+    pub fn set_eventfd_enabled(&mut self, enabled: bool) {
+        let cq = self.ring.completion();
+        if enabled {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
+        // The kernel posts a completion, then reads the flag; we write the
+        // flag, then read the queue. Without a full fence both reads could
+        // see the old value and a completion would wake nobody.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
         for attempt in 0.. {
             if attempt == 2 {
