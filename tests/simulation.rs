@@ -153,6 +153,10 @@ impl Host for SimHost<'_> {
         self.world.replies[self.shard][shard.0 as usize].push_back(reply);
     }
     fn commit_due(&mut self) {}
+    fn account(&mut self, op: switchboard::engine::devices::AccountOp) {
+        // The simulated clients never manage devices.
+        panic!("unexpected device-list operation {op:?}");
+    }
 }
 
 struct Client {

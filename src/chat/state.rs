@@ -357,6 +357,7 @@ mod tests {
             client_message_id: id.0,
             fatal: false,
             retry_after_ms: 0,
+            ..Default::default()
         };
         assert_eq!(
             outbox.on_error(&error),

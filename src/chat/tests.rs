@@ -140,6 +140,7 @@ fn chat_reports_a_failed_send_and_keeps_going() {
                 client_message_id: send.client_message_id,
                 fatal: false,
                 retry_after_ms: 0,
+                ..Default::default()
             })])
             .await;
             peer.read().await

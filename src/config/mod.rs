@@ -174,6 +174,10 @@ pub struct Limits {
     /// Time given to a graceful shutdown to flush commits and say GoAway, ms.
     /// Default 5,000.
     pub shutdown_deadline_ms: u32,
+    /// Companion devices an account may link besides its primary. Default 4.
+    pub companions_max: u32,
+    /// How long a link code can be redeemed, ms. Default 60,000.
+    pub link_code_ttl_ms: u32,
 }
 
 impl Default for Limits {
@@ -194,6 +198,8 @@ impl Default for Limits {
             auth_failure_delay_ms: 1_000,
             auth_failure_addresses_max: 65_536,
             dedupe_entries_max: 1_048_576,
+            companions_max: 4,
+            link_code_ttl_ms: 60_000,
             shutdown_deadline_ms: 5_000,
         }
     }
@@ -288,6 +294,8 @@ impl Config {
                 auth_failure_addresses_max: 16,
                 dedupe_entries_max: 4_096,
                 shutdown_deadline_ms: 2_000,
+                companions_max: 2,
+                link_code_ttl_ms: 2_000,
             },
             store: StoreConfig {
                 segment_size_bytes: 64 << 10,
@@ -341,6 +349,12 @@ impl Config {
         }
         if l.ids_per_frame_max == 0 || l.handshake_timeout_ms == 0 || l.idle_timeout_ms == 0 {
             return invalid("ids_per_frame_max and timeouts must be positive".into());
+        }
+        if l.companions_max > 64 || l.link_code_ttl_ms == 0 {
+            return invalid(
+                "limits.companions_max must be at most 64 and limits.link_code_ttl_ms positive"
+                    .into(),
+            );
         }
         if s.message_ttl_s == 0 {
             return invalid("store.message_ttl_s must be positive".into());

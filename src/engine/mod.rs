@@ -18,7 +18,8 @@
 //!   the pump that writes durable inbox entries to a live session;
 //! - `receipts`: device acks and the delivered receipts they cause, read
 //!   receipts, and the relay that keeps a receipt bound for another shard
-//!   until that shard has stored it.
+//!   until that shard has stored it;
+//! - `devices`: linked devices (link codes, the device list, removal).
 //!
 //! A new feature is a new folder plus its arms in `Engine::handle` (and its
 //! variants in `Event`, `Request`, `Reply`): nothing in `net` or `shard`.
@@ -32,6 +33,7 @@
 //! - at most one session per device (a newer one replaces it).
 
 pub mod delivery;
+pub mod devices;
 pub mod receipts;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -173,6 +175,8 @@ pub enum Event {
     /// The shard started on a recovered log: forward what its relay inboxes
     /// hold (receipts a crash left between their cause and their home shard).
     Recovered,
+    /// The host finished work on an account's device list.
+    Account(devices::AccountDone),
 }
 
 /// Why the engine closes a session.
@@ -182,6 +186,8 @@ pub enum Closing {
     Replaced,
     /// A fatal Error is the last frame.
     Fatal(ErrorCode),
+    /// The device was removed; GoAway(DEVICE_REMOVED) is the last frame.
+    Removed,
 }
 
 /// What the engine does to the world, carried out by the shard (or the
@@ -203,12 +209,23 @@ pub trait Host {
     fn reply(&mut self, shard: ShardId, reply: Reply);
     /// Records were appended: a group commit is due.
     fn commit_due(&mut self);
+    /// Work on an account's device list (it blocks on the metadata
+    /// database, so it runs off the shard); the outcome comes back as
+    /// `Event::Account`.
+    fn account(&mut self, op: devices::AccountOp);
 }
 
-/// The accounts the engine consults: does a user or a device exist.
+/// The accounts the engine consults: does a user or a device exist, and
+/// which devices an account has (all answered from memory).
 pub trait Directory {
     fn user_exists(&self, user: UserId) -> bool;
     fn device_exists(&self, user: UserId, device: DeviceId) -> bool;
+    /// The account's device-list version and devices, ascending; `None`
+    /// for an unknown account. By default the primary alone.
+    fn device_set(&self, user: UserId) -> Option<(u64, Vec<DeviceId>)> {
+        self.user_exists(user)
+            .then(|| (1, vec![crate::ids::PRIMARY_DEVICE]))
+    }
 }
 
 impl Directory for MetaStore {
@@ -217,6 +234,9 @@ impl Directory for MetaStore {
     }
     fn device_exists(&self, user: UserId, device: DeviceId) -> bool {
         MetaStore::device_exists(self, user, device)
+    }
+    fn device_set(&self, user: UserId) -> Option<(u64, Vec<DeviceId>)> {
+        MetaStore::device_set(self, user)
     }
 }
 
@@ -313,9 +333,14 @@ impl Engine {
                     &Frame::Pong(crate::proto::pb::Pong { nonce: ping.nonce }),
                 ),
                 Frame::Pong(_) => {}
+                Frame::RequestLinkCode(_) => self.on_request_link_code(device, session, host),
+                Frame::ListDevices(_) => self.on_list_devices(device, session, host),
+                Frame::RemoveDevice(remove) => self.on_remove_device(device, session, remove, host),
                 other => {
                     let message = match other {
-                        Frame::Hello(_) | Frame::Register(_) => "already authenticated",
+                        Frame::Hello(_) | Frame::Register(_) | Frame::Link(_) => {
+                            "already authenticated"
+                        }
                         _ => "a client does not send this frame type",
                     };
                     host.close(
@@ -333,6 +358,7 @@ impl Engine {
             }
             Event::OutputDrained { device, session } => self.output_drained(device, session, host),
             Event::Recovered => self.forward_relayed(host),
+            Event::Account(done) => self.account_done(done, host),
         }
     }
 

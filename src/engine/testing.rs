@@ -2,9 +2,9 @@
 //! temporary directory, a manual clock, a directory of users, and a host
 //! that records what the engine did.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -16,15 +16,53 @@ use crate::proto::{pb, Frame};
 use crate::store::storage::{RealStorage, Storage};
 use crate::store::{Log, ManualClock};
 
-/// Users 1..=`users` exist, each with its primary device.
-pub struct Users(pub u64);
+/// Users 1..=`users` exist, each with its primary device and the
+/// companions a test gives it.
+pub struct Users {
+    pub count: u64,
+    /// user → every device of the account (primary included), for accounts
+    /// with companions.
+    pub companions: Mutex<HashMap<u64, Vec<DeviceId>>>,
+}
+
+impl Users {
+    pub fn new(count: u64) -> Users {
+        Users {
+            count,
+            companions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Gives `user` these devices (the primary is added).
+    pub fn set_devices(&self, user: u64, companions: &[u32]) {
+        let mut devices = vec![PRIMARY_DEVICE];
+        devices.extend(companions.iter().map(|&d| DeviceId(d)));
+        let mut map = self.companions.lock().unwrap();
+        if companions.is_empty() {
+            map.remove(&user);
+        } else {
+            map.insert(user, devices);
+        }
+    }
+}
 
 impl Directory for Users {
     fn user_exists(&self, user: UserId) -> bool {
-        (1..=self.0).contains(&user.0)
+        (1..=self.count).contains(&user.0)
     }
     fn device_exists(&self, user: UserId, device: DeviceId) -> bool {
-        self.user_exists(user) && device == PRIMARY_DEVICE
+        self.device_set(user)
+            .is_some_and(|(_, devices)| devices.contains(&device))
+    }
+    fn device_set(&self, user: UserId) -> Option<(u64, Vec<DeviceId>)> {
+        if !self.user_exists(user) {
+            return None;
+        }
+        let map = self.companions.lock().unwrap();
+        Some(match map.get(&user.0) {
+            Some(devices) => (2, devices.clone()),
+            None => (1, vec![PRIMARY_DEVICE]),
+        })
     }
 }
 
@@ -36,6 +74,7 @@ pub struct Recorder {
     pub requests: Vec<(ShardId, Request)>,
     pub replies: Vec<(ShardId, Reply)>,
     pub commits_due: u32,
+    pub account_ops: Vec<super::devices::AccountOp>,
     /// Sessions whose output queue counts as full.
     pub full: HashSet<SessionId>,
 }
@@ -73,6 +112,9 @@ impl Host for Recorder {
     fn commit_due(&mut self) {
         self.commits_due += 1;
     }
+    fn account(&mut self, op: super::devices::AccountOp) {
+        self.account_ops.push(op);
+    }
 }
 
 /// An engine for shard `id` of `shards`, with users 1..=20.
@@ -82,6 +124,9 @@ pub struct Fixture {
     /// The engine's and the log's clock (tests move it to expire entries).
     #[allow(dead_code)]
     pub clock: Rc<ManualClock>,
+    /// The engine's directory (tests give users companions).
+    #[allow(dead_code)]
+    pub users: Arc<Users>,
     _dir: tempfile::TempDir,
 }
 
@@ -104,12 +149,13 @@ impl Fixture {
             storage,
         )
         .expect("log opens");
+        let users = Arc::new(Users::new(20));
         let engine = Engine::new(
             ShardId(id),
             shards,
             config.limits.clone(),
             log,
-            Arc::new(Users(20)),
+            users.clone(),
             Arc::new(ShardMetrics::default()),
             clock.clone(),
         );
@@ -117,6 +163,7 @@ impl Fixture {
             engine,
             host: Recorder::default(),
             clock,
+            users,
             _dir: dir,
         }
     }

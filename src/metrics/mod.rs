@@ -310,6 +310,13 @@ impl FrameType {
             FrameType::Pong => 11,
             FrameType::Error => 12,
             FrameType::GoAway => 13,
+            FrameType::Link => 14,
+            FrameType::RequestLinkCode => 15,
+            FrameType::LinkCode => 16,
+            FrameType::ListDevices => 17,
+            FrameType::DeviceList => 18,
+            FrameType::RemoveDevice => 19,
+            FrameType::DeviceRemoved => 20,
         }
     }
 }
@@ -383,6 +390,7 @@ pub struct ShardMetrics {
     pub auth_failures: Counter,
     /// Devices registered.
     pub registrations: Counter,
+    pub devices_linked: Counter,
     /// Frames received, by frame type (index with [`FrameType::index`]).
     pub frames_in: [Counter; FRAME_TYPES],
     /// Frames sent, by frame type.
@@ -684,6 +692,12 @@ impl Registry {
             "switchboard_registrations_total",
             "Devices registered.",
             |m| m.registrations.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_devices_linked_total",
+            "Companion devices linked with a link code.",
+            |m| m.devices_linked.get(),
         );
         self.frames(
             out,

@@ -78,6 +78,9 @@ pub enum CloseReason {
     Fatal(ErrorCode),
     /// The device connected again; GoAway(REPLACED) was queued.
     Replaced,
+    /// The device was removed from its account; GoAway(DEVICE_REMOVED) was
+    /// queued.
+    Removed,
     /// The server is stopping; GoAway(SHUTTING_DOWN) was queued.
     Shutdown,
     /// The peer half-closed and everything it sent was answered.

@@ -35,6 +35,7 @@ pub enum FrameType {
     Registered = 0x02,
     Hello = 0x03,
     Welcome = 0x04,
+    Link = 0x05,
     Send = 0x10,
     ServerAck = 0x11,
     Deliver = 0x12,
@@ -45,10 +46,16 @@ pub enum FrameType {
     Pong = 0x21,
     Error = 0x30,
     GoAway = 0x31,
+    RequestLinkCode = 0x40,
+    LinkCode = 0x41,
+    ListDevices = 0x42,
+    DeviceList = 0x43,
+    RemoveDevice = 0x44,
+    DeviceRemoved = 0x45,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 14] = [
+    pub const ALL: [FrameType; 21] = [
         FrameType::Register,
         FrameType::Registered,
         FrameType::Hello,
@@ -63,6 +70,13 @@ impl FrameType {
         FrameType::Pong,
         FrameType::Error,
         FrameType::GoAway,
+        FrameType::Link,
+        FrameType::RequestLinkCode,
+        FrameType::LinkCode,
+        FrameType::ListDevices,
+        FrameType::DeviceList,
+        FrameType::RemoveDevice,
+        FrameType::DeviceRemoved,
     ];
 
     pub fn from_byte(byte: u8) -> Option<FrameType> {
@@ -86,6 +100,13 @@ impl FrameType {
             FrameType::Pong => "pong",
             FrameType::Error => "error",
             FrameType::GoAway => "go_away",
+            FrameType::Link => "link",
+            FrameType::RequestLinkCode => "request_link_code",
+            FrameType::LinkCode => "link_code",
+            FrameType::ListDevices => "list_devices",
+            FrameType::DeviceList => "device_list",
+            FrameType::RemoveDevice => "remove_device",
+            FrameType::DeviceRemoved => "device_removed",
         }
     }
 }
@@ -107,6 +128,13 @@ pub enum Frame {
     Pong(pb::Pong),
     Error(pb::Error),
     GoAway(pb::GoAway),
+    Link(pb::Link),
+    RequestLinkCode(pb::RequestLinkCode),
+    LinkCode(pb::LinkCode),
+    ListDevices(pb::ListDevices),
+    DeviceList(pb::DeviceList),
+    RemoveDevice(pb::RemoveDevice),
+    DeviceRemoved(pb::DeviceRemoved),
 }
 
 /// Why bytes from a peer are not a frame. Cheap to copy, never allocates.
@@ -150,6 +178,13 @@ impl Frame {
             Frame::Pong(_) => FrameType::Pong,
             Frame::Error(_) => FrameType::Error,
             Frame::GoAway(_) => FrameType::GoAway,
+            Frame::Link(_) => FrameType::Link,
+            Frame::RequestLinkCode(_) => FrameType::RequestLinkCode,
+            Frame::LinkCode(_) => FrameType::LinkCode,
+            Frame::ListDevices(_) => FrameType::ListDevices,
+            Frame::DeviceList(_) => FrameType::DeviceList,
+            Frame::RemoveDevice(_) => FrameType::RemoveDevice,
+            Frame::DeviceRemoved(_) => FrameType::DeviceRemoved,
         }
     }
 
@@ -169,6 +204,13 @@ impl Frame {
             Frame::Pong(m) => m.encoded_len(),
             Frame::Error(m) => m.encoded_len(),
             Frame::GoAway(m) => m.encoded_len(),
+            Frame::Link(m) => m.encoded_len(),
+            Frame::RequestLinkCode(m) => m.encoded_len(),
+            Frame::LinkCode(m) => m.encoded_len(),
+            Frame::ListDevices(m) => m.encoded_len(),
+            Frame::DeviceList(m) => m.encoded_len(),
+            Frame::RemoveDevice(m) => m.encoded_len(),
+            Frame::DeviceRemoved(m) => m.encoded_len(),
         }
     }
 
@@ -199,6 +241,13 @@ impl Frame {
             Frame::Pong(m) => m.encode(out),
             Frame::Error(m) => m.encode(out),
             Frame::GoAway(m) => m.encode(out),
+            Frame::Link(m) => m.encode(out),
+            Frame::RequestLinkCode(m) => m.encode(out),
+            Frame::LinkCode(m) => m.encode(out),
+            Frame::ListDevices(m) => m.encode(out),
+            Frame::DeviceList(m) => m.encode(out),
+            Frame::RemoveDevice(m) => m.encode(out),
+            Frame::DeviceRemoved(m) => m.encode(out),
         };
         assert!(result.is_ok(), "buffer was reserved for the whole frame");
     }
@@ -230,6 +279,21 @@ impl Frame {
             FrameType::Pong => Frame::Pong(pb::Pong::decode(body).map_err(bad)?),
             FrameType::Error => Frame::Error(pb::Error::decode(body).map_err(bad)?),
             FrameType::GoAway => Frame::GoAway(pb::GoAway::decode(body).map_err(bad)?),
+            FrameType::Link => Frame::Link(pb::Link::decode(body).map_err(bad)?),
+            FrameType::RequestLinkCode => {
+                Frame::RequestLinkCode(pb::RequestLinkCode::decode(body).map_err(bad)?)
+            }
+            FrameType::LinkCode => Frame::LinkCode(pb::LinkCode::decode(body).map_err(bad)?),
+            FrameType::ListDevices => {
+                Frame::ListDevices(pb::ListDevices::decode(body).map_err(bad)?)
+            }
+            FrameType::DeviceList => Frame::DeviceList(pb::DeviceList::decode(body).map_err(bad)?),
+            FrameType::RemoveDevice => {
+                Frame::RemoveDevice(pb::RemoveDevice::decode(body).map_err(bad)?)
+            }
+            FrameType::DeviceRemoved => {
+                Frame::DeviceRemoved(pb::DeviceRemoved::decode(body).map_err(bad)?)
+            }
         })
     }
 }
@@ -296,7 +360,7 @@ pub fn error_frame(code: ErrorCode, message: &str, fatal: bool) -> Frame {
         message: message.to_string(),
         client_message_id: 0,
         fatal,
-        retry_after_ms: 0,
+        ..Default::default()
     })
 }
 

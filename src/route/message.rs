@@ -12,7 +12,8 @@ use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 
-use crate::ids::InboxKey;
+use crate::ids::{DeviceId, InboxKey, UserId};
+use crate::proto::ErrorCode;
 
 pub use crate::engine::{ConnRef, RelayRef};
 
@@ -31,6 +32,15 @@ pub enum Request {
         peer: IpAddr,
         device: InboxKey,
         secret: Bytes,
+    },
+    /// Redeem a link code for `origin`, a handshake on another shard, on
+    /// the home shard of the client's address, which counts a bad code as a
+    /// failed login of that address; answered with `Reply::Link`.
+    Link {
+        origin: ConnRef,
+        peer: IpAddr,
+        code: String,
+        name: String,
     },
     /// An authenticated connection moving to its device's home shard: the
     /// socket and the bytes already read past the Hello.
@@ -58,6 +68,23 @@ pub enum HelloVerdict {
     Internal,
 }
 
+/// What the home shard of a client's address decided about its Link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkOutcome {
+    /// A companion was created: its credentials, for Registered.
+    Linked {
+        user: UserId,
+        device: DeviceId,
+        secret: [u8; crate::meta::SECRET_BYTES],
+    },
+    /// LINK_CODE_INVALID (counted against the address) or TOO_MANY_DEVICES.
+    Refused(ErrorCode),
+    /// The address is delaying after failed attempts; try again after this.
+    RateLimited { retry_after_ms: u32 },
+    /// The database failed (logged there).
+    Internal,
+}
+
 /// An answer from one shard to another.
 #[derive(Debug)]
 pub enum Reply {
@@ -68,5 +95,10 @@ pub enum Reply {
     Hello {
         origin: ConnRef,
         verdict: HelloVerdict,
+    },
+    /// The outcome of a `Request::Link`.
+    Link {
+        origin: ConnRef,
+        outcome: LinkOutcome,
     },
 }

@@ -62,7 +62,9 @@ impl RegistrationRules<'_> {
     }
 }
 
-/// Every code a handshake may refuse with (docs/protocol.md §3, §4.1).
+/// Every code a handshake may refuse with (docs/protocol.md §3, §4.1); the
+/// glue adds LINK_CODE_INVALID, TOO_MANY_DEVICES, AUTH_FAILED, RATE_LIMITED
+/// and INTERNAL from the lookups it runs.
 pub const REFUSAL_CODES: [ErrorCode; 8] = [
     ErrorCode::MalformedFrame,
     ErrorCode::FrameTooLarge,
@@ -82,6 +84,15 @@ pub enum Step {
     /// Create an account and answer Registered in `version`; then call
     /// `lookup_done`.
     Register { version: u32 },
+    /// Redeem a link code for a companion of its account (the home shard of
+    /// the client's address decides, counting failures like Hello's) and
+    /// answer Registered in the version `take_link` gives; then call
+    /// `lookup_done`.
+    Link {
+        peer: IpAddr,
+        code: String,
+        name: String,
+    },
     /// Check this credential (the verdict goes to `hello_verdict`-style
     /// glue, which takes the pending Hello back with `take_hello`).
     Hello {
@@ -101,9 +112,8 @@ pub struct Handshake {
     pub peer: IpAddr,
     /// When the socket was accepted (`net::conn::connected_now`).
     pub connected_at: u32,
-    /// One Register per connection: account creation writes to the
-    /// metadata database, so a connection may not become a registration
-    /// loop.
+    /// One Register or Link per connection: both write to the metadata
+    /// database, so a connection may not become a registration loop.
     registered: bool,
     /// An account lookup is running: nothing more is decided until it ends.
     busy: bool,
@@ -113,6 +123,8 @@ pub struct Handshake {
     input: BytesMut,
     /// The Hello being checked: its device and the negotiated version.
     hello: Option<(InboxKey, u32)>,
+    /// The Link being redeemed: its negotiated version.
+    link: Option<u32>,
 }
 
 impl Handshake {
@@ -125,6 +137,7 @@ impl Handshake {
             input_closed: false,
             input: BytesMut::new(),
             hello: None,
+            link: None,
         }
     }
 
@@ -155,6 +168,12 @@ impl Handshake {
     /// The Hello being checked, taken when its verdict arrives.
     pub fn take_hello(&mut self) -> Option<(InboxKey, u32)> {
         self.hello.take()
+    }
+
+    /// The Link being redeemed (its version), taken when its outcome
+    /// arrives.
+    pub fn take_link(&mut self) -> Option<u32> {
+        self.link.take()
     }
 
     /// The frames received after the Hello (they belong to the session).
@@ -189,7 +208,11 @@ impl Handshake {
             None => Ok(Step::Wait),
             Some(Frame::Register(register)) => {
                 if self.registered {
-                    return Err((ErrorCode::UnexpectedFrame, "one Register per connection", 0));
+                    return Err((
+                        ErrorCode::UnexpectedFrame,
+                        "one Register or Link per connection",
+                        0,
+                    ));
                 }
                 self.registered = true;
                 let version = negotiate_version(register.protocol_version)
@@ -197,6 +220,25 @@ impl Handshake {
                 rules.check(&register)?;
                 self.busy = true;
                 Ok(Step::Register { version })
+            }
+            Some(Frame::Link(link)) => {
+                if self.registered {
+                    return Err((
+                        ErrorCode::UnexpectedFrame,
+                        "one Register or Link per connection",
+                        0,
+                    ));
+                }
+                self.registered = true;
+                let version = negotiate_version(link.protocol_version)
+                    .map_err(|c| (c, "unsupported protocol version", 0))?;
+                self.busy = true;
+                self.link = Some(version);
+                Ok(Step::Link {
+                    peer: self.peer,
+                    code: link.code,
+                    name: link.device_name,
+                })
             }
             Some(Frame::Hello(hello)) => {
                 let version = negotiate_version(hello.protocol_version)
@@ -215,7 +257,7 @@ impl Handshake {
             }
             Some(_) => Err((
                 ErrorCode::NotAuthenticated,
-                "the first frame must be Hello or Register",
+                "the first frame must be Hello, Register or Link",
                 0,
             )),
         }
@@ -320,6 +362,28 @@ mod tests {
     }
 
     #[test]
+    fn link_is_a_first_frame_once_and_then_hello_follows() {
+        let mut hs = handshake();
+        let link = Frame::Link(pb::Link {
+            protocol_version: 1,
+            code: "00ff".into(),
+            device_name: "laptop".into(),
+        });
+        hs.input(&link.to_bytes());
+        hs.input(&register().to_bytes());
+        let Step::Link { code, name, .. } = hs.step(open(), MAX) else {
+            panic!("expected the Link");
+        };
+        assert_eq!((code.as_str(), name.as_str()), ("00ff", "laptop"));
+        assert_eq!(hs.step(open(), MAX), Step::Wait, "busy with the lookup");
+        hs.lookup_done();
+        assert!(matches!(
+            hs.step(open(), MAX),
+            Step::Refuse((ErrorCode::UnexpectedFrame, _, 0))
+        ));
+    }
+
+    #[test]
     fn a_half_close_after_the_last_frame_is_done() {
         let mut hs = handshake();
         hs.input_closed();
@@ -350,6 +414,15 @@ mod tests {
                     }
                     Step::Register { version } => {
                         prop_assert_eq!(version, crate::proto::PROTOCOL_VERSION);
+                        registers += 1;
+                        prop_assert!(registers <= 1);
+                        prop_assert_eq!(hs.step(open(), MAX), Step::Wait);
+                        if done_after[i] {
+                            hs.lookup_done();
+                        }
+                    }
+                    Step::Link { .. } => {
+                        prop_assert_eq!(hs.take_link(), Some(crate::proto::PROTOCOL_VERSION));
                         registers += 1;
                         prop_assert!(registers <= 1);
                         prop_assert_eq!(hs.step(open(), MAX), Step::Wait);

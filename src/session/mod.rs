@@ -57,6 +57,9 @@ pub fn client_may_send_in_session(frame_type: FrameType) -> bool {
             | FrameType::ReadReceipt
             | FrameType::Ping
             | FrameType::Pong
+            | FrameType::RequestLinkCode
+            | FrameType::ListDevices
+            | FrameType::RemoveDevice
     )
 }
 

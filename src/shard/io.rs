@@ -50,7 +50,7 @@ use crate::net::uring::{
 };
 use crate::proto::{self, error_frame, pb, ErrorCode, Frame, GoAwayReason};
 use crate::route::address_home;
-use crate::route::message::{ConnRef, HelloVerdict, Request};
+use crate::route::message::{ConnRef, HelloVerdict, LinkOutcome, Request};
 use crate::session::client_may_send_in_session;
 use crate::session::handshake::{Handshake, RegistrationRules, Step};
 
@@ -583,6 +583,64 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
             shard.sockets.pause(id);
             check_hello(shard, id, peer, device, secret);
         }
+        Step::Link { peer, code, name } => {
+            shard.sockets.pause(id);
+            let origin = ConnRef {
+                shard: shard.id,
+                id: id.to_u64(),
+            };
+            to_address_home(
+                shard,
+                peer,
+                Request::Link {
+                    origin,
+                    peer,
+                    code,
+                    name,
+                },
+            );
+        }
+    }
+}
+
+/// The outcome of a Link of handshake `id` (gone already: nothing to do).
+pub fn link_outcome(shard: &Rc<Shard>, id: ConnId, outcome: LinkOutcome) {
+    let Some(Some(version)) = shard.sockets.with_handshake(id, |hs| hs.take_link()) else {
+        // Closed (or timed out) meanwhile; a companion made exists unused.
+        return;
+    };
+    match outcome {
+        LinkOutcome::Linked {
+            user,
+            device,
+            secret,
+        } => {
+            shard.metrics_linked();
+            let frame = Frame::Registered(pb::Registered {
+                protocol_version: version,
+                user_id: user.0,
+                device_id: device.0,
+                secret: Bytes::copy_from_slice(&secret),
+            });
+            shard.sockets.send_raw(id, frame.to_bytes());
+            lookup_done(shard, id);
+        }
+        LinkOutcome::Refused(code) => {
+            let message = if code == ErrorCode::TooManyDevices {
+                "the account has its maximum of companion devices"
+            } else {
+                "unknown, used or expired link code"
+            };
+            refuse(shard, id, code, message, 0);
+        }
+        LinkOutcome::RateLimited { retry_after_ms } => refuse(
+            shard,
+            id,
+            ErrorCode::RateLimited,
+            "too many failed attempts",
+            retry_after_ms,
+        ),
+        LinkOutcome::Internal => refuse(shard, id, ErrorCode::Internal, "link failed", 0),
     }
 }
 
@@ -629,15 +687,25 @@ async fn register(shard: Rc<Shard>, id: ConnId, version: u32) {
 /// which decides it (`Shard::check_hello`); the verdict comes back through
 /// `hello_verdict`. Reading stays paused meanwhile.
 fn check_hello(shard: &Rc<Shard>, id: ConnId, peer: IpAddr, device: InboxKey, secret: Bytes) {
-    let request = Request::Hello {
-        origin: ConnRef {
-            shard: shard.id,
-            id: id.to_u64(),
-        },
-        peer,
-        device,
-        secret,
+    let origin = ConnRef {
+        shard: shard.id,
+        id: id.to_u64(),
     };
+    to_address_home(
+        shard,
+        peer,
+        Request::Hello {
+            origin,
+            peer,
+            device,
+            secret,
+        },
+    );
+}
+
+/// Sends a handshake's request (Hello, Link) to the home shard of the
+/// client's address, or handles it here when that is this shard.
+fn to_address_home(shard: &Rc<Shard>, peer: IpAddr, request: Request) {
     let target = address_home(peer, shard.shards);
     if target == shard.id {
         return shard.handle_request(request);

@@ -47,15 +47,17 @@ use glommio::channels::shared_channel::ConnectedSender;
 use tracing::{error, warn};
 
 use crate::config::{Config, Durability};
+use crate::engine::devices::{AccountDone, AccountOp};
 use crate::engine::{self, Closing, Engine, Event, Host, SessionId};
 use crate::ids::{InboxKey, ShardId, UserId};
+use crate::meta::LinkError;
 use crate::meta::MetaStore;
 use crate::metrics::{ShardMetrics, ShardTask};
 use crate::net::conn::{CloseReason, Conn};
 use crate::net::uring::ConnId;
-use crate::proto::{ErrorCode, Frame};
+use crate::proto::{pb, ErrorCode, Frame};
 use crate::route::home_shard;
-use crate::route::message::{ConnRef, HelloVerdict, Reply, Request};
+use crate::route::message::{ConnRef, HelloVerdict, LinkOutcome, Reply, Request};
 use crate::session::AuthThrottle;
 
 pub use crate::engine::receipts::{relay_ids, split_relay_ids};
@@ -96,6 +98,73 @@ fn close_reason(closing: Closing) -> CloseReason {
     match closing {
         Closing::Replaced => CloseReason::Replaced,
         Closing::Fatal(code) => CloseReason::Fatal(code),
+        Closing::Removed => CloseReason::Removed,
+    }
+}
+
+/// Does an `AccountOp` against the metadata database (blocks).
+fn account_work(meta: &MetaStore, op: AccountOp) -> AccountDone {
+    let internal = |session, err: &dyn std::fmt::Display| {
+        warn!(%err, "device list operation failed");
+        AccountDone::Failed {
+            session,
+            code: ErrorCode::Internal,
+            message: "the device list could not be read or written",
+        }
+    };
+    match op {
+        AccountOp::CreateLinkCode {
+            session,
+            user,
+            now_ms,
+            ttl_ms,
+        } => match meta.create_link_code(user, now_ms, ttl_ms) {
+            Ok(code) => AccountDone::LinkCode {
+                session,
+                code: code.code,
+                expires_at_ms: code.expires_at_ms,
+            },
+            Err(err) => internal(session, &err),
+        },
+        AccountOp::ListDevices { session, user } => match meta.device_list(user) {
+            Ok(list) => AccountDone::DeviceList {
+                session,
+                list: pb::DeviceList {
+                    version: list.version,
+                    devices: list
+                        .devices
+                        .into_iter()
+                        .map(|d| pb::DeviceInfo {
+                            device_id: d.device.0,
+                            name: d.name,
+                            linked_at_ms: d.linked_at_ms,
+                            last_seen_ms: d.last_seen_ms,
+                        })
+                        .collect(),
+                },
+            },
+            Err(err) => internal(session, &err),
+        },
+        AccountOp::RemoveDevice {
+            session,
+            user,
+            device,
+        } => match meta.remove_device(user, device) {
+            Ok(version) => AccountDone::Removed {
+                session,
+                user,
+                device,
+                version,
+            },
+            Err(crate::meta::RemoveError::UnknownDevice | crate::meta::RemoveError::Primary) => {
+                AccountDone::Failed {
+                    session,
+                    code: ErrorCode::UnknownDevice,
+                    message: "no such companion device",
+                }
+            }
+            Err(crate::meta::RemoveError::Meta(err)) => internal(session, &err),
+        },
     }
 }
 
@@ -147,6 +216,12 @@ impl Host for ShardHost<'_> {
     fn commit_due(&mut self) {
         self.shard.kick_commit();
     }
+
+    fn account(&mut self, op: AccountOp) {
+        let shard = self.shard.clone();
+        self.shard
+            .spawn(ShardTask::Other, async move { shard.account_op(op).await });
+    }
 }
 
 pub struct Shard {
@@ -163,6 +238,10 @@ pub struct Shard {
     pub requests: Vec<Option<ConnectedSender<Request>>>,
     pub replies: Vec<Option<ConnectedSender<Reply>>>,
     pub throttle: RefCell<AuthThrottle>,
+    /// When devices' sessions opened or closed since the last write of
+    /// last-seen times to the metadata database (maintenance writes them).
+    last_seen: RefCell<std::collections::HashMap<InboxKey, u64>>,
+    last_seen_writing: Cell<bool>,
     /// The shard's sockets (its io_uring ring and what the loop keeps).
     pub sockets: crate::shard::io::Sockets,
     commit_waker: Cell<Option<std::task::Waker>>,
@@ -195,6 +274,8 @@ impl Shard {
             requests,
             replies,
             throttle: RefCell::new(throttle),
+            last_seen: RefCell::new(std::collections::HashMap::new()),
+            last_seen_writing: Cell::new(false),
             sockets,
             commit_waker: Cell::new(None),
             started: Instant::now(),
@@ -249,6 +330,7 @@ impl Shard {
         socket: ConnId,
         connected_at: u32,
     ) -> Rc<Conn> {
+        self.seen(device);
         let conn = Rc::new(Conn::new(device, socket, self.now_s()));
         // The engine's frames reach the connection through the socket
         // table, where the caller puts it next; so queue them here first.
@@ -271,6 +353,36 @@ impl Shard {
         conn
     }
 
+    /// Notes that `device` was seen now (a session opened or closed).
+    fn seen(&self, device: InboxKey) {
+        let now_ms = crate::store::Clock::now_ms(&crate::store::SystemClock);
+        self.last_seen.borrow_mut().insert(device, now_ms);
+    }
+
+    /// Writes the last-seen times noted since the last write, in one
+    /// transaction off the shard. One write at a time; what is noted
+    /// meanwhile waits for the next.
+    pub async fn write_last_seen(self: &Rc<Self>) {
+        if self.last_seen_writing.get() || self.last_seen.borrow().is_empty() {
+            return;
+        }
+        let seen: Vec<_> = self
+            .last_seen
+            .borrow_mut()
+            .drain()
+            .map(|(device, at)| (device.user, device.device, at))
+            .collect();
+        self.last_seen_writing.set(true);
+        let meta = self.meta.clone();
+        let written = glommio::executor()
+            .spawn_blocking(move || meta.record_last_seen(&seen))
+            .await;
+        self.last_seen_writing.set(false);
+        if let Err(err) = written {
+            warn!(shard = %self.id, %err, "writing last-seen times failed");
+        }
+    }
+
     /// The live session of `device` here, if it is not closing.
     pub fn live_session(&self, device: InboxKey) -> Option<Rc<Conn>> {
         let id = self.engine.borrow().session(device)?.id;
@@ -281,6 +393,7 @@ impl Shard {
 
     /// Forgets a session whose socket is closing or closed.
     pub fn close_session(self: &Rc<Self>, conn: &Rc<Conn>) {
+        self.seen(conn.device);
         let _ = self.feed(Event::Closed {
             device: conn.device,
             session: conn.id(),
@@ -401,6 +514,10 @@ impl Shard {
                     origin,
                     verdict: HelloVerdict::Internal,
                 }),
+                Some(Request::Link { origin, .. }) => self.on_reply(Reply::Link {
+                    origin,
+                    outcome: LinkOutcome::Internal,
+                }),
                 _ => {}
             }
         }
@@ -432,7 +549,68 @@ impl Shard {
                     self.clone().check_hello(origin, peer, device, secret),
                 );
             }
+            Request::Link {
+                origin,
+                peer,
+                code,
+                name,
+            } => {
+                self.spawn(
+                    ShardTask::Other,
+                    self.clone().redeem_link(origin, peer, code, name),
+                );
+            }
         }
+    }
+
+    /// Redeems a link code as the home shard of the client's address: a
+    /// delaying address is refused at once; an unknown, used or expired
+    /// code counts as a failed login of the address, like a bad Hello.
+    async fn redeem_link(
+        self: Rc<Self>,
+        origin: ConnRef,
+        peer: std::net::IpAddr,
+        code: String,
+        name: String,
+    ) {
+        let wait = self.throttle.borrow_mut().check(peer, Instant::now());
+        let outcome = match wait {
+            Some(wait) => LinkOutcome::RateLimited {
+                retry_after_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
+            },
+            None => {
+                let meta = self.meta.clone();
+                let companions_max = self.config.limits.companions_max;
+                let now_ms = crate::store::Clock::now_ms(&crate::store::SystemClock);
+                let redeemed = glommio::executor()
+                    .spawn_blocking(move || {
+                        meta.redeem_link_code(&code, &name, now_ms, companions_max)
+                    })
+                    .await;
+                match redeemed {
+                    Ok(account) => {
+                        self.throttle.borrow_mut().on_success(peer);
+                        LinkOutcome::Linked {
+                            user: account.user,
+                            device: account.device,
+                            secret: account.secret,
+                        }
+                    }
+                    Err(LinkError::InvalidCode) => {
+                        self.throttle.borrow_mut().on_failure(peer, Instant::now());
+                        LinkOutcome::Refused(ErrorCode::LinkCodeInvalid)
+                    }
+                    Err(LinkError::TooManyDevices) => {
+                        LinkOutcome::Refused(ErrorCode::TooManyDevices)
+                    }
+                    Err(LinkError::Meta(err)) => {
+                        warn!(%err, "link code redemption failed");
+                        LinkOutcome::Internal
+                    }
+                }
+            }
+        };
+        self.send_reply(origin.shard, Reply::Link { origin, outcome });
     }
 
     /// Decides a Hello as the home shard of the client's address
@@ -477,6 +655,16 @@ impl Shard {
         self.send_reply(origin.shard, Reply::Hello { origin, verdict });
     }
 
+    /// Carries out an engine's `AccountOp` on the blocking pool (the
+    /// metadata database) and feeds the outcome back.
+    async fn account_op(self: Rc<Self>, op: AccountOp) {
+        let meta = self.meta.clone();
+        let done = glommio::executor()
+            .spawn_blocking(move || account_work(&meta, op))
+            .await;
+        self.feed_detached(Event::Account(done));
+    }
+
     /// Wakes the commit task.
     pub fn kick_commit(&self) {
         if let Some(waker) = self.commit_waker.take() {
@@ -514,6 +702,9 @@ impl Shard {
             Reply::Hello { origin, verdict } => {
                 crate::shard::io::hello_verdict(self, ConnId::from_u64(origin.id), verdict);
             }
+            Reply::Link { origin, outcome } => {
+                crate::shard::io::link_outcome(self, ConnId::from_u64(origin.id), outcome);
+            }
             Reply::Engine(reply) => self.feed_detached(Event::Reply(reply)),
         }
     }
@@ -528,6 +719,9 @@ impl Shard {
     }
     pub fn metrics_registered(&self) {
         self.metrics.registrations.inc();
+    }
+    pub fn metrics_linked(&self) {
+        self.metrics.devices_linked.inc();
     }
     pub fn metrics_auth_failed(&self) {
         self.metrics.auth_failures.inc();
@@ -691,5 +885,9 @@ impl Host for OpeningHost<'_> {
 
     fn commit_due(&mut self) {
         self.inner.commit_due();
+    }
+
+    fn account(&mut self, op: AccountOp) {
+        self.inner.account(op);
     }
 }

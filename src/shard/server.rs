@@ -447,6 +447,7 @@ const MAINTENANCE_SLICE: usize = 1024;
 async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
     let mut last_expiry = Instant::now();
     let mut last_sweep = Instant::now();
+    let mut last_seen_written = Instant::now();
     let stall_limit_ms = u64::from(shard.config.server.shard_stall_ready_ms);
     let mut stall_reported = false;
     loop {
@@ -504,7 +505,12 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
                 Err(err) => warn!(shard = %shard.id, %err, "expiry pass failed"),
             }
         }
+        if last_seen_written.elapsed() >= Duration::from_secs(5) {
+            last_seen_written = Instant::now();
+            shard.write_last_seen().await;
+        }
         if shard.stopping.get() && shard.sockets.session_count() == 0 && shard.commits_settled() {
+            shard.write_last_seen().await;
             return;
         }
     }

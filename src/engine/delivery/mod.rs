@@ -176,6 +176,9 @@ impl Engine {
             host.close(session, &replaced, Closing::Replaced);
             return;
         }
+        if self.refuse_removed(device, session, host) {
+            return;
+        }
         let limits = &self.limits;
         let inbox_pending_through = self.log.last_pending(device).0;
         host.send(
@@ -230,6 +233,7 @@ impl Engine {
                 client_message_id,
                 fatal: false,
                 retry_after_ms: 0,
+                ..Default::default()
             }),
         );
     }
@@ -246,13 +250,34 @@ impl Engine {
             return;
         }
         let recipient = UserId(send.recipient_user_id);
-        if !self.directory.user_exists(recipient) {
+        let Some((version, devices)) = self.directory.device_set(recipient) else {
             Self::refuse_send(
                 host,
                 session,
                 send.client_message_id,
                 ErrorCode::UnknownRecipient,
                 "no such user",
+            );
+            return;
+        };
+        if devices.len() > 1 {
+            // One payload for an account with companions: every device
+            // needs its own (encrypted for it), so the whole Send is
+            // refused and the client learns the device list.
+            host.send(
+                session,
+                &Frame::Error(pb::Error {
+                    code: ErrorCode::DeviceMismatch as i32,
+                    message: "the recipient has companion devices: one payload per device".into(),
+                    client_message_id: send.client_message_id,
+                    missing_devices: devices
+                        .iter()
+                        .filter(|d| **d != PRIMARY_DEVICE)
+                        .map(|d| d.0)
+                        .collect(),
+                    device_list_version: version,
+                    ..Default::default()
+                }),
             );
             return;
         }
@@ -394,6 +419,7 @@ impl Engine {
                     client_message_id: client_message_id.0,
                     fatal: false,
                     retry_after_ms: 0,
+                    ..Default::default()
                 }),
             ),
             Reply::Relayed { .. } => unreachable!("relay replies go to receipts"),
