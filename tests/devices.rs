@@ -201,6 +201,8 @@ fn limits_expiry_bad_codes_and_their_throttle() {
         matches!(&answer, Some(Frame::Error(e)) if e.code() == ErrorCode::LinkCodeInvalid),
         "{answer:?}"
     );
+    // (The test idle timeout is 3 s: keep the primary's session alive.)
+    ping(&mut primary, 2);
 
     // Garbage codes count as failed logins of the address: after the
     // budget, RATE_LIMITED with a wait.
@@ -296,4 +298,122 @@ fn link_frames_out_of_place_are_refused() {
     bytes.truncate(7);
     c.send_bytes(&bytes).unwrap();
     c.expect_error(ErrorCode::MalformedFrame);
+}
+
+fn per_device_send(to: u64, id: u64, parts: &[(u32, &[u8])]) -> Frame {
+    Frame::Send(pb::Send {
+        client_message_id: id,
+        recipient_user_id: to,
+        payload: Default::default(),
+        device_payloads: parts
+            .iter()
+            .map(|(device, payload)| pb::DevicePayload {
+                device_id: *device,
+                payload: bytes::Bytes::copy_from_slice(payload),
+            })
+            .collect(),
+    })
+}
+
+fn server_ack(c: &mut RawClient) -> pb::ServerAck {
+    match c.recv() {
+        Some(Frame::ServerAck(ack)) => ack,
+        other => panic!("expected ServerAck, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_payload_per_device_reaches_each_device_with_receipts_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), |c| c.server.shards = 2);
+    let addr = server.addr;
+    let alice = RawClient::register(addr);
+    let bob = RawClient::register(addr);
+    let (mut phone, _) = RawClient::login(addr, &alice);
+    let laptop = linked(addr, &link_code(&mut phone).code, "laptop");
+    let (mut sender, _) = RawClient::login(addr, &bob);
+
+    // Sets that do not match are refused whole: missing, stale, repeated.
+    for (parts, missing, stale) in [
+        (vec![(1u32, &b"a"[..])], vec![2u32], vec![]),
+        (vec![(1, &b"a"[..]), (3, &b"c"[..])], vec![2], vec![3]),
+        (
+            vec![(1, &b"a"[..]), (1, &b"a"[..]), (2, &b"b"[..])],
+            vec![],
+            vec![1],
+        ),
+    ] {
+        sender.send(&per_device_send(alice.user, 9, &parts));
+        let e = sender.expect_error(ErrorCode::DeviceMismatch);
+        assert_eq!((e.missing_devices, e.stale_devices), (missing, stale));
+        assert_eq!(
+            (e.device_list_version, e.client_message_id, e.fatal),
+            (2, 9, false)
+        );
+    }
+    // One payload and per-device payloads together.
+    let mut both = per_device_send(alice.user, 10, &[(1, b"a"), (2, b"b")]);
+    if let Frame::Send(s) = &mut both {
+        s.payload = bytes::Bytes::from_static(b"x");
+    }
+    sender.send(&both);
+    sender.expect_error(ErrorCode::UnsupportedFeature);
+
+    // The laptop is offline: its copy waits in its own inbox.
+    sender.send(&per_device_send(
+        alice.user,
+        1,
+        &[(2, b"for the laptop"), (1, b"for the phone")],
+    ));
+    let ack = server_ack(&mut sender);
+    let delivered = phone.collect_delivers(1).remove(0);
+    assert_eq!(&delivered.payload[..], b"for the phone");
+    assert_eq!(ack.server_sequence, delivered.sequence);
+    // A retry with the same payloads is the same message; other payloads
+    // under the same id are refused.
+    sender.send(&per_device_send(
+        alice.user,
+        1,
+        &[(1, b"for the phone"), (2, b"for the laptop")],
+    ));
+    assert_eq!(server_ack(&mut sender), ack);
+    sender.send(&per_device_send(
+        alice.user,
+        1,
+        &[(1, b"changed"), (2, b"for the laptop")],
+    ));
+    sender.expect_error(ErrorCode::DuplicateIdMismatch);
+
+    // Acknowledged, so it survives a kill -9.
+    drop((phone, sender));
+    server.kill9();
+    server.launch();
+    let addr = server.addr;
+    let (mut laptop_c, _) = RawClient::login(addr, &laptop);
+    let got = laptop_c.collect_delivers(1).remove(0);
+    assert_eq!(&got.payload[..], b"for the laptop");
+    assert_eq!((got.sender_user_id, got.client_message_id), (bob.user, 1));
+    let (mut phone, _) = RawClient::login(addr, &alice);
+    let again = phone.collect_delivers(1).remove(0);
+    assert_eq!(&again.payload[..], b"for the phone");
+
+    // One delivered receipt per device, each naming its device.
+    let (mut sender, _) = RawClient::login(addr, &bob);
+    laptop_c.ack(got.sequence);
+    phone.ack(again.sequence);
+    let mut by = Vec::new();
+    while by.len() < 2 {
+        match sender.recv() {
+            Some(Frame::Receipt(r)) => {
+                assert_eq!(r.client_message_ids, vec![1]);
+                assert_eq!(r.by_user_id, alice.user);
+                by.push(r.by_device_id);
+                sender.ack(r.sequence);
+            }
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+    by.sort();
+    assert_eq!(by, vec![1, 2]);
 }

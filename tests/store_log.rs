@@ -391,6 +391,43 @@ fn multi_recipient_message_is_indexed_in_every_inbox_and_recovered() {
 }
 
 #[test]
+fn device_message_gives_each_inbox_its_own_payload_and_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(Durability::Os);
+    let clock = clock();
+    let alice = key(1, 1);
+    let devices = [key(2, 1), key(2, 2), key(2, 5)];
+    let parts: Vec<(InboxKey, &[u8])> = vec![
+        (devices[0], b"for the phone"),
+        (devices[1], b""),
+        (devices[2], b"for the laptop, longer"),
+    ];
+    let framed = {
+        let mut log = open(dir.path(), &config, &clock);
+        send(&mut log, devices[1], alice, 1, b"earlier");
+        let appended = log
+            .append_device_message(&parts, alice, ClientMessageId(2))
+            .unwrap();
+        assert_eq!(appended.seqs[1], (devices[1], InboxSeq(2)));
+        appended.position
+    };
+    let log = open(dir.path(), &config, &clock);
+    for (inbox, part) in &parts {
+        let last = *pending(&log, *inbox).last().unwrap();
+        assert_eq!(last.1, framed, "every entry points into the one record");
+        match log.read_for(*inbox, last.1).unwrap().unwrap() {
+            StoredEntry::Message(msg) => {
+                assert_eq!(msg.seq, last.0);
+                assert_eq!(&msg.payload[..], *part);
+                assert_eq!(msg.client_message_id, ClientMessageId(2));
+            }
+            StoredEntry::Receipt(_) => panic!("expected a message"),
+        }
+    }
+    assert!(log.find_duplicate(alice, ClientMessageId(2)).is_some());
+}
+
+#[test]
 fn group_commit_advances_the_durable_ticket() {
     let dir = tempfile::tempdir().unwrap();
     glommio::LocalExecutorBuilder::default()

@@ -82,7 +82,11 @@ pub enum Request {
         sender: InboxKey,
         client_message_id: ClientMessageId,
         recipient: UserId,
+        /// The payload, when the recipient has only its primary device.
         payload: Bytes,
+        /// One payload per device of the recipient, ascending by device
+        /// (then `payload` is empty); empty for a plain Send.
+        per_device: Vec<(DeviceId, Bytes)>,
     },
     /// Store a receipt in `recipient`'s inbox (the original sender device).
     StoreReceipt {
@@ -370,7 +374,16 @@ impl Engine {
                 client_message_id,
                 recipient,
                 payload,
-            } => self.store_message(origin, sender, client_message_id, recipient, payload, host),
+                per_device,
+            } => self.store_message(
+                origin,
+                sender,
+                client_message_id,
+                recipient,
+                payload,
+                per_device,
+                host,
+            ),
             Request::StoreReceipt {
                 recipient,
                 kind,

@@ -37,10 +37,12 @@ pub fn accepted_after(a: u32, b: u32) -> bool {
 /// Why a Send is refused before it is routed (answered with a non-fatal
 /// Error carrying its client message id).
 pub fn check_send(send: &pb::Send, limits: &Limits) -> Result<(), ErrorCode> {
-    if !send.device_payloads.is_empty() {
+    // A payload for every device, or one payload: not both.
+    if !send.device_payloads.is_empty() && !send.payload.is_empty() {
         return Err(ErrorCode::UnsupportedFeature);
     }
-    if send.payload.len() > limits.payload_bytes_max as usize {
+    let max = limits.payload_bytes_max as usize;
+    if send.payload.len() > max || send.device_payloads.iter().any(|p| p.payload.len() > max) {
         return Err(ErrorCode::PayloadTooLarge);
     }
     Ok(())
@@ -76,7 +78,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_oversized_payload_and_device_payloads() {
+    fn refuses_oversized_payloads_and_a_payload_beside_device_payloads() {
         let limits = Limits::default();
         let mut send = pb::Send {
             client_message_id: 1,
@@ -89,6 +91,14 @@ mod tests {
         assert_eq!(check_send(&send, &limits), Err(ErrorCode::PayloadTooLarge));
         send.payload = Bytes::new();
         send.device_payloads.push(pb::DevicePayload::default());
+        assert_eq!(check_send(&send, &limits), Ok(()));
+        send.device_payloads.push(pb::DevicePayload {
+            device_id: 2,
+            payload: Bytes::from(vec![0u8; limits.payload_bytes_max as usize + 1]),
+        });
+        assert_eq!(check_send(&send, &limits), Err(ErrorCode::PayloadTooLarge));
+        send.device_payloads.pop();
+        send.payload = Bytes::from_static(b"both");
         assert_eq!(
             check_send(&send, &limits),
             Err(ErrorCode::UnsupportedFeature)

@@ -183,6 +183,12 @@ pub fn payload_digest(payload: &[u8]) -> u32 {
     crc32c::crc32c(payload)
 }
 
+/// `payload_digest` of the parts laid end to end (a per-device Send's
+/// payloads, as its record holds them).
+pub fn payload_digest_parts<'a>(parts: impl Iterator<Item = &'a [u8]>) -> u32 {
+    parts.fold(0, crc32c::crc32c_append)
+}
+
 /// (sender device, client message id) → what was appended; FIFO-bounded.
 ///
 /// Each remembered Send is one 64-byte slot in a ring (oldest first), found

@@ -235,6 +235,7 @@ impl fmt::Display for LogInspection {
             RecordKind::Receipt,
             RecordKind::Ack,
             RecordKind::MultiMessage,
+            RecordKind::DeviceMessage,
             RecordKind::InboxFloor,
         ];
         write!(f, "  records:")?;

@@ -15,7 +15,7 @@ use crate::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
 use super::commit::{CommitBatch, CommitShared};
 use super::inbox::{payload_digest, Dedupe, DedupeValue, Entry, Inboxes};
 use super::record::{
-    decode, encode_inbox_seqs, encode_u64s, peek_expires_ms, InboxSeqList, Record, U64List,
+    decode, encode_inbox_seqs, encode_u64s, peek_expires_ms, InboxSeqList, Record, U32List, U64List,
 };
 use super::recovery::scan_segment;
 use super::segment::{self, Segment, SegmentHeader, SyncHandle, SEGMENT_HEADER_BYTES};
@@ -666,14 +666,56 @@ impl Log {
         client_message_id: ClientMessageId,
         payload: &[u8],
     ) -> Result<MultiAppended, StoreError> {
+        let mut distinct: Vec<InboxKey> = Vec::with_capacity(recipients.len());
+        for &r in recipients {
+            if !distinct.contains(&r) {
+                distinct.push(r);
+            }
+        }
+        self.append_multi(&distinct, None, sender, client_message_id, payload)
+    }
+
+    /// Appends one payload per inbox (the devices of one account, each
+    /// payload encrypted for its device): one `DeviceMessage` record, one
+    /// entry per inbox, each reading back only its own payload. The inboxes
+    /// must be distinct. Dedupe remembers the first inbox and a digest of
+    /// every payload in order.
+    pub fn append_device_message(
+        &mut self,
+        parts: &[(InboxKey, &[u8])],
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+    ) -> Result<MultiAppended, StoreError> {
+        let inboxes: Vec<InboxKey> = parts.iter().map(|(k, _)| *k).collect();
+        let mut lengths = Vec::with_capacity(parts.len() * 4);
+        let mut payload = Vec::with_capacity(parts.iter().map(|(_, p)| p.len()).sum());
+        for (_, part) in parts {
+            lengths.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            payload.extend_from_slice(part);
+        }
+        self.append_multi(
+            &inboxes,
+            Some(&lengths),
+            sender,
+            client_message_id,
+            &payload,
+        )
+    }
+
+    fn append_multi(
+        &mut self,
+        recipients: &[InboxKey],
+        lengths: Option<&[u8]>,
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+        payload: &[u8],
+    ) -> Result<MultiAppended, StoreError> {
         let now = self.now_ms();
         let expires_ms = now.saturating_add(self.ttl_ms);
         let mut seqs: Vec<(InboxKey, InboxSeq)> = Vec::with_capacity(recipients.len());
         for &r in recipients {
-            if !seqs.iter().any(|(k, _)| *k == r) {
-                let seq = self.next_seq(r);
-                seqs.push((r, seq));
-            }
+            let seq = self.next_seq(r);
+            seqs.push((r, seq));
         }
         let mut enc = Vec::with_capacity(seqs.len() * 20);
         encode_inbox_seqs(&seqs, &mut enc);
@@ -683,6 +725,7 @@ impl Log {
             timestamp_ms: now,
             expires_ms,
             recipients: InboxSeqList::from_le_bytes(&enc).expect("whole pairs"),
+            lengths: lengths.map(|l| U32List::from_le_bytes(l).expect("whole u32s")),
             payload,
         };
         let (position, ticket) = self.append(&record, false)?;
@@ -1138,20 +1181,29 @@ impl Log {
                 timestamp_ms,
                 expires_ms,
                 recipients,
+                lengths,
                 payload,
             } => {
-                let seq = recipients
+                let (index, seq) = recipients
                     .iter()
-                    .find(|(k, _)| inbox.is_none_or(|i| i == *k))
-                    .map(|(_, s)| s)
+                    .enumerate()
+                    .find(|(_, (k, _))| inbox.is_none_or(|i| i == *k))
+                    .map(|(n, (_, s))| (n, s))
                     .ok_or_else(|| corrupt(position, "inbox is not a recipient of this record"))?;
+                let part = match lengths {
+                    Some(lengths) => lengths
+                        .part(index)
+                        .and_then(|range| payload.get(range))
+                        .ok_or_else(|| corrupt(position, "payload part out of range"))?,
+                    None => payload,
+                };
                 StoredEntry::Message(StoredMessage {
                     seq,
                     sender,
                     client_message_id,
                     timestamp_ms,
                     expires_ms,
-                    payload: Bytes::copy_from_slice(payload),
+                    payload: Bytes::copy_from_slice(part),
                 })
             }
             Record::Receipt {

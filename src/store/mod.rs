@@ -36,7 +36,7 @@ pub mod segment;
 pub mod storage;
 
 pub use commit::CommitBatch;
-pub use inbox::payload_digest;
+pub use inbox::{payload_digest, payload_digest_parts};
 pub use inspect::{inspect, InspectReport};
 pub use log::{Log, MultiAppended, SpareRequest, DEDUPE_CAPACITY_DEFAULT, SPARE_FILE};
 

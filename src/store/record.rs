@@ -44,6 +44,7 @@ pub enum RecordKind {
     Ack = 3,
     MultiMessage = 4,
     InboxFloor = 5,
+    DeviceMessage = 6,
 }
 
 impl RecordKind {
@@ -54,6 +55,7 @@ impl RecordKind {
             3 => RecordKind::Ack,
             4 => RecordKind::MultiMessage,
             5 => RecordKind::InboxFloor,
+            6 => RecordKind::DeviceMessage,
             _ => return None,
         })
     }
@@ -65,6 +67,7 @@ impl RecordKind {
             RecordKind::Ack => "ack",
             RecordKind::MultiMessage => "multi-message",
             RecordKind::InboxFloor => "inbox-floor",
+            RecordKind::DeviceMessage => "device-message",
         }
     }
 }
@@ -172,18 +175,57 @@ pub enum Record<'a> {
         up_to: InboxSeq,
         list: U64List<'a>,
     },
-    /// One payload referenced by many inboxes (group fan-out on one shard).
+    /// One payload referenced by many inboxes (group fan-out on one shard),
+    /// or, with `lengths` (kind `DeviceMessage`), one payload per
+    /// recipient: `payload` holds them back to back, recipient `i`'s is
+    /// `lengths[i]` bytes long (the devices of one account, each encrypted
+    /// for its device).
     MultiMessage {
         sender: InboxKey,
         client_message_id: ClientMessageId,
         timestamp_ms: u64,
         expires_ms: u64,
         recipients: InboxSeqList<'a>,
+        lengths: Option<U32List<'a>>,
         payload: &'a [u8],
     },
     /// The last sequence assigned in each listed inbox, carried forward so a
     /// sequence never goes backwards after the records that held it are gone.
     InboxFloor { floors: InboxSeqList<'a> },
+}
+
+/// Little-endian u32s, one per recipient of a `DeviceMessage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct U32List<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> U32List<'a> {
+    /// Wraps already little-endian-encoded values (`len % 4 == 0`).
+    pub fn from_le_bytes(bytes: &'a [u8]) -> Option<U32List<'a>> {
+        bytes.len().is_multiple_of(4).then_some(U32List { bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len() / 4
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u32> + 'a {
+        self.bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+    }
+
+    /// The byte range of part `index` of a payload cut by these lengths.
+    pub fn part(&self, index: usize) -> Option<std::ops::Range<usize>> {
+        let start: usize = self.iter().take(index).map(|l| l as usize).sum();
+        let len = self.iter().nth(index)? as usize;
+        Some(start..start + len)
+    }
 }
 
 /// Raw list encodings for `Record` construction by the writer.
@@ -235,7 +277,10 @@ impl<'a> Record<'a> {
             Record::Message { .. } => RecordKind::Message,
             Record::Receipt { .. } => RecordKind::Receipt,
             Record::Ack { .. } => RecordKind::Ack,
-            Record::MultiMessage { .. } => RecordKind::MultiMessage,
+            Record::MultiMessage { lengths: None, .. } => RecordKind::MultiMessage,
+            Record::MultiMessage {
+                lengths: Some(_), ..
+            } => RecordKind::DeviceMessage,
             Record::InboxFloor { .. } => RecordKind::InboxFloor,
         }
     }
@@ -250,9 +295,19 @@ impl<'a> Record<'a> {
             Record::Ack { list, .. } => 12 + 8 + 4 + list.bytes.len(),
             Record::MultiMessage {
                 recipients,
+                lengths,
                 payload,
                 ..
-            } => 12 + 8 + 8 + 8 + 4 + recipients.bytes.len() + 4 + payload.len(),
+            } => {
+                12 + 8
+                    + 8
+                    + 8
+                    + 4
+                    + recipients.bytes.len()
+                    + lengths.map_or(0, |l| l.bytes.len())
+                    + 4
+                    + payload.len()
+            }
             Record::InboxFloor { floors } => 4 + floors.bytes.len(),
         }
     }
@@ -340,6 +395,7 @@ impl<'a> Record<'a> {
                 timestamp_ms,
                 expires_ms,
                 recipients,
+                lengths,
                 payload,
             } => {
                 w.inbox(sender);
@@ -348,6 +404,10 @@ impl<'a> Record<'a> {
                 w.u64(expires_ms);
                 w.u32(recipients.len() as u32);
                 w.bytes(recipients.bytes);
+                if let Some(lengths) = lengths {
+                    assert_eq!(lengths.len(), recipients.len(), "one length per recipient");
+                    w.bytes(lengths.bytes);
+                }
                 w.u32(payload.len() as u32);
                 w.bytes(payload);
             }
@@ -376,7 +436,7 @@ pub fn peek_expires_ms(bytes: &[u8]) -> Option<u64> {
     let at = match RecordKind::from_byte(*bytes.get(8)?)? {
         RecordKind::Message => RECORD_HEADER_BYTES + 48,
         RecordKind::Receipt => RECORD_HEADER_BYTES + 41,
-        RecordKind::MultiMessage => RECORD_HEADER_BYTES + 28,
+        RecordKind::MultiMessage | RecordKind::DeviceMessage => RECORD_HEADER_BYTES + 28,
         RecordKind::Ack | RecordKind::InboxFloor => return None,
     };
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
@@ -483,21 +543,37 @@ fn decode_body<'a>(kind: RecordKind, r: &mut Reader<'a>) -> Option<Record<'a>> {
                 list: U64List { bytes: list },
             }
         }
-        RecordKind::MultiMessage => {
+        RecordKind::MultiMessage | RecordKind::DeviceMessage => {
             let sender = r.inbox()?;
             let client_message_id = ClientMessageId(r.u64()?);
             let timestamp_ms = r.u64()?;
             let expires_ms = r.u64()?;
             let n = r.u32()? as usize;
             let recipients = r.take(n.checked_mul(INBOX_SEQ_BYTES)?)?;
+            let lengths = if kind == RecordKind::DeviceMessage {
+                Some(U32List {
+                    bytes: r.take(n.checked_mul(4)?)?,
+                })
+            } else {
+                None
+            };
             let p = r.u32()? as usize;
             let payload = r.take(p)?;
+            if let Some(lengths) = lengths {
+                let total = lengths
+                    .iter()
+                    .try_fold(0usize, |sum, l| sum.checked_add(l as usize))?;
+                if total != payload.len() {
+                    return None;
+                }
+            }
             Record::MultiMessage {
                 sender,
                 client_message_id,
                 timestamp_ms,
                 expires_ms,
                 recipients: InboxSeqList { bytes: recipients },
+                lengths,
                 payload,
             }
         }
@@ -574,6 +650,48 @@ mod tests {
         let mut out = vec![0xAA; record.framed_len()];
         record.encode(segment, &mut out);
         out
+    }
+
+    /// Log bytes per message to an account, 100-byte payloads: one
+    /// message record for a primary alone, one device record for several
+    /// devices (docs/store.md quotes these).
+    #[test]
+    fn log_bytes_per_message_for_one_and_five_devices() {
+        let payload = [7u8; 500];
+        let inbox = |d| InboxKey {
+            user: UserId(2),
+            device: DeviceId(d),
+        };
+        let message = Record::Message {
+            recipient: inbox(1),
+            seq: InboxSeq(1),
+            sender: inbox(1),
+            client_message_id: ClientMessageId(1),
+            timestamp_ms: 0,
+            expires_ms: 0,
+            payload: &payload[..100],
+        };
+        assert_eq!(message.framed_len(), 176);
+        let sizes: Vec<usize> = [1u32, 5]
+            .iter()
+            .map(|&n| {
+                let pairs: Vec<_> = (1..=n).map(|d| (inbox(d), InboxSeq(1))).collect();
+                let mut enc = Vec::new();
+                encode_inbox_seqs(&pairs, &mut enc);
+                let lengths: Vec<u8> = (0..n).flat_map(|_| 100u32.to_le_bytes()).collect();
+                Record::MultiMessage {
+                    sender: inbox(1),
+                    client_message_id: ClientMessageId(1),
+                    timestamp_ms: 0,
+                    expires_ms: 0,
+                    recipients: InboxSeqList::from_le_bytes(&enc).unwrap(),
+                    lengths: Some(U32List::from_le_bytes(&lengths).unwrap()),
+                    payload: &payload[..100 * n as usize],
+                }
+                .framed_len()
+            })
+            .collect();
+        assert_eq!(sizes, vec![184, 680]);
     }
 
     #[test]
@@ -723,12 +841,31 @@ mod tests {
             let pairs: Vec<(InboxKey, InboxSeq)> = pairs.into_iter().map(|(i, q)| (i, InboxSeq(q))).collect();
             let mut enc = Vec::new();
             encode_inbox_seqs(&pairs, &mut enc);
-            let multi = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(5), timestamp_ms: 1, expires_ms: 2, recipients: InboxSeqList { bytes: &enc }, payload: &payload };
+            let multi = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(5), timestamp_ms: 1, expires_ms: 2, recipients: InboxSeqList { bytes: &enc }, lengths: None, payload: &payload };
             let bytes = encode_vec(&multi, segment);
             let (decoded, _) = decode(segment, &bytes).unwrap();
             prop_assert_eq!(decoded, multi);
             if let Record::MultiMessage { recipients, .. } = decoded {
                 prop_assert_eq!(recipients.iter().collect::<Vec<_>>(), pairs.clone());
+            }
+            // One payload per recipient: the parts cut the payload in order.
+            let cut: Vec<u32> = (0..pairs.len())
+                .map(|i| if i + 1 == pairs.len() { payload.len() - payload.len() / pairs.len().max(1) * i } else { payload.len() / pairs.len().max(1) } as u32)
+                .collect();
+            let mut len_bytes = Vec::new();
+            for l in &cut {
+                len_bytes.extend_from_slice(&l.to_le_bytes());
+            }
+            if !pairs.is_empty() {
+                let lengths = U32List::from_le_bytes(&len_bytes).unwrap();
+                let per_device = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(6), timestamp_ms: 1, expires_ms: 2, recipients: InboxSeqList { bytes: &enc }, lengths: Some(lengths), payload: &payload };
+                prop_assert_eq!(per_device.kind(), RecordKind::DeviceMessage);
+                let bytes = encode_vec(&per_device, segment);
+                prop_assert_eq!(peek_expires_ms(&bytes), Some(2));
+                let (decoded, _) = decode(segment, &bytes).unwrap();
+                prop_assert_eq!(decoded, per_device);
+                let parts: usize = (0..pairs.len()).map(|i| lengths.part(i).unwrap().len()).sum();
+                prop_assert_eq!(parts, payload.len());
             }
             let floor = Record::InboxFloor { floors: InboxSeqList { bytes: &enc } };
             let bytes = encode_vec(&floor, segment);

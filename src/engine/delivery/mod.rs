@@ -16,10 +16,28 @@ use bytes::Bytes;
 use tracing::{debug, error, warn};
 
 use super::{AfterCommit, Closing, ConnRef, Engine, Host, Reply, Request, SessionId};
-use crate::ids::{ClientMessageId, InboxKey, InboxSeq, UserId, PRIMARY_DEVICE};
+use crate::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, UserId, PRIMARY_DEVICE};
 use crate::proto::{pb, ErrorCode, Frame, GoAwayReason};
 use crate::session::DeliveryWindow;
 use crate::store::{LogPosition, NewMessage, ReceiptKind, StoreError, StoredEntry};
+
+/// The recipient's devices a per-device Send lacks, and the device ids it
+/// names that the recipient does not have (a repeated id counts as stale).
+/// `given` is sorted by device.
+fn device_mismatch(devices: &[DeviceId], given: &[(DeviceId, Bytes)]) -> (Vec<u32>, Vec<u32>) {
+    let missing = devices
+        .iter()
+        .filter(|d| given.binary_search_by_key(*d, |(g, _)| *g).is_err())
+        .map(|d| d.0)
+        .collect();
+    let stale = given
+        .iter()
+        .enumerate()
+        .filter(|(i, (d, _))| !devices.contains(d) || (*i > 0 && given[i - 1].0 == *d))
+        .map(|(_, (d, _))| d.0)
+        .collect();
+    (missing, stale)
+}
 
 /// A device's live session, as delivery sees it.
 #[derive(Debug)]
@@ -260,21 +278,35 @@ impl Engine {
             );
             return;
         };
-        if devices.len() > 1 {
-            // One payload for an account with companions: every device
-            // needs its own (encrypted for it), so the whole Send is
-            // refused and the client learns the device list.
+        // Every device of the recipient needs its own payload (encrypted
+        // for it): a Send that does not cover exactly the current device
+        // set is refused whole, nothing stored, and the client learns the
+        // list (missing and stale devices, its version).
+        let mut per_device: Vec<(DeviceId, Bytes)> = send
+            .device_payloads
+            .into_iter()
+            .map(|p| (DeviceId(p.device_id), p.payload))
+            .collect();
+        per_device.sort_by_key(|(d, _)| *d);
+        let (missing, stale) = if per_device.is_empty() {
+            let missing: Vec<u32> = devices
+                .iter()
+                .filter(|d| **d != PRIMARY_DEVICE)
+                .map(|d| d.0)
+                .collect();
+            (missing, Vec::new())
+        } else {
+            device_mismatch(&devices, &per_device)
+        };
+        if !missing.is_empty() || !stale.is_empty() {
             host.send(
                 session,
                 &Frame::Error(pb::Error {
                     code: ErrorCode::DeviceMismatch as i32,
-                    message: "the recipient has companion devices: one payload per device".into(),
+                    message: "the payloads do not match the recipient's devices".into(),
                     client_message_id: send.client_message_id,
-                    missing_devices: devices
-                        .iter()
-                        .filter(|d| **d != PRIMARY_DEVICE)
-                        .map(|d| d.0)
-                        .collect(),
+                    missing_devices: missing,
+                    stale_devices: stale,
                     device_list_version: version,
                     ..Default::default()
                 }),
@@ -296,12 +328,14 @@ impl Engine {
             client_message_id: ClientMessageId(send.client_message_id),
             recipient,
             payload: send.payload,
+            per_device,
         };
         self.route(self.home_of(recipient), request, host);
     }
 
     /// Stores a message here, its recipient's home shard, and answers its
     /// origin once the record (or the duplicate it repeats) is durable.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn store_message(
         &mut self,
         origin: ConnRef,
@@ -309,19 +343,23 @@ impl Engine {
         client_message_id: ClientMessageId,
         recipient: UserId,
         payload: Bytes,
+        per_device: Vec<(DeviceId, Bytes)>,
         host: &mut impl Host,
     ) {
         let inbox = InboxKey {
             user: recipient,
             device: PRIMARY_DEVICE,
         };
+        let digest = if per_device.is_empty() {
+            crate::store::payload_digest(&payload)
+        } else {
+            crate::store::payload_digest_parts(per_device.iter().map(|(_, p)| &p[..]))
+        };
         if let Some(dup) = self.log.find_duplicate(sender, client_message_id) {
             // A retry must carry what the first Send carried; a client that
             // reuses an id for other content is told so (its new content is
             // not stored).
-            if dup.recipient.user != recipient
-                || dup.payload_digest != crate::store::payload_digest(&payload)
-            {
+            if dup.recipient.user != recipient || dup.payload_digest != digest {
                 self.send_reply(
                     Reply::Refused {
                         origin,
@@ -343,6 +381,16 @@ impl Engine {
             self.push_after_commit(dup.ticket, AfterCommit::Ack(stored), host);
             return;
         }
+        if !per_device.is_empty() {
+            return self.store_per_device(
+                origin,
+                sender,
+                client_message_id,
+                recipient,
+                per_device,
+                host,
+            );
+        }
         let appended = self.log.append_message(&NewMessage {
             recipient: inbox,
             sender,
@@ -359,19 +407,10 @@ impl Engine {
                     seq: appended.seq.0,
                     timestamp_ms: appended.timestamp_ms,
                 };
-                if self.flaws.ack_before_durable {
-                    self.send_reply(stored, host);
-                } else {
-                    self.push_after_commit(appended.ticket, AfterCommit::Ack(stored), host);
-                }
-                self.push_after_commit(appended.ticket, AfterCommit::Visible { inbox }, host);
+                self.answer_stored(stored, appended.ticket, [inbox], host);
             }
             Err(err) => {
-                let code = match err {
-                    StoreError::Full(_) => ErrorCode::StoreFull,
-                    _ => ErrorCode::StoreFailed,
-                };
-                warn!(shard = %self.id, %err, "message not stored");
+                let code = self.store_error_code(&err);
                 self.send_reply(
                     Reply::Refused {
                         origin,
@@ -382,6 +421,96 @@ impl Engine {
                     host,
                 );
             }
+        }
+    }
+
+    /// Stores a Send with one payload per device of the recipient: one
+    /// record, an entry in every device's inbox, ServerAck (with the
+    /// primary's sequence) once durable. The device set is checked again
+    /// here, on the recipient's home shard, where links and removals land.
+    fn store_per_device(
+        &mut self,
+        origin: ConnRef,
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+        recipient: UserId,
+        per_device: Vec<(DeviceId, Bytes)>,
+        host: &mut impl Host,
+    ) {
+        let refuse = |code| Reply::Refused {
+            origin,
+            sender,
+            client_message_id,
+            code,
+        };
+        let current = self.directory.device_set(recipient);
+        let matches = current.is_some_and(|(_, devices)| {
+            let (missing, stale) = device_mismatch(&devices, &per_device);
+            missing.is_empty() && stale.is_empty()
+        });
+        if !matches {
+            return self.send_reply(refuse(ErrorCode::DeviceMismatch), host);
+        }
+        let parts: Vec<(InboxKey, &[u8])> = per_device
+            .iter()
+            .map(|(device, payload)| {
+                (
+                    InboxKey {
+                        user: recipient,
+                        device: *device,
+                    },
+                    &payload[..],
+                )
+            })
+            .collect();
+        match self
+            .log
+            .append_device_message(&parts, sender, client_message_id)
+        {
+            Ok(appended) => {
+                self.metrics.messages_accepted.inc();
+                let stored = Reply::Stored {
+                    origin,
+                    sender,
+                    client_message_id,
+                    seq: appended.seqs[0].1 .0,
+                    timestamp_ms: appended.timestamp_ms,
+                };
+                let inboxes = appended.seqs.iter().map(|(inbox, _)| *inbox);
+                self.answer_stored(stored, appended.ticket, inboxes, host);
+            }
+            Err(err) => {
+                let code = self.store_error_code(&err);
+                self.send_reply(refuse(code), host);
+            }
+        }
+    }
+
+    /// A message was appended: ServerAck once its commit is durable, and
+    /// each inbox it went to becomes deliverable then.
+    fn answer_stored(
+        &mut self,
+        stored: Reply,
+        ticket: crate::store::CommitTicket,
+        inboxes: impl IntoIterator<Item = InboxKey>,
+        host: &mut impl Host,
+    ) {
+        if self.flaws.ack_before_durable {
+            self.send_reply(stored, host);
+        } else {
+            self.push_after_commit(ticket, AfterCommit::Ack(stored), host);
+        }
+        for inbox in inboxes {
+            self.push_after_commit(ticket, AfterCommit::Visible { inbox }, host);
+        }
+    }
+
+    /// The error code a Send that could not be appended gets (logged).
+    fn store_error_code(&self, err: &StoreError) -> ErrorCode {
+        warn!(shard = %self.id, %err, "message not stored");
+        match err {
+            StoreError::Full(_) => ErrorCode::StoreFull,
+            _ => ErrorCode::StoreFailed,
         }
     }
 

@@ -184,7 +184,8 @@ impl Engine {
     /// far as this shard knows. It is the reader's home, where every message
     /// to the reader is stored, and its dedupe table remembers the messages
     /// stored here (the last `dedupe_entries_max`, and since a restart those
-    /// still in the log): one it remembers must be the reader's, and either
+    /// still in the log): one it remembers must be the reader's account's,
+    /// and, when it is the reader's own entry, either
     /// acknowledged (no longer pending) or written to the reader's current
     /// session. One it does not remember (older than that, or never stored
     /// for anyone here) cannot be told apart and is relayed.
@@ -201,8 +202,15 @@ impl Engine {
         else {
             return true;
         };
-        stored.recipient == reader
-            && (stored.seq.0 <= last_sent || !self.log.is_pending(reader, stored.seq))
+        if stored.recipient.user != reader.user {
+            return false;
+        }
+        if stored.recipient != reader {
+            // A per-device Send to the reader's account: dedupe remembers
+            // the primary's entry only, and reading is the account's.
+            return true;
+        }
+        stored.seq.0 <= last_sent || !self.log.is_pending(reader, stored.seq)
     }
 
     /// Stores a receipt for `recipient` (a sender device) here, or sends it
