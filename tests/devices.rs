@@ -417,3 +417,125 @@ fn a_payload_per_device_reaches_each_device_with_receipts_per_device() {
     by.sort();
     assert_eq!(by, vec![1, 2]);
 }
+
+/// A `switchboard chat` process with its output read line by line.
+struct Chat {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Chat {
+    fn start(addr: SocketAddr, args: &[&str]) -> Chat {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg("chat")
+            .arg("--server")
+            .arg(addr.to_string())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chat");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Chat {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The first line (from now on) containing `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {needle:?}; saw {:#?}", self.seen),
+            }
+        }
+    }
+}
+
+impl Drop for Chat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn chat_links_a_device_sends_to_every_device_and_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| c.limits.idle_timeout_ms = 60_000);
+    let addr = server.addr;
+    let profile = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (a, b, c) = (profile("a.cred"), profile("b.cred"), profile("c.cred"));
+
+    let mut phone = Chat::start(addr, &["--profile", &a, "--register"]);
+    let registered = phone.wait_for("registered: you are user");
+    let alice: u64 = registered
+        .split("user ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("user id in the registration line");
+    phone.wait_for("connected.");
+    phone.type_line("/link");
+    let line = phone.wait_for("* link code ");
+    let code = line
+        .split("* link code ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the code")
+        .to_string();
+
+    let mut laptop = Chat::start(
+        addr,
+        &["--profile", &b, "--link", &code, "--device-name", "laptop"],
+    );
+    laptop.wait_for(&format!("linked: this is device 2 of user {alice}"));
+    laptop.wait_for("connected.");
+
+    let mut bob = Chat::start(addr, &["--profile", &c, "--register"]);
+    bob.wait_for("connected.");
+    bob.type_line(&format!("/msg {alice} hello both"));
+    bob.wait_for(&format!("* user {alice} has 2 devices; sending to each"));
+    bob.wait_for("✓ sent");
+    phone.wait_for("hello both");
+    laptop.wait_for("hello both");
+    // Each device shows it and sends its receipts (whether ✓✓ waits for
+    // both devices is the chat state's unit test).
+    bob.wait_for("✓✓");
+
+    phone.type_line("/devices");
+    phone.wait_for("(list version 2)");
+    phone.wait_for("2 laptop");
+    phone.type_line("/remove 2");
+    phone.wait_for("* device 2 removed (list version 3)");
+    laptop.wait_for("removed from the account");
+}

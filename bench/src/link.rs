@@ -365,7 +365,12 @@ impl SwitchboardLink {
                 self.session.ack(InboxSeq(r.sequence))?;
                 Ok(None)
             }
-            Ok(client::Event::Pong(_)) => Ok(None),
+            Ok(
+                client::Event::Pong(_)
+                | client::Event::LinkCode(_)
+                | client::Event::DeviceList(_)
+                | client::Event::DeviceRemoved(_),
+            ) => Ok(None),
             Ok(client::Event::Error(e)) => bail!("server error: {e:?}"),
             Ok(client::Event::GoAway(g)) => bail!("server went away: {g:?}"),
             Err(ClientError::Closed) => Ok(Some(Event::Closed)),

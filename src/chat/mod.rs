@@ -5,6 +5,11 @@
 //! with sender and time, acknowledged, and answered with a read receipt once
 //! shown. Each sent message's state is printed as it changes:
 //! `[#3 → 12] ✓ sent`, `[#3 → 12] ✓✓ delivered`, `[#3 → 12] ✓✓ read`.
+//! ✓✓ means every device of the recipient has it: a recipient with linked
+//! devices gets one payload per device (the server's DEVICE_MISMATCH answer
+//! tells the chat which devices there are; it then sends again to each).
+//! `/link` on a primary prints a code; `chat --link CODE` on a new profile
+//! makes that profile a linked device of the account.
 //!
 //! Threads: the glommio executor runs the session and the chat loop; stdin is
 //! read by a second thread (blocking reads) that feeds lines to it through a
@@ -26,11 +31,12 @@ use glommio::channels::shared_channel;
 use glommio::LocalExecutorBuilder;
 
 use crate::client::{
-    register, ClientError, ConnectOptions, Credentials, Event, ReconnectOptions,
+    link, register, ClientError, ConnectOptions, Credentials, Event, ReconnectOptions,
     ReconnectingSession,
 };
 use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
-use state::{format_incoming, parse_command, Command, Outbox, HELP};
+use crate::proto::ErrorCode;
+use state::{format_incoming, parse_command, Command, Outbox, Recipients, HELP};
 
 /// Lines typed ahead of the chat loop; the stdin thread waits when full.
 const STDIN_LINES_QUEUED_MAX: usize = 64;
@@ -53,6 +59,13 @@ pub struct ChatArgs {
     /// Registration token, for servers whose registration policy is `token`.
     #[arg(long)]
     pub token: Option<String>,
+    /// Link this new profile to an account with a code from `/link` on the
+    /// account's primary device (the profile must not exist).
+    #[arg(long, value_name = "CODE")]
+    pub link: Option<String>,
+    /// The name this device shows in the account's device list (with --link).
+    #[arg(long, default_value = "chat")]
+    pub device_name: String,
 }
 
 /// Runs the chat until `/quit` or end of input.
@@ -122,7 +135,7 @@ async fn log_in_or_register(
     out: &mut dyn Write,
 ) -> anyhow::Result<Credentials> {
     let exists = args.profile.exists();
-    if exists && args.register {
+    if exists && (args.register || args.link.is_some()) {
         anyhow::bail!(
             "{} already holds credentials; pick another --profile to register a new account",
             args.profile.display()
@@ -131,6 +144,20 @@ async fn log_in_or_register(
     if exists {
         return Credentials::load(&args.profile)
             .with_context(|| format!("reading {}", args.profile.display()));
+    }
+    if let Some(code) = &args.link {
+        let creds = link(opts, code, &args.device_name)
+            .await
+            .with_context(|| format!("linking at {}", opts.server))?;
+        save_profile(&creds, &args.profile)?;
+        writeln!(
+            out,
+            "linked: this is device {} of user {}; credentials saved to {}",
+            creds.device,
+            creds.user,
+            args.profile.display()
+        )?;
+        return Ok(creds);
     }
     if !args.register {
         writeln!(
@@ -183,6 +210,7 @@ where
     Fut: Future<Output = Option<String>>,
 {
     let mut outbox = Outbox::new(now_micros());
+    let mut recipients = Recipients::default();
     let mut peer: Option<UserId> = None;
     let mut reconnects = session.reconnects();
     loop {
@@ -208,26 +236,43 @@ where
                     peer = Some(user);
                     writeln!(out, "* talking to user {user}")?;
                 }
+                Command::Link => {
+                    request(out, session.request_link_code())?;
+                    session.flush().await?;
+                }
+                Command::Devices => {
+                    request(out, session.list_devices())?;
+                    session.flush().await?;
+                }
+                Command::Remove(device) => {
+                    request(out, session.remove_device(device))?;
+                    session.flush().await?;
+                }
                 Command::Message { to, text } => {
                     let Some(to) = to.or(peer) else {
                         writeln!(out, "! no peer: /to USER first, or /msg USER text")?;
                         continue;
                     };
                     let (id, shown) = outbox.queue(to, &text);
-                    match session.send(to, id, Bytes::from(text)) {
+                    recipients.sent(id, to, &text);
+                    let devices = recipients.devices_of(to);
+                    outbox.addressed(id, devices.len());
+                    match send_text(session, to, id, &text, &devices) {
                         Ok(()) => writeln!(out, "{shown}")?,
                         Err(e) => writeln!(out, "! not sent: {e}")?,
                     }
                     session.flush().await?;
                 }
             },
-            Input::Event(Ok(event)) => handle_event(session, &mut outbox, event, out).await?,
+            Input::Event(Ok(event)) => {
+                handle_event(session, &mut outbox, &mut recipients, event, out).await?
+            }
             Input::Event(Err(e)) => return Err(e).context("the session ended"),
         }
         out.flush()?;
     }
     session.flush().await?;
-    drain(session, &mut outbox, out).await
+    drain(session, &mut outbox, &mut recipients, out).await
 }
 
 /// Before leaving, waits (a bounded time) for the server to store what was
@@ -235,6 +280,7 @@ where
 async fn drain(
     session: &ReconnectingSession,
     outbox: &mut Outbox,
+    recipients: &mut Recipients,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + EXIT_DRAIN_TIMEOUT;
@@ -246,7 +292,7 @@ async fn drain(
         })
         .await;
         match event {
-            Some(Ok(event)) => handle_event(session, outbox, event, out).await?,
+            Some(Ok(event)) => handle_event(session, outbox, recipients, event, out).await?,
             Some(Err(e)) => return Err(e).context("the session ended"),
             None => {
                 writeln!(
@@ -262,14 +308,61 @@ async fn drain(
     Ok(())
 }
 
+/// One payload for a recipient with only its primary device, else the
+/// same text to each device (this client does no end-to-end encryption, so
+/// each device's payload is the plain text).
+fn send_text(
+    session: &ReconnectingSession,
+    to: UserId,
+    id: ClientMessageId,
+    text: &str,
+    devices: &[DeviceId],
+) -> Result<(), ClientError> {
+    if devices == [crate::ids::PRIMARY_DEVICE] {
+        return session.send(to, id, Bytes::copy_from_slice(text.as_bytes()));
+    }
+    let parts = devices
+        .iter()
+        .map(|d| (*d, Bytes::copy_from_slice(text.as_bytes())))
+        .collect();
+    session.send_to_devices(to, id, parts)
+}
+
+fn request(out: &mut dyn Write, queued: Result<(), ClientError>) -> anyhow::Result<()> {
+    if let Err(e) = queued {
+        writeln!(out, "! not sent: {e}")?;
+    }
+    Ok(())
+}
+
 async fn handle_event(
     session: &ReconnectingSession,
     outbox: &mut Outbox,
+    recipients: &mut Recipients,
     event: Event,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     match event {
+        Event::Error(error) if error.code() == ErrorCode::DeviceMismatch => {
+            match recipients.on_mismatch(&error) {
+                Some((to, text, devices)) => {
+                    let id = ClientMessageId(error.client_message_id);
+                    writeln!(
+                        out,
+                        "* user {to} has {} devices; sending to each",
+                        devices.len()
+                    )?;
+                    outbox.addressed(id, devices.len());
+                    if let Err(e) = send_text(session, to, id, &text, &devices) {
+                        writeln!(out, "! not sent: {e}")?;
+                    }
+                    session.flush().await?;
+                }
+                None => writeln!(out, "{}", outbox.on_error(&error))?,
+            }
+        }
         Event::ServerAck(ack) => {
+            recipients.answered(ack.client_message_id);
             if let Some(line) = outbox.on_server_ack(&ack) {
                 writeln!(out, "{line}")?;
             }
@@ -294,11 +387,51 @@ async fn handle_event(
             let _ = session.ack(InboxSeq(receipt.sequence));
             session.flush().await?;
         }
-        Event::Error(error) => writeln!(out, "{}", outbox.on_error(&error))?,
+        Event::Error(error) => {
+            recipients.answered(error.client_message_id);
+            writeln!(out, "{}", outbox.on_error(&error))?
+        }
+        Event::LinkCode(code) => writeln!(
+            out,
+            "* link code {} (single use, until {} UTC): on the new device run\n  switchboard chat --link {} --profile NEW_PROFILE",
+            code.code,
+            state::clock(code.expires_at_ms),
+            code.code
+        )?,
+        Event::DeviceList(list) => {
+            writeln!(out, "* devices (list version {}):", list.version)?;
+            for device in &list.devices {
+                let name = if device.device_id == 1 {
+                    "primary"
+                } else {
+                    device.name.as_str()
+                };
+                let seen = if device.last_seen_ms == 0 {
+                    "never".to_string()
+                } else {
+                    state::clock(device.last_seen_ms)
+                };
+                writeln!(
+                    out,
+                    "  {} {name} (linked {}, last seen {seen})",
+                    device.device_id,
+                    state::clock(device.linked_at_ms)
+                )?;
+            }
+        }
+        Event::DeviceRemoved(removed) => writeln!(
+            out,
+            "* device {} removed (list version {})",
+            removed.device_id, removed.version
+        )?,
         Event::GoAway(go_away) => match go_away.reason() {
             crate::proto::GoAwayReason::Replaced => writeln!(
                 out,
                 "* this device logged in elsewhere; this session is closed"
+            )?,
+            crate::proto::GoAwayReason::DeviceRemoved => writeln!(
+                out,
+                "* this device was removed from the account; its profile no longer works"
             )?,
             reason => writeln!(
                 out,

@@ -1,11 +1,11 @@
 //! The chat's logic without I/O: parsing what the user typed, the state of
 //! each sent message (✓ → ✓✓ → read) and the lines printed for events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use crate::client::error_code_name;
-use crate::ids::{ClientMessageId, UserId};
+use crate::ids::{ClientMessageId, DeviceId, UserId, PRIMARY_DEVICE};
 use crate::proto::{pb, ReceiptKind};
 
 /// Sent messages remembered for their receipts; older ones are forgotten
@@ -22,6 +22,12 @@ pub enum Command {
         to: Option<UserId>,
         text: String,
     },
+    /// `/link`: ask for a code to link a new device (primary only).
+    Link,
+    /// `/devices`: list this account's devices.
+    Devices,
+    /// `/remove DEVICE`: remove a companion (or this device itself).
+    Remove(DeviceId),
     Quit,
     Help,
     /// Whitespace only.
@@ -34,10 +40,15 @@ pub const HELP: &str = "\
 commands:
   /to USER         send plain lines to user id USER
   /msg USER text   send one message to USER
+  /link            get a code to link a new device (on the primary);
+                   then run `switchboard chat --link CODE --profile NEW`
+  /devices         list this account's devices
+  /remove DEVICE   remove a linked device (a companion: only itself)
   /help            this text
   /quit            leave
 a plain line goes to the current peer.
-sent messages show: ✓ sent (stored by the server), ✓✓ delivered, read";
+sent messages show: ✓ sent (stored by the server), ✓✓ delivered (to every
+device of the recipient), read";
 
 fn parse_user(word: &str) -> Result<UserId, String> {
     match word.parse::<u64>() {
@@ -79,6 +90,12 @@ pub fn parse_command(line: &str) -> Command {
                 Err(why) => Command::Invalid(why),
             }
         }
+        "link" => Command::Link,
+        "devices" => Command::Devices,
+        "remove" => match args.trim().parse::<u32>() {
+            Ok(device) if device > 0 => Command::Remove(DeviceId(device)),
+            _ => Command::Invalid("usage: /remove DEVICE (a device id from /devices)".to_string()),
+        },
         other => Command::Invalid(format!("unknown command /{other}; /help lists them")),
     }
 }
@@ -111,6 +128,10 @@ struct Tracked {
     number: u64,
     to: UserId,
     state: MessageState,
+    /// Devices the message was addressed to, and those that sent a
+    /// delivered receipt: ✓✓ once every one has.
+    devices: u32,
+    delivered_by: Vec<u32>,
 }
 
 /// The sent messages and their states, keyed by client message id.
@@ -149,6 +170,8 @@ impl Outbox {
                 number,
                 to,
                 state: MessageState::Queued,
+                devices: 1,
+                delivered_by: Vec::new(),
             },
         );
         (ClientMessageId(id), format!("[#{number} → {to}] {text}"))
@@ -173,6 +196,13 @@ impl Outbox {
         ))
     }
 
+    /// The message `id` went (again) to this many devices.
+    pub fn addressed(&mut self, id: ClientMessageId, devices: usize) {
+        if let Some(message) = self.messages.get_mut(&id.0) {
+            message.devices = devices.max(1) as u32;
+        }
+    }
+
     pub fn on_server_ack(&mut self, ack: &pb::ServerAck) -> Option<String> {
         self.advance(ack.client_message_id, MessageState::Sent, "")
     }
@@ -184,11 +214,23 @@ impl Outbox {
             ReceiptKind::Read => MessageState::Read,
             ReceiptKind::Unspecified => return Vec::new(),
         };
-        receipt
-            .client_message_ids
-            .iter()
-            .filter_map(|id| self.advance(*id, state, ""))
-            .collect()
+        let mut lines = Vec::new();
+        for id in &receipt.client_message_ids {
+            if state == MessageState::Delivered {
+                // ✓✓ when every device the message went to has it.
+                let Some(message) = self.messages.get_mut(id) else {
+                    continue;
+                };
+                if !message.delivered_by.contains(&receipt.by_device_id) {
+                    message.delivered_by.push(receipt.by_device_id);
+                }
+                if (message.delivered_by.len() as u32) < message.devices {
+                    continue;
+                }
+            }
+            lines.extend(self.advance(*id, state, ""));
+        }
+        lines
     }
 
     /// The line for a server Error: tied to a message when it names one.
@@ -206,6 +248,53 @@ impl Outbox {
             ),
             _ => format!("! server error {name}: {}{fatal}", error.message),
         }
+    }
+}
+
+/// The devices of the accounts written to, as the server's DEVICE_MISMATCH
+/// answers taught them, and the text of each unanswered message (to send
+/// it again, one payload per device, when the server asks for that).
+#[derive(Default)]
+pub struct Recipients {
+    devices: HashMap<UserId, Vec<DeviceId>>,
+    texts: BTreeMap<u64, (UserId, String)>,
+}
+
+impl Recipients {
+    /// The devices to address for `to` (the primary alone until the server
+    /// says otherwise).
+    pub fn devices_of(&self, to: UserId) -> Vec<DeviceId> {
+        self.devices
+            .get(&to)
+            .cloned()
+            .unwrap_or_else(|| vec![PRIMARY_DEVICE])
+    }
+
+    /// Remembers a sent message's text until the server answers it.
+    pub fn sent(&mut self, id: ClientMessageId, to: UserId, text: &str) {
+        if self.texts.len() >= TRACKED_MESSAGES_MAX {
+            self.texts.pop_first();
+        }
+        self.texts.insert(id.0, (to, text.to_string()));
+    }
+
+    /// The server answered message `id` (ServerAck or a final Error).
+    pub fn answered(&mut self, id: u64) {
+        self.texts.remove(&id);
+    }
+
+    /// A DEVICE_MISMATCH for one of our messages: learns the recipient's
+    /// devices; returns the message to send again, one payload per device,
+    /// or None if it is not ours.
+    pub fn on_mismatch(&mut self, error: &pb::Error) -> Option<(UserId, String, Vec<DeviceId>)> {
+        let (to, text) = self.texts.get(&error.client_message_id)?.clone();
+        let mut devices = self.devices_of(to);
+        devices.retain(|d| !error.stale_devices.contains(&d.0));
+        devices.extend(error.missing_devices.iter().map(|&d| DeviceId(d)));
+        devices.sort();
+        devices.dedup();
+        self.devices.insert(to, devices.clone());
+        Some((to, text, devices))
     }
 }
 
@@ -240,6 +329,67 @@ pub fn format_incoming(deliver: &pb::Deliver) -> String {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    fn device_receipt(kind: ReceiptKind, by_device: u32, id: ClientMessageId) -> pb::Receipt {
+        pb::Receipt {
+            sequence: 1,
+            kind: kind as i32,
+            by_user_id: 9,
+            by_device_id: by_device,
+            client_message_ids: vec![id.0],
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn delivered_shows_once_every_addressed_device_has_it() {
+        let mut outbox = Outbox::new(100);
+        let (id, _) = outbox.queue(UserId(9), "hi");
+        outbox.addressed(id, 2);
+        let delivered = |d| device_receipt(ReceiptKind::Delivered, d, id);
+        assert!(outbox.on_receipt(&delivered(1)).is_empty());
+        assert!(
+            outbox.on_receipt(&delivered(1)).is_empty(),
+            "a repeat counts once"
+        );
+        assert_eq!(outbox.state(id), Some(MessageState::Queued));
+        let lines = outbox.on_receipt(&delivered(2));
+        assert_eq!(lines, vec!["[#1 → 9] ✓✓ delivered".to_string()]);
+        // Read on any device is read.
+        let lines = outbox.on_receipt(&device_receipt(ReceiptKind::Read, 1, id));
+        assert_eq!(lines, vec!["[#1 → 9] ✓✓ read".to_string()]);
+    }
+
+    #[test]
+    fn a_mismatch_teaches_the_devices_and_gives_the_message_back() {
+        let mut recipients = Recipients::default();
+        let to = UserId(9);
+        assert_eq!(recipients.devices_of(to), vec![PRIMARY_DEVICE]);
+        recipients.sent(ClientMessageId(5), to, "hello");
+        let error = pb::Error {
+            code: crate::proto::ErrorCode::DeviceMismatch as i32,
+            client_message_id: 5,
+            missing_devices: vec![3, 2],
+            ..Default::default()
+        };
+        let (back_to, text, devices) = recipients.on_mismatch(&error).unwrap();
+        assert_eq!((back_to, text.as_str()), (to, "hello"));
+        assert_eq!(devices, vec![DeviceId(1), DeviceId(2), DeviceId(3)]);
+        // A device removed since: stale.
+        let error = pb::Error {
+            stale_devices: vec![2],
+            missing_devices: vec![],
+            ..error
+        };
+        let (_, _, devices) = recipients.on_mismatch(&error).unwrap();
+        assert_eq!(devices, vec![DeviceId(1), DeviceId(3)]);
+        recipients.answered(5);
+        assert!(recipients.on_mismatch(&error).is_none());
+        assert_eq!(parse_command("/remove 2"), Command::Remove(DeviceId(2)));
+        assert!(matches!(parse_command("/remove x"), Command::Invalid(_)));
+        assert_eq!(parse_command("/link"), Command::Link);
+        assert_eq!(parse_command("/devices"), Command::Devices);
+    }
 
     #[test]
     fn parses_commands_and_plain_lines() {

@@ -182,6 +182,8 @@ fn log_in_registers_when_the_profile_is_missing_and_reuses_it_after() {
             profile: dir.path().join("me.cred"),
             register: false,
             token: None,
+            link: None,
+            device_name: "chat".to_string(),
         };
         let server = glommio::spawn_local(async move {
             let mut peer = Peer::accept(&listener).await;

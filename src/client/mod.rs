@@ -59,7 +59,7 @@ use std::time::Duration;
 
 pub use credentials::Credentials;
 pub use reconnect::{ReconnectOptions, ReconnectingSession};
-pub use session::{register, Event, Session};
+pub use session::{link, register, Event, Session};
 
 use crate::proto::{pb, DecodeError, ErrorCode, FrameType, GoAwayReason};
 

@@ -65,7 +65,7 @@ pub struct ReconnectingSession {
     options: ReconnectOptions,
     session: RefCell<Option<Rc<Session>>>,
     /// Sends not yet answered, by client message id, for resume.
-    unacked: RefCell<BTreeMap<u64, (UserId, Bytes)>>,
+    unacked: RefCell<BTreeMap<u64, (UserId, Outgoing)>>,
     /// Highest inbox sequence surfaced.
     highest_seen: Cell<u64>,
     reconnects: Cell<u64>,
@@ -74,10 +74,27 @@ pub struct ReconnectingSession {
     next_attempt_at: Cell<Instant>,
     last_sent_at: Cell<Instant>,
     ping_nonce: Cell<u64>,
-    /// Set by GoAway REPLACED: another session of this device logged in, and
-    /// reconnecting would only replace it in turn.
-    replaced: Cell<bool>,
+    /// Set by GoAway REPLACED (another session of this device logged in, and
+    /// reconnecting would only replace it in turn) or DEVICE_REMOVED (its
+    /// credentials no longer work): no more reconnects.
+    ended: Cell<Option<GoAwayReason>>,
     reconnect_turn: Semaphore,
+}
+
+/// What an unanswered Send carried.
+#[derive(Clone, Debug)]
+enum Outgoing {
+    One(Bytes),
+    PerDevice(Vec<(DeviceId, Bytes)>),
+}
+
+impl Outgoing {
+    fn queue(&self, session: &Session, to: UserId, id: ClientMessageId) -> Result<(), ClientError> {
+        match self {
+            Outgoing::One(payload) => session.send(to, id, payload.clone()),
+            Outgoing::PerDevice(parts) => session.send_to_devices(to, id, parts),
+        }
+    }
 }
 
 fn is_permanent(code: ErrorCode) -> bool {
@@ -113,7 +130,7 @@ impl ReconnectingSession {
             next_attempt_at: Cell::new(now),
             last_sent_at: Cell::new(now),
             ping_nonce: Cell::new(0),
-            replaced: Cell::new(false),
+            ended: Cell::new(None),
             reconnect_turn: Semaphore::new(1),
         })
     }
@@ -160,6 +177,41 @@ impl ReconnectingSession {
     /// Queues a Send and remembers it until answered; sent now if connected,
     /// else on reconnect.
     pub fn send(&self, to: UserId, id: ClientMessageId, payload: Bytes) -> Result<(), ClientError> {
+        self.send_outgoing(to, id, Outgoing::One(payload))
+    }
+
+    /// Queues a Send with one payload per device of the recipient; resent
+    /// like `send` until answered.
+    pub fn send_to_devices(
+        &self,
+        to: UserId,
+        id: ClientMessageId,
+        parts: Vec<(DeviceId, Bytes)>,
+    ) -> Result<(), ClientError> {
+        self.send_outgoing(to, id, Outgoing::PerDevice(parts))
+    }
+
+    /// Queues RequestLinkCode; `Err(Closed)` while disconnected.
+    pub fn request_link_code(&self) -> Result<(), ClientError> {
+        self.with_session(|s| s.request_link_code())
+    }
+
+    /// Queues ListDevices; `Err(Closed)` while disconnected.
+    pub fn list_devices(&self) -> Result<(), ClientError> {
+        self.with_session(|s| s.list_devices())
+    }
+
+    /// Queues RemoveDevice; `Err(Closed)` while disconnected.
+    pub fn remove_device(&self, device: DeviceId) -> Result<(), ClientError> {
+        self.with_session(|s| s.remove_device(device))
+    }
+
+    fn send_outgoing(
+        &self,
+        to: UserId,
+        id: ClientMessageId,
+        outgoing: Outgoing,
+    ) -> Result<(), ClientError> {
         {
             let unacked = self.unacked.borrow();
             if unacked.len() >= self.options.unacked_sends_max && !unacked.contains_key(&id.0) {
@@ -167,14 +219,14 @@ impl ReconnectingSession {
             }
         }
         if let Some(session) = self.current() {
-            match session.send(to, id, payload.clone()) {
+            match outgoing.queue(&session, to, id) {
                 Ok(()) => self.last_sent_at.set(Instant::now()),
                 Err(ClientError::QueueFull) => return Err(ClientError::QueueFull),
                 // Closed: it goes out on reconnect.
                 Err(_) => self.disconnect(),
             }
         }
-        self.unacked.borrow_mut().insert(id.0, (to, payload));
+        self.unacked.borrow_mut().insert(id.0, (to, outgoing));
         Ok(())
     }
 
@@ -223,9 +275,9 @@ impl ReconnectingSession {
             if let Some(session) = self.current() {
                 return Ok(session);
             }
-            if self.replaced.get() {
+            if let Some(reason) = self.ended.get() {
                 return Err(ClientError::GoAway {
-                    reason: GoAwayReason::Replaced,
+                    reason,
                     reconnect_after_ms: 0,
                 });
             }
@@ -291,15 +343,15 @@ impl ReconnectingSession {
     /// Queues every unanswered Send again, flushing whenever the output
     /// queue is full, so any number of them goes out.
     async fn resend(&self, session: &Session) -> Result<(), ClientError> {
-        let pending: Vec<(u64, UserId, Bytes)> = self
+        let pending: Vec<(u64, UserId, Outgoing)> = self
             .unacked
             .borrow()
             .iter()
-            .map(|(id, (to, payload))| (*id, *to, payload.clone()))
+            .map(|(id, (to, outgoing))| (*id, *to, outgoing.clone()))
             .collect();
-        for (id, to, payload) in pending {
+        for (id, to, outgoing) in pending {
             loop {
-                match session.send(to, ClientMessageId(id), payload.clone()) {
+                match outgoing.queue(session, to, ClientMessageId(id)) {
                     Ok(()) => break,
                     Err(ClientError::QueueFull) => session.flush().await?,
                     Err(e) => return Err(e),
@@ -367,8 +419,9 @@ impl ReconnectingSession {
                 }
                 Event::GoAway(go_away) => {
                     self.disconnect();
-                    if go_away.reason() == GoAwayReason::Replaced {
-                        self.replaced.set(true);
+                    let reason = go_away.reason();
+                    if matches!(reason, GoAwayReason::Replaced | GoAwayReason::DeviceRemoved) {
+                        self.ended.set(Some(reason));
                     }
                     self.next_attempt_at.set(
                         Instant::now() + Duration::from_millis(go_away.reconnect_after_ms.into()),
@@ -386,7 +439,10 @@ impl ReconnectingSession {
                         continue;
                     }
                 }
-                Event::Pong(_) => {}
+                Event::Pong(_)
+                | Event::LinkCode(_)
+                | Event::DeviceList(_)
+                | Event::DeviceRemoved(_) => {}
             }
             return Ok(event);
         }

@@ -33,6 +33,12 @@ pub enum Event {
     GoAway(pb::GoAway),
     /// The answer to our Ping.
     Pong(u64),
+    /// A one-time code for linking a new device (answers RequestLinkCode).
+    LinkCode(pb::LinkCode),
+    /// The account's devices (answers ListDevices).
+    DeviceList(pb::DeviceList),
+    /// A device of the account was removed (answers RemoveDevice).
+    DeviceRemoved(pb::DeviceRemoved),
 }
 
 /// Output buffers up to this size are reused across flushes (no allocation
@@ -279,8 +285,37 @@ pub async fn register(
             protocol_version: PROTOCOL_VERSION,
             registration_token: token.unwrap_or_default().to_string(),
         }))?;
-        connection.flush().await?;
-        match connection.next_frame().await? {
+        connection.registered().await
+    })
+    .await
+}
+
+/// Links this new device to an account with a code its primary device got
+/// (`Session::request_link_code`): Link → Registered. The connection is
+/// closed afterwards; log in with [`Session::connect`] and the returned
+/// credentials.
+pub async fn link(
+    opts: &ConnectOptions,
+    code: &str,
+    device_name: &str,
+) -> Result<super::Credentials, ClientError> {
+    with_timeout(opts.timeout, async {
+        let connection = Connection::open(opts).await?;
+        connection.queue(&Frame::Link(pb::Link {
+            protocol_version: PROTOCOL_VERSION,
+            code: code.to_string(),
+            device_name: device_name.to_string(),
+        }))?;
+        connection.registered().await
+    })
+    .await
+}
+
+impl Connection {
+    /// Flushes, then reads the Registered that answers Register or Link.
+    async fn registered(&self) -> Result<super::Credentials, ClientError> {
+        self.flush().await?;
+        match self.next_frame().await? {
             Frame::Registered(registered) => {
                 let secret: [u8; 32] = registered.secret.as_ref().try_into().map_err(|_| {
                     ClientError::Protocol(crate::proto::DecodeError::Malformed(
@@ -295,8 +330,7 @@ pub async fn register(
             }
             other => Err(handshake_refusal(other)),
         }
-    })
-    .await
+    }
 }
 
 fn handshake_refusal(frame: Frame) -> ClientError {
@@ -357,6 +391,48 @@ impl Session {
             payload,
             device_payloads: Vec::new(),
         }))
+    }
+
+    /// Queues a Send with one payload per device of the recipient (each
+    /// encrypted for its device by the caller).
+    pub fn send_to_devices(
+        &self,
+        to: UserId,
+        id: ClientMessageId,
+        parts: &[(DeviceId, Bytes)],
+    ) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::Send(pb::Send {
+            client_message_id: id.0,
+            recipient_user_id: to.0,
+            payload: Bytes::new(),
+            device_payloads: parts
+                .iter()
+                .map(|(device, payload)| pb::DevicePayload {
+                    device_id: device.0,
+                    payload: payload.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    /// Queues RequestLinkCode (primary only); answered with `Event::LinkCode`.
+    pub fn request_link_code(&self) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::RequestLinkCode(pb::RequestLinkCode {}))
+    }
+
+    /// Queues ListDevices; answered with `Event::DeviceList`.
+    pub fn list_devices(&self) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::ListDevices(pb::ListDevices {}))
+    }
+
+    /// Queues RemoveDevice; answered with `Event::DeviceRemoved`.
+    pub fn remove_device(&self, device: DeviceId) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::RemoveDevice(pb::RemoveDevice {
+                device_id: device.0,
+            }))
     }
 
     /// Queues an Ack of every inbox sequence up to and including `up_to`.
@@ -445,6 +521,9 @@ impl Session {
                     Event::GoAway(go_away)
                 }
                 Frame::Pong(pong) => Event::Pong(pong.nonce),
+                Frame::LinkCode(code) => Event::LinkCode(code),
+                Frame::DeviceList(list) => Event::DeviceList(list),
+                Frame::DeviceRemoved(removed) => Event::DeviceRemoved(removed),
                 Frame::Ping(ping) => {
                     match self
                         .connection
