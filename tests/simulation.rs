@@ -10,11 +10,15 @@
 //! `SEED=<seed> cargo test --release --test simulation` replays it exactly.
 //! `SIM_SEEDS=<n> SIM_STEPS=<m>` runs more (`just sim --seeds N --steps M`).
 //!
+//! Accounts: some users have a companion device besides their primary, so a
+//! client is one device; a Send to such an account carries one payload per
+//! device (each different), and a companion sends, acks and reads on its own.
+//!
 //! Invariants, checked after every step, after every crash + recovery, and
 //! once every client has caught up at the end:
-//! - every message that got a ServerAck is delivered to its recipient, once
-//!   per sequence and under one sequence only (dedupe), and never before it
-//!   is durable;
+//! - every message that got a ServerAck is delivered to every device of its
+//!   recipient, each with its own payload, once per sequence and under one
+//!   sequence only (dedupe), and never before it is durable;
 //! - nothing that was not sent is delivered, and a sequence never carries
 //!   two different entries (sequences never go back after recovery);
 //! - within a session, entries arrive in increasing sequence order;
@@ -49,9 +53,12 @@ use switchboard::route::home_shard;
 use switchboard::store::storage::SimStorage;
 use switchboard::store::{Log, ManualClock};
 
-/// (sender user, client message id): what dedupe keys a message by (every
-/// device here is its user's primary).
-type MessageKey = (u64, u64);
+/// (sender user, sender device, client message id): what dedupe keys a
+/// message by.
+type MessageKey = (u64, u32, u64);
+
+/// (user, device): one client.
+type DeviceKey = (u64, u32);
 
 #[derive(Default, Debug, Clone, Copy)]
 struct Stats {
@@ -74,14 +81,29 @@ impl std::ops::AddAssign for Stats {
     }
 }
 
-struct Users(u64);
+/// Users 1..=count; those in `linked` also have device 2.
+struct Users {
+    count: u64,
+    linked: HashSet<u64>,
+}
 
 impl Directory for Users {
     fn user_exists(&self, user: UserId) -> bool {
-        (1..=self.0).contains(&user.0)
+        (1..=self.count).contains(&user.0)
     }
     fn device_exists(&self, user: UserId, device: DeviceId) -> bool {
-        self.user_exists(user) && device == PRIMARY_DEVICE
+        self.device_set(user)
+            .is_some_and(|(_, devices)| devices.contains(&device))
+    }
+    fn device_set(&self, user: UserId) -> Option<(u64, Vec<DeviceId>)> {
+        if !self.user_exists(user) {
+            return None;
+        }
+        Some(if self.linked.contains(&user.0) {
+            (2, vec![PRIMARY_DEVICE, DeviceId(2)])
+        } else {
+            (1, vec![PRIMARY_DEVICE])
+        })
     }
 }
 
@@ -90,6 +112,7 @@ impl Directory for Users {
 struct Output {
     client: usize,
     user: u64,
+    device: u32,
     frames: VecDeque<Frame>,
     bytes: usize,
     /// The engine closed it: the client reads what is queued, then the
@@ -123,7 +146,7 @@ impl Host for SimHost<'_> {
             if let Frame::Deliver(d) = frame {
                 self.world
                     .delivered_now
-                    .push((device(out.user), d.sequence));
+                    .push((device(out.user, out.device), d.sequence));
             }
             out.bytes += frame.to_bytes().len();
             out.frames.push_back(frame.clone());
@@ -161,11 +184,12 @@ impl Host for SimHost<'_> {
 
 struct Client {
     user: u64,
+    device: u32,
     home: usize,
     session: Option<SessionId>,
     next_id: u64,
-    /// Sends not yet answered with a ServerAck: id → (recipient, payload).
-    outstanding: BTreeMap<u64, (u64, Bytes)>,
+    /// Sends not yet answered with a ServerAck: id → the Send.
+    outstanding: BTreeMap<u64, Frame>,
     /// Highest sequence seen in the current session.
     session_last_seq: u64,
     /// Messages received (sender, id) → sequences that carried them.
@@ -204,35 +228,40 @@ struct Sim {
     world: World,
     clients: Vec<Client>,
     next_session: SessionId,
-    /// Every message sent: key → (recipient, payload).
-    sent: HashMap<MessageKey, (u64, Bytes)>,
+    /// Every message sent: key → (recipient, payload per recipient device).
+    sent: HashMap<MessageKey, (u64, Vec<(u32, Bytes)>)>,
+    /// Users with a companion device (2).
+    linked: HashSet<u64>,
+    /// Each device's client.
+    client_of: HashMap<DeviceKey, usize>,
     /// Messages whose sender got a ServerAck.
     server_acked: HashSet<MessageKey>,
-    /// (recipient, sender, id) acked by the recipient: may get a delivered receipt.
-    recipient_acked: HashSet<(u64, u64, u64)>,
+    /// (recipient device, message) acked by the recipient device: may get
+    /// a delivered receipt.
+    recipient_acked: HashSet<(DeviceKey, MessageKey)>,
     /// Acks fed to each shard since its last commit: their receipts are owed
     /// once that commit makes the ack durable. (After a power loss an ack
     /// that was never synced can survive while the receipt written before
     /// it does not: unsynced pages persist in any order.)
-    acks_unrecorded: Vec<Vec<(u64, u64, u64)>>,
+    acks_unrecorded: Vec<Vec<(DeviceKey, MessageKey)>>,
     /// Acks durably recorded: each owes its sender a delivered receipt.
-    receipts_owed: HashSet<(u64, u64, u64)>,
-    /// (reader, sender, id) named in a ReadReceipt.
-    read_sent: HashSet<(u64, u64, u64)>,
-    /// (sender, by, id, kind) receipts received.
-    receipts_received: HashSet<(u64, u64, u64, i32)>,
-    /// Highest sequence delivered per user, ever.
-    delivered_max: HashMap<u64, u64>,
+    receipts_owed: HashSet<(DeviceKey, MessageKey)>,
+    /// (reader device, message) named in a ReadReceipt.
+    read_sent: HashSet<(DeviceKey, MessageKey)>,
+    /// (by device, message, kind) receipts received by the message's sender.
+    receipts_received: HashSet<(DeviceKey, MessageKey, i32)>,
+    /// Highest sequence delivered per device, ever.
+    delivered_max: HashMap<DeviceKey, u64>,
     disk_was_full: bool,
     stats: Stats,
     /// `SIM_TRACE=1`: print every event fed and every frame a client reads.
     trace: bool,
 }
 
-fn device(user: u64) -> InboxKey {
+fn device(user: u64, device: u32) -> InboxKey {
     InboxKey {
         user: UserId(user),
-        device: PRIMARY_DEVICE,
+        device: DeviceId(device),
     }
 }
 
@@ -272,9 +301,19 @@ impl Sim {
             out_max: config.limits.output_queue_bytes_max as usize,
             delivered_now: Vec::new(),
         };
-        let clients = (1..=users)
-            .map(|user| Client {
+        let linked: HashSet<u64> = (1..=users).filter(|_| rng.gen_bool(0.4)).collect();
+        let devices: Vec<DeviceKey> = (1..=users)
+            .flat_map(|user| {
+                let companion = linked.contains(&user).then_some((user, 2));
+                std::iter::once((user, 1)).chain(companion)
+            })
+            .collect();
+        let client_of = devices.iter().enumerate().map(|(i, d)| (*d, i)).collect();
+        let clients = devices
+            .iter()
+            .map(|&(user, device)| Client {
                 user,
+                device,
                 home: home_shard(UserId(user), shards).0 as usize,
                 session: None,
                 next_id: 1,
@@ -301,6 +340,8 @@ impl Sim {
             clients,
             next_session: 1,
             sent: HashMap::new(),
+            linked,
+            client_of,
             server_acked: HashSet::new(),
             recipient_acked: HashSet::new(),
             acks_unrecorded: vec![Vec::new(); shards as usize],
@@ -315,6 +356,19 @@ impl Sim {
         sim.start()
             .unwrap_or_else(|e| panic!("seed {seed}: first start: {e}"));
         sim
+    }
+
+    fn users(&self) -> u64 {
+        self.clients.iter().map(|c| c.user).max().unwrap_or(0)
+    }
+
+    /// The devices of `user`, ascending.
+    fn devices_of(&self, user: u64) -> Vec<u32> {
+        if self.linked.contains(&user) {
+            vec![1, 2]
+        } else {
+            vec![1]
+        }
     }
 
     fn fail(&self, message: String) -> Failure {
@@ -350,7 +404,10 @@ impl Sim {
                 shards,
                 self.config.limits.clone(),
                 log,
-                Arc::new(Users(self.clients.len() as u64)),
+                Arc::new(Users {
+                    count: self.users(),
+                    linked: self.linked.clone(),
+                }),
                 Arc::new(ShardMetrics::default()),
                 self.clock.clone(),
             );
@@ -446,12 +503,12 @@ impl Sim {
         // Sequences never go back: whatever was delivered was durable.
         for client in &self.clients {
             let engine = self.engines[client.home].as_ref().expect("running");
-            let last = engine.log().last_seq(device(client.user)).0;
-            let delivered = self.delivered_max.get(&client.user).copied().unwrap_or(0);
+            let me = (client.user, client.device);
+            let last = engine.log().last_seq(device(me.0, me.1)).0;
+            let delivered = self.delivered_max.get(&me).copied().unwrap_or(0);
             if last < delivered {
                 return Err(format!(
-                    "user {}: sequence went back from {delivered} to {last} after recovery",
-                    client.user
+                    "device {me:?}: sequence went back from {delivered} to {last} after recovery"
                 ));
             }
         }
@@ -466,6 +523,7 @@ impl Sim {
             Output {
                 client: c,
                 user: self.clients[c].user,
+                device: self.clients[c].device,
                 ..Output::default()
             },
         );
@@ -473,11 +531,11 @@ impl Sim {
         client.session = Some(session);
         client.session_last_seq = 0;
         client.to_ack.clear();
-        let (home, user) = (client.home, client.user);
+        let (home, user, dev) = (client.home, client.user, client.device);
         self.feed(
             home,
             Event::Opened {
-                device: device(user),
+                device: device(user, dev),
                 session,
                 connected_at: session as u32,
                 protocol_version: 1,
@@ -491,11 +549,15 @@ impl Sim {
         };
         self.world.outputs.remove(&session);
         self.clients[c].to_ack.clear();
-        let (home, user) = (self.clients[c].home, self.clients[c].user);
+        let (home, user, dev) = (
+            self.clients[c].home,
+            self.clients[c].user,
+            self.clients[c].device,
+        );
         self.feed(
             home,
             Event::Closed {
-                device: device(user),
+                device: device(user, dev),
                 session,
             },
         )
@@ -505,11 +567,15 @@ impl Sim {
         let Some(session) = self.clients[c].session else {
             return Ok(());
         };
-        let (home, user) = (self.clients[c].home, self.clients[c].user);
+        let (home, user, dev) = (
+            self.clients[c].home,
+            self.clients[c].user,
+            self.clients[c].device,
+        );
         self.feed(
             home,
             Event::Frame {
-                device: device(user),
+                device: device(user, dev),
                 session,
                 frame,
             },
@@ -517,31 +583,41 @@ impl Sim {
     }
 
     fn send_new(&mut self, c: usize) -> Result<(), String> {
-        let users = self.clients.len() as u64;
-        let to = self.rng.gen_range(1..=users);
-        let client = &mut self.clients[c];
-        let id = client.next_id;
-        client.next_id += 1;
-        let len = self.rng.gen_range(0..48);
-        let mut payload = format!("{}:{}:", client.user, id).into_bytes();
-        payload.extend((0..len).map(|_| self.rng.gen::<u8>()));
-        let payload = Bytes::from(payload);
-        client.outstanding.insert(id, (to, payload.clone()));
-        self.sent.insert((client.user, id), (to, payload.clone()));
+        let to = self.rng.gen_range(1..=self.users());
+        let devices = self.devices_of(to);
+        let (user, dev, id) = {
+            let client = &mut self.clients[c];
+            client.next_id += 1;
+            (client.user, client.device, client.next_id - 1)
+        };
+        // A different payload for each device of the recipient (as if each
+        // were encrypted for its device).
+        let parts: Vec<(u32, Bytes)> = devices
+            .iter()
+            .map(|&d| {
+                let len = self.rng.gen_range(0..48);
+                let mut payload = format!("{user}.{dev}:{id}:{to}.{d}:").into_bytes();
+                payload.extend((0..len).map(|_| self.rng.gen::<u8>()));
+                (d, Bytes::from(payload))
+            })
+            .collect();
+        let frame = send_frame(id, to, &parts);
+        self.clients[c].outstanding.insert(id, frame.clone());
+        self.sent.insert((user, dev, id), (to, parts));
         self.stats.sends += 1;
-        self.client_frame(c, send_frame(id, to, payload))
+        self.client_frame(c, frame)
     }
 
     fn retry(&mut self, c: usize) -> Result<(), String> {
         let client = &self.clients[c];
-        let Some((&id, (to, payload))) = client
+        let Some(frame) = client
             .outstanding
-            .iter()
+            .values()
             .nth(self.rng.gen_range(0..client.outstanding.len().max(1)))
         else {
             return Ok(());
         };
-        let frame = send_frame(id, *to, payload.clone());
+        let frame = frame.clone();
         self.client_frame(c, frame)
     }
 
@@ -563,10 +639,11 @@ impl Sim {
                 sequences: seqs.clone(),
             })
         };
+        let me = (client.user, client.device);
         for seq in &seqs {
-            if let Some(Entry::Message((sender, id))) = client.by_seq.get(seq) {
-                self.recipient_acked.insert((client.user, *sender, *id));
-                self.acks_unrecorded[client.home].push((client.user, *sender, *id));
+            if let Some(Entry::Message(key)) = client.by_seq.get(seq) {
+                self.recipient_acked.insert((me, *key));
+                self.acks_unrecorded[client.home].push((me, *key));
             }
         }
         self.client_frame(c, frame)
@@ -577,22 +654,23 @@ impl Sim {
         if client.unread.is_empty() {
             return Ok(());
         }
-        let sender = client.unread[0].0;
+        let (sender, sender_device, _) = client.unread[0];
         let mut ids = Vec::new();
-        client.unread.retain(|&(s, id)| {
-            if s == sender {
+        client.unread.retain(|&(s, d, id)| {
+            if (s, d) == (sender, sender_device) {
                 ids.push(id);
                 false
             } else {
                 true
             }
         });
+        let me = (client.user, client.device);
         for id in &ids {
-            self.read_sent.insert((client.user, sender, *id));
+            self.read_sent.insert((me, (sender, sender_device, *id)));
         }
         let frame = Frame::ReadReceipt(pb::ReadReceipt {
             sender_user_id: sender,
-            sender_device_id: PRIMARY_DEVICE.0,
+            sender_device_id: sender_device,
             client_message_ids: ids,
         });
         self.client_frame(c, frame)
@@ -617,17 +695,17 @@ impl Sim {
             let drained = out.bytes < self.world.out_max;
             self.on_client_frame(c, frame)?;
             if drained && self.clients[c].session == Some(session) {
-                let user = self.clients[c].user;
+                let inbox = device(self.clients[c].user, self.clients[c].device);
                 let home = self.clients[c].home;
                 if self.engines[home]
                     .as_ref()
                     .expect("running")
-                    .pump_blocked(device(user))
+                    .pump_blocked(inbox)
                 {
                     self.feed(
                         home,
                         Event::OutputDrained {
-                            device: device(user),
+                            device: inbox,
                             session,
                         },
                     )?;
@@ -638,14 +716,15 @@ impl Sim {
     }
 
     fn on_client_frame(&mut self, c: usize, frame: Frame) -> Result<(), String> {
-        let user = self.clients[c].user;
+        let (user, dev) = (self.clients[c].user, self.clients[c].device);
+        let me = (user, dev);
         if self.trace {
-            eprintln!("[{}] user {user} reads {frame:?}", self.step);
+            eprintln!("[{}] device {me:?} reads {frame:?}", self.step);
         }
         match frame {
             Frame::Welcome(_) | Frame::Pong(_) | Frame::GoAway(_) => {}
             Frame::ServerAck(a) => {
-                let key = (user, a.client_message_id);
+                let key = (user, dev, a.client_message_id);
                 if !self.sent.contains_key(&key) {
                     return Err(format!("user {user}: ServerAck for {key:?}, never sent"));
                 }
@@ -662,22 +741,26 @@ impl Sim {
                 let code = ErrorCode::try_from(e.code).ok();
                 match code {
                     Some(ErrorCode::StoreFull | ErrorCode::StoreFailed | ErrorCode::Internal) => {}
-                    other => return Err(format!("user {user}: unexpected error {other:?}: {e:?}")),
+                    other => {
+                        return Err(format!("device {me:?}: unexpected error {other:?}: {e:?}"))
+                    }
                 }
             }
             Frame::Deliver(d) => {
-                let key = (d.sender_user_id, d.client_message_id);
+                let key = (d.sender_user_id, d.sender_device_id, d.client_message_id);
                 match self.sent.get(&key) {
-                    Some((to, payload)) if *to == user && *payload == d.payload => {}
+                    Some((to, parts))
+                        if *to == user
+                            && parts.iter().any(|(pd, p)| *pd == dev && *p == d.payload) => {}
                     Some(_) => {
                         return Err(format!(
-                            "user {user}: seq {} carries {key:?} with other content or recipient",
+                            "device {me:?}: seq {} carries {key:?} with another device's payload, other content or recipient",
                             d.sequence
                         ))
                     }
                     None => {
                         return Err(format!(
-                            "user {user}: seq {} delivers {key:?}, never sent",
+                            "device {me:?}: seq {} delivers {key:?}, never sent",
                             d.sequence
                         ))
                     }
@@ -688,7 +771,7 @@ impl Sim {
                 seqs.insert(d.sequence);
                 if seqs.len() > 1 {
                     return Err(format!(
-                        "user {user}: {key:?} stored twice, as sequences {seqs:?}"
+                        "device {me:?}: {key:?} stored twice, as sequences {seqs:?}"
                     ));
                 }
                 if !client.unread.contains(&key) && self.rng.gen_bool(0.5) {
@@ -697,20 +780,24 @@ impl Sim {
                 self.stats.delivered += 1;
             }
             Frame::Receipt(r) => {
+                let by = (r.by_user_id, r.by_device_id);
                 for id in &r.client_message_ids {
+                    let key = (user, dev, *id);
                     let known = if r.kind == pb::ReceiptKind::Delivered as i32 {
-                        self.recipient_acked.contains(&(r.by_user_id, user, *id))
+                        self.recipient_acked.contains(&(by, key))
                     } else {
-                        self.read_sent.contains(&(r.by_user_id, user, *id))
+                        // Reading is the account's: any of its devices.
+                        self.devices_of(by.0)
+                            .iter()
+                            .any(|&d| self.read_sent.contains(&((by.0, d), key)))
                     };
                     if !known {
                         return Err(format!(
-                            "user {user}: receipt kind {} from {} for message {id} it never acked or read",
-                            r.kind, r.by_user_id
+                            "device {me:?}: receipt kind {} from {by:?} for message {id} it never acked or read",
+                            r.kind
                         ));
                     }
-                    self.receipts_received
-                        .insert((user, r.by_user_id, *id, r.kind));
+                    self.receipts_received.insert((by, key, r.kind));
                 }
                 self.on_entry(
                     c,
@@ -718,7 +805,7 @@ impl Sim {
                     Entry::Receipt(r.kind, r.by_user_id, r.client_message_ids.clone()),
                 )?;
             }
-            other => return Err(format!("user {user}: unexpected frame {other:?}")),
+            other => return Err(format!("device {me:?}: unexpected frame {other:?}")),
         }
         Ok(())
     }
@@ -727,10 +814,10 @@ impl Sim {
     /// entry per sequence ever.
     fn on_entry(&mut self, c: usize, seq: u64, entry: Entry) -> Result<(), String> {
         let client = &mut self.clients[c];
-        let user = client.user;
+        let me = (client.user, client.device);
         if seq <= client.session_last_seq {
             return Err(format!(
-                "user {user}: seq {seq} after {} in one session",
+                "device {me:?}: seq {seq} after {} in one session",
                 client.session_last_seq
             ));
         }
@@ -738,13 +825,13 @@ impl Sim {
         if let Some(previous) = client.by_seq.get(&seq) {
             if *previous != entry {
                 return Err(format!(
-                    "user {user}: seq {seq} carried {previous:?}, now {entry:?}"
+                    "device {me:?}: seq {seq} carried {previous:?}, now {entry:?}"
                 ));
             }
         }
         client.by_seq.insert(seq, entry);
         client.to_ack.push(seq);
-        let max = self.delivered_max.entry(user).or_default();
+        let max = self.delivered_max.entry(me).or_default();
         *max = (*max).max(seq);
         Ok(())
     }
@@ -899,10 +986,10 @@ impl Sim {
                     moved = true;
                 }
                 if round % 10 == 0 && !self.clients[c].outstanding.is_empty() {
-                    let ids: Vec<u64> = self.clients[c].outstanding.keys().copied().collect();
-                    for id in ids {
-                        let (to, payload) = self.clients[c].outstanding[&id].clone();
-                        self.client_frame(c, send_frame(id, to, payload))?;
+                    let frames: Vec<Frame> =
+                        self.clients[c].outstanding.values().cloned().collect();
+                    for frame in frames {
+                        self.client_frame(c, frame)?;
                     }
                     moved = true;
                 }
@@ -917,45 +1004,45 @@ impl Sim {
 
     fn check_end(&self) -> Result<(), String> {
         for key in &self.server_acked {
-            let (to, _) = &self.sent[key];
-            let recipient = &self.clients[(*to - 1) as usize];
-            if !recipient.received.contains_key(key) {
-                let engine = self.engines[recipient.home].as_ref().expect("running");
-                let inbox = device(*to);
-                let session = engine.session(inbox);
-                let last_sent = session.map(|s| s.last_sent()).unwrap_or(0);
-                let mut positions = Vec::new();
-                engine
-                    .log()
-                    .pending_after(inbox, InboxSeq(last_sent), 4, &mut positions);
-                let pending: Vec<_> = positions
-                    .iter()
-                    .map(|&(q, p)| (q.0, engine.log().is_durable(p)))
-                    .collect();
-                return Err(format!(
-                    "acknowledged message {key:?} never reached user {to} \
+            let (to, parts) = &self.sent[key];
+            for &(to_device, _) in parts {
+                let recipient = &self.clients[self.client_of[&(*to, to_device)]];
+                if !recipient.received.contains_key(key) {
+                    let engine = self.engines[recipient.home].as_ref().expect("running");
+                    let inbox = device(*to, to_device);
+                    let session = engine.session(inbox);
+                    let last_sent = session.map(|s| s.last_sent()).unwrap_or(0);
+                    let mut positions = Vec::new();
+                    engine
+                        .log()
+                        .pending_after(inbox, InboxSeq(last_sent), 4, &mut positions);
+                    let pending: Vec<_> = positions
+                        .iter()
+                        .map(|&(q, p)| (q.0, engine.log().is_durable(p)))
+                        .collect();
+                    return Err(format!(
+                        "acknowledged message {key:?} never reached device {to}/{to_device} \
                      (session {session:?}, pending after it: {pending:?})"
-                ));
+                    ));
+                }
             }
         }
         for c in &self.clients {
             if !c.outstanding.is_empty() {
                 return Err(format!(
-                    "user {}: sends never answered: {:?}",
+                    "device {}/{}: sends never answered: {:?}",
                     c.user,
+                    c.device,
                     c.outstanding.keys().collect::<Vec<_>>()
                 ));
             }
         }
         if !self.disk_was_full {
-            for &(recipient, sender, id) in &self.receipts_owed {
+            for &(recipient, key) in &self.receipts_owed {
                 let kind = pb::ReceiptKind::Delivered as i32;
-                if !self
-                    .receipts_received
-                    .contains(&(sender, recipient, id, kind))
-                {
+                if !self.receipts_received.contains(&(recipient, key, kind)) {
                     return Err(format!(
-                        "user {sender}: no delivered receipt for message {id} acked by {recipient}"
+                        "no delivered receipt for message {key:?} acked by device {recipient:?}"
                     ));
                 }
             }
@@ -984,12 +1071,27 @@ impl Sim {
     }
 }
 
-fn send_frame(id: u64, to: u64, payload: Bytes) -> Frame {
+/// A Send: one payload for an account with only its primary, else one per
+/// device (the server refuses anything else).
+fn send_frame(id: u64, to: u64, parts: &[(u32, Bytes)]) -> Frame {
+    let (payload, device_payloads) = match parts {
+        [(1, payload)] => (payload.clone(), vec![]),
+        parts => (
+            Bytes::new(),
+            parts
+                .iter()
+                .map(|(device, payload)| pb::DevicePayload {
+                    device_id: *device,
+                    payload: payload.clone(),
+                })
+                .collect(),
+        ),
+    };
     Frame::Send(pb::Send {
         client_message_id: id,
         recipient_user_id: to,
         payload,
-        device_payloads: vec![],
+        device_payloads,
     })
 }
 
