@@ -3,7 +3,9 @@
 //! restarted; senders retry what was not acknowledged with the same client
 //! message ids. At the end every acknowledged message must be delivered, in
 //! order, exactly once after dedupe by sequence, never stored twice, and
-//! nothing may appear that no client sent.
+//! nothing may appear that no client sent. One recipient account has a
+//! companion device: Sends to it carry one payload per device, and each
+//! device must get every acknowledged message with its own payload.
 //!
 //! Rounds: `SWITCHBOARD_CRASH_ROUNDS` (default 3; the full run uses 20).
 //! The seed is printed; `SWITCHBOARD_CRASH_SEED` replays a run.
@@ -22,8 +24,58 @@ use switchboard::proto::{pb, Frame};
 const SENDERS: usize = 3;
 const RECIPIENTS: usize = 2;
 
-fn payload(sender: u64, id: u64) -> Vec<u8> {
-    format!("from {sender} id {id} {}", "x".repeat((id % 50) as usize)).into_bytes()
+fn payload(sender: u64, id: u64, device: u32) -> Vec<u8> {
+    format!(
+        "from {sender} id {id} for device {device} {}",
+        "x".repeat((id % 50) as usize)
+    )
+    .into_bytes()
+}
+
+/// The Send of message `id` to `to`: one payload per device of an account
+/// with a companion (`linked`), one payload otherwise.
+fn send_frame(sender: u64, id: u64, to: u64, linked: u64) -> Frame {
+    let (payload, device_payloads) = if to == linked {
+        let parts = [1, 2]
+            .iter()
+            .map(|&device| pb::DevicePayload {
+                device_id: device,
+                payload: payload(sender, id, device).into(),
+            })
+            .collect();
+        (Default::default(), parts)
+    } else {
+        (payload(sender, id, 1).into(), vec![])
+    };
+    Frame::Send(pb::Send {
+        client_message_id: id,
+        recipient_user_id: to,
+        payload,
+        device_payloads,
+    })
+}
+
+/// Links a companion (device 2) to `primary`'s account.
+fn link_companion(addr: SocketAddr, primary: &Account) -> Account {
+    let (mut c, _) = RawClient::login(addr, primary);
+    c.send(&Frame::RequestLinkCode(pb::RequestLinkCode {}));
+    let Some(Frame::LinkCode(code)) = c.recv() else {
+        panic!("expected LinkCode")
+    };
+    let mut new = RawClient::connect(addr);
+    new.send(&Frame::Link(pb::Link {
+        protocol_version: switchboard::proto::PROTOCOL_VERSION,
+        code: code.code,
+        device_name: "companion".into(),
+    }));
+    match new.recv() {
+        Some(Frame::Registered(r)) => Account {
+            user: r.user_id,
+            device: r.device_id,
+            secret: r.secret,
+        },
+        other => panic!("expected Registered, got {other:?}"),
+    }
 }
 
 /// One sender's view across rounds.
@@ -40,6 +92,7 @@ fn sender_round(
     addr: SocketAddr,
     account: &Account,
     recipients: &[u64],
+    linked: u64,
     mut state: SenderState,
     budget: u64,
 ) -> SenderState {
@@ -61,12 +114,7 @@ fn sender_round(
     for chunk in queue.chunks(8) {
         for &(id, to) in chunk {
             state.sent.insert(id, to);
-            let frame = Frame::Send(pb::Send {
-                client_message_id: id,
-                recipient_user_id: to,
-                payload: payload(account.user, id).into(),
-                device_payloads: vec![],
-            });
+            let frame = send_frame(account.user, id, to, linked);
             if c.send_bytes(&frame.to_bytes()).is_err() {
                 return state;
             }
@@ -109,6 +157,8 @@ fn crash_rounds(durability: Durability) {
         .map(|_| RawClient::register(server.addr))
         .collect();
     let recipient_ids: Vec<u64> = recipients.iter().map(|r| r.user).collect();
+    let linked = recipients[RECIPIENTS - 1].user;
+    let companion = link_companion(server.addr, &recipients[RECIPIENTS - 1]);
     let mut states: Vec<SenderState> = (0..SENDERS).map(|_| SenderState::default()).collect();
 
     for round in 0..rounds {
@@ -122,7 +172,9 @@ fn crash_rounds(durability: Durability) {
             .zip(std::mem::take(&mut states))
             .map(|(account, state)| {
                 let recipients = recipient_ids.clone();
-                std::thread::spawn(move || sender_round(addr, &account, &recipients, state, 50_000))
+                std::thread::spawn(move || {
+                    sender_round(addr, &account, &recipients, linked, state, 50_000)
+                })
             })
             .collect();
         let kill_after = Duration::from_millis(rng.gen_range(50..600));
@@ -136,7 +188,14 @@ fn crash_rounds(durability: Durability) {
     server.launch();
     let addr = server.addr;
     for (account, state) in senders.iter().zip(states.iter_mut()) {
-        *state = sender_round(addr, account, &recipient_ids, std::mem::take(state), 0);
+        *state = sender_round(
+            addr,
+            account,
+            &recipient_ids,
+            linked,
+            std::mem::take(state),
+            0,
+        );
         assert_eq!(
             state.acked.len(),
             state.sent.len(),
@@ -149,7 +208,9 @@ fn crash_rounds(durability: Durability) {
         .enumerate()
         .map(|(i, a)| (a.user, i))
         .collect();
-    for recipient in &recipients {
+    let mut devices: Vec<&Account> = recipients.iter().collect();
+    devices.push(&companion);
+    for recipient in devices {
         let expected: BTreeSet<(u64, u64)> = senders
             .iter()
             .zip(&states)
@@ -181,7 +242,11 @@ fn crash_rounds(durability: Durability) {
                 expected.contains(&key),
                 "delivered a message nobody sent: {key:?}"
             );
-            assert_eq!(&d.payload[..], &payload(key.0, key.1)[..], "payload intact");
+            assert_eq!(
+                &d.payload[..],
+                &payload(key.0, key.1, recipient.device)[..],
+                "payload intact, the device's own"
+            );
             if let Some(previous) = seen.insert(key, d.sequence) {
                 panic!(
                     "{key:?} stored twice: sequences {previous} and {}",
@@ -196,8 +261,10 @@ fn crash_rounds(durability: Durability) {
                 if st.sent[id] == recipient.user {
                     assert!(
                         seen.contains_key(&(s.user, *id)),
-                        "acked ({}, {id}) lost",
-                        s.user
+                        "acked ({}, {id}) lost for device {}/{}",
+                        s.user,
+                        recipient.user,
+                        recipient.device
                     );
                 }
             }
