@@ -539,3 +539,51 @@ fn chat_links_a_device_sends_to_every_device_and_removes_it() {
     phone.wait_for("* device 2 removed (list version 3)");
     laptop.wait_for("removed from the account");
 }
+
+#[test]
+fn removing_a_device_drops_its_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| c.server.shards = 1);
+    let addr = server.addr;
+    let alice = RawClient::register(addr);
+    let bob = RawClient::register(addr);
+    let (mut phone, _) = RawClient::login(addr, &alice);
+    let _laptop = linked(addr, &link_code(&mut phone).code, "laptop");
+    let (mut sender, _) = RawClient::login(addr, &bob);
+    for id in 1..=3 {
+        sender.send(&per_device_send(
+            alice.user,
+            id,
+            &[(1, b"phone"), (2, b"laptop")],
+        ));
+        server_ack(&mut sender);
+    }
+    // The phone takes its copies; the laptop, offline, keeps three.
+    for d in phone.collect_delivers(3) {
+        phone.ack(d.sequence);
+    }
+    // Bob takes the phone's three delivered receipts.
+    let mut receipts = 0;
+    while receipts < 3 {
+        if let Some(Frame::Receipt(r)) = sender.recv() {
+            sender.ack(r.sequence);
+            receipts += 1;
+        }
+    }
+    let depth = || {
+        let (_, text) = common::admin_get(server.admin, "/metrics");
+        common::metric_sum(&text, "switchboard_inbox_depth", "")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while depth() != 3.0 {
+        assert!(Instant::now() < deadline, "inbox depth {} not 3", depth());
+        ping(&mut phone, 9);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    phone.send(&Frame::RemoveDevice(pb::RemoveDevice { device_id: 2 }));
+    assert!(matches!(phone.recv(), Some(Frame::DeviceRemoved(_))));
+    while depth() != 0.0 {
+        assert!(Instant::now() < deadline, "inbox depth {} not 0", depth());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
