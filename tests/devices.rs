@@ -587,3 +587,40 @@ fn removing_a_device_drops_its_inbox() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_device_sends_copies_to_its_own_other_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let addr = server.addr;
+    let alice = RawClient::register(addr);
+    let (mut phone, _) = RawClient::login(addr, &alice);
+    let laptop = linked(addr, &link_code(&mut phone).code, "laptop");
+    let (mut laptop_c, _) = RawClient::login(addr, &laptop);
+    // The laptop's copy for the phone: its own device is not needed.
+    laptop_c.send(&per_device_send(
+        alice.user,
+        1,
+        &[(1, b"sent from the laptop")],
+    ));
+    server_ack(&mut laptop_c);
+    let d = phone.collect_delivers(1).remove(0);
+    assert_eq!((d.sender_user_id, d.sender_device_id), (alice.user, 2));
+    assert_eq!(&d.payload[..], b"sent from the laptop");
+    // The phone's copy must cover the laptop: one payload (for the primary,
+    // the phone itself) is not enough.
+    phone.send_message(alice.user, 2, b"note");
+    let e = phone.expect_error(ErrorCode::DeviceMismatch);
+    assert_eq!(e.missing_devices, vec![2]);
+    phone.send(&per_device_send(
+        alice.user,
+        3,
+        &[(2, b"sent from the phone")],
+    ));
+    assert_eq!(server_ack(&mut phone).client_message_id, 3);
+    let d = laptop_c.collect_delivers(1).remove(0);
+    assert_eq!(
+        (d.sender_device_id, &d.payload[..]),
+        (1, &b"sent from the phone"[..])
+    );
+}

@@ -21,11 +21,26 @@ use crate::proto::{pb, ErrorCode, Frame, GoAwayReason};
 use crate::session::DeliveryWindow;
 use crate::store::{LogPosition, NewMessage, ReceiptKind, StoreError, StoredEntry};
 
-/// The recipient's devices a per-device Send lacks, and the device ids it
+/// The devices a Send must cover: the recipient's, except the sending
+/// device itself when it writes to its own account (copies for its other
+/// devices, so they show what it sent).
+fn required_devices(devices: &[DeviceId], sender: InboxKey, recipient: UserId) -> Vec<DeviceId> {
+    devices
+        .iter()
+        .copied()
+        .filter(|d| !(recipient == sender.user && *d == sender.device))
+        .collect()
+}
+
+/// The required devices a per-device Send lacks, and the device ids it
 /// names that the recipient does not have (a repeated id counts as stale).
 /// `given` is sorted by device.
-fn device_mismatch(devices: &[DeviceId], given: &[(DeviceId, Bytes)]) -> (Vec<u32>, Vec<u32>) {
-    let missing = devices
+fn device_mismatch(
+    devices: &[DeviceId],
+    required: &[DeviceId],
+    given: &[(DeviceId, Bytes)],
+) -> (Vec<u32>, Vec<u32>) {
+    let missing = required
         .iter()
         .filter(|d| given.binary_search_by_key(*d, |(g, _)| *g).is_err())
         .map(|d| d.0)
@@ -288,15 +303,18 @@ impl Engine {
             .map(|p| (DeviceId(p.device_id), p.payload))
             .collect();
         per_device.sort_by_key(|(d, _)| *d);
+        let required = required_devices(&devices, device, recipient);
         let (missing, stale) = if per_device.is_empty() {
-            let missing: Vec<u32> = devices
+            // One payload goes to the primary: every other required device
+            // is missing.
+            let missing: Vec<u32> = required
                 .iter()
                 .filter(|d| **d != PRIMARY_DEVICE)
                 .map(|d| d.0)
                 .collect();
             (missing, Vec::new())
         } else {
-            device_mismatch(&devices, &per_device)
+            device_mismatch(&devices, &required, &per_device)
         };
         if !missing.is_empty() || !stale.is_empty() {
             host.send(
@@ -445,7 +463,8 @@ impl Engine {
         };
         let current = self.directory.device_set(recipient);
         let matches = current.is_some_and(|(_, devices)| {
-            let (missing, stale) = device_mismatch(&devices, &per_device);
+            let required = required_devices(&devices, sender, recipient);
+            let (missing, stale) = device_mismatch(&devices, &required, &per_device);
             missing.is_empty() && stale.is_empty()
         });
         if !matches {
