@@ -532,9 +532,25 @@ fn chat_links_a_device_sends_to_every_device_and_removes_it() {
     // both devices is the chat state's unit test).
     bob.wait_for("✓✓");
 
+    // The laptop's own message: Bob gets it, and the phone a copy.
+    let bob_id = bob
+        .seen
+        .iter()
+        .find_map(|l| l.strip_prefix("registered: you are user "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("bob's user id")
+        .to_string();
+    laptop.type_line(&format!("/msg {bob_id} from the laptop"));
+    bob.wait_for("from the laptop");
+    phone.wait_for(&format!("(you → {bob_id}) from the laptop"));
+
     phone.type_line("/devices");
     phone.wait_for("(list version 2)");
     phone.wait_for("2 laptop");
+    // Now the phone knows the laptop: its messages are copied there.
+    phone.type_line(&format!("/msg {bob_id} from the phone"));
+    bob.wait_for("from the phone");
+    laptop.wait_for(&format!("(you → {bob_id}) from the phone"));
     phone.type_line("/remove 2");
     phone.wait_for("* device 2 removed (list version 3)");
     laptop.wait_for("removed from the account");

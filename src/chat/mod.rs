@@ -9,7 +9,9 @@
 //! devices gets one payload per device (the server's DEVICE_MISMATCH answer
 //! tells the chat which devices there are; it then sends again to each).
 //! `/link` on a primary prints a code; `chat --link CODE` on a new profile
-//! makes that profile a linked device of the account.
+//! makes that profile a linked device of the account. What one device sends
+//! is copied to the account's other devices it knows of, shown there as
+//! `(you → USER) text`.
 //!
 //! Threads: the glommio executor runs the session and the chat loop; stdin is
 //! read by a second thread (blocking reads) that feeds lines to it through a
@@ -211,6 +213,11 @@ where
 {
     let mut outbox = Outbox::new(now_micros());
     let mut recipients = Recipients::default();
+    let me = (session.credentials().user, session.credentials().device);
+    if me.1 != crate::ids::PRIMARY_DEVICE {
+        // A companion's account always has its primary.
+        recipients.learn(me.0, [crate::ids::PRIMARY_DEVICE, me.1]);
+    }
     let mut peer: Option<UserId> = None;
     let mut reconnects = session.reconnects();
     loop {
@@ -261,6 +268,7 @@ where
                         Ok(()) => writeln!(out, "{shown}")?,
                         Err(e) => writeln!(out, "! not sent: {e}")?,
                     }
+                    copy_to_own_devices(session, &mut outbox, &mut recipients, me, to, &text, out)?;
                     session.flush().await?;
                 }
             },
@@ -328,6 +336,35 @@ fn send_text(
     session.send_to_devices(to, id, parts)
 }
 
+/// A copy of a message sent to `to`, for this account's other devices that
+/// the chat knows of (from /devices, a copy one of them sent, or the
+/// server's DEVICE_MISMATCH answer to an earlier copy), so they show it.
+fn copy_to_own_devices(
+    session: &ReconnectingSession,
+    outbox: &mut Outbox,
+    recipients: &mut Recipients,
+    me: (UserId, DeviceId),
+    to: UserId,
+    text: &str,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let others: Vec<DeviceId> = recipients
+        .devices_of(me.0)
+        .into_iter()
+        .filter(|d| *d != me.1)
+        .collect();
+    if others.is_empty() || to == me.0 {
+        return Ok(());
+    }
+    let id = outbox.untracked_id();
+    let copy = format!("(you → {to}) {text}");
+    recipients.sent(id, me.0, &copy);
+    if let Err(e) = send_text(session, me.0, id, &copy, &others) {
+        writeln!(out, "! copy for your other devices not sent: {e}")?;
+    }
+    Ok(())
+}
+
 fn request(out: &mut dyn Write, queued: Result<(), ClientError>) -> anyhow::Result<()> {
     if let Err(e) = queued {
         writeln!(out, "! not sent: {e}")?;
@@ -345,13 +382,19 @@ async fn handle_event(
     match event {
         Event::Error(error) if error.code() == ErrorCode::DeviceMismatch => {
             match recipients.on_mismatch(&error) {
-                Some((to, text, devices)) => {
+                Some((to, text, mut devices)) => {
                     let id = ClientMessageId(error.client_message_id);
-                    writeln!(
-                        out,
-                        "* user {to} has {} devices; sending to each",
-                        devices.len()
-                    )?;
+                    let me = (session.credentials().user, session.credentials().device);
+                    if to == me.0 {
+                        // A copy for our other devices: not for this one.
+                        devices.retain(|d| *d != me.1);
+                    } else {
+                        writeln!(
+                            out,
+                            "* user {to} has {} devices; sending to each",
+                            devices.len()
+                        )?;
+                    }
                     outbox.addressed(id, devices.len());
                     if let Err(e) = send_text(session, to, id, &text, &devices) {
                         writeln!(out, "! not sent: {e}")?;
@@ -368,6 +411,13 @@ async fn handle_event(
             }
         }
         Event::Deliver(deliver) => {
+            if deliver.sender_user_id == session.credentials().user.0 {
+                // A copy from another device of this account.
+                recipients.learn(
+                    session.credentials().user,
+                    [DeviceId(deliver.sender_device_id)],
+                );
+            }
             writeln!(out, "{}", format_incoming(&deliver))?;
             // Shown, so stored and read: ack it and say it was read. While
             // disconnected these fail; the message is then redelivered and
@@ -399,6 +449,10 @@ async fn handle_event(
             code.code
         )?,
         Event::DeviceList(list) => {
+            recipients.set_devices(
+                session.credentials().user,
+                list.devices.iter().map(|d| DeviceId(d.device_id)).collect(),
+            );
             writeln!(out, "* devices (list version {}):", list.version)?;
             for device in &list.devices {
                 let name = if device.device_id == 1 {
@@ -419,11 +473,15 @@ async fn handle_event(
                 )?;
             }
         }
-        Event::DeviceRemoved(removed) => writeln!(
+        Event::DeviceRemoved(removed) => {
+            recipients.forget(session.credentials().user, DeviceId(removed.device_id));
+            writeln!(
             out,
-            "* device {} removed (list version {})",
-            removed.device_id, removed.version
-        )?,
+                "* device {} removed (list version {})",
+                removed.device_id,
+                removed.version
+            )?
+        }
         Event::GoAway(go_away) => match go_away.reason() {
             crate::proto::GoAwayReason::Replaced => writeln!(
                 out,

@@ -155,6 +155,13 @@ impl Outbox {
         }
     }
 
+    /// A fresh client message id for a Send the outbox does not track (a
+    /// copy for this account's other devices).
+    pub fn untracked_id(&mut self) -> ClientMessageId {
+        self.next_id += 1;
+        ClientMessageId(self.next_id - 1)
+    }
+
     /// Allocates an id for a new message to `to`; returns it and the line to print.
     pub fn queue(&mut self, to: UserId, text: &str) -> (ClientMessageId, String) {
         let id = self.next_id;
@@ -261,6 +268,27 @@ pub struct Recipients {
 }
 
 impl Recipients {
+    /// Learns that `user` has (at least) these devices.
+    pub fn learn(&mut self, user: UserId, devices: impl IntoIterator<Item = DeviceId>) {
+        let mut known = self.devices_of(user);
+        known.extend(devices);
+        known.sort();
+        known.dedup();
+        self.devices.insert(user, known);
+    }
+
+    /// Forgets a removed device of `user`.
+    pub fn forget(&mut self, user: UserId, device: DeviceId) {
+        if let Some(known) = self.devices.get_mut(&user) {
+            known.retain(|d| *d != device);
+        }
+    }
+
+    /// Replaces what is known of `user`'s devices (a device list).
+    pub fn set_devices(&mut self, user: UserId, devices: Vec<DeviceId>) {
+        self.devices.insert(user, devices);
+    }
+
     /// The devices to address for `to` (the primary alone until the server
     /// says otherwise).
     pub fn devices_of(&self, to: UserId) -> Vec<DeviceId> {

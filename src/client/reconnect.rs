@@ -140,6 +140,11 @@ impl ReconnectingSession {
         self.session.borrow().clone()
     }
 
+    /// The device this session logs in as.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
     /// Successful reconnects so far.
     pub fn reconnects(&self) -> u64 {
         self.reconnects.get()
