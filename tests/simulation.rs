@@ -95,6 +95,9 @@ impl Directory for Users {
         self.device_set(user)
             .is_some_and(|(_, devices)| devices.contains(&device))
     }
+    fn has_companions(&self, user: UserId) -> bool {
+        self.linked.contains(&user.0)
+    }
     fn device_set(&self, user: UserId) -> Option<(u64, Vec<DeviceId>)> {
         if !self.user_exists(user) {
             return None;

@@ -230,6 +230,11 @@ pub trait Directory {
         self.user_exists(user)
             .then(|| (1, vec![crate::ids::PRIMARY_DEVICE]))
     }
+    /// Whether the account may have devices besides its primary (when
+    /// false, `device_set` is the primary alone). By default never.
+    fn has_companions(&self, _user: UserId) -> bool {
+        false
+    }
 }
 
 impl Directory for MetaStore {
@@ -241,6 +246,9 @@ impl Directory for MetaStore {
     }
     fn device_set(&self, user: UserId) -> Option<(u64, Vec<DeviceId>)> {
         MetaStore::device_set(self, user)
+    }
+    fn has_companions(&self, user: UserId) -> bool {
+        MetaStore::has_companions(self, user)
     }
 }
 

@@ -357,6 +357,16 @@ impl MetaStore {
         }
     }
 
+    /// Whether the account has (or had) companions: a plain Send to an
+    /// account without any needs no device set (no allocation).
+    pub fn has_companions(&self, user: UserId) -> bool {
+        let map = self
+            .stripe(user.0)
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        map.contains_key(&user.0)
+    }
+
     /// The account's device ids and the list's version, from memory (the
     /// primary alone, version 1, for an account that never linked one).
     /// `None` for an unknown account.
@@ -375,7 +385,8 @@ impl MetaStore {
     }
 
     /// A new one-time link code for `user`, valid until `now_ms + ttl_ms`.
-    /// Expired codes of every account are dropped in the same transaction.
+    /// It replaces any earlier code of `user`; expired codes of every
+    /// account are dropped in the same transaction.
     pub fn create_link_code(
         &self,
         user: UserId,
@@ -388,7 +399,9 @@ impl MetaStore {
         let txn = self.db.begin_write()?;
         {
             let mut codes = txn.open_table(LINK_CODES)?;
-            codes.retain(|_, (_, expires)| expires > now_ms)?;
+            // One live code per account: a new one replaces the last, so a
+            // primary asking again and again keeps one row, not many.
+            codes.retain(|_, (owner, expires)| expires > now_ms && owner != user.0)?;
             codes.insert(hash_secret(&raw).as_slice(), (user.0, expires_at_ms))?;
         }
         txn.commit()?;
@@ -659,6 +672,13 @@ mod tests {
         let code = meta.create_link_code(owner.user, 0, 100).unwrap();
         assert!(matches!(
             meta.redeem_link_code(&code.code, "late", 100, 4),
+            Err(LinkError::InvalidCode)
+        ));
+        // A newer code replaces an older one of the same account.
+        let older = meta.create_link_code(owner.user, 0, 100).unwrap();
+        let _newer = meta.create_link_code(owner.user, 0, 100).unwrap();
+        assert!(matches!(
+            meta.redeem_link_code(&older.code, "old", 1, 4),
             Err(LinkError::InvalidCode)
         ));
         for bad in [

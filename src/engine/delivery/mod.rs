@@ -283,7 +283,17 @@ impl Engine {
             return;
         }
         let recipient = UserId(send.recipient_user_id);
-        let Some((version, devices)) = self.directory.device_set(recipient) else {
+        // The common case, one payload to an account that never linked a
+        // device, needs no device set (and allocates none).
+        let plain = send.device_payloads.is_empty() && !self.directory.has_companions(recipient);
+        let set = if plain {
+            self.directory
+                .user_exists(recipient)
+                .then(|| (1, Vec::new()))
+        } else {
+            self.directory.device_set(recipient)
+        };
+        let Some((version, devices)) = set else {
             Self::refuse_send(
                 host,
                 session,
