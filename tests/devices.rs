@@ -312,6 +312,7 @@ fn per_device_send(to: u64, id: u64, parts: &[(u32, &[u8])]) -> Frame {
                 payload: bytes::Bytes::copy_from_slice(payload),
             })
             .collect(),
+        ..Default::default()
     })
 }
 

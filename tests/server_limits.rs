@@ -164,6 +164,7 @@ fn send_to_unknown_user_oversized_payload_and_relay_device_get_non_fatal_errors(
         recipient_user_id: account.user,
         payload: bytes::Bytes::from_static(b"and per device"),
         device_payloads: vec![pb::DevicePayload::default()],
+        ..Default::default()
     }));
     c.expect_error(ErrorCode::UnsupportedFeature);
     // Device 0 is no device: stale. (To its own account the sending device,
@@ -173,6 +174,7 @@ fn send_to_unknown_user_oversized_payload_and_relay_device_get_non_fatal_errors(
         recipient_user_id: account.user,
         payload: bytes::Bytes::new(),
         device_payloads: vec![pb::DevicePayload::default()],
+        ..Default::default()
     }));
     let e = c.expect_error(ErrorCode::DeviceMismatch);
     assert_eq!((e.missing_devices, e.stale_devices), (vec![], vec![0]));

@@ -58,6 +58,7 @@ fn send_until_killed(addr: std::net::SocketAddr, from: &common::Account, to: u64
                     recipient_user_id: to,
                     payload: bytes::Bytes::from(format!("k{id}")),
                     device_payloads: vec![],
+                    ..Default::default()
                 })
                 .to_bytes(),
             )

@@ -21,6 +21,7 @@ fn send_frame(id: u64, to: u64, payload: &str) -> Frame {
         recipient_user_id: to,
         payload: Bytes::from(payload.to_string()),
         device_payloads: vec![],
+        ..Default::default()
     })
 }
 

@@ -65,6 +65,7 @@ fn frames_before_a_bad_prefix_are_handled_while_the_session_is_backpressured() {
         recipient_user_id: bob.user,
         payload: Bytes::from_static(b"before the bad prefix"),
         device_payloads: vec![],
+        ..Default::default()
     })
     .to_bytes()
     .to_vec();
@@ -148,6 +149,7 @@ fn send_bytes_of(id: u64, to: u64) -> Vec<u8> {
         recipient_user_id: to,
         payload: Bytes::from(format!("half-closed {id}")),
         device_payloads: vec![],
+        ..Default::default()
     })
     .to_bytes()
     .to_vec()

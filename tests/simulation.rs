@@ -183,6 +183,10 @@ impl Host for SimHost<'_> {
         // The simulated clients never manage devices.
         panic!("unexpected device-list operation {op:?}");
     }
+    fn group(&mut self, op: switchboard::engine::groups::GroupOp) {
+        // The simulated groups are loaded at start and never change.
+        panic!("unexpected group operation {op:?}");
+    }
 }
 
 struct Client {
@@ -1095,6 +1099,7 @@ fn send_frame(id: u64, to: u64, parts: &[(u32, Bytes)]) -> Frame {
         recipient_user_id: to,
         payload,
         device_payloads,
+        ..Default::default()
     })
 }
 

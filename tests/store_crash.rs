@@ -52,6 +52,7 @@ fn send_frame(sender: u64, id: u64, to: u64, linked: u64) -> Frame {
         recipient_user_id: to,
         payload,
         device_payloads,
+        ..Default::default()
     })
 }
 

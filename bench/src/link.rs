@@ -369,7 +369,8 @@ impl SwitchboardLink {
                 client::Event::Pong(_)
                 | client::Event::LinkCode(_)
                 | client::Event::DeviceList(_)
-                | client::Event::DeviceRemoved(_),
+                | client::Event::DeviceRemoved(_)
+                | client::Event::GroupInfo(_),
             ) => Ok(None),
             Ok(client::Event::Error(e)) => bail!("server error: {e:?}"),
             Ok(client::Event::GoAway(g)) => bail!("server went away: {g:?}"),

@@ -497,6 +497,14 @@ async fn handle_event(
                 reason.short_name()
             )?,
         },
+        Event::GroupInfo(info) => writeln!(
+            out,
+            "* group {} \"{}\": {} members (version {})",
+            info.group_id,
+            info.name,
+            info.members.len(),
+            info.version
+        )?,
         Event::Pong(_) => {}
     }
     Ok(())

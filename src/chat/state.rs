@@ -366,6 +366,7 @@ mod tests {
             by_device_id: by_device,
             client_message_ids: vec![id.0],
             timestamp_ms: 0,
+            ..Default::default()
         }
     }
 
@@ -458,6 +459,7 @@ mod tests {
             by_device_id: 1,
             client_message_ids: ids,
             timestamp_ms: 0,
+            ..Default::default()
         }
     }
 
@@ -565,6 +567,7 @@ mod tests {
             // 2023-11-14 22:13:20 UTC
             timestamp_ms: 1_700_000_000_000,
             payload: Bytes::from_static(b"hello"),
+            ..Default::default()
         };
         assert_eq!(format_incoming(&deliver), "[22:13:20] 13: hello");
         let other_device = pb::Deliver {

@@ -18,6 +18,7 @@ fn receipt(sequence: u64, kind: ReceiptKind, id: u64) -> Frame {
         by_device_id: 1,
         client_message_ids: vec![id],
         timestamp_ms: 1_700_000_000_500,
+        ..Default::default()
     })
 }
 

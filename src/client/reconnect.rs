@@ -447,7 +447,8 @@ impl ReconnectingSession {
                 Event::Pong(_)
                 | Event::LinkCode(_)
                 | Event::DeviceList(_)
-                | Event::DeviceRemoved(_) => {}
+                | Event::DeviceRemoved(_)
+                | Event::GroupInfo(_) => {}
             }
             return Ok(event);
         }

@@ -39,6 +39,9 @@ pub enum Event {
     DeviceList(pb::DeviceList),
     /// A device of the account was removed (answers RemoveDevice).
     DeviceRemoved(pb::DeviceRemoved),
+    /// A group as it stands (answers CreateGroup, UpdateGroup, GetGroup;
+    /// `request_id` tells which).
+    GroupInfo(pb::GroupInfo),
 }
 
 /// Output buffers up to this size are reused across flushes (no allocation
@@ -390,6 +393,7 @@ impl Session {
             recipient_user_id: to.0,
             payload,
             device_payloads: Vec::new(),
+            ..Default::default()
         }))
     }
 
@@ -412,6 +416,64 @@ impl Session {
                     payload: payload.clone(),
                 })
                 .collect(),
+            ..Default::default()
+        }))
+    }
+
+    /// Queues a Send to a group (one payload for every member device);
+    /// answered with a ServerAck carrying the group sequence.
+    pub fn send_to_group(
+        &self,
+        group: u64,
+        id: ClientMessageId,
+        payload: Bytes,
+    ) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::Send(pb::Send {
+            client_message_id: id.0,
+            group_id: group,
+            payload,
+            ..Default::default()
+        }))
+    }
+
+    /// Queues CreateGroup (the caller becomes its admin); answered with
+    /// `Event::GroupInfo` once durable, or an Error carrying `request_id`.
+    pub fn create_group(
+        &self,
+        request_id: u64,
+        name: &str,
+        members: &[UserId],
+    ) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::CreateGroup(pb::CreateGroup {
+            request_id,
+            name: name.to_string(),
+            member_user_ids: members.iter().map(|u| u.0).collect(),
+        }))
+    }
+
+    /// Queues UpdateGroup; answered like `create_group`.
+    pub fn update_group(
+        &self,
+        request_id: u64,
+        group: u64,
+        action: crate::proto::GroupAction,
+        users: &[UserId],
+        name: &str,
+    ) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::UpdateGroup(pb::UpdateGroup {
+            request_id,
+            group_id: group,
+            action: action as i32,
+            user_ids: users.iter().map(|u| u.0).collect(),
+            name: name.to_string(),
+        }))
+    }
+
+    /// Queues GetGroup; answered with `Event::GroupInfo` (members only).
+    pub fn get_group(&self, request_id: u64, group: u64) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::GetGroup(pb::GetGroup {
+            request_id,
+            group_id: group,
         }))
     }
 
@@ -524,6 +586,7 @@ impl Session {
                 Frame::LinkCode(code) => Event::LinkCode(code),
                 Frame::DeviceList(list) => Event::DeviceList(list),
                 Frame::DeviceRemoved(removed) => Event::DeviceRemoved(removed),
+                Frame::GroupInfo(info) => Event::GroupInfo(info),
                 Frame::Ping(ping) => {
                     match self
                         .connection

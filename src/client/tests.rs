@@ -117,6 +117,7 @@ pub(crate) fn deliver(sequence: u64, id: u64) -> pb::Deliver {
         client_message_id: id,
         timestamp_ms: 1_700_000_000_001,
         payload: Bytes::from(format!("message {id}")),
+        ..Default::default()
     }
 }
 
@@ -400,6 +401,7 @@ fn next_event_surfaces_server_frames_and_answers_pings() {
                 by_device_id: 1,
                 client_message_ids: vec![5, 6],
                 timestamp_ms: 9,
+                ..Default::default()
             };
             peer.write(&[
                 Frame::ServerAck(pb::ServerAck {

@@ -178,6 +178,9 @@ pub struct Limits {
     pub companions_max: u32,
     /// How long a link code can be redeemed, ms. Default 60,000.
     pub link_code_ttl_ms: u32,
+    /// Members of one group, its creator included. Default 1,024, at most
+    /// 65,536. A group message is stored once per shard holding members.
+    pub group_members_max: u32,
 }
 
 impl Default for Limits {
@@ -200,6 +203,7 @@ impl Default for Limits {
             dedupe_entries_max: 1_048_576,
             companions_max: 4,
             link_code_ttl_ms: 60_000,
+            group_members_max: 1_024,
             shutdown_deadline_ms: 5_000,
         }
     }
@@ -296,6 +300,7 @@ impl Config {
                 shutdown_deadline_ms: 2_000,
                 companions_max: 2,
                 link_code_ttl_ms: 2_000,
+                group_members_max: 16,
             },
             store: StoreConfig {
                 segment_size_bytes: 64 << 10,
@@ -349,6 +354,9 @@ impl Config {
         }
         if l.ids_per_frame_max == 0 || l.handshake_timeout_ms == 0 || l.idle_timeout_ms == 0 {
             return invalid("ids_per_frame_max and timeouts must be positive".into());
+        }
+        if l.group_members_max < 2 || l.group_members_max > 65_536 {
+            return invalid("limits.group_members_max must be between 2 and 65,536".into());
         }
         if l.companions_max > 64 || l.link_code_ttl_ms == 0 {
             return invalid(

@@ -19,7 +19,9 @@
 //! - `receipts`: device acks and the delivered receipts they cause, read
 //!   receipts, and the relay that keeps a receipt bound for another shard
 //!   until that shard has stored it;
-//! - `devices`: linked devices (link codes, the device list, removal).
+//! - `devices`: linked devices (link codes, the device list, removal);
+//! - `groups`: group membership on the group's home shard, the group's
+//!   order, and fan-out stored once per shard holding members.
 //!
 //! A new feature is a new folder plus its arms in `Engine::handle` (and its
 //! variants in `Event`, `Request`, `Reply`): nothing in `net` or `shard`.
@@ -34,6 +36,7 @@
 
 pub mod delivery;
 pub mod devices;
+pub mod groups;
 pub mod receipts;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -100,6 +103,45 @@ pub enum Request {
         /// if it could not keep it); answered with `Reply::Relayed`.
         relay: Option<RelayRef>,
     },
+    /// A group just created in the database, to live on this, its home
+    /// shard; `origin` (the creator's session) is answered with GroupInfo.
+    GroupInstall {
+        origin: ConnRef,
+        actor: InboxKey,
+        request_id: u64,
+        row: crate::meta::GroupRow,
+    },
+    /// A change to a group homed here.
+    GroupChange(Box<groups::Change>),
+    /// GroupInfo for a member.
+    GroupGet {
+        origin: ConnRef,
+        actor: InboxKey,
+        request_id: u64,
+        group: u64,
+    },
+    /// A member's message to a group homed here.
+    GroupSend {
+        origin: ConnRef,
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+        group: u64,
+        payload: Bytes,
+    },
+    /// A group's message, in its place `group_seq`, for `members` (homed
+    /// on the target); kept by the home shard's relay entry `relay` until
+    /// answered with `Reply::Relayed`.
+    GroupStore {
+        group: u64,
+        group_seq: u64,
+        event: bool,
+        sender: InboxKey,
+        client_message_id: ClientMessageId,
+        timestamp_ms: u64,
+        members: Vec<UserId>,
+        payload: Bytes,
+        relay: RelayRef,
+    },
 }
 
 /// An engine's answer to another shard's request.
@@ -129,13 +171,17 @@ pub enum Reply {
         inbox: InboxKey,
         seqs: Vec<u64>,
     },
+    /// A frame for the session `origin` (an answer to a group request).
+    Answer { origin: ConnRef, frame: Frame },
 }
 
 impl Reply {
     /// The shard the reply is for.
     pub fn target(&self) -> ShardId {
         match self {
-            Reply::Stored { origin, .. } | Reply::Refused { origin, .. } => origin.shard,
+            Reply::Stored { origin, .. }
+            | Reply::Refused { origin, .. }
+            | Reply::Answer { origin, .. } => origin.shard,
             Reply::Relayed { shard, .. } => *shard,
         }
     }
@@ -181,6 +227,8 @@ pub enum Event {
     Recovered,
     /// The host finished work on an account's device list.
     Account(devices::AccountDone),
+    /// The host finished work on the group tables.
+    Group(groups::GroupDone),
 }
 
 /// Why the engine closes a session.
@@ -217,6 +265,9 @@ pub trait Host {
     /// database, so it runs off the shard); the outcome comes back as
     /// `Event::Account`.
     fn account(&mut self, op: devices::AccountOp);
+    /// Work on the group tables of the metadata database (off the shard,
+    /// like `account`); the outcome comes back as `Event::Group`.
+    fn group(&mut self, op: groups::GroupOp);
 }
 
 /// The accounts the engine consults: does a user or a device exist, and
@@ -271,6 +322,8 @@ enum AfterCommit {
     Visible { inbox: InboxKey },
     /// A relayed receipt became durable: its origin drops its copy.
     Relayed(RelayRef),
+    /// A group message's home record is durable: forward it.
+    ForwardGroup(Box<groups::Forward>),
 }
 
 /// One shard's delivery engine. Its state is the log (inboxes, sequences,
@@ -288,6 +341,7 @@ pub struct Engine {
     pending: VecDeque<(CommitTicket, AfterCommit)>,
     delivery: delivery::Delivery,
     receipts: receipts::Receipts,
+    groups: groups::Groups,
     flaws: Flaws,
 }
 
@@ -312,6 +366,7 @@ impl Engine {
             pending: VecDeque::new(),
             delivery: delivery::Delivery::default(),
             receipts: receipts::Receipts::default(),
+            groups: groups::Groups::default(),
             flaws: Flaws::default(),
         }
     }
@@ -337,6 +392,20 @@ impl Engine {
                 session,
                 frame,
             } => match frame {
+                Frame::Send(send) if send.group_id != 0 => {
+                    match crate::session::check_send(&send, &self.limits) {
+                        Ok(()) => self.on_group_send(device, session, send, host),
+                        Err(code) => host.send(
+                            session,
+                            &Frame::Error(crate::proto::pb::Error {
+                                code: code as i32,
+                                message: "send refused".into(),
+                                client_message_id: send.client_message_id,
+                                ..Default::default()
+                            }),
+                        ),
+                    }
+                }
                 Frame::Send(send) => self.on_send(device, session, send, host),
                 Frame::Ack(ack) => self.on_ack(device, session, ack, host),
                 Frame::ReadReceipt(read) => self.on_read_receipt(device, session, read, host),
@@ -348,6 +417,9 @@ impl Engine {
                 Frame::RequestLinkCode(_) => self.on_request_link_code(device, session, host),
                 Frame::ListDevices(_) => self.on_list_devices(device, session, host),
                 Frame::RemoveDevice(remove) => self.on_remove_device(device, session, remove, host),
+                Frame::CreateGroup(create) => self.on_create_group(device, session, create, host),
+                Frame::UpdateGroup(update) => self.on_update_group(device, session, update, host),
+                Frame::GetGroup(get) => self.on_get_group(device, session, get, host),
                 other => {
                     let message = match other {
                         Frame::Hello(_) | Frame::Register(_) | Frame::Link(_) => {
@@ -371,6 +443,7 @@ impl Engine {
             Event::OutputDrained { device, session } => self.output_drained(device, session, host),
             Event::Recovered => self.forward_relayed(host),
             Event::Account(done) => self.account_done(done, host),
+            Event::Group(done) => self.group_done(done, host),
         }
     }
 
@@ -408,6 +481,48 @@ impl Engine {
                 relay,
                 host,
             ),
+            Request::GroupInstall {
+                origin,
+                actor,
+                request_id,
+                row,
+            } => self.install_group(origin, actor, request_id, row, host),
+            Request::GroupChange(change) => self.group_change(*change, host),
+            Request::GroupGet {
+                origin,
+                actor,
+                request_id,
+                group,
+            } => self.group_get(origin, actor, request_id, group, host),
+            Request::GroupSend {
+                origin,
+                sender,
+                client_message_id,
+                group,
+                payload,
+            } => self.group_send(origin, sender, client_message_id, group, payload, host),
+            Request::GroupStore {
+                group,
+                group_seq,
+                event,
+                sender,
+                client_message_id,
+                timestamp_ms,
+                members,
+                payload,
+                relay,
+            } => self.group_store_here(
+                group,
+                group_seq,
+                event,
+                sender,
+                client_message_id,
+                timestamp_ms,
+                members,
+                payload,
+                relay,
+                host,
+            ),
         }
     }
 
@@ -415,6 +530,7 @@ impl Engine {
         match reply {
             Reply::Stored { .. } | Reply::Refused { .. } => self.send_answered(reply, host),
             Reply::Relayed { inbox, seqs, .. } => self.relayed(inbox, seqs, host),
+            Reply::Answer { origin, frame } => host.send(origin.id, &frame),
         }
     }
 
@@ -469,6 +585,7 @@ impl Engine {
                 AfterCommit::Ack(reply) => self.send_reply(reply, host),
                 AfterCommit::Visible { inbox } => self.pump_device(inbox, host),
                 AfterCommit::Relayed(relay) => relayed.push(relay),
+                AfterCommit::ForwardGroup(forward) => self.forward_group(*forward, host),
             }
         }
         self.answer_relayed(relayed, host);

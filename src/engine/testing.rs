@@ -78,6 +78,7 @@ pub struct Recorder {
     pub replies: Vec<(ShardId, Reply)>,
     pub commits_due: u32,
     pub account_ops: Vec<super::devices::AccountOp>,
+    pub group_ops: Vec<super::groups::GroupOp>,
     /// Sessions whose output queue counts as full.
     pub full: HashSet<SessionId>,
 }
@@ -117,6 +118,9 @@ impl Host for Recorder {
     }
     fn account(&mut self, op: super::devices::AccountOp) {
         self.account_ops.push(op);
+    }
+    fn group(&mut self, op: super::groups::GroupOp) {
+        self.group_ops.push(op);
     }
 }
 
@@ -210,6 +214,7 @@ impl Fixture {
                 recipient_user_id: to,
                 payload: Bytes::copy_from_slice(payload),
                 device_payloads: vec![],
+                ..Default::default()
             }),
         );
     }

@@ -52,6 +52,9 @@ pub struct InboxKey {
 /// are numbered from 1 per account and never reach it.
 pub const RELAY_DEVICE_BIT: u32 = 1 << 31;
 
+/// Set in the device id of a group's pseudo-inbox (`InboxKey::group`).
+pub const GROUP_DEVICE_BIT: u32 = 1 << 30;
+
 impl InboxKey {
     /// The relay inbox, in a shard's log, of receipts bound for devices
     /// homed on shard `to`: a receipt caused here (an Ack, a ReadReceipt)
@@ -70,12 +73,29 @@ impl InboxKey {
     pub fn is_relay(self) -> bool {
         self.device.0 & RELAY_DEVICE_BIT != 0
     }
+
+    /// A group's pseudo-inbox in a shard's log: its sequence is the last
+    /// group sequence stored there (kept by the log's floors like any
+    /// inbox's); it never holds an entry.
+    pub fn group(group_id: u64) -> InboxKey {
+        InboxKey {
+            user: UserId(group_id),
+            device: DeviceId(GROUP_DEVICE_BIT),
+        }
+    }
+
+    /// Whether this is a group's pseudo-inbox.
+    pub fn is_group(self) -> bool {
+        self.device.0 == GROUP_DEVICE_BIT
+    }
 }
 
 impl fmt::Display for InboxKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_relay() {
             write!(f, "relay to shard {}", self.user)
+        } else if self.is_group() {
+            write!(f, "group {}", self.user)
         } else {
             write!(f, "{}/{}", self.user, self.device)
         }

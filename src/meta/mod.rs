@@ -35,6 +35,9 @@ use subtle::ConstantTimeEq;
 
 use crate::ids::{DeviceId, UserId};
 
+mod groups;
+pub use groups::{clip_group_name, GroupRow, GROUP_NAME_BYTES_MAX};
+
 /// Bytes of a device secret.
 pub const SECRET_BYTES: usize = 32;
 
@@ -195,6 +198,8 @@ impl MetaStore {
             txn.open_table(DEVICE_INFO)?;
             txn.open_table(ACCOUNTS)?;
             txn.open_table(LINK_CODES)?;
+            txn.open_table(groups::GROUPS)?;
+            txn.open_table(groups::GROUP_MEMBERS)?;
             let mut counters = txn.open_table(COUNTERS)?;
             let next = counters.get(NEXT_USER_ID)?.map(|v| v.value());
             match next {

@@ -317,6 +317,10 @@ impl FrameType {
             FrameType::DeviceList => 18,
             FrameType::RemoveDevice => 19,
             FrameType::DeviceRemoved => 20,
+            FrameType::CreateGroup => 21,
+            FrameType::UpdateGroup => 22,
+            FrameType::GetGroup => 23,
+            FrameType::GroupInfo => 24,
         }
     }
 }

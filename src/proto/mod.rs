@@ -18,7 +18,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
 }
 
-pub use pb::{ErrorCode, GoAwayReason, ReceiptKind};
+pub use pb::{ErrorCode, GoAwayReason, GroupAction, ReceiptKind};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -52,10 +52,14 @@ pub enum FrameType {
     DeviceList = 0x43,
     RemoveDevice = 0x44,
     DeviceRemoved = 0x45,
+    CreateGroup = 0x50,
+    UpdateGroup = 0x51,
+    GetGroup = 0x52,
+    GroupInfo = 0x53,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 21] = [
+    pub const ALL: [FrameType; 25] = [
         FrameType::Register,
         FrameType::Registered,
         FrameType::Hello,
@@ -77,6 +81,10 @@ impl FrameType {
         FrameType::DeviceList,
         FrameType::RemoveDevice,
         FrameType::DeviceRemoved,
+        FrameType::CreateGroup,
+        FrameType::UpdateGroup,
+        FrameType::GetGroup,
+        FrameType::GroupInfo,
     ];
 
     pub fn from_byte(byte: u8) -> Option<FrameType> {
@@ -107,6 +115,10 @@ impl FrameType {
             FrameType::DeviceList => "device_list",
             FrameType::RemoveDevice => "remove_device",
             FrameType::DeviceRemoved => "device_removed",
+            FrameType::CreateGroup => "create_group",
+            FrameType::UpdateGroup => "update_group",
+            FrameType::GetGroup => "get_group",
+            FrameType::GroupInfo => "group_info",
         }
     }
 }
@@ -135,6 +147,10 @@ pub enum Frame {
     DeviceList(pb::DeviceList),
     RemoveDevice(pb::RemoveDevice),
     DeviceRemoved(pb::DeviceRemoved),
+    CreateGroup(pb::CreateGroup),
+    UpdateGroup(pb::UpdateGroup),
+    GetGroup(pb::GetGroup),
+    GroupInfo(pb::GroupInfo),
 }
 
 /// Why bytes from a peer are not a frame. Cheap to copy, never allocates.
@@ -185,6 +201,10 @@ impl Frame {
             Frame::DeviceList(_) => FrameType::DeviceList,
             Frame::RemoveDevice(_) => FrameType::RemoveDevice,
             Frame::DeviceRemoved(_) => FrameType::DeviceRemoved,
+            Frame::CreateGroup(_) => FrameType::CreateGroup,
+            Frame::UpdateGroup(_) => FrameType::UpdateGroup,
+            Frame::GetGroup(_) => FrameType::GetGroup,
+            Frame::GroupInfo(_) => FrameType::GroupInfo,
         }
     }
 
@@ -211,6 +231,10 @@ impl Frame {
             Frame::DeviceList(m) => m.encoded_len(),
             Frame::RemoveDevice(m) => m.encoded_len(),
             Frame::DeviceRemoved(m) => m.encoded_len(),
+            Frame::CreateGroup(m) => m.encoded_len(),
+            Frame::UpdateGroup(m) => m.encoded_len(),
+            Frame::GetGroup(m) => m.encoded_len(),
+            Frame::GroupInfo(m) => m.encoded_len(),
         }
     }
 
@@ -248,6 +272,10 @@ impl Frame {
             Frame::DeviceList(m) => m.encode(out),
             Frame::RemoveDevice(m) => m.encode(out),
             Frame::DeviceRemoved(m) => m.encode(out),
+            Frame::CreateGroup(m) => m.encode(out),
+            Frame::UpdateGroup(m) => m.encode(out),
+            Frame::GetGroup(m) => m.encode(out),
+            Frame::GroupInfo(m) => m.encode(out),
         };
         assert!(result.is_ok(), "buffer was reserved for the whole frame");
     }
@@ -294,6 +322,14 @@ impl Frame {
             FrameType::DeviceRemoved => {
                 Frame::DeviceRemoved(pb::DeviceRemoved::decode(body).map_err(bad)?)
             }
+            FrameType::CreateGroup => {
+                Frame::CreateGroup(pb::CreateGroup::decode(body).map_err(bad)?)
+            }
+            FrameType::UpdateGroup => {
+                Frame::UpdateGroup(pb::UpdateGroup::decode(body).map_err(bad)?)
+            }
+            FrameType::GetGroup => Frame::GetGroup(pb::GetGroup::decode(body).map_err(bad)?),
+            FrameType::GroupInfo => Frame::GroupInfo(pb::GroupInfo::decode(body).map_err(bad)?),
         })
     }
 }

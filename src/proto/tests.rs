@@ -90,6 +90,7 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 recipient_user_id: 13,
                 payload: Bytes::from_static(b"hi"),
                 device_payloads: vec![],
+                ..Default::default()
             }),
         ),
         (
@@ -111,6 +112,7 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 client_message_id: 44,
                 timestamp_ms: 1_700_000_000_200,
                 payload: Bytes::from_static(b"yo"),
+                ..Default::default()
             }),
         ),
         (
@@ -131,6 +133,7 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 by_device_id: 1,
                 client_message_ids: vec![3],
                 timestamp_ms: 1_700_000_000_300,
+                ..Default::default()
             }),
         ),
         (
@@ -226,6 +229,54 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 version: 3,
             }),
         ),
+        (
+            "create_group",
+            "C→S",
+            Frame::CreateGroup(pb::CreateGroup {
+                request_id: 1,
+                name: "climbing".to_string(),
+                member_user_ids: vec![2, 3],
+            }),
+        ),
+        (
+            "update_group",
+            "C→S",
+            Frame::UpdateGroup(pb::UpdateGroup {
+                request_id: 2,
+                group_id: 0x5eed_0000_0000_0001,
+                action: pb::GroupAction::Add as i32,
+                user_ids: vec![4],
+                name: String::new(),
+            }),
+        ),
+        (
+            "get_group",
+            "C→S",
+            Frame::GetGroup(pb::GetGroup {
+                request_id: 3,
+                group_id: 0x5eed_0000_0000_0001,
+            }),
+        ),
+        (
+            "group_info",
+            "S→C",
+            Frame::GroupInfo(pb::GroupInfo {
+                request_id: 2,
+                group_id: 0x5eed_0000_0000_0001,
+                name: "climbing".to_string(),
+                version: 2,
+                members: vec![
+                    pb::GroupMember {
+                        user_id: 1,
+                        admin: true,
+                    },
+                    pb::GroupMember {
+                        user_id: 2,
+                        admin: false,
+                    },
+                ],
+            }),
+        ),
     ]
 }
 
@@ -241,6 +292,10 @@ fn device_frame(frame: &Frame) -> bool {
             | FrameType::DeviceList
             | FrameType::RemoveDevice
             | FrameType::DeviceRemoved
+            | FrameType::CreateGroup
+            | FrameType::UpdateGroup
+            | FrameType::GetGroup
+            | FrameType::GroupInfo
     )
 }
 
@@ -535,6 +590,7 @@ fn arbitrary_frame() -> impl Strategy<Value = Frame> {
                     .into_iter()
                     .map(|(device_id, payload)| pb::DevicePayload { device_id, payload })
                     .collect(),
+                ..Default::default()
             })),
         any::<[u64; 3]>().prop_map(|v| Frame::ServerAck(pb::ServerAck {
             client_message_id: v[0],
@@ -549,6 +605,7 @@ fn arbitrary_frame() -> impl Strategy<Value = Frame> {
                 client_message_id: v[2],
                 timestamp_ms: v[3],
                 payload: p,
+                ..Default::default()
             })
         }),
         (any::<u64>(), arbitrary_ids()).prop_map(|(u, s)| Frame::Ack(pb::Ack {
@@ -563,6 +620,7 @@ fn arbitrary_frame() -> impl Strategy<Value = Frame> {
                 by_device_id: d,
                 client_message_ids: ids,
                 timestamp_ms: v[2],
+                ..Default::default()
             })
         }),
         (any::<u64>(), any::<u32>(), arbitrary_ids()).prop_map(|(u, d, ids)| {

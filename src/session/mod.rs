@@ -41,6 +41,10 @@ pub fn check_send(send: &pb::Send, limits: &Limits) -> Result<(), ErrorCode> {
     if !send.device_payloads.is_empty() && !send.payload.is_empty() {
         return Err(ErrorCode::UnsupportedFeature);
     }
+    // A group message has one payload for every member and no recipient.
+    if send.group_id != 0 && (send.recipient_user_id != 0 || !send.device_payloads.is_empty()) {
+        return Err(ErrorCode::UnsupportedFeature);
+    }
     let max = limits.payload_bytes_max as usize;
     if send.payload.len() > max || send.device_payloads.iter().any(|p| p.payload.len() > max) {
         return Err(ErrorCode::PayloadTooLarge);
@@ -62,6 +66,9 @@ pub fn client_may_send_in_session(frame_type: FrameType) -> bool {
             | FrameType::RequestLinkCode
             | FrameType::ListDevices
             | FrameType::RemoveDevice
+            | FrameType::CreateGroup
+            | FrameType::UpdateGroup
+            | FrameType::GetGroup
     )
 }
 
@@ -85,6 +92,7 @@ mod tests {
             recipient_user_id: 2,
             payload: Bytes::from(vec![0u8; limits.payload_bytes_max as usize]),
             device_payloads: vec![],
+            ..Default::default()
         };
         assert_eq!(check_send(&send, &limits), Ok(()));
         send.payload = Bytes::from(vec![0u8; limits.payload_bytes_max as usize + 1]);

@@ -48,6 +48,7 @@ use tracing::{error, warn};
 
 use crate::config::{Config, Durability};
 use crate::engine::devices::{AccountDone, AccountOp};
+use crate::engine::groups::{GroupDone, GroupOp};
 use crate::engine::{self, Closing, Engine, Event, Host, SessionId};
 use crate::ids::{InboxKey, ShardId, UserId};
 use crate::meta::LinkError;
@@ -99,6 +100,45 @@ fn close_reason(closing: Closing) -> CloseReason {
         Closing::Replaced => CloseReason::Replaced,
         Closing::Fatal(code) => CloseReason::Fatal(code),
         Closing::Removed => CloseReason::Removed,
+    }
+}
+
+/// Requests to one other shard waiting for room in its channel, in order.
+struct Backlog {
+    tx: glommio::channels::local_channel::LocalSender<Request>,
+    /// Requests queued or being sent.
+    pending: Cell<usize>,
+    /// Tasks waiting for the backlog to go below its bound.
+    waiters: RefCell<Vec<std::task::Waker>>,
+}
+
+impl Backlog {
+    fn push(&self, request: Request) {
+        self.pending.set(self.pending.get() + 1);
+        // Unbounded and its receiver lives as long as the shard: never
+        // refused.
+        let _ = self.tx.try_send(request);
+    }
+
+    /// One request left for its shard.
+    fn sent(&self) {
+        self.pending.set(self.pending.get().saturating_sub(1));
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once at most `bound` requests wait.
+    async fn below(&self, bound: usize) {
+        std::future::poll_fn(|cx| {
+            if self.pending.get() <= bound {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 }
 
@@ -168,6 +208,49 @@ fn account_work(meta: &MetaStore, op: AccountOp) -> AccountDone {
     }
 }
 
+/// Does a `GroupOp` against the metadata database (blocks).
+fn group_work(meta: &MetaStore, op: GroupOp) -> GroupDone {
+    match op {
+        GroupOp::Create {
+            session,
+            creator,
+            request_id,
+            name,
+            members,
+        } => match meta.create_group(&name, &members) {
+            Ok(row) => GroupDone::Created {
+                session,
+                creator,
+                request_id,
+                row,
+            },
+            Err(err) => {
+                warn!(%err, "creating a group failed");
+                GroupDone::CreateFailed {
+                    session,
+                    request_id,
+                }
+            }
+        },
+        GroupOp::Save {
+            group,
+            name,
+            version,
+            upserts,
+            removals,
+        } => {
+            let saved = meta.save_group_change(group, &name, version, &upserts, &removals);
+            if let Err(err) = &saved {
+                warn!(%err, group, "writing a group change failed");
+            }
+            GroupDone::Saved {
+                group,
+                ok: saved.is_ok(),
+            }
+        }
+    }
+}
+
 /// The engine's host on a real shard: frames go to the connections' output
 /// queues (the socket loop sends them), requests are collected for the
 /// caller to put on the channels, replies go on them at once.
@@ -222,6 +305,12 @@ impl Host for ShardHost<'_> {
         self.shard
             .spawn(ShardTask::Other, async move { shard.account_op(op).await });
     }
+
+    fn group(&mut self, op: GroupOp) {
+        let shard = self.shard.clone();
+        self.shard
+            .spawn(ShardTask::Other, async move { shard.group_op(op).await });
+    }
 }
 
 pub struct Shard {
@@ -236,6 +325,9 @@ pub struct Shard {
     /// Open sockets on this shard, handshaking or in session.
     pub open_connections: Cell<u32>,
     pub requests: Vec<Option<ConnectedSender<Request>>>,
+    /// Per other shard: requests that found its channel full, sent in
+    /// order by one task (created at the first full channel).
+    backlogs: RefCell<Vec<Option<Rc<Backlog>>>>,
     pub replies: Vec<Option<ConnectedSender<Reply>>>,
     pub throttle: RefCell<AuthThrottle>,
     /// When devices' sessions opened or closed since the last write of
@@ -271,6 +363,7 @@ impl Shard {
             metrics,
             engine: RefCell::new(engine),
             open_connections: Cell::new(0),
+            backlogs: RefCell::new((0..shards).map(|_| None).collect()),
             requests,
             replies,
             throttle: RefCell::new(throttle),
@@ -434,21 +527,44 @@ impl Shard {
         })
     }
 
-    /// Sends what `on_frame` returned to other shards. A channel with room
-    /// takes the request at once; only when one is full (backpressure) is a
-    /// boxed wait returned, for the caller to run as a task, so the common
-    /// path allocates nothing.
+    /// Sends requests to their shards in the order given, and after every
+    /// request sent earlier to the same shard: a request that finds a
+    /// channel full, and every later one to that shard while any waits,
+    /// goes to that shard's backlog, which one task sends in order (a
+    /// group's messages reach each shard in the group's order this way).
+    /// Returns a future to await before producing more (the backpressure:
+    /// the caller's connection is not read meanwhile) when a backlog is
+    /// past its bound, the channel's capacity.
     pub fn forward(
         self: &Rc<Self>,
         outbound: Outbound,
     ) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
-        let mut blocked = Vec::new();
+        let mut full: Vec<Rc<Backlog>> = Vec::new();
         let mut offer = |target: ShardId, request: Request| {
-            let sender = self.requests[target.0 as usize]
-                .as_ref()
-                .expect("a channel to every other shard");
-            if let Err(err) = sender.try_send(request) {
-                blocked.extend(channel_item(err).map(|request| (target, request)));
+            let backlog = self.backlogs.borrow()[target.0 as usize].clone();
+            let request = match &backlog {
+                Some(b) if b.pending.get() > 0 => request,
+                _ => {
+                    let sender = self.requests[target.0 as usize]
+                        .as_ref()
+                        .expect("a channel to every other shard");
+                    match sender.try_send(request) {
+                        Ok(()) => return,
+                        Err(err) => match channel_item(err) {
+                            Some(request) => request,
+                            // Closed (the target stopped): route_request
+                            // answers what it can.
+                            None => return,
+                        },
+                    }
+                }
+            };
+            let backlog = backlog.unwrap_or_else(|| self.start_backlog(target));
+            backlog.push(request);
+            if backlog.pending.get() > self.config.limits.shard_channel_capacity as usize
+                && !full.iter().any(|b| Rc::ptr_eq(b, &backlog))
+            {
+                full.push(backlog);
             }
         };
         match outbound {
@@ -460,15 +576,35 @@ impl Shard {
                 }
             }
         }
-        if blocked.is_empty() {
+        if full.is_empty() {
             return None;
         }
-        let shard = self.clone();
+        let bound = self.config.limits.shard_channel_capacity as usize;
         Some(Box::pin(async move {
-            for (target, request) in blocked {
-                shard.route_request(target, request).await;
+            for backlog in full {
+                backlog.below(bound).await;
             }
         }))
+    }
+
+    /// The backlog of requests to `target`, and the task that sends it.
+    fn start_backlog(self: &Rc<Self>, target: ShardId) -> Rc<Backlog> {
+        let (tx, rx) = glommio::channels::local_channel::new_unbounded();
+        let backlog = Rc::new(Backlog {
+            tx,
+            pending: Cell::new(0),
+            waiters: RefCell::new(Vec::new()),
+        });
+        self.backlogs.borrow_mut()[target.0 as usize] = Some(backlog.clone());
+        let shard = self.clone();
+        let pump = backlog.clone();
+        self.spawn(ShardTask::Channels, async move {
+            while let Some(request) = rx.recv().await {
+                shard.route_request(target, request).await;
+                pump.sent();
+            }
+        });
+        backlog
     }
 
     /// Forwards the receipts left in this shard's relay inboxes (a crash
@@ -663,6 +799,16 @@ impl Shard {
             .spawn_blocking(move || account_work(&meta, op))
             .await;
         self.feed_detached(Event::Account(done));
+    }
+
+    /// Carries out an engine's `GroupOp` on the blocking pool and feeds
+    /// the outcome back.
+    async fn group_op(self: Rc<Self>, op: GroupOp) {
+        let meta = self.meta.clone();
+        let done = glommio::executor()
+            .spawn_blocking(move || group_work(&meta, op))
+            .await;
+        self.feed_detached(Event::Group(done));
     }
 
     /// Wakes the commit task.
@@ -889,5 +1035,9 @@ impl Host for OpeningHost<'_> {
 
     fn account(&mut self, op: AccountOp) {
         self.inner.account(op);
+    }
+
+    fn group(&mut self, op: GroupOp) {
+        self.inner.group(op);
     }
 }

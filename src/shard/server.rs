@@ -293,7 +293,7 @@ async fn shard_main(start: ShardStart) {
         }
     };
     crate::net::conn::set_thread_notifier(sockets.notifier());
-    let engine = crate::engine::Engine::new(
+    let mut engine = crate::engine::Engine::new(
         id,
         start.shards,
         start.config.limits.clone(),
@@ -302,6 +302,18 @@ async fn shard_main(start: ShardStart) {
         start.metrics.clone(),
         clock,
     );
+    // The groups homed here (read before the shard serves anything).
+    let shards = start.shards;
+    match start
+        .meta
+        .load_groups(|group| crate::route::shard_for(group, shards) == id)
+    {
+        Ok(groups) => engine.load_groups(groups),
+        Err(err) => {
+            let _ = start.ready.send(Err(format!("loading its groups: {err}")));
+            return;
+        }
+    }
     let shard = Rc::new(Shard::new(
         id,
         start.shards,

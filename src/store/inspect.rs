@@ -36,7 +36,7 @@ pub struct LogInspection {
     pub shard: Option<u32>,
     pub segments: Vec<SegmentInspection>,
     /// Records by kind, indexed by `RecordKind as usize - 1`.
-    pub records_by_kind: [u64; 6],
+    pub records_by_kind: [u64; 7],
     pub entries_live: u64,
     /// Entries acknowledged or expired whose records are still on disk.
     pub entries_dead: u64,
@@ -89,7 +89,7 @@ fn inspect_log(dir: &Path, now_ms: u64) -> io::Result<LogInspection> {
         dir: dir.to_path_buf(),
         shard: None,
         segments: Vec::new(),
-        records_by_kind: [0; 6],
+        records_by_kind: [0; 7],
         entries_live: 0,
         entries_dead: 0,
         oldest_ms: None,
@@ -236,6 +236,7 @@ impl fmt::Display for LogInspection {
             RecordKind::Ack,
             RecordKind::MultiMessage,
             RecordKind::DeviceMessage,
+            RecordKind::GroupMessage,
             RecordKind::InboxFloor,
         ];
         write!(f, "  records:")?;

@@ -15,15 +15,16 @@ use crate::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
 use super::commit::{CommitBatch, CommitShared};
 use super::inbox::{payload_digest, Dedupe, DedupeValue, Entry, Inboxes};
 use super::record::{
-    decode, encode_inbox_seqs, encode_u64s, peek_expires_ms, InboxSeqList, Record, U32List, U64List,
+    decode, encode_inbox_seqs, encode_u64s, peek_expires_ms, GroupPart, InboxSeqList, Record,
+    U32List, U64List,
 };
 use super::recovery::scan_segment;
 use super::segment::{self, Segment, SegmentHeader, SyncHandle, SEGMENT_HEADER_BYTES};
 use super::storage::{is_out_of_space, RealStorage, Storage};
 use super::{
     AckOutcome, AckedMessage, Appended, Clock, CommitTicket, Corruption, Duplicate, LogPosition,
-    LogStats, NewMessage, NewReceipt, ReceiptKind, RecoveryReport, StoreError, StoredEntry,
-    StoredMessage, StoredReceipt,
+    LogStats, NewGroupMessage, NewMessage, NewReceipt, ReceiptKind, RecoveryReport, StoreError,
+    StoredEntry, StoredGroup, StoredMessage, StoredReceipt,
 };
 
 /// Default bound of the dedupe table until `set_dedupe_capacity` is called
@@ -209,6 +210,37 @@ impl State {
                 expires_ms,
                 ..
             } => self.recover_entry(recipient, entry(seq), expires_ms, now_ms, None),
+            Record::MultiMessage {
+                sender,
+                client_message_id,
+                timestamp_ms,
+                expires_ms,
+                recipients,
+                group: Some(group),
+                payload,
+                ..
+            } => {
+                // The group's order: the sequence floor of its pseudo-inbox
+                // (never indexed) is the last group sequence stored here.
+                let key = InboxKey::group(group.group_id);
+                self.note_seq(key, group.group_seq, segment);
+                if !group.event {
+                    self.dedupe.insert(
+                        sender,
+                        client_message_id,
+                        DedupeValue {
+                            recipient: key,
+                            seq: InboxSeq(group.group_seq),
+                            timestamp_ms,
+                            ticket: 0,
+                            payload_digest: payload_digest(payload),
+                        },
+                    );
+                }
+                for (recipient, seq) in recipients.iter() {
+                    self.recover_entry(recipient, entry(seq), expires_ms, now_ms, None);
+                }
+            }
             Record::MultiMessage {
                 sender,
                 client_message_id,
@@ -702,6 +734,97 @@ impl Log {
         )
     }
 
+    /// Appends a group's message on this shard: one record, one entry per
+    /// member device homed here, the group's sequence noted (the floor of
+    /// `InboxKey::group`, so `group_seq_stored` answers after a restart
+    /// and after the record is reclaimed). A member's message (not an
+    /// event) is remembered by dedupe under the group's key.
+    pub fn append_group_message(
+        &mut self,
+        message: &NewGroupMessage<'_>,
+    ) -> Result<MultiAppended, StoreError> {
+        let own_now = self.now_ms();
+        let timestamp = message.timestamp_ms.unwrap_or(own_now);
+        // Expiry from this log's clock, so it never goes backwards along an
+        // inbox here.
+        let expires_ms = own_now.max(timestamp).saturating_add(self.ttl_ms);
+        let mut seqs: Vec<(InboxKey, InboxSeq)> = Vec::with_capacity(message.recipients.len());
+        for &r in message.recipients {
+            let seq = self.next_seq(r);
+            seqs.push((r, seq));
+        }
+        let mut enc = Vec::with_capacity(seqs.len() * 20);
+        encode_inbox_seqs(&seqs, &mut enc);
+        let mut members = Vec::with_capacity(message.remote_members.len() * 8);
+        encode_u64s(message.remote_members.iter().copied(), &mut members);
+        let record = Record::MultiMessage {
+            sender: message.sender,
+            client_message_id: message.client_message_id,
+            timestamp_ms: timestamp,
+            expires_ms,
+            recipients: InboxSeqList::from_le_bytes(&enc).expect("whole pairs"),
+            lengths: None,
+            group: Some(GroupPart {
+                group_id: message.group_id,
+                group_seq: message.group_seq,
+                event: message.event,
+                remote_members: U64List::from_le_bytes(&members).expect("whole u64s"),
+            }),
+            payload: message.payload,
+        };
+        let (position, ticket) = self.append(&record, false)?;
+        let key = InboxKey::group(message.group_id);
+        self.state
+            .note_seq(key, message.group_seq, position.segment);
+        for &(r, seq) in &seqs {
+            self.state.note_seq(r, seq.0, position.segment);
+            self.state.index(
+                r,
+                Entry {
+                    seq: seq.0,
+                    segment: position.segment,
+                    offset: position.offset,
+                },
+                expires_ms,
+            );
+        }
+        if !message.event {
+            self.state.dedupe.insert(
+                message.sender,
+                message.client_message_id,
+                DedupeValue {
+                    recipient: key,
+                    seq: InboxSeq(message.group_seq),
+                    timestamp_ms: timestamp,
+                    ticket,
+                    payload_digest: payload_digest(message.payload),
+                },
+            );
+        }
+        Ok(MultiAppended {
+            seqs,
+            position,
+            timestamp_ms: timestamp,
+            ticket: CommitTicket(ticket),
+        })
+    }
+
+    /// The members homed elsewhere listed in the group message at
+    /// `position` (on its group's home shard; empty elsewhere).
+    pub fn group_remote_members(&self, position: LogPosition) -> Result<Vec<u64>, StoreError> {
+        match self.record_at(position)? {
+            Record::MultiMessage {
+                group: Some(group), ..
+            } => Ok(group.remote_members.iter().collect()),
+            _ => Err(corrupt(position, "not a group message")),
+        }
+    }
+
+    /// The last group sequence of `group` stored in this log (0: none).
+    pub fn group_seq_stored(&self, group_id: u64) -> u64 {
+        self.last_seq(InboxKey::group(group_id)).0
+    }
+
     fn append_multi(
         &mut self,
         recipients: &[InboxKey],
@@ -726,6 +849,7 @@ impl Log {
             expires_ms,
             recipients: InboxSeqList::from_le_bytes(&enc).expect("whole pairs"),
             lengths: lengths.map(|l| U32List::from_le_bytes(l).expect("whole u32s")),
+            group: None,
             payload,
         };
         let (position, ticket) = self.append(&record, false)?;
@@ -1017,6 +1141,7 @@ impl Log {
             | Ok(Record::MultiMessage {
                 sender,
                 client_message_id,
+                group: None | Some(GroupPart { event: false, .. }),
                 ..
             }) => Some(AckedMessage {
                 sender,
@@ -1174,6 +1299,7 @@ impl Log {
                 timestamp_ms,
                 expires_ms,
                 payload: Bytes::copy_from_slice(payload),
+                group: None,
             }),
             Record::MultiMessage {
                 sender,
@@ -1182,14 +1308,14 @@ impl Log {
                 expires_ms,
                 recipients,
                 lengths,
+                group,
                 payload,
             } => {
-                let (index, seq) = recipients
-                    .iter()
-                    .enumerate()
-                    .find(|(_, (k, _))| inbox.is_none_or(|i| i == *k))
-                    .map(|(n, (_, s))| (n, s))
-                    .ok_or_else(|| corrupt(position, "inbox is not a recipient of this record"))?;
+                let (index, seq) = match inbox {
+                    None => recipients.get(0).map(|(_, s)| (0, s)),
+                    Some(inbox) => recipients.find(inbox),
+                }
+                .ok_or_else(|| corrupt(position, "inbox is not a recipient of this record"))?;
                 let part = match lengths {
                     Some(lengths) => lengths
                         .part(index)
@@ -1204,6 +1330,11 @@ impl Log {
                     timestamp_ms,
                     expires_ms,
                     payload: Bytes::copy_from_slice(part),
+                    group: group.map(|g| StoredGroup {
+                        group_id: g.group_id,
+                        group_seq: g.group_seq,
+                        event: g.event,
+                    }),
                 })
             }
             Record::Receipt {

@@ -164,6 +164,35 @@ pub struct StoredMessage {
     pub timestamp_ms: u64,
     pub expires_ms: u64,
     pub payload: Bytes,
+    /// Set for a group's message.
+    pub group: Option<StoredGroup>,
+}
+
+/// Where a stored group message stands in its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredGroup {
+    pub group_id: u64,
+    pub group_seq: u64,
+    /// A change to the group: the payload is the encoded `GroupEvent`.
+    pub event: bool,
+}
+
+/// A group's message to append on one shard.
+#[derive(Clone, Copy, Debug)]
+pub struct NewGroupMessage<'a> {
+    pub group_id: u64,
+    /// Assigned by the group's home shard.
+    pub group_seq: u64,
+    pub event: bool,
+    pub sender: InboxKey,
+    pub client_message_id: ClientMessageId,
+    /// The member devices homed here, ascending and distinct.
+    pub recipients: &'a [InboxKey],
+    /// On the home shard: the members homed elsewhere, ascending.
+    pub remote_members: &'a [u64],
+    /// When the home shard accepted it; `None`: now (the home shard).
+    pub timestamp_ms: Option<u64>,
+    pub payload: &'a [u8],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -45,6 +45,7 @@ pub enum RecordKind {
     MultiMessage = 4,
     InboxFloor = 5,
     DeviceMessage = 6,
+    GroupMessage = 7,
 }
 
 impl RecordKind {
@@ -56,6 +57,7 @@ impl RecordKind {
             4 => RecordKind::MultiMessage,
             5 => RecordKind::InboxFloor,
             6 => RecordKind::DeviceMessage,
+            7 => RecordKind::GroupMessage,
             _ => return None,
         })
     }
@@ -68,6 +70,7 @@ impl RecordKind {
             RecordKind::MultiMessage => "multi-message",
             RecordKind::InboxFloor => "inbox-floor",
             RecordKind::DeviceMessage => "device-message",
+            RecordKind::GroupMessage => "group-message",
         }
     }
 }
@@ -138,6 +141,33 @@ impl<'a> InboxSeqList<'a> {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+    /// The pair at `index`.
+    pub fn get(&self, index: usize) -> Option<(InboxKey, InboxSeq)> {
+        let at = index.checked_mul(INBOX_SEQ_BYTES)?;
+        let c = self.bytes.get(at..at + INBOX_SEQ_BYTES)?;
+        let mut r = Reader { bytes: c, at: 0 };
+        Some((r.inbox()?, InboxSeq(r.u64()?)))
+    }
+
+    /// The index and sequence of `inbox`: a binary search (the writers
+    /// list recipients ascending), then a scan for a list that is not.
+    pub fn find(&self, inbox: InboxKey) -> Option<(usize, InboxSeq)> {
+        let (mut lo, mut hi) = (0, self.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (key, seq) = self.get(mid)?;
+            match key.cmp(&inbox) {
+                std::cmp::Ordering::Equal => return Some((mid, seq)),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        self.iter()
+            .enumerate()
+            .find(|(_, (k, _))| *k == inbox)
+            .map(|(n, (_, s))| (n, s))
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (InboxKey, InboxSeq)> + 'a {
         self.bytes.chunks_exact(INBOX_SEQ_BYTES).map(|c| {
             let mut r = Reader { bytes: c, at: 0 };
@@ -179,7 +209,9 @@ pub enum Record<'a> {
     /// or, with `lengths` (kind `DeviceMessage`), one payload per
     /// recipient: `payload` holds them back to back, recipient `i`'s is
     /// `lengths[i]` bytes long (the devices of one account, each encrypted
-    /// for its device).
+    /// for its device). With `group` (kind `GroupMessage`), a group's
+    /// message as stored on one shard: the member devices homed there are
+    /// the recipients.
     MultiMessage {
         sender: InboxKey,
         client_message_id: ClientMessageId,
@@ -187,11 +219,27 @@ pub enum Record<'a> {
         expires_ms: u64,
         recipients: InboxSeqList<'a>,
         lengths: Option<U32List<'a>>,
+        group: Option<GroupPart<'a>>,
         payload: &'a [u8],
     },
     /// The last sequence assigned in each listed inbox, carried forward so a
     /// sequence never goes backwards after the records that held it are gone.
     InboxFloor { floors: InboxSeqList<'a> },
+}
+
+/// What a `GroupMessage` record adds to a multi-recipient one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupPart<'a> {
+    pub group_id: u64,
+    /// The message's place in the group's order (from 1).
+    pub group_seq: u64,
+    /// A change to the group (the payload is the encoded event), not a
+    /// member's message.
+    pub event: bool,
+    /// On the group's home shard: the members homed on other shards, to
+    /// which the message is forwarded (ascending user ids); empty
+    /// elsewhere.
+    pub remote_members: U64List<'a>,
 }
 
 /// Little-endian u32s, one per recipient of a `DeviceMessage`.
@@ -277,6 +325,7 @@ impl<'a> Record<'a> {
             Record::Message { .. } => RecordKind::Message,
             Record::Receipt { .. } => RecordKind::Receipt,
             Record::Ack { .. } => RecordKind::Ack,
+            Record::MultiMessage { group: Some(_), .. } => RecordKind::GroupMessage,
             Record::MultiMessage { lengths: None, .. } => RecordKind::MultiMessage,
             Record::MultiMessage {
                 lengths: Some(_), ..
@@ -296,12 +345,14 @@ impl<'a> Record<'a> {
             Record::MultiMessage {
                 recipients,
                 lengths,
+                group,
                 payload,
                 ..
             } => {
                 12 + 8
                     + 8
                     + 8
+                    + group.map_or(0, |g| 8 + 8 + 1 + 4 + g.remote_members.bytes.len())
                     + 4
                     + recipients.bytes.len()
                     + lengths.map_or(0, |l| l.bytes.len())
@@ -396,12 +447,21 @@ impl<'a> Record<'a> {
                 expires_ms,
                 recipients,
                 lengths,
+                group,
                 payload,
             } => {
                 w.inbox(sender);
                 w.u64(client_message_id.0);
                 w.u64(timestamp_ms);
                 w.u64(expires_ms);
+                if let Some(group) = group {
+                    assert!(lengths.is_none(), "a group message has one payload");
+                    w.u64(group.group_id);
+                    w.u64(group.group_seq);
+                    w.bytes(&[u8::from(group.event)]);
+                    w.u32(group.remote_members.len() as u32);
+                    w.bytes(group.remote_members.bytes);
+                }
                 w.u32(recipients.len() as u32);
                 w.bytes(recipients.bytes);
                 if let Some(lengths) = lengths {
@@ -436,7 +496,9 @@ pub fn peek_expires_ms(bytes: &[u8]) -> Option<u64> {
     let at = match RecordKind::from_byte(*bytes.get(8)?)? {
         RecordKind::Message => RECORD_HEADER_BYTES + 48,
         RecordKind::Receipt => RECORD_HEADER_BYTES + 41,
-        RecordKind::MultiMessage | RecordKind::DeviceMessage => RECORD_HEADER_BYTES + 28,
+        RecordKind::MultiMessage | RecordKind::DeviceMessage | RecordKind::GroupMessage => {
+            RECORD_HEADER_BYTES + 28
+        }
         RecordKind::Ack | RecordKind::InboxFloor => return None,
     };
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
@@ -543,11 +605,30 @@ fn decode_body<'a>(kind: RecordKind, r: &mut Reader<'a>) -> Option<Record<'a>> {
                 list: U64List { bytes: list },
             }
         }
-        RecordKind::MultiMessage | RecordKind::DeviceMessage => {
+        RecordKind::MultiMessage | RecordKind::DeviceMessage | RecordKind::GroupMessage => {
             let sender = r.inbox()?;
             let client_message_id = ClientMessageId(r.u64()?);
             let timestamp_ms = r.u64()?;
             let expires_ms = r.u64()?;
+            let group = if kind == RecordKind::GroupMessage {
+                let group_id = r.u64()?;
+                let group_seq = r.u64()?;
+                let event = match r.take(1)?[0] {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                let m = r.u32()? as usize;
+                let members = r.take(m.checked_mul(8)?)?;
+                Some(GroupPart {
+                    group_id,
+                    group_seq,
+                    event,
+                    remote_members: U64List { bytes: members },
+                })
+            } else {
+                None
+            };
             let n = r.u32()? as usize;
             let recipients = r.take(n.checked_mul(INBOX_SEQ_BYTES)?)?;
             let lengths = if kind == RecordKind::DeviceMessage {
@@ -574,6 +655,7 @@ fn decode_body<'a>(kind: RecordKind, r: &mut Reader<'a>) -> Option<Record<'a>> {
                 expires_ms,
                 recipients: InboxSeqList { bytes: recipients },
                 lengths,
+                group,
                 payload,
             }
         }
@@ -686,12 +768,50 @@ mod tests {
                     expires_ms: 0,
                     recipients: InboxSeqList::from_le_bytes(&enc).unwrap(),
                     lengths: Some(U32List::from_le_bytes(&lengths).unwrap()),
+                    group: None,
                     payload: &payload[..100 * n as usize],
                 }
                 .framed_len()
             })
             .collect();
         assert_eq!(sizes, vec![184, 680]);
+        // A group's message on a shard: one payload, 20 bytes per member
+        // device there (and on the home shard 8 per member elsewhere).
+        let group_size = |devices: u32, remote: u64| {
+            let pairs: Vec<_> = (1..=devices)
+                .map(|u| {
+                    (
+                        InboxKey {
+                            user: UserId(u as u64),
+                            device: DeviceId(1),
+                        },
+                        InboxSeq(1),
+                    )
+                })
+                .collect();
+            let mut enc = Vec::new();
+            encode_inbox_seqs(&pairs, &mut enc);
+            let mut members = Vec::new();
+            encode_u64s(0..remote, &mut members);
+            Record::MultiMessage {
+                sender: inbox(1),
+                client_message_id: ClientMessageId(1),
+                timestamp_ms: 0,
+                expires_ms: 0,
+                recipients: InboxSeqList::from_le_bytes(&enc).unwrap(),
+                lengths: None,
+                group: Some(GroupPart {
+                    group_id: 1,
+                    group_seq: 1,
+                    event: false,
+                    remote_members: U64List::from_le_bytes(&members).unwrap(),
+                }),
+                payload: &payload[..100],
+            }
+            .framed_len()
+        };
+        assert_eq!(group_size(512, 0), 10_424);
+        assert_eq!(group_size(512, 512), 14_520);
     }
 
     #[test]
@@ -841,7 +961,7 @@ mod tests {
             let pairs: Vec<(InboxKey, InboxSeq)> = pairs.into_iter().map(|(i, q)| (i, InboxSeq(q))).collect();
             let mut enc = Vec::new();
             encode_inbox_seqs(&pairs, &mut enc);
-            let multi = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(5), timestamp_ms: 1, expires_ms: 2, recipients: InboxSeqList { bytes: &enc }, lengths: None, payload: &payload };
+            let multi = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(5), timestamp_ms: 1, expires_ms: 2, recipients: InboxSeqList { bytes: &enc }, lengths: None, group: None, payload: &payload };
             let bytes = encode_vec(&multi, segment);
             let (decoded, _) = decode(segment, &bytes).unwrap();
             prop_assert_eq!(decoded, multi);
@@ -858,7 +978,7 @@ mod tests {
             }
             if !pairs.is_empty() {
                 let lengths = U32List::from_le_bytes(&len_bytes).unwrap();
-                let per_device = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(6), timestamp_ms: 1, expires_ms: 2, recipients: InboxSeqList { bytes: &enc }, lengths: Some(lengths), payload: &payload };
+                let per_device = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(6), timestamp_ms: 1, expires_ms: 2, recipients: InboxSeqList { bytes: &enc }, lengths: Some(lengths), group: None, payload: &payload };
                 prop_assert_eq!(per_device.kind(), RecordKind::DeviceMessage);
                 let bytes = encode_vec(&per_device, segment);
                 prop_assert_eq!(peek_expires_ms(&bytes), Some(2));
@@ -867,6 +987,15 @@ mod tests {
                 let parts: usize = (0..pairs.len()).map(|i| lengths.part(i).unwrap().len()).sum();
                 prop_assert_eq!(parts, payload.len());
             }
+            // A group's message: the group part travels whole, the
+            // expiry stays where peek_expires_ms looks.
+            let mut members = Vec::new();
+            encode_u64s(pairs.iter().map(|(i, _)| i.user.0), &mut members);
+            let group = Record::MultiMessage { sender: s, client_message_id: ClientMessageId(7), timestamp_ms: 1, expires_ms: 3, recipients: InboxSeqList { bytes: &enc }, lengths: None, group: Some(GroupPart { group_id: segment as u64, group_seq: 9, event: payload.len() % 2 == 0, remote_members: U64List { bytes: &members } }), payload: &payload };
+            prop_assert_eq!(group.kind(), RecordKind::GroupMessage);
+            let bytes = encode_vec(&group, segment);
+            prop_assert_eq!(peek_expires_ms(&bytes), Some(3));
+            prop_assert_eq!(decode(segment, &bytes), Ok((group, bytes.len())));
             let floor = Record::InboxFloor { floors: InboxSeqList { bytes: &enc } };
             let bytes = encode_vec(&floor, segment);
             prop_assert_eq!(decode(segment, &bytes), Ok((floor, bytes.len())));

@@ -337,6 +337,7 @@ impl RawClient {
             recipient_user_id: to,
             payload: Bytes::copy_from_slice(payload),
             device_payloads: vec![],
+            ..Default::default()
         }));
     }
 

@@ -535,7 +535,7 @@ impl Engine {
     }
 
     /// The error code a Send that could not be appended gets (logged).
-    fn store_error_code(&self, err: &StoreError) -> ErrorCode {
+    pub(super) fn store_error_code(&self, err: &StoreError) -> ErrorCode {
         warn!(shard = %self.id, %err, "message not stored");
         match err {
             StoreError::Full(_) => ErrorCode::StoreFull,
@@ -580,7 +580,9 @@ impl Engine {
                     ..Default::default()
                 }),
             ),
-            Reply::Relayed { .. } => unreachable!("relay replies go to receipts"),
+            Reply::Relayed { .. } | Reply::Answer { .. } => {
+                unreachable!("relay replies go to receipts, answers to their session")
+            }
         };
         if let Some(live) = self.session_mut(sender, origin.id) {
             live.sends_in_flight = live.sends_in_flight.saturating_sub(1);
@@ -716,17 +718,26 @@ fn entry_frame(entry: StoredEntry) -> (Frame, u32) {
     match entry {
         StoredEntry::Message(m) => {
             let bytes = m.payload.len() as u32;
-            (
-                Frame::Deliver(pb::Deliver {
-                    sequence: m.seq.0,
-                    sender_user_id: m.sender.user.0,
-                    sender_device_id: m.sender.device.0,
-                    client_message_id: m.client_message_id.0,
-                    timestamp_ms: m.timestamp_ms,
-                    payload: m.payload,
-                }),
-                bytes,
-            )
+            let mut deliver = pb::Deliver {
+                sequence: m.seq.0,
+                sender_user_id: m.sender.user.0,
+                sender_device_id: m.sender.device.0,
+                client_message_id: m.client_message_id.0,
+                timestamp_ms: m.timestamp_ms,
+                payload: m.payload,
+                ..Default::default()
+            };
+            if let Some(group) = m.group {
+                deliver.group_id = group.group_id;
+                deliver.group_sequence = group.group_seq;
+                if group.event {
+                    // The server wrote this payload: the event itself.
+                    use prost::Message as _;
+                    deliver.group_event =
+                        pb::GroupEvent::decode(std::mem::take(&mut deliver.payload)).ok();
+                }
+            }
+            (Frame::Deliver(deliver), bytes)
         }
         StoredEntry::Receipt(r) => {
             let bytes = 8 * r.client_message_ids.len() as u32;
@@ -741,6 +752,7 @@ fn entry_frame(entry: StoredEntry) -> (Frame, u32) {
                     by_device_id: r.by.device.0,
                     client_message_ids: r.client_message_ids,
                     timestamp_ms: r.timestamp_ms,
+                    ..Default::default()
                 }),
                 bytes,
             )

@@ -202,6 +202,11 @@ impl Engine {
         else {
             return true;
         };
+        if stored.recipient.is_group() {
+            // A group's message (this shard is the group's home): whether
+            // the reader is a member is the group's to say; relayed.
+            return true;
+        }
         if stored.recipient.user != reader.user {
             return false;
         }
@@ -385,7 +390,14 @@ impl Engine {
                     after = seq;
                     let receipt = match self.log.read_for(inbox, position) {
                         Ok(Some(StoredEntry::Receipt(r))) => r,
-                        Ok(_) => continue,
+                        Ok(Some(StoredEntry::Message(message))) => {
+                            // A group's message kept for the shard of some
+                            // of its members.
+                            self.forward_group_again(inbox, seq.0, position, message, host);
+                            forwarded += 1;
+                            continue;
+                        }
+                        Ok(None) => continue,
                         Err(err) => {
                             error!(shard = %self.id, %inbox, seq = seq.0, %err, "unreadable relayed receipt skipped");
                             continue;
