@@ -23,10 +23,18 @@ fn create(c: &mut RawClient, request_id: u64, name: &str, members: &[u64]) -> pb
 /// Reads until the GroupInfo answering `request_id` (acking Delivers on
 /// the way, which are the group's events).
 fn expect_info(c: &mut RawClient, request_id: u64) -> pb::GroupInfo {
+    expect_info_noting(c, request_id, &mut Seen::new())
+}
+
+/// `expect_info`, noting the group Delivers read on the way in `seen`.
+fn expect_info_noting(c: &mut RawClient, request_id: u64, seen: &mut Seen) -> pb::GroupInfo {
     loop {
         match c.recv() {
             Some(Frame::GroupInfo(info)) if info.request_id == request_id => return info,
-            Some(Frame::Deliver(d)) => c.ack(d.sequence),
+            Some(Frame::Deliver(d)) => {
+                c.ack(d.sequence);
+                note(seen, &d);
+            }
             Some(Frame::Receipt(r)) => c.ack(r.sequence),
             other => panic!("expected GroupInfo {request_id}, got {other:?}"),
         }
@@ -71,6 +79,19 @@ fn group_send(c: &mut RawClient, group: u64, id: u64, payload: &[u8]) {
 /// What one member device saw of one group: group sequence → (sender,
 /// client id or event action).
 type Seen = BTreeMap<u64, (u64, String)>;
+
+fn note(seen: &mut Seen, d: &pb::Deliver) {
+    let what = match &d.group_event {
+        Some(e) => format!("{:?} {:?}", e.action(), e.user_ids),
+        None => format!("message {}", d.client_message_id),
+    };
+    let previous = seen.insert(d.group_sequence, (d.sender_user_id, what));
+    assert!(
+        previous.is_none(),
+        "group sequence {} twice",
+        d.group_sequence
+    );
+}
 
 /// Reads group Delivers (acking each) until the member has seen group
 /// sequence `through`; other frames are acked and skipped.
@@ -126,9 +147,15 @@ fn a_large_group_across_two_shards_gives_every_member_one_order() {
         .enumerate()
         .map(|(i, a)| (!offline(i)).then(|| login(server.addr, a)))
         .collect();
+    let mut sender_seen: BTreeMap<usize, Seen> = BTreeMap::new();
     let info = {
         let creator = clients[0].as_mut().unwrap();
-        create(creator, 1, "everyone", &ids[1..])
+        creator.send(&Frame::CreateGroup(pb::CreateGroup {
+            request_id: 1,
+            name: "everyone".into(),
+            member_user_ids: ids[1..].to_vec(),
+        }));
+        expect_info_noting(creator, 1, sender_seen.entry(0).or_default())
     };
     assert_eq!(info.members.len(), 1_024);
     let group = info.group_id;
@@ -145,7 +172,6 @@ fn a_large_group_across_two_shards_gives_every_member_one_order() {
         }
     }
     let mut acked = 0;
-    let mut sender_seen: BTreeMap<usize, Seen> = BTreeMap::new();
     for &s in &senders {
         let c = clients[s].as_mut().unwrap();
         let seen = sender_seen.entry(s).or_default();
@@ -155,11 +181,7 @@ fn a_large_group_across_two_shards_gives_every_member_one_order() {
                 Some(Frame::ServerAck(_)) => mine += 1,
                 Some(Frame::Deliver(d)) => {
                     c.ack(d.sequence);
-                    let what = match &d.group_event {
-                        Some(e) => format!("{:?} {:?}", e.action(), e.user_ids),
-                        None => format!("message {}", d.client_message_id),
-                    };
-                    seen.insert(d.group_sequence, (d.sender_user_id, what));
+                    note(seen, &d);
                 }
                 Some(Frame::Receipt(r)) => c.ack(r.sequence),
                 Some(Frame::GroupInfo(_)) => {}
@@ -360,5 +382,66 @@ fn acknowledged_group_messages_survive_kill_9() {
         let mut seen = Seen::new();
         read_group(&mut c, g, 42, &mut seen);
         assert_eq!(seen.len(), 42, "member {}", member.user);
+    }
+}
+
+#[test]
+fn a_kill_9_mid_load_loses_no_acknowledged_group_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), |c| {
+        c.limits.delivery_window_messages = 64;
+        c.limits.sends_in_flight_max = 64;
+        c.limits.idle_timeout_ms = 60_000;
+    });
+    let a: Vec<Account> = (0..12).map(|_| RawClient::register(server.addr)).collect();
+    let others: Vec<u64> = a[1..].iter().map(|x| x.user).collect();
+    let mut sender = login(server.addr, &a[0]);
+    let g = create(&mut sender, 1, "crash", &others).group_id;
+    // Half the members stay online and read as messages come; the kill
+    // lands while sends are in flight.
+    let mut online: Vec<RawClient> = a[1..7].iter().map(|x| login(server.addr, x)).collect();
+    let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
+    for id in 0..300u64 {
+        group_send(&mut sender, g, 10_000 + id, format!("m{id}").as_bytes());
+    }
+    while acked.len() < 120 {
+        match sender.recv() {
+            Some(Frame::ServerAck(ack)) => {
+                acked.insert(ack.client_message_id, ack.server_sequence);
+            }
+            Some(Frame::Deliver(d)) => sender.ack(d.sequence),
+            Some(Frame::Receipt(r)) => sender.ack(r.sequence),
+            other => panic!("expected ServerAck, got {other:?}"),
+        }
+    }
+    // Some members read part of it before the crash (and may get some of
+    // it again after: acks not yet durable).
+    let mut before: Vec<Seen> = vec![Seen::new(); a.len()];
+    for (i, c) in online.iter_mut().enumerate().take(3) {
+        read_group(c, g, 20, &mut before[i + 1]);
+    }
+    server.kill9();
+    drop(online);
+    server.launch();
+    let last = *acked.values().max().unwrap();
+    for (i, member) in a.iter().enumerate().skip(1) {
+        let mut c = login(server.addr, member);
+        let mut seen = Seen::new();
+        read_group(&mut c, g, last, &mut seen);
+        for (seq, what) in &before[i] {
+            let again = seen.insert(*seq, what.clone());
+            assert!(
+                again.is_none_or(|w| &w == what),
+                "group sequence {seq} changed"
+            );
+        }
+        for (id, seq) in &acked {
+            assert_eq!(
+                seen.get(seq),
+                Some(&(a[0].user, format!("message {id}"))),
+                "member {} lacks acknowledged message {id} (group sequence {seq})",
+                member.user
+            );
+        }
     }
 }
