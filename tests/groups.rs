@@ -383,6 +383,40 @@ fn acknowledged_group_messages_survive_kill_9() {
         read_group(&mut c, g, 42, &mut seen);
         assert_eq!(seen.len(), 42, "member {}", member.user);
     }
+    // Every member device's ack reached the sender as a delivered
+    // receipt, batched: many members' receipts to a frame.
+    let mut owed: std::collections::BTreeSet<(u64, u64)> = a[1..]
+        .iter()
+        .flat_map(|m| (100..140u64).chain([999]).map(move |id| (m.user, id)))
+        .collect();
+    let entries = owed.len();
+    let mut frames = 0;
+    while !owed.is_empty() {
+        match sender.recv() {
+            Some(Frame::Receipt(r)) => {
+                sender.ack(r.sequence);
+                frames += 1;
+                if r.by_user_ids.is_empty() {
+                    for id in &r.client_message_ids {
+                        owed.remove(&(r.by_user_id, *id));
+                    }
+                } else {
+                    assert_eq!(r.by_user_ids.len(), r.client_message_ids.len());
+                    assert_eq!(r.by_device_ids.len(), r.client_message_ids.len());
+                    assert_eq!((r.by_user_id, r.by_device_id), (0, 0));
+                    for (by, id) in r.by_user_ids.iter().zip(&r.client_message_ids) {
+                        owed.remove(&(*by, *id));
+                    }
+                }
+            }
+            Some(Frame::Deliver(d)) => sender.ack(d.sequence),
+            other => panic!("expected a Receipt, got {other:?}"),
+        }
+    }
+    assert!(
+        frames * 4 <= entries,
+        "{frames} receipt frames for {entries} member receipts"
+    );
 }
 
 #[test]

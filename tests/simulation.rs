@@ -460,6 +460,7 @@ impl Sim {
 
     /// Makes shard `s`'s appends durable (or crashes, if the fsync fails).
     fn commit(&mut self, s: usize) -> Result<(), String> {
+        self.feed(s, Event::BeforeCommit)?;
         let engine = self.engines[s].as_mut().expect("shard running");
         if let Some(batch) = engine.log_mut().begin_commit() {
             if batch.sync_blocking().is_err() {

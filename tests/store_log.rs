@@ -144,7 +144,8 @@ fn acked_messages_are_reported_and_not_resurrected_after_reopen() {
                 .iter()
                 .map(|&id| AckedMessage {
                     sender: alice,
-                    client_message_id: ClientMessageId(id)
+                    client_message_id: ClientMessageId(id),
+                    group: false,
                 })
                 .collect::<Vec<_>>()
         );

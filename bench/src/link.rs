@@ -25,7 +25,7 @@ use switchboard::client::{self, ClientError, ConnectOptions, Credentials, Sessio
 use switchboard::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
 use switchboard::proto::pb;
 
-use crate::mqtt::MqttLink;
+use crate::mqtt::{MqttLink, Subscriptions};
 
 /// Bytes read from a socket per read call. An idle link holds no read
 /// buffer; this is the size of the one taken for a read in progress.
@@ -172,10 +172,24 @@ pub enum Event {
     /// The server acknowledged (✓) our message `msg_id`.
     Ack { msg_id: u64 },
     /// A message for us; `sequence` is its inbox sequence (0 for MQTT).
-    Deliver { sequence: u64, payload: Bytes },
+    /// `group_event`: a Switchboard system message about a group (created,
+    /// members changed), with an empty payload.
+    Deliver {
+        sequence: u64,
+        payload: Bytes,
+        group_event: bool,
+    },
     /// Delivered receipt (✓✓) for our messages; `sequence` is the receipt's
-    /// own inbox sequence, acknowledged like a delivery.
+    /// own inbox sequence, acknowledged like a delivery. One id per device
+    /// that has the message: a group message delivered to several members
+    /// appears once per member.
     Receipt { sequence: u64, msg_ids: Vec<u64> },
+    /// The server refused our message or request `msg_id` (a non-fatal
+    /// Error frame; `code` is the protocol's name of its error code).
+    Refused { msg_id: u64, code: &'static str },
+    /// The server created the group we asked for in request `request_id`
+    /// (Switchboard).
+    GroupCreated { request_id: u64, group_id: u64 },
     /// The peer closed the connection.
     Closed,
 }
@@ -353,6 +367,7 @@ impl SwitchboardLink {
             Ok(client::Event::Deliver(d)) => Ok(Some(Event::Deliver {
                 sequence: d.sequence,
                 payload: d.payload,
+                group_event: d.group_event.is_some(),
             })),
             Ok(client::Event::Receipt(r)) if r.kind == pb::ReceiptKind::Delivered as i32 => {
                 Ok(Some(Event::Receipt {
@@ -365,13 +380,20 @@ impl SwitchboardLink {
                 self.session.ack(InboxSeq(r.sequence))?;
                 Ok(None)
             }
+            Ok(client::Event::GroupInfo(info)) => Ok(Some(Event::GroupCreated {
+                request_id: info.request_id,
+                group_id: info.group_id,
+            })),
             Ok(
                 client::Event::Pong(_)
                 | client::Event::LinkCode(_)
                 | client::Event::DeviceList(_)
-                | client::Event::DeviceRemoved(_)
-                | client::Event::GroupInfo(_),
+                | client::Event::DeviceRemoved(_),
             ) => Ok(None),
+            Ok(client::Event::Error(e)) if !e.fatal => Ok(Some(Event::Refused {
+                msg_id: e.client_message_id,
+                code: client::error_code_name(e.code),
+            })),
             Ok(client::Event::Error(e)) => bail!("server error: {e:?}"),
             Ok(client::Event::GoAway(g)) => bail!("server went away: {g:?}"),
             Err(ClientError::Closed) => Ok(Some(Event::Closed)),
@@ -411,11 +433,13 @@ pub enum Link {
 }
 
 impl Link {
-    /// Connects `user` (authenticated and ready to send and receive).
+    /// Connects `user` (authenticated and ready to send and receive; MQTT:
+    /// subscribed as `subscriptions` says).
     pub async fn connect(
         target: &Target,
         user: &User,
         bind_ip: Option<IpAddr>,
+        subscriptions: &Subscriptions,
         timeout: Duration,
     ) -> anyhow::Result<Rc<Link>> {
         let link = match target.protocol {
@@ -428,9 +452,10 @@ impl Link {
                     SwitchboardLink::connect(target.server, bind_ip, account, timeout).await?,
                 )
             }
-            Protocol::Mqtt => {
-                Link::Mqtt(MqttLink::connect(target.server, bind_ip, user.index, timeout).await?)
-            }
+            Protocol::Mqtt => Link::Mqtt(
+                MqttLink::connect(target.server, bind_ip, user.index, subscriptions, timeout)
+                    .await?,
+            ),
         };
         Ok(Rc::new(link))
     }
@@ -448,6 +473,40 @@ impl Link {
                 Ok(())
             }
             Link::Mqtt(link) => link.send(peer.index, msg_id, payload),
+        }
+    }
+
+    /// Queues message `msg_id` for every other member of group `group`
+    /// (Switchboard: the server's group `group_id`; MQTT: the group's topic).
+    pub fn send_group(
+        &self,
+        group: u32,
+        group_id: u64,
+        msg_id: u64,
+        payload: Bytes,
+    ) -> anyhow::Result<()> {
+        match self {
+            Link::Switchboard(link) => {
+                link.session
+                    .send_to_group(group_id, ClientMessageId(msg_id), payload)?;
+                Ok(())
+            }
+            Link::Mqtt(link) => link.publish(crate::mqtt::group_topic(group), msg_id, payload),
+        }
+    }
+
+    /// Queues CreateGroup `request_id` of group `name` with the accounts
+    /// `members` (the caller's own not among them), answered by
+    /// [`Event::GroupCreated`] or [`Event::Refused`]. Switchboard only: an
+    /// MQTT topic needs no creating.
+    pub fn create_group(&self, request_id: u64, name: &str, members: &[u64]) -> anyhow::Result<()> {
+        match self {
+            Link::Switchboard(link) => {
+                let members: Vec<UserId> = members.iter().map(|&m| UserId(m)).collect();
+                link.session.create_group(request_id, name, &members)?;
+                Ok(())
+            }
+            Link::Mqtt(_) => bail!("MQTT has no groups to create"),
         }
     }
 

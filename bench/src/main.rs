@@ -5,11 +5,14 @@
 //! plans how the connections are split over worker processes and source
 //! addresses (`limits`), drives the workers through the scenario's phases
 //! (`fleet`, `worker`), samples the server's and the kernel's memory
-//! (`sysmem`) and the harness's and the server's CPU time over each p2p step
-//! (`cpu`), and writes the results (`report`). See docs/benchmarks.md.
+//! (`sysmem`) and the harness's and the server's CPU time over each p2p or
+//! group step (`cpu`), and writes the results (`report`). The group
+//! scenario's plan (who is in which group, who sends) is `group`. See
+//! docs/benchmarks.md.
 
 mod cpu;
 mod fleet;
+mod group;
 mod latency;
 mod limits;
 mod link;
@@ -29,11 +32,14 @@ use serde_json::{json, Value};
 
 use crate::cpu::StepCpu;
 use crate::fleet::Fleet;
+use crate::group::{GroupPlan, LocalGroups};
 use crate::latency::{monotonic_ns, ChainLatency, Latency};
 use crate::link::{Account, Protocol, Target, User};
 use crate::report::Second;
 use crate::sysmem::MemorySample;
-use crate::worker::{Command, P2pStep, Report, StepResult, Subset, WorkerSpec};
+use crate::worker::{
+    Command, CreatorOrder, GroupOrder, GroupStep, P2pStep, Report, StepResult, Subset, WorkerSpec,
+};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +63,9 @@ enum Scenario {
     Offline(OfflineArgs),
     /// p2p while clients disconnect and reconnect at a fixed rate.
     Churn(ChurnArgs),
+    /// Groups of users; one sender per group sends group messages open-loop
+    /// at a fixed total rate, every other member gets each one.
+    Group(GroupArgs),
     /// Print two JSON results side by side.
     Compare { a: PathBuf, b: PathBuf },
     /// Internal: a worker process (started by the coordinator).
@@ -143,6 +152,70 @@ struct P2pArgs {
     step_retries: u32,
 }
 
+impl P2pArgs {
+    fn search(&self) -> Search {
+        Search {
+            rate_start: self.rate_start,
+            p99_max_ms: self.p99_max_ms,
+            step_retries: self.step_retries,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct GroupArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Groups.
+    #[arg(long, default_value_t = 8)]
+    groups: u32,
+    /// Members per group, the sender included (at most -n; with fewer than
+    /// groups × members users, users are in several groups).
+    #[arg(long, default_value_t = 8)]
+    members: u32,
+    /// Offered group messages per second (all groups together), or `max`
+    /// to search for the highest rate delivered to every member with
+    /// deliver p99 under --p99-max-ms.
+    #[arg(long, default_value = "100")]
+    rate: String,
+    /// Payload bytes (at least 28: the harness's header).
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Seconds to wait after the last send for acks, deliveries and receipts.
+    #[arg(long, default_value_t = 10.0)]
+    drain_timeout: f64,
+    /// `--rate max`: first rate tried (group messages per second).
+    #[arg(long, default_value_t = 50.0)]
+    rate_start: f64,
+    /// `--rate max`: seconds per step.
+    #[arg(long, default_value_t = 5.0)]
+    step_duration: f64,
+    /// `--rate max`: deliver p99 bound, milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    p99_max_ms: f64,
+    /// `--rate max`: times a step that misses the bound is run again before
+    /// it counts as missed.
+    #[arg(long, default_value_t = 1)]
+    step_retries: u32,
+}
+
+impl GroupArgs {
+    fn search(&self) -> Search {
+        Search {
+            rate_start: self.rate_start,
+            p99_max_ms: self.p99_max_ms,
+            step_retries: self.step_retries,
+        }
+    }
+}
+
+/// How `--rate max` searches (see `Run::search`).
+struct Search {
+    rate_start: f64,
+    p99_max_ms: f64,
+    step_retries: u32,
+}
+
 #[derive(Args, Clone)]
 struct OfflineArgs {
     #[command(flatten)]
@@ -182,13 +255,17 @@ fn main() -> anyhow::Result<()> {
             print!("{}", report::compare(&read(&a)?, &read(&b)?));
             Ok(())
         }
-        Scenario::Connect(common) => Run::start("connect", common)?.connect(),
-        Scenario::Idle(common) => Run::start("idle", common)?.idle(),
-        Scenario::P2p(args) => Run::start("p2p", args.common.clone())?.p2p(&args, 0.0),
+        Scenario::Connect(common) => Run::start("connect", common, None)?.connect(),
+        Scenario::Idle(common) => Run::start("idle", common, None)?.idle(),
+        Scenario::P2p(args) => Run::start("p2p", args.common.clone(), None)?.p2p(&args, 0.0),
         Scenario::Churn(args) => {
-            Run::start("churn", args.p2p.common.clone())?.p2p(&args.p2p, args.churn_rate)
+            Run::start("churn", args.p2p.common.clone(), None)?.p2p(&args.p2p, args.churn_rate)
         }
-        Scenario::Offline(args) => Run::start("offline", args.common.clone())?.offline(&args),
+        Scenario::Offline(args) => Run::start("offline", args.common.clone(), None)?.offline(&args),
+        Scenario::Group(args) => {
+            let shape = (args.groups, args.members);
+            Run::start("group", args.common.clone(), Some(shape))?.group(&args)
+        }
     }
 }
 
@@ -217,16 +294,36 @@ struct Run {
     split: limits::Split,
     fleet: Fleet,
     server_pid: Option<u32>,
+    /// The group scenario's plan.
+    groups: Option<GroupPlan>,
     out: Value,
 }
 
 impl Run {
-    fn start(scenario: &'static str, common: Common) -> anyhow::Result<Run> {
+    /// Starts the workers and registers the users that have no account;
+    /// `groups` is the group scenario's (groups, members per group).
+    fn start(
+        scenario: &'static str,
+        common: Common,
+        groups: Option<(u32, u32)>,
+    ) -> anyhow::Result<Run> {
         let target = Target::parse(&common.target)?;
         let count = common.connections & !1;
         if count == 0 {
             bail!("--connections must be at least 2");
         }
+        let groups = match groups {
+            Some((groups, members)) => {
+                // Like the workers' own message ids in p2p: above any id of
+                // an earlier run, which the server's dedupe remembers.
+                let msg_id_base = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64 * 1000)
+                    .unwrap_or(1);
+                Some(GroupPlan::new(count, groups, members, msg_id_base)?)
+            }
+            None => None,
+        };
         let nofile = limits::raise_nofile();
         let loopback = target.server.ip().is_loopback() && !common.no_source_spread;
         let source_offset =
@@ -260,6 +357,7 @@ impl Run {
                 timeout_s: common.timeout,
                 connect_concurrency: common.connect_concurrency,
                 ping_interval_s: common.ping_interval,
+                groups,
             });
             first += share;
         }
@@ -298,6 +396,7 @@ impl Run {
             split,
             fleet,
             server_pid,
+            groups,
             out,
         };
         run.register()?;
@@ -439,7 +538,8 @@ impl Run {
         self.finish(&[("handshake", &handshakes)], &[])
     }
 
-    fn step(
+    /// One p2p step: `rate` messages per second for `duration` s.
+    fn p2p_step(
         &mut self,
         args: &P2pArgs,
         rate: f64,
@@ -447,31 +547,53 @@ impl Run {
         churn_per_s: f64,
     ) -> anyhow::Result<Step> {
         let pairs_total = self.users.len() as f64 / 2.0;
-        let start_at_ns = monotonic_ns() + 300_000_000;
-        // Started before the workers hear of the step, so its first sample
-        // precedes the step's start; dropped with an error return.
-        let sampler = cpu::Sampler::start(self.fleet.pids(), self.server_pid, start_at_ns);
-        for (i, share) in self.split.users_per_process.clone().iter().enumerate() {
-            let fraction = (*share as f64 / 2.0) / pairs_total;
-            self.fleet.send(
-                i,
-                &Command::P2p(P2pStep {
+        let shares = self.split.users_per_process.clone();
+        self.step(
+            rate,
+            duration,
+            args.drain_timeout,
+            1,
+            |worker, start_at_ns| {
+                let fraction = (shares[worker] as f64 / 2.0) / pairs_total;
+                Command::P2p(P2pStep {
                     rate_per_s: rate * fraction,
                     duration_s: duration,
                     payload_bytes: args.payload,
                     start_at_ns,
                     drain_timeout_s: args.drain_timeout,
                     churn_per_s: churn_per_s * fraction,
-                }),
-            )?;
+                })
+            },
+        )
+    }
+
+    /// One step of `duration` s at `rate`, whose messages make
+    /// `deliveries_per_msg` deliveries each: worker `i` gets
+    /// `command(i, start_at_ns)`, and the step's CPU is sampled from just
+    /// before the common start until every worker has answered.
+    fn step(
+        &mut self,
+        rate: f64,
+        duration: f64,
+        drain_timeout_s: f64,
+        deliveries_per_msg: u64,
+        command: impl Fn(usize, u64) -> Command,
+    ) -> anyhow::Result<Step> {
+        let start_at_ns = monotonic_ns() + 300_000_000;
+        // Started before the workers hear of the step, so its first sample
+        // precedes the step's start; dropped with an error return.
+        let sampler = cpu::Sampler::start(self.fleet.pids(), self.server_pid, start_at_ns);
+        for i in 0..self.fleet.len() {
+            self.fleet.send(i, &command(i, start_at_ns))?;
         }
-        let wait = Duration::from_secs_f64(duration + args.drain_timeout + 10.0);
+        let wait = Duration::from_secs_f64(duration + drain_timeout_s + 10.0);
         let answers = self
             .fleet
             .collect(wait, "--duration plus --drain-timeout plus 10 s")?;
         let mut step = Step {
             rate,
             duration,
+            deliveries_per_msg,
             ..Default::default()
         };
         for answer in answers {
@@ -480,99 +602,109 @@ impl Run {
             }
         }
         let samples = sampler.finish();
-        // The span the delivered rate is taken over: from the scheduled
-        // start to the last delivery, at least the schedule, and at least
-        // the last send of a sender that fell behind it. Not the drain's
-        // wait for messages that never come.
-        let r = &step.result;
-        let span_s = r.elapsed_s.max(r.send_s).max(duration);
-        let end_ns = start_at_ns + (span_s * 1e9) as u64;
+        let end_ns = start_at_ns + (step.span_s() * 1e9) as u64;
         step.cpu = StepCpu::over(
             &samples,
             cpu::ticks_per_s(),
             start_at_ns,
             end_ns,
-            r.delivered,
+            step.result.delivered,
         );
         Ok(step)
+    }
+
+    /// `--rate max`: doubles the rate from `search.rate_start` until a step
+    /// misses (not everything delivered, or deliver p99 over the bound; a
+    /// miss is run again `step_retries` times before it counts), then
+    /// bisects to within 5 %, at most 24 steps. `run_step` runs one step
+    /// (of `--step-duration` s) at a rate. Writes `search`, `rate_max` and
+    /// `rate_max_harness_bound`; the best step.
+    fn search(
+        &mut self,
+        search: &Search,
+        mut run_step: impl FnMut(&mut Run, f64) -> anyhow::Result<Step>,
+    ) -> anyhow::Result<Step> {
+        self.fleet.set_phase("search");
+        let mut rate = search.rate_start;
+        let mut good: Option<Step> = None;
+        let mut bad: Option<f64> = None;
+        // Whether the first rate that missed (where doubling stopped)
+        // and the lowest one (the search's upper bracket) were bound by
+        // the harness.
+        let mut first_bad_harness_bound: Option<bool> = None;
+        let mut last_bad_harness_bound: Option<bool> = None;
+        let mut trail = Vec::new();
+        for _ in 0..24 {
+            let mut attempt = 0;
+            let (step, ok) = loop {
+                let step = run_step(self, rate)?;
+                let ok = step.ok(search.p99_max_ms);
+                trail.push(json!({"rate": rate, "delivered": step.result.delivered, "offered": step.result.offered,
+                    "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok, "attempt": attempt,
+                    "deliveries_per_server_core_s": step.deliveries_per_server_core_s(),
+                    "cpu": step.cpu_json()}));
+                let verdict = match (ok, step.harness_bound()) {
+                    (true, false) => "ok",
+                    (true, true) => "ok (harness-bound)",
+                    (false, false) => "not met",
+                    (false, true) => "not met (harness-bound)",
+                };
+                eprintln!(
+                    "rate {rate:.0}/s: {}, {}: {verdict}",
+                    step.counts_text(),
+                    step.cpu_text(),
+                );
+                if ok || attempt >= search.step_retries {
+                    break (step, ok);
+                }
+                attempt += 1;
+            };
+            if ok {
+                good = Some(step);
+            } else {
+                bad = Some(rate);
+                first_bad_harness_bound.get_or_insert(step.harness_bound());
+                last_bad_harness_bound = Some(step.harness_bound());
+            }
+            let low = good.as_ref().map(|s| s.rate).unwrap_or(0.0);
+            rate = match bad {
+                None => rate * 2.0,
+                Some(high) if high - low <= high * 0.05 => break,
+                Some(high) => (low + high) / 2.0,
+            };
+            if rate < 1.0 {
+                break;
+            }
+        }
+        self.out["search"] = json!(trail);
+        self.out["rate_max"] = json!(good.as_ref().map(|s| s.rate));
+        // A harness at its limit at the best rate, or at a rate that
+        // missed, may be what stopped the search: the maximum is then a
+        // lower bound of the server's.
+        self.out["rate_max_harness_bound"] = json!(
+            good.as_ref().is_some_and(Step::harness_bound)
+                || first_bad_harness_bound == Some(true)
+                || last_bad_harness_bound == Some(true)
+        );
+        good.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no rate met the bound (delivered in full, p99 under {} ms)",
+                search.p99_max_ms
+            )
+        })
     }
 
     fn p2p(mut self, args: &P2pArgs, churn_per_s: f64) -> anyhow::Result<()> {
         self.connect_all(Subset::All)?;
         let step = if args.rate == "max" {
-            self.fleet.set_phase("search");
-            let mut rate = args.rate_start;
-            let mut good: Option<Step> = None;
-            let mut bad: Option<f64> = None;
-            // Whether the first rate that missed (where doubling stopped)
-            // and the lowest one (the search's upper bracket) were bound by
-            // the harness.
-            let mut first_bad_harness_bound: Option<bool> = None;
-            let mut last_bad_harness_bound: Option<bool> = None;
-            let mut trail = Vec::new();
-            for _ in 0..24 {
-                let mut attempt = 0;
-                let (step, ok) = loop {
-                    let step = self.step(args, rate, args.step_duration, churn_per_s)?;
-                    let ok = step.ok(args.p99_max_ms);
-                    trail.push(json!({"rate": rate, "delivered": step.result.delivered, "offered": step.result.offered,
-                        "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok, "attempt": attempt,
-                        "cpu": step.cpu_json()}));
-                    let verdict = match (ok, step.harness_bound()) {
-                        (true, false) => "ok",
-                        (true, true) => "ok (harness-bound)",
-                        (false, false) => "not met",
-                        (false, true) => "not met (harness-bound)",
-                    };
-                    eprintln!(
-                        "rate {rate:.0}/s: offered {} delivered {} p99 {} us, {}: {verdict}",
-                        step.result.offered,
-                        step.result.delivered,
-                        step.chain.deliver.summary().p99,
-                        step.cpu_text(),
-                    );
-                    if ok || attempt >= args.step_retries {
-                        break (step, ok);
-                    }
-                    attempt += 1;
-                };
-                if ok {
-                    good = Some(step);
-                } else {
-                    bad = Some(rate);
-                    first_bad_harness_bound.get_or_insert(step.harness_bound());
-                    last_bad_harness_bound = Some(step.harness_bound());
-                }
-                let low = good.as_ref().map(|s| s.rate).unwrap_or(0.0);
-                rate = match bad {
-                    None => rate * 2.0,
-                    Some(high) if high - low <= high * 0.05 => break,
-                    Some(high) => (low + high) / 2.0,
-                };
-                if rate < 1.0 {
-                    break;
-                }
-            }
-            self.out["search"] = json!(trail);
-            self.out["rate_max"] = json!(good.as_ref().map(|s| s.rate));
-            // A harness at its limit at the best rate, or at a rate that
-            // missed, may be what stopped the search: the maximum is then a
-            // lower bound of the server's.
-            self.out["rate_max_harness_bound"] = json!(
-                good.as_ref().is_some_and(Step::harness_bound)
-                    || first_bad_harness_bound == Some(true)
-                    || last_bad_harness_bound == Some(true)
-            );
-            good.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no rate met the bound (delivered in full, p99 under {} ms)",
-                    args.p99_max_ms
-                )
+            let duration = args.step_duration;
+            self.search(&args.search(), |run, rate| {
+                run.p2p_step(args, rate, duration, churn_per_s)
             })?
         } else {
             let rate: f64 = args.rate.parse().context("--rate is a number or `max`")?;
             self.fleet.set_phase("p2p");
-            self.step(args, rate, self.common.duration, churn_per_s)?
+            self.p2p_step(args, rate, self.common.duration, churn_per_s)?
         };
         let r = &step.result;
         self.out["duration_s"] = json!(step.duration);
@@ -611,6 +743,205 @@ impl Run {
                 ("deliver", &chain.deliver),
                 ("receipt", &chain.receipt),
                 ("reconnect", &reconnect),
+            ],
+            &seconds,
+        )
+    }
+
+    /// Each worker's view of the group plan, in worker order.
+    fn local_groups(&self, plan: &GroupPlan) -> Vec<LocalGroups> {
+        let mut first = 0u64;
+        self.split
+            .users_per_process
+            .iter()
+            .map(|&share| {
+                let local = plan.local(first, share as usize);
+                first += share;
+                local
+            })
+            .collect()
+    }
+
+    /// Switchboard: every group's sender creates it on its session, then
+    /// every member device gets its "group created" message. Writes
+    /// `groups.created`, `create_s`, `group_events`, `group_events_s`.
+    fn create_groups(&mut self, plan: &GroupPlan, locals: &[LocalGroups]) -> anyhow::Result<()> {
+        self.fleet.set_phase("create groups");
+        let mut first = 0u64;
+        for (i, local) in locals.iter().enumerate() {
+            let mut creators: Vec<CreatorOrder> = Vec::new();
+            for sender in &local.sends {
+                let group = sender.group;
+                let creator = first + sender.local as u64;
+                let sender_index = plan.sender_index(group);
+                let member_user_ids = (0..plan.members)
+                    .filter(|&j| j != sender_index)
+                    .map(|j| {
+                        let user = &self.users[plan.member(group, j) as usize];
+                        user.account.as_ref().expect("every user registered").user
+                    })
+                    .collect();
+                let order = GroupOrder {
+                    group,
+                    member_user_ids,
+                };
+                match creators.last_mut() {
+                    Some(last) if last.user_index == creator => last.groups.push(order),
+                    _ => creators.push(CreatorOrder {
+                        user_index: creator,
+                        groups: vec![order],
+                    }),
+                }
+            }
+            first += self.split.users_per_process[i];
+            self.fleet.send(i, &Command::CreateGroups { creators })?;
+        }
+        let (mut created, mut create_s) = (0, 0f64);
+        for answer in self.fleet.collect(self.timeout(), TIMEOUT_BOUND)? {
+            if let Report::GroupsCreated {
+                created: c,
+                elapsed_s,
+            } = answer
+            {
+                created += c;
+                create_s = create_s.max(elapsed_s);
+            }
+        }
+        self.fleet.set_phase("group events");
+        self.fleet.broadcast(&Command::AwaitGroupEvents)?;
+        let (mut events, mut expected, mut events_s) = (0, 0, 0f64);
+        for answer in self.fleet.collect(self.timeout(), TIMEOUT_BOUND)? {
+            if let Report::GroupEvents {
+                events: e,
+                expected: x,
+                elapsed_s,
+            } = answer
+            {
+                events += e;
+                expected += x;
+                events_s = events_s.max(elapsed_s);
+            }
+        }
+        eprintln!(
+            "created {created} groups in {create_s:.3} s; {events} of {expected} \"group created\" \
+             messages in {:.3} s more",
+            events_s
+        );
+        let groups = &mut self.out["groups"];
+        groups["created"] = json!(created);
+        groups["create_s"] = json!(create_s);
+        groups["group_events"] = json!(events);
+        groups["group_events_expected"] = json!(expected);
+        groups["group_events_s"] = json!(events_s);
+        Ok(())
+    }
+
+    /// One group step: `rate` group messages per second for `duration` s
+    /// over all groups.
+    fn group_step(
+        &mut self,
+        args: &GroupArgs,
+        plan: &GroupPlan,
+        locals: &[LocalGroups],
+        rate: f64,
+        duration: f64,
+    ) -> anyhow::Result<Step> {
+        let offered = group::offered_per_group(plan, locals, rate, duration);
+        self.step(
+            rate,
+            duration,
+            args.drain_timeout,
+            plan.deliveries_per_message(),
+            |worker, start_at_ns| {
+                let local = &locals[worker];
+                Command::GroupStep(GroupStep {
+                    rate_per_s: group::worker_rate_per_s(plan, local, rate),
+                    messages: group::worker_messages(plan, local, rate, duration),
+                    duration_s: duration,
+                    payload_bytes: args.payload,
+                    start_at_ns,
+                    drain_timeout_s: args.drain_timeout,
+                    deliveries_expected: group::deliveries_expected(local, &offered),
+                })
+            },
+        )
+    }
+
+    /// The group scenario: connect every user, create the groups
+    /// (Switchboard), then one step at `--rate` or a `--rate max` search.
+    fn group(mut self, args: &GroupArgs) -> anyhow::Result<()> {
+        let plan = self.groups.expect("the group scenario starts with a plan");
+        let locals = self.local_groups(&plan);
+        self.out["groups"] = json!({
+            "groups": plan.groups,
+            "members": plan.members,
+            "users": plan.users,
+            "memberships_per_user": plan.memberships_per_user(),
+            "deliveries_per_msg": plan.deliveries_per_message(),
+            "created": null,
+        });
+        self.connect_all(Subset::All)?;
+        if self.target.protocol == Protocol::Switchboard {
+            self.create_groups(&plan, &locals)?;
+        }
+        let step = if args.rate == "max" {
+            let duration = args.step_duration;
+            self.search(&args.search(), |run, rate| {
+                run.group_step(args, &plan, &locals, rate, duration)
+            })?
+        } else {
+            let rate: f64 = args.rate.parse().context("--rate is a number or `max`")?;
+            self.fleet.set_phase("group");
+            self.group_step(args, &plan, &locals, rate, self.common.duration)?
+        };
+        let r = &step.result;
+        let expected = step.deliveries_expected();
+        let receipts_expected = match self.target.protocol {
+            Protocol::Switchboard => expected,
+            Protocol::Mqtt => 0,
+        };
+        self.out["duration_s"] = json!(step.duration);
+        self.out["payload_bytes"] = json!(args.payload);
+        self.out["messages"] = json!({"offered": r.offered, "sent": r.sent, "skipped": r.skipped,
+            "acked": r.acked, "errors": r.errors, "deliveries_expected": expected,
+            "delivered": r.delivered, "missing": expected.saturating_sub(r.delivered),
+            "duplicates": r.duplicates, "receipts": r.receipts, "receipts_expected": receipts_expected});
+        let rates = &mut self.out["rates"];
+        rates["offered_msgs_per_s"] = json!(r.offered as f64 / step.duration);
+        rates["sent_msgs_per_s"] = json!(r.sent as f64 / r.send_s.max(step.duration));
+        // A group's rates count group messages; its deliveries are below.
+        rates["delivered_msgs_per_s"] = Value::Null;
+        rates["fanout_deliveries_per_s"] =
+            json!(r.delivered as f64 / r.elapsed_s.max(step.duration));
+        rates["deliveries_per_server_core_s"] = json!(step.deliveries_per_server_core_s());
+        self.out["cpu"] = step.cpu_json();
+        if let Some(cpu) = step.cpu {
+            self.out["cpu"]["server_us_per_group_msg"] = json!(cpu
+                .server_cores
+                .filter(|_| r.sent > 0)
+                .map(|cores| cores * cpu.span_s * 1e6 / r.sent as f64));
+        }
+        self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
+        self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
+        self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
+        if self.target.protocol == Protocol::Mqtt {
+            self.out["latency_us"]["receipt_note"] =
+                json!("MQTT has no delivered receipt; count stays 0");
+        }
+        let sample = sysmem::sample(self.server_pid)?;
+        self.out["server"]["rss_bytes"] = json!(sample.server_rss_bytes);
+        let seconds: Vec<Second> = step.seconds.values().cloned().collect();
+        self.out["timeline"] = json!(seconds
+            .iter()
+            .map(|s| json!({"second": s.second, "delivered": s.delivered,
+            "deliver_p50_us": s.deliver.summary().p50, "deliver_p99_us": s.deliver.summary().p99}))
+            .collect::<Vec<_>>());
+        let chain = step.chain.clone();
+        self.finish(
+            &[
+                ("ack", &chain.ack),
+                ("deliver", &chain.deliver),
+                ("receipt", &chain.receipt),
             ],
             &seconds,
         )
@@ -723,11 +1054,14 @@ impl Run {
     }
 }
 
-/// One p2p step merged over workers.
+/// One p2p or group step merged over workers.
 #[derive(Default)]
 struct Step {
     rate: f64,
     duration: f64,
+    /// Deliveries each sent message makes: 1 in p2p, the members but the
+    /// sender in a group.
+    deliveries_per_msg: u64,
     result: StepResult,
     chain: ChainLatency,
     reconnect: Latency,
@@ -770,8 +1104,50 @@ impl Step {
         let r = &self.result;
         r.offered > 0
             && r.sent == r.offered
-            && r.delivered == r.offered
+            && r.delivered == r.offered * self.deliveries_per_msg
             && (self.chain.deliver.summary().p99 as f64) <= p99_max_ms * 1000.0
+    }
+
+    /// Deliveries every sent message should have made.
+    fn deliveries_expected(&self) -> u64 {
+        self.result.sent * self.deliveries_per_msg
+    }
+
+    /// The seconds the step's rates and CPU figures are taken over: from
+    /// the scheduled start to the last delivery, at least the schedule, and
+    /// at least the last send of a sender that fell behind it. Not the
+    /// drain's wait for messages that never come.
+    fn span_s(&self) -> f64 {
+        let r = &self.result;
+        r.elapsed_s.max(r.send_s).max(self.duration)
+    }
+
+    /// Deliveries per second of server CPU over the step (a core's worth of
+    /// deliveries); `None` without the server's CPU time.
+    fn deliveries_per_server_core_s(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        let server_s = cpu.server_cores? * cpu.span_s;
+        (server_s > 0.0).then(|| self.result.delivered as f64 / server_s)
+    }
+
+    /// The step's counts for a progress line.
+    fn counts_text(&self) -> String {
+        let r = &self.result;
+        let p99 = self.chain.deliver.summary().p99;
+        if self.deliveries_per_msg == 1 {
+            format!(
+                "offered {} delivered {} p99 {p99} us",
+                r.offered, r.delivered
+            )
+        } else {
+            format!(
+                "offered {} sent {} deliveries {} of {} p99 {p99} us",
+                r.offered,
+                r.sent,
+                r.delivered,
+                self.deliveries_expected()
+            )
+        }
     }
 
     /// Whether a harness thread was saturated during the step.

@@ -7,6 +7,13 @@
 //! subscriber is the delivery, which the subscriber PUBACKs. MQTT has no
 //! delivered or read receipt, and no dedupe of a republished message.
 //!
+//! In the `group` scenario a user's session is a clean one of client id
+//! `sb-bench-g-u<index>`, subscribed at QoS 1 to the topic `g/<group>` of
+//! every group it receives from, and a group message is a QoS 1 PUBLISH to
+//! that topic. Clean, so no subscription from an earlier run with other
+//! groups survives into this one; nothing else in the broker's delivery path
+//! differs for a connected subscriber.
+//!
 //! The packet codec is `mqttbytes`; reading and writing are ours. One task
 //! reads a link (`next_event`), any task may `send` (buffered) and `flush`.
 
@@ -30,6 +37,21 @@ const PACKET_BYTES_MAX: usize = 1 << 20;
 /// The topic a user subscribes to and its peers publish to.
 pub fn topic(user_index: u64) -> String {
     format!("sb/u{user_index}")
+}
+
+/// The topic of group `group`'s messages.
+pub fn group_topic(group: u32) -> String {
+    format!("g/{group}")
+}
+
+/// What a user's session subscribes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subscriptions {
+    /// A persistent session subscribed to the user's own topic (p2p).
+    Own,
+    /// A clean session subscribed to these groups' topics (none: no
+    /// SUBSCRIBE at all).
+    Groups(Vec<u32>),
 }
 
 /// Opens a non-blocking TCP socket to `server`, bound to `bind_ip` when
@@ -85,12 +107,13 @@ pub struct MqttLink {
 }
 
 impl MqttLink {
-    /// Connects user `user_index` with a persistent session and makes sure
-    /// it is subscribed at QoS 1 to its own topic.
+    /// Connects user `user_index` and makes sure it is subscribed at QoS 1
+    /// as `subscriptions` says.
     pub async fn connect(
         server: SocketAddr,
         bind_ip: Option<IpAddr>,
         user_index: u64,
+        subscriptions: &Subscriptions,
         timeout: Duration,
     ) -> anyhow::Result<MqttLink> {
         let awaited = Cell::new("CONNACK");
@@ -100,8 +123,15 @@ impl MqttLink {
                 inflight: RefCell::new(HashMap::new()),
                 next_packet_id: Cell::new(1),
             };
-            let mut connect = v4::Connect::new(format!("sb-bench-u{user_index}"));
-            connect.clean_session = false;
+            let (client_id, topics) = match subscriptions {
+                Subscriptions::Own => (format!("sb-bench-u{user_index}"), vec![topic(user_index)]),
+                Subscriptions::Groups(groups) => (
+                    format!("sb-bench-g-u{user_index}"),
+                    groups.iter().map(|&g| group_topic(g)).collect(),
+                ),
+            };
+            let mut connect = v4::Connect::new(client_id);
+            connect.clean_session = *subscriptions != Subscriptions::Own;
             // No keep-alive: sessions are held idle for as long as a run
             // asks, and the harness pings on its own schedule.
             connect.keep_alive = 0;
@@ -120,9 +150,12 @@ impl MqttLink {
                 }
                 other => bail!("{server} refused CONNECT: {other:?}"),
             };
-            if !session_present {
+            if !session_present && !topics.is_empty() {
                 awaited.set("SUBACK");
-                let mut subscribe = v4::Subscribe::new(topic(user_index), QoS::AtLeastOnce);
+                let mut subscribe = v4::Subscribe::empty_subscribe();
+                for topic in topics {
+                    subscribe.add(topic, QoS::AtLeastOnce);
+                }
                 subscribe.pkid = 1;
                 subscribe
                     .write(&mut link.wire.out.borrow_mut())
@@ -147,13 +180,19 @@ impl MqttLink {
 
     /// Queues a QoS 1 PUBLISH of `payload` to the topic of `peer_index`.
     pub fn send(&self, peer_index: u64, msg_id: u64, payload: Bytes) -> anyhow::Result<()> {
+        self.publish(topic(peer_index), msg_id, payload)
+    }
+
+    /// Queues a QoS 1 PUBLISH of `payload` to `topic`; its PUBACK is the
+    /// ack of our message `msg_id`.
+    pub fn publish(&self, topic: String, msg_id: u64, payload: Bytes) -> anyhow::Result<()> {
         let packet_id = self.next_packet_id.get();
         self.next_packet_id.set(if packet_id == u16::MAX {
             1
         } else {
             packet_id + 1
         });
-        let mut publish = v4::Publish::from_bytes(topic(peer_index), QoS::AtLeastOnce, payload);
+        let mut publish = v4::Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
         publish.pkid = packet_id;
         publish
             .write(&mut self.wire.out.borrow_mut())
@@ -201,6 +240,7 @@ impl MqttLink {
                     return Ok(Event::Deliver {
                         sequence: 0,
                         payload: publish.payload,
+                        group_event: false,
                     });
                 }
                 Ok(Packet::PingResp) | Ok(Packet::SubAck(_)) => continue,

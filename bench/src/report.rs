@@ -65,7 +65,17 @@ const ROWS: &[(&str, &[&str])] = &[
     ("duration s", &["duration_s"]),
     ("sessions/s", &["rates", "sessions_per_s"]),
     ("offered msg/s", &["rates", "offered_msgs_per_s"]),
+    ("sent msg/s", &["rates", "sent_msgs_per_s"]),
     ("delivered msg/s", &["rates", "delivered_msgs_per_s"]),
+    (
+        "fan-out deliveries/s",
+        &["rates", "fanout_deliveries_per_s"],
+    ),
+    (
+        "deliveries/s per core",
+        &["rates", "deliveries_per_server_core_s"],
+    ),
+    ("missing deliveries", &["messages", "missing"]),
     ("drain msg/s", &["rates", "drain_msgs_per_s"]),
     ("harness CPU (busiest)", &["cpu", "harness_busiest_cores"]),
     ("harness CPU (sum)", &["cpu", "harness_sum_cores"]),
@@ -73,6 +83,10 @@ const ROWS: &[(&str, &[&str])] = &[
     ("rate max harness-bound", HARNESS_BOUND_FLAGS[1]),
     ("server CPU cores", &["cpu", "server_cores"]),
     ("server CPU us/msg", &["cpu", "server_us_per_msg"]),
+    (
+        "server CPU us/group msg",
+        &["cpu", "server_us_per_group_msg"],
+    ),
     ("server RSS bytes", &["server", "rss_bytes"]),
     ("server RSS B/conn", &["server", "rss_bytes_per_conn"]),
     ("server PSS B/conn", &["server", "pss_bytes_per_conn"]),
@@ -314,6 +328,27 @@ mod tests {
             .find(|l| l.starts_with("harness-bound"))
             .unwrap();
         assert!(bound.contains("no") && bound.contains("yes"), "{text}");
+    }
+
+    #[test]
+    fn table_shows_group_rows() {
+        let value = json!({"scenario": "group", "target": "switchboard://x",
+            "rates": {"offered_msgs_per_s": 100.0, "sent_msgs_per_s": 100.0,
+                "delivered_msgs_per_s": null, "fanout_deliveries_per_s": 700.0,
+                "deliveries_per_server_core_s": 3500.0},
+            "messages": {"missing": 0},
+            "cpu": {"server_us_per_msg": 285.7, "server_us_per_group_msg": 2000.0}});
+        let text = table(&value);
+        assert_eq!(row(&text, "sent msg/s"), Some("100"), "{text}");
+        assert_eq!(row(&text, "fan-out deliveries/s"), Some("700"), "{text}");
+        assert_eq!(row(&text, "deliveries/s per core"), Some("3500"), "{text}");
+        assert_eq!(row(&text, "missing deliveries"), Some("0"), "{text}");
+        assert_eq!(
+            row(&text, "server CPU us/group msg"),
+            Some("2000"),
+            "{text}"
+        );
+        assert_eq!(row(&text, "delivered msg/s"), None, "{text}");
     }
 
     #[test]

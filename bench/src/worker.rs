@@ -4,6 +4,10 @@
 //! line and then [`Command`] lines on its stdin, and reads [`Report`] lines
 //! (JSON) from its stdout. Users come in pairs: local users `2i` and `2i+1`
 //! are each other's peer, so a message never leaves its worker's executor.
+//! In the group scenario (`WorkerSpec::groups`) users are members of groups
+//! instead (`crate::group`), which may span worker processes: a member times
+//! a delivery from the scheduled time in its payload whichever process sent
+//! it, and the coordinator tells each worker how many deliveries to wait for.
 //!
 //! Per user the worker keeps the link, the scheduled send time of each
 //! message still waiting for its ack or receipt, and the last message id
@@ -22,11 +26,13 @@ use glommio::{LocalExecutorBuilder, Placement};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::group::{GroupHeader, GroupPlan, LocalGroups, MemberSeen};
 use crate::latency::{monotonic_ns, ChainLatency, Latency, Schedule};
 use crate::limits::source_ip_for;
 use crate::link::{
     explain, seconds, Account, Event, Link, PayloadHeader, Protocol, SwitchboardLink, Target, User,
 };
+use crate::mqtt::Subscriptions;
 
 /// The first line a worker reads.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,6 +46,9 @@ pub struct WorkerSpec {
     pub timeout_s: f64,
     pub connect_concurrency: usize,
     pub ping_interval_s: f64,
+    /// The group scenario's plan; `None`: users in pairs. The worker's users
+    /// are consecutive global users.
+    pub groups: Option<GroupPlan>,
 }
 
 /// Which users a command applies to: senders are the even local users.
@@ -76,6 +85,41 @@ pub struct P2pStep {
     pub churn_per_s: f64,
 }
 
+/// One open-loop step of the group scenario.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupStep {
+    /// Group messages per second over the groups this worker sends for
+    /// (`group::worker_rate_per_s`).
+    pub rate_per_s: f64,
+    /// Messages the worker's schedule holds (`group::worker_messages`).
+    pub messages: u64,
+    pub duration_s: f64,
+    pub payload_bytes: usize,
+    /// `CLOCK_MONOTONIC` time of the first scheduled send.
+    pub start_at_ns: u64,
+    /// How long to wait after the last send for acks, deliveries, receipts.
+    pub drain_timeout_s: f64,
+    /// Deliveries this worker's members get when every offered message of
+    /// the step is sent, from every worker (`group::deliveries_expected`).
+    pub deliveries_expected: u64,
+}
+
+/// The groups one user creates (Switchboard).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreatorOrder {
+    /// The creator's global user index.
+    pub user_index: u64,
+    pub groups: Vec<GroupOrder>,
+}
+
+/// One group to create.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupOrder {
+    pub group: u32,
+    /// Account ids of the members other than the creator.
+    pub member_user_ids: Vec<u64>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Command {
@@ -98,6 +142,14 @@ pub enum Command {
     Drain {
         expected: u64,
     },
+    /// Create the groups of these creators on their sessions (Switchboard;
+    /// after `connect`) and wait for the answers.
+    CreateGroups {
+        creators: Vec<CreatorOrder>,
+    },
+    /// Wait until every member device has its "group created" message.
+    AwaitGroupEvents,
+    GroupStep(GroupStep),
     Quit,
 }
 
@@ -111,6 +163,9 @@ impl Command {
             Command::P2p(_) => "p2p",
             Command::Burst { .. } => "burst",
             Command::Drain { .. } => "drain",
+            Command::CreateGroups { .. } => "create_groups",
+            Command::AwaitGroupEvents => "await_group_events",
+            Command::GroupStep(_) => "group_step",
             Command::Quit => "quit",
         }
     }
@@ -126,6 +181,8 @@ pub struct Counters {
     pub receipts: u64,
     pub duplicates: u64,
     pub errors: u64,
+    /// System messages about groups (created, changed) received.
+    pub group_events: u64,
 }
 
 /// Deliveries and their latency in one second of a step.
@@ -187,6 +244,15 @@ pub enum Report {
         elapsed_s: f64,
         connect_s: f64,
     },
+    GroupsCreated {
+        created: u64,
+        elapsed_s: f64,
+    },
+    GroupEvents {
+        events: u64,
+        expected: u64,
+        elapsed_s: f64,
+    },
     Failed {
         error: String,
     },
@@ -211,6 +277,43 @@ struct Slot {
     pending: RefCell<HashMap<u64, u64>>,
     last_received_msg_id: Cell<u64>,
     ack_due: Cell<u64>,
+    /// Group messages this user sent, until acked and (Switchboard) every
+    /// member's receipt is in.
+    group_pending: RefCell<HashMap<u64, GroupPending>>,
+    /// The last message seen from each group the user receives from.
+    group_seen: RefCell<MemberSeen>,
+}
+
+/// A group message waiting for its ack and its members' receipts.
+#[derive(Clone, Copy, Debug)]
+struct GroupPending {
+    scheduled_ns: u64,
+    acked: bool,
+    receipts_left: u64,
+}
+
+/// The worker's share of the group scenario.
+struct GroupState {
+    plan: GroupPlan,
+    local: LocalGroups,
+    /// The server's id of each group of `local.sends`, in that order
+    /// (Switchboard, once created; 0 for MQTT).
+    ids: RefCell<Vec<u64>>,
+    /// CreateGroup requests not answered yet.
+    creates_left: Cell<u64>,
+    /// The first CreateGroup the server refused: which and why.
+    create_refusal: RefCell<Option<String>>,
+}
+
+impl GroupState {
+    /// Receipts the sender of a group message waits for: one per other
+    /// member's device (Switchboard; MQTT has none).
+    fn receipts_per_message(&self, protocol: Protocol) -> u64 {
+        match protocol {
+            Protocol::Switchboard => self.plan.deliveries_per_message(),
+            Protocol::Mqtt => 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -225,6 +328,7 @@ struct Stats {
 struct Worker {
     spec: WorkerSpec,
     slots: Vec<Rc<Slot>>,
+    groups: Option<GroupState>,
     counters: Cell<Counters>,
     stats: RefCell<Stats>,
     timeout: Duration,
@@ -265,6 +369,42 @@ impl Worker {
 
     fn receipts_expected(&self) -> bool {
         self.spec.target.protocol == Protocol::Switchboard
+    }
+
+    /// What `slot`'s MQTT session subscribes to.
+    fn subscriptions(&self, slot: &Slot) -> Subscriptions {
+        match &self.groups {
+            Some(groups) => Subscriptions::Groups(groups.local.receives[slot.local].clone()),
+            None => Subscriptions::Own,
+        }
+    }
+
+    /// Counts and reports (the first few) message `msg_id` of `slot` that
+    /// the server refused.
+    fn refused(&self, slot: &Slot, msg_id: u64, code: &str) {
+        self.bump(|c| c.errors += 1);
+        let index = slot.user.borrow().index;
+        self.report_error(format_args!(
+            "user {index}: message {msg_id} refused: {code}"
+        ));
+    }
+
+    /// Counts a delivery of a message scheduled at `scheduled_ns`, seen at
+    /// `now`, in the step's latency and timeline.
+    fn record_delivery(&self, scheduled_ns: u64, now: u64) {
+        let mut stats = self.stats.borrow_mut();
+        stats.chain.deliver.record(scheduled_ns, now);
+        let second = now.saturating_sub(stats.step_start_ns) / 1_000_000_000;
+        if let Some((_, latency)) = stats.timeline.last_mut().filter(|(s, _)| *s == second) {
+            latency.record(scheduled_ns, now);
+        } else if stats.timeline.len() < 100_000 {
+            let mut latency = Latency::default();
+            latency.record(scheduled_ns, now);
+            stats.timeline.push((second, latency));
+        }
+        stats.last_delivery_ns = now;
+        drop(stats);
+        self.bump(|c| c.delivered += 1);
     }
 }
 
@@ -328,15 +468,41 @@ async fn read_command() -> anyhow::Result<Option<Command>> {
 }
 
 async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
-    let msg_id_base = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64 * 1000)
-        .unwrap_or(1);
+    // Group members hear from senders in other processes: one base for all.
+    let msg_id_base = match &spec.groups {
+        Some(plan) => plan.msg_id_base,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64 * 1000)
+            .unwrap_or(1),
+    };
+    let groups = spec.groups.map(|plan| {
+        let first = spec.users.first().map_or(0, |u| u.index);
+        assert!(
+            spec.users
+                .iter()
+                .enumerate()
+                .all(|(i, u)| u.index == first + i as u64),
+            "the coordinator hands a worker consecutive users"
+        );
+        let local = plan.local(first, spec.users.len());
+        GroupState {
+            plan,
+            ids: RefCell::new(vec![0; local.sends.len()]),
+            local,
+            creates_left: Cell::new(0),
+            create_refusal: RefCell::new(None),
+        }
+    });
     let slots = spec
         .users
         .iter()
         .enumerate()
         .map(|(local, user)| {
+            let group_seen = match &groups {
+                Some(g) => MemberSeen::new(&g.local.receives[local], &g.plan),
+                None => MemberSeen::default(),
+            };
             Rc::new(Slot {
                 local,
                 user: RefCell::new(user.clone()),
@@ -346,6 +512,8 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
                 pending: RefCell::new(HashMap::new()),
                 last_received_msg_id: Cell::new(msg_id_base - 1),
                 ack_due: Cell::new(0),
+                group_pending: RefCell::new(HashMap::new()),
+                group_seen: RefCell::new(group_seen),
             })
         })
         .collect();
@@ -353,6 +521,7 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
         timeout: Duration::from_secs_f64(spec.timeout_s),
         spec,
         slots,
+        groups,
         counters: Cell::new(Counters::default()),
         stats: RefCell::new(Stats::default()),
         errors_printed: Cell::new(0),
@@ -418,6 +587,12 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
                 payload_bytes,
             } => burst(&worker, per_user, payload_bytes).await,
             Command::Drain { expected } => drain(&worker, expected).await,
+            Command::CreateGroups { creators } => create_groups(&worker, creators).await?,
+            Command::AwaitGroupEvents => await_group_events(&worker).await,
+            Command::GroupStep(step) => {
+                let result = group_step(&worker, &step).await;
+                emit(&Report::Step(result));
+            }
         }
     }
     done.set(true);
@@ -540,6 +715,7 @@ async fn open(worker: &Rc<Worker>, slot: &Rc<Slot>) -> anyhow::Result<()> {
         &worker.spec.target,
         &user,
         worker.bind_ip(slot),
+        &worker.subscriptions(slot),
         worker.timeout,
     )
     .await?;
@@ -646,64 +822,10 @@ async fn receive(worker: Rc<Worker>, slot: Rc<Slot>, link: Rc<Link>) {
             }
         };
         let now = monotonic_ns();
-        match event {
-            Event::Closed => break,
-            Event::Ack { msg_id } => {
-                let scheduled = if worker.receipts_expected() {
-                    slot.pending.borrow().get(&msg_id).copied()
-                } else {
-                    slot.pending.borrow_mut().remove(&msg_id)
-                };
-                if let Some(scheduled) = scheduled {
-                    worker.stats.borrow_mut().chain.ack.record(scheduled, now);
-                    worker.bump(|c| c.acked += 1);
-                }
-            }
-            Event::Deliver { sequence, payload } => {
-                if sequence > 0 {
-                    slot.ack_due.set(slot.ack_due.get().max(sequence));
-                }
-                let peer_index = worker.peer(&slot).user.borrow().index;
-                match PayloadHeader::decode(&payload) {
-                    Some(h)
-                        if h.sender_index == peer_index
-                            && h.msg_id > slot.last_received_msg_id.get() =>
-                    {
-                        slot.last_received_msg_id.set(h.msg_id);
-                        let mut stats = worker.stats.borrow_mut();
-                        stats.chain.deliver.record(h.scheduled_ns, now);
-                        let second = now.saturating_sub(stats.step_start_ns) / 1_000_000_000;
-                        if let Some((_, latency)) =
-                            stats.timeline.last_mut().filter(|(s, _)| *s == second)
-                        {
-                            latency.record(h.scheduled_ns, now);
-                        } else if stats.timeline.len() < 100_000 {
-                            let mut latency = Latency::default();
-                            latency.record(h.scheduled_ns, now);
-                            stats.timeline.push((second, latency));
-                        }
-                        stats.last_delivery_ns = now;
-                        drop(stats);
-                        worker.bump(|c| c.delivered += 1);
-                    }
-                    _ => worker.bump(|c| c.duplicates += 1),
-                }
-            }
-            Event::Receipt { sequence, msg_ids } => {
-                slot.ack_due.set(slot.ack_due.get().max(sequence));
-                for msg_id in msg_ids {
-                    let scheduled = slot.pending.borrow_mut().remove(&msg_id);
-                    if let Some(scheduled) = scheduled {
-                        worker
-                            .stats
-                            .borrow_mut()
-                            .chain
-                            .receipt
-                            .record(scheduled, now);
-                        worker.bump(|c| c.receipts += 1);
-                    }
-                }
-            }
+        match (event, &worker.groups) {
+            (Event::Closed, _) => break,
+            (event, Some(groups)) => on_group_event(&worker, groups, &slot, event, now),
+            (event, None) => on_pair_event(&worker, &slot, event, now),
         }
         // Answer once per burst of input, so acks of many deliveries share
         // one frame and one write.
@@ -718,6 +840,166 @@ async fn receive(worker: Rc<Worker>, slot: Rc<Slot>, link: Rc<Link>) {
         if link.flush().await.is_err() {
             break;
         }
+    }
+}
+
+/// An ack, delivery or receipt of the p2p shape.
+fn on_pair_event(worker: &Worker, slot: &Slot, event: Event, now: u64) {
+    match event {
+        Event::Ack { msg_id } => {
+            let scheduled = if worker.receipts_expected() {
+                slot.pending.borrow().get(&msg_id).copied()
+            } else {
+                slot.pending.borrow_mut().remove(&msg_id)
+            };
+            if let Some(scheduled) = scheduled {
+                worker.stats.borrow_mut().chain.ack.record(scheduled, now);
+                worker.bump(|c| c.acked += 1);
+            }
+        }
+        Event::Deliver {
+            sequence, payload, ..
+        } => {
+            if sequence > 0 {
+                slot.ack_due.set(slot.ack_due.get().max(sequence));
+            }
+            let peer_index = worker.peer(slot).user.borrow().index;
+            match PayloadHeader::decode(&payload) {
+                Some(h)
+                    if h.sender_index == peer_index
+                        && h.msg_id > slot.last_received_msg_id.get() =>
+                {
+                    slot.last_received_msg_id.set(h.msg_id);
+                    worker.record_delivery(h.scheduled_ns, now);
+                }
+                _ => worker.bump(|c| c.duplicates += 1),
+            }
+        }
+        Event::Receipt { sequence, msg_ids } => {
+            slot.ack_due.set(slot.ack_due.get().max(sequence));
+            for msg_id in msg_ids {
+                let scheduled = slot.pending.borrow_mut().remove(&msg_id);
+                if let Some(scheduled) = scheduled {
+                    worker
+                        .stats
+                        .borrow_mut()
+                        .chain
+                        .receipt
+                        .record(scheduled, now);
+                    worker.bump(|c| c.receipts += 1);
+                }
+            }
+        }
+        Event::Refused { msg_id, code } => {
+            slot.pending.borrow_mut().remove(&msg_id);
+            worker.refused(slot, msg_id, code);
+        }
+        Event::GroupCreated { request_id, .. } => worker.report_error(format_args!(
+            "GroupInfo for request {request_id} outside the group scenario"
+        )),
+        Event::Closed => {}
+    }
+}
+
+/// An ack, delivery or receipt of the group shape: a sender's message is
+/// done once acked and every other member's receipt is in; a member counts
+/// each group message once, and acknowledges the "group created" system
+/// messages like any delivery.
+fn on_group_event(worker: &Worker, groups: &GroupState, slot: &Slot, event: Event, now: u64) {
+    match event {
+        Event::Ack { msg_id } => {
+            let mut pending = slot.group_pending.borrow_mut();
+            let Some(entry) = pending.get_mut(&msg_id).filter(|e| !e.acked) else {
+                return;
+            };
+            entry.acked = true;
+            let scheduled = entry.scheduled_ns;
+            if entry.receipts_left == 0 {
+                pending.remove(&msg_id);
+            }
+            drop(pending);
+            worker.stats.borrow_mut().chain.ack.record(scheduled, now);
+            worker.bump(|c| c.acked += 1);
+        }
+        Event::Deliver {
+            sequence,
+            payload,
+            group_event,
+        } => {
+            if sequence > 0 {
+                slot.ack_due.set(slot.ack_due.get().max(sequence));
+            }
+            if group_event {
+                worker.bump(|c| c.group_events += 1);
+                return;
+            }
+            match GroupHeader::decode(&payload) {
+                Some(h) if slot.group_seen.borrow_mut().take(&h) => {
+                    worker.record_delivery(h.scheduled_ns, now)
+                }
+                _ => worker.bump(|c| c.duplicates += 1),
+            }
+        }
+        Event::Receipt { sequence, msg_ids } => {
+            slot.ack_due.set(slot.ack_due.get().max(sequence));
+            let mut pending = slot.group_pending.borrow_mut();
+            let mut stats = worker.stats.borrow_mut();
+            let mut counted = 0;
+            for msg_id in msg_ids {
+                let Some(entry) = pending.get_mut(&msg_id).filter(|e| e.receipts_left > 0) else {
+                    continue;
+                };
+                entry.receipts_left -= 1;
+                stats.chain.receipt.record(entry.scheduled_ns, now);
+                counted += 1;
+                if entry.receipts_left == 0 && entry.acked {
+                    pending.remove(&msg_id);
+                }
+            }
+            drop((pending, stats));
+            worker.bump(|c| c.receipts += counted);
+        }
+        Event::GroupCreated {
+            request_id,
+            group_id,
+        } => {
+            let at = request_id.checked_sub(1).and_then(|g| {
+                let group = u32::try_from(g).ok()?;
+                groups
+                    .local
+                    .sends
+                    .binary_search_by_key(&group, |s| s.group)
+                    .ok()
+            });
+            let Some(at) = at else {
+                worker.report_error(format_args!(
+                    "GroupInfo for request {request_id}, which this worker did not make"
+                ));
+                return;
+            };
+            let mut ids = groups.ids.borrow_mut();
+            if ids[at] == 0 {
+                ids[at] = group_id;
+                groups
+                    .creates_left
+                    .set(groups.creates_left.get().saturating_sub(1));
+            }
+        }
+        // Request ids (group index + 1) are far below message ids.
+        Event::Refused { msg_id, code } if msg_id < groups.plan.msg_id_base => {
+            groups.create_refusal.borrow_mut().get_or_insert_with(|| {
+                format!("CreateGroup of group {}: {code}", msg_id.wrapping_sub(1))
+            });
+            groups
+                .creates_left
+                .set(groups.creates_left.get().saturating_sub(1));
+            worker.bump(|c| c.errors += 1);
+        }
+        Event::Refused { msg_id, code } => {
+            slot.group_pending.borrow_mut().remove(&msg_id);
+            worker.refused(slot, msg_id, code);
+        }
+        Event::Closed => {}
     }
 }
 
@@ -847,6 +1129,12 @@ async fn p2p(worker: &Rc<Worker>, step: &P2pStep) -> StepResult {
         }
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
+    finish_step(worker, &before, step.start_at_ns, &mut result);
+    result
+}
+
+/// Fills in a step's counts (since `before`) and histograms.
+fn finish_step(worker: &Worker, before: &Counters, start_at_ns: u64, result: &mut StepResult) {
     let after = worker.counters.get();
     result.sent = after.sent - before.sent;
     result.acked = after.acked - before.acked;
@@ -855,8 +1143,7 @@ async fn p2p(worker: &Rc<Worker>, step: &P2pStep) -> StepResult {
     result.duplicates = after.duplicates - before.duplicates;
     result.errors = after.errors - before.errors;
     let stats = worker.stats.borrow();
-    result.elapsed_s =
-        (stats.last_delivery_ns.max(step.start_at_ns) - step.start_at_ns) as f64 / 1e9;
+    result.elapsed_s = (stats.last_delivery_ns.max(start_at_ns) - start_at_ns) as f64 / 1e9;
     result.ack_hex = stats.chain.ack.to_hex();
     result.deliver_hex = stats.chain.deliver.to_hex();
     result.receipt_hex = stats.chain.receipt.to_hex();
@@ -871,7 +1158,230 @@ async fn p2p(worker: &Rc<Worker>, step: &P2pStep) -> StepResult {
             deliver_hex: latency.to_hex(),
         })
         .collect();
+}
+
+/// Queues group message `msg_id` of `slot` (the group's sender) to group
+/// `group` (server id `group_id`); `None` when the sender is not connected.
+fn send_group_one(
+    worker: &Worker,
+    slot: &Slot,
+    group: u32,
+    group_id: u64,
+    scheduled_ns: u64,
+    payload_bytes: usize,
+    receipts_left: u64,
+) -> Option<Rc<Link>> {
+    let link = slot.link.borrow().clone()?;
+    let msg_id = slot.next_msg_id.get();
+    slot.next_msg_id.set(msg_id + 1);
+    let header = GroupHeader {
+        group,
+        msg_id,
+        scheduled_ns,
+    };
+    slot.group_pending.borrow_mut().insert(
+        msg_id,
+        GroupPending {
+            scheduled_ns,
+            acked: false,
+            receipts_left,
+        },
+    );
+    if let Err(error) = link.send_group(group, group_id, msg_id, header.encode(payload_bytes)) {
+        slot.group_pending.borrow_mut().remove(&msg_id);
+        worker.report_error(format_args!("group send: {error:#}"));
+        return None;
+    }
+    worker.bump(|c| c.sent += 1);
+    Some(link)
+}
+
+/// One open-loop step of the group scenario: this worker's senders send
+/// on one schedule, message `k` to the `k mod n`-th of their `n` groups;
+/// then the step waits (bounded) for the acks, the receipts of what it sent
+/// and the deliveries its members are due.
+async fn group_step(worker: &Rc<Worker>, step: &GroupStep) -> StepResult {
+    let groups = worker
+        .groups
+        .as_ref()
+        .expect("the coordinator sends group steps only with a group plan");
+    let before = worker.counters.get();
+    reset_stats(worker, step.start_at_ns);
+    let mut result = StepResult::default();
+    let receipts_per_message = groups.receipts_per_message(worker.spec.target.protocol);
+    let sends = &groups.local.sends;
+    if !sends.is_empty() && step.rate_per_s > 0.0 && step.messages > 0 {
+        let schedule = Schedule {
+            count: step.messages,
+            ..Schedule::new(step.start_at_ns, step.rate_per_s, step.duration_s)
+        };
+        result.offered = schedule.count;
+        let mut k = 0u64;
+        let mut dirty: Vec<Rc<Link>> = Vec::new();
+        while k < schedule.count {
+            sleep_until(schedule.due_ns(k)).await;
+            let due = schedule.due_count(monotonic_ns()).min(k + SEND_BATCH_MAX);
+            while k < due {
+                let at = (k % sends.len() as u64) as usize;
+                let sender = sends[at];
+                let group_id = groups.ids.borrow()[at];
+                let slot = &worker.slots[sender.local];
+                let sent = send_group_one(
+                    worker,
+                    slot,
+                    sender.group,
+                    group_id,
+                    schedule.due_ns(k),
+                    step.payload_bytes,
+                    receipts_per_message,
+                );
+                match sent {
+                    Some(link) => {
+                        if !dirty.iter().any(|l| Rc::ptr_eq(l, &link)) {
+                            dirty.push(link);
+                        }
+                    }
+                    None => result.skipped += 1,
+                }
+                k += 1;
+            }
+            for link in dirty.drain(..) {
+                let _ = link.flush().await;
+            }
+        }
+    }
+    result.send_s = (monotonic_ns().saturating_sub(step.start_at_ns)) as f64 / 1e9;
+    let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
+    loop {
+        let c = worker.counters.get();
+        let sent = c.sent - before.sent;
+        let (acked, delivered, receipts) = (
+            c.acked - before.acked,
+            c.delivered - before.delivered,
+            c.receipts - before.receipts,
+        );
+        let receipts_expected = sent * receipts_per_message;
+        if acked >= sent && delivered >= step.deliveries_expected && receipts >= receipts_expected {
+            break;
+        }
+        if monotonic_ns() >= deadline {
+            eprintln!(
+                "worker {}: {} acks of {sent} group messages, {} of {} member deliveries and \
+                 {} of {receipts_expected} receipts did not come from {} within --drain-timeout {}",
+                worker.spec.worker,
+                sent.saturating_sub(acked),
+                step.deliveries_expected.saturating_sub(delivered),
+                step.deliveries_expected,
+                receipts_expected.saturating_sub(receipts),
+                worker.spec.target.server,
+                seconds(Duration::from_secs_f64(step.drain_timeout_s)),
+            );
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    // What was not acked or receipted by now will not count in a later step.
+    for sender in sends {
+        worker.slots[sender.local]
+            .group_pending
+            .borrow_mut()
+            .clear();
+    }
+    finish_step(worker, &before, step.start_at_ns, &mut result);
     result
+}
+
+/// Creates the groups of `creators` on their sessions (Switchboard): every
+/// CreateGroup is queued at once (request id: the group's index plus one),
+/// then the worker waits at most `--timeout` for their answers. Fails on a
+/// refusal or a missing answer. MQTT topics need no creating.
+async fn create_groups(worker: &Rc<Worker>, creators: Vec<CreatorOrder>) -> anyhow::Result<()> {
+    let started = monotonic_ns();
+    let groups = worker
+        .groups
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("create_groups without a group plan"))?;
+    let mut asked = 0u64;
+    if worker.spec.target.protocol == Protocol::Switchboard {
+        let first_user = worker.slots.first().map_or(0, |s| s.user.borrow().index);
+        for order in &creators {
+            let local = order
+                .user_index
+                .checked_sub(first_user)
+                .map(|l| l as usize)
+                .filter(|&l| l < worker.slots.len())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("creator {} is not this worker's", order.user_index)
+                })?;
+            let link =
+                worker.slots[local].link.borrow().clone().ok_or_else(|| {
+                    anyhow::anyhow!("creator {} is not connected", order.user_index)
+                })?;
+            for group in &order.groups {
+                link.create_group(
+                    u64::from(group.group) + 1,
+                    &format!("bench-g{}", group.group),
+                    &group.member_user_ids,
+                )?;
+                asked += 1;
+            }
+            groups
+                .creates_left
+                .set(groups.creates_left.get() + order.groups.len() as u64);
+            link.flush().await?;
+        }
+    }
+    let deadline = started + worker.timeout.as_nanos() as u64;
+    while groups.creates_left.get() > 0 && groups.create_refusal.borrow().is_none() {
+        if monotonic_ns() >= deadline {
+            anyhow::bail!(
+                "{} of {asked} CreateGroup requests were not answered by {} within --timeout {}",
+                groups.creates_left.get(),
+                worker.spec.target.server,
+                seconds(worker.timeout),
+            );
+        }
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    if let Some(refusal) = groups.create_refusal.borrow_mut().take() {
+        anyhow::bail!("{} refused {refusal}", worker.spec.target.server);
+    }
+    emit(&Report::GroupsCreated {
+        created: asked,
+        elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
+    });
+    Ok(())
+}
+
+/// Waits (at most `--timeout`) until this worker's devices have one "group
+/// created" message per membership (Switchboard; none are due on MQTT).
+/// Missing ones are reported, not fatal: the step measures what comes.
+async fn await_group_events(worker: &Rc<Worker>) {
+    let started = monotonic_ns();
+    let expected = match (&worker.groups, worker.spec.target.protocol) {
+        (Some(groups), Protocol::Switchboard) => groups.local.memberships(),
+        _ => 0,
+    };
+    let deadline = started + worker.timeout.as_nanos() as u64;
+    while worker.counters.get().group_events < expected {
+        if monotonic_ns() >= deadline {
+            eprintln!(
+                "worker {}: {} of {expected} \"group created\" messages did not come from {} \
+                 within --timeout {}",
+                worker.spec.worker,
+                expected - worker.counters.get().group_events,
+                worker.spec.target.server,
+                seconds(worker.timeout),
+            );
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    emit(&Report::GroupEvents {
+        events: worker.counters.get().group_events,
+        expected,
+        elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
+    });
 }
 
 /// Disconnects and reconnects random users on a schedule while p2p runs.
@@ -1033,6 +1543,19 @@ mod tests {
                 payload_bytes: 100,
             },
             Command::Drain { expected: 1 },
+            Command::CreateGroups {
+                creators: Vec::new(),
+            },
+            Command::AwaitGroupEvents,
+            Command::GroupStep(GroupStep {
+                rate_per_s: 1.0,
+                messages: 1,
+                duration_s: 1.0,
+                payload_bytes: 100,
+                start_at_ns: 0,
+                drain_timeout_s: 1.0,
+                deliveries_expected: 7,
+            }),
             Command::Quit,
         ];
         for command in commands {

@@ -341,6 +341,89 @@ fn scenarios(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
     check_summary(&v, "deliver", number(&v, &["messages", "delivered"]));
 }
 
+/// The group scenario at tiny scale: 2 groups of 8 over 12 users (so four
+/// users are in both groups), split over two worker processes (so groups
+/// span them), one second at 50 group messages/s. `receipts`: whether the
+/// target sends delivered receipts (one per member per message).
+fn group_scenario(dir: &Path, target: &str, receipts: bool, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "group",
+        "-n",
+        "12",
+        "--groups",
+        "2",
+        "--members",
+        "8",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--drain-timeout",
+        "10",
+        "--processes",
+        "2",
+        "--target",
+        target,
+    ];
+    args.extend_from_slice(extra);
+    let v = bench(dir, "group", &args);
+    check_shape(&v, "group", 12);
+    assert_eq!(number(&v, &["split", "processes"]), 2.0);
+    assert_eq!(number(&v, &["groups", "deliveries_per_msg"]), 7.0);
+    let offered = number(&v, &["messages", "offered"]);
+    assert_eq!(offered, 50.0);
+    assert_eq!(number(&v, &["messages", "sent"]), offered);
+    assert_eq!(number(&v, &["messages", "acked"]), offered);
+    assert_eq!(number(&v, &["messages", "errors"]), 0.0);
+    let expected = number(&v, &["messages", "deliveries_expected"]);
+    assert_eq!(expected, offered * 7.0);
+    let delivered = number(&v, &["messages", "delivered"]);
+    assert_eq!(delivered, expected, "a tiny run delivers everything: {v:#}");
+    assert_eq!(number(&v, &["messages", "missing"]), 0.0);
+    check_summary(&v, "ack", offered);
+    check_summary(&v, "deliver", delivered);
+    check_summary(&v, "receipt", if receipts { delivered } else { 0.0 });
+    assert_eq!(
+        number(&v, &["messages", "receipts"]),
+        if receipts { delivered } else { 0.0 }
+    );
+    assert!(number(&v, &["rates", "sent_msgs_per_s"]) <= offered * 1.01);
+    let fanout = number(&v, &["rates", "fanout_deliveries_per_s"]);
+    assert!(fanout > 0.0 && fanout <= offered * 7.0 * 1.01, "{v:#}");
+    assert!(v["rates"]["delivered_msgs_per_s"].is_null());
+    check_cpu(&v);
+    assert!(number(&v, &["rates", "deliveries_per_server_core_s"]) > 0.0);
+    assert!(number(&v, &["cpu", "server_us_per_group_msg"]) >= 0.0);
+    v
+}
+
+#[test]
+fn group_scenario_reports_consistent_numbers_against_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_broker, addr)) = start_mosquitto(dir.path()) else {
+        return;
+    };
+    let v = group_scenario(dir.path(), &format!("mqtt://{addr}"), false, &[]);
+    assert!(v["groups"]["created"].is_null(), "MQTT creates no groups");
+}
+
+#[test]
+fn group_scenario_reports_consistent_numbers_against_switchboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = start_switchboard(&dir.path().join("data"));
+    let users = dir.path().join("users.json");
+    let v = group_scenario(
+        dir.path(),
+        &addr.to_string(),
+        true,
+        &["--users", users.to_str().unwrap()],
+    );
+    assert_eq!(number(&v, &["groups", "created"]), 2.0);
+    // One "group created" message per membership, the creators' included.
+    assert_eq!(number(&v, &["groups", "group_events_expected"]), 16.0);
+    assert_eq!(number(&v, &["groups", "group_events"]), 16.0);
+}
+
 #[test]
 fn every_scenario_reports_consistent_numbers_against_mosquitto() {
     let dir = tempfile::tempdir().unwrap();

@@ -229,6 +229,9 @@ pub enum Event {
     Account(devices::AccountDone),
     /// The host finished work on the group tables.
     Group(groups::GroupDone),
+    /// A commit is about to begin: what waits to be appended with it (the
+    /// batched group receipts) is appended now.
+    BeforeCommit,
 }
 
 /// Why the engine closes a session.
@@ -444,6 +447,7 @@ impl Engine {
             Event::Recovered => self.forward_relayed(host),
             Event::Account(done) => self.account_done(done, host),
             Event::Group(done) => self.group_done(done, host),
+            Event::BeforeCommit => self.flush_batched_receipts(host),
         }
     }
 

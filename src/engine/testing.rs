@@ -181,6 +181,7 @@ impl Fixture {
 
     /// Makes everything appended durable and tells the engine.
     pub fn commit(&mut self) {
+        self.handle(Event::BeforeCommit);
         if let Some(batch) = self.engine.log_mut().begin_commit() {
             batch.sync_blocking().expect("sync");
             self.engine.log_mut().finish_commit(batch);

@@ -935,6 +935,9 @@ impl Shard {
                     glommio::timer::sleep(interval).await;
                 }
             }
+            if self.engine.borrow().receipts_batched() {
+                self.feed_detached(Event::BeforeCommit);
+            }
             let batch = self.engine.borrow_mut().log_mut().begin_commit();
             if let Some(batch) = batch {
                 let started = Instant::now();

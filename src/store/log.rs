@@ -1,6 +1,7 @@
 //! The `Log`: appends, inboxes, acks, expiry, reclamation and recovery of
 //! one shard's segment directory.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,8 @@ use crate::ids::{ClientMessageId, InboxKey, InboxSeq, ShardId};
 use super::commit::{CommitBatch, CommitShared};
 use super::inbox::{payload_digest, Dedupe, DedupeValue, Entry, Inboxes};
 use super::record::{
-    decode, encode_inbox_seqs, encode_u64s, peek_expires_ms, GroupPart, InboxSeqList, Record,
-    U32List, U64List,
+    decode, decode_checked_before, encode_inbox_seqs, encode_u64s, peek_expires_ms, GroupPart,
+    InboxSeqList, Record, RecordKind, U32List, U64List,
 };
 use super::recovery::scan_segment;
 use super::segment::{self, Segment, SegmentHeader, SyncHandle, SEGMENT_HEADER_BYTES};
@@ -34,6 +35,9 @@ pub const DEDUPE_CAPACITY_DEFAULT: usize = 4_194_304;
 /// Longest gap between two expiry sweeps over all inboxes while some entry
 /// has expired but no whole segment has, ms.
 const EXPIRY_SWEEP_INTERVAL_MS: u64 = 60_000;
+
+/// Multi-recipient records remembered as CRC-checked (`Log::record_at`).
+const CRC_CHECKED_SLOTS: usize = 32;
 
 /// Inbox floors per floor record (20 bytes each).
 const FLOORS_PER_RECORD_MAX: usize = 512;
@@ -309,6 +313,10 @@ pub struct Log {
     expired_total: u64,
     last_sweep_ms: u64,
     scratch: Vec<u8>,
+    /// Positions (segment << 32 | offset) of multi-recipient records whose
+    /// CRC a read has checked, the last `CRC_CHECKED_SLOTS`.
+    crc_checked: Cell<[u64; CRC_CHECKED_SLOTS]>,
+    crc_checked_next: Cell<usize>,
     removed_scratch: Vec<Entry>,
     reclaim_scratch: Vec<u32>,
     /// Every record before this position is durable (fsync level).
@@ -536,6 +544,8 @@ impl Log {
             expired_total: 0,
             last_sweep_ms: 0,
             scratch: Vec::new(),
+            crc_checked: Cell::new([0; CRC_CHECKED_SLOTS]),
+            crc_checked_next: Cell::new(0),
             removed_scratch: Vec::new(),
             reclaim_scratch: Vec::new(),
             spare: Spare::None,
@@ -1141,11 +1151,22 @@ impl Log {
             | Ok(Record::MultiMessage {
                 sender,
                 client_message_id,
-                group: None | Some(GroupPart { event: false, .. }),
+                group: None,
                 ..
             }) => Some(AckedMessage {
                 sender,
                 client_message_id,
+                group: false,
+            }),
+            Ok(Record::MultiMessage {
+                sender,
+                client_message_id,
+                group: Some(GroupPart { event: false, .. }),
+                ..
+            }) => Some(AckedMessage {
+                sender,
+                client_message_id,
+                group: true,
             }),
             Ok(_) => None,
             Err(error) => {
@@ -1163,9 +1184,38 @@ impl Log {
         if position.offset < SEGMENT_HEADER_BYTES || position.offset >= seg.write_offset {
             return Err(corrupt(position, "no record at this position"));
         }
-        decode(seg.seq, &seg.map[position.offset as usize..])
+        let bytes = &seg.map[position.offset as usize..];
+        // A multi-recipient record is read once per recipient (twice: to
+        // deliver, and to name its sender when acked); its CRC covers 20
+        // bytes per recipient, so checking it on every read would cost
+        // O(recipients²) per group message. Its CRC is checked on its first
+        // read and the position remembered among the last few checked.
+        let key = (u64::from(position.segment) << 32) | u64::from(position.offset);
+        let multi = bytes.get(8).is_some_and(|&k| {
+            matches!(
+                RecordKind::from_byte(k),
+                Some(
+                    RecordKind::MultiMessage | RecordKind::DeviceMessage | RecordKind::GroupMessage
+                )
+            )
+        });
+        let checked = multi && self.crc_checked.get().contains(&key);
+        let decoded = if checked {
+            decode_checked_before(seg.seq, bytes)
+        } else {
+            decode(seg.seq, bytes)
+        };
+        let record = decoded
             .map(|(r, _)| r)
-            .map_err(|e| corrupt(position, e.reason()))
+            .map_err(|e| corrupt(position, e.reason()))?;
+        if multi && !checked {
+            let mut slots = self.crc_checked.get();
+            let next = self.crc_checked_next.get();
+            slots[next % slots.len()] = key;
+            self.crc_checked.set(slots);
+            self.crc_checked_next.set(next.wrapping_add(1));
+        }
+        Ok(record)
     }
 
     fn entry_expired(segments: &BTreeMap<u32, Segment>, entry: &Entry, now_ms: u64) -> bool {

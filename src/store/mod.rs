@@ -217,6 +217,8 @@ pub enum StoredEntry {
 pub struct AckedMessage {
     pub sender: InboxKey,
     pub client_message_id: ClientMessageId,
+    /// A group's message (its receipts are batched per sender).
+    pub group: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

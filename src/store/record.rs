@@ -511,6 +511,23 @@ fn record_crc(segment: u32, covered: &[u8]) -> u32 {
 /// Decodes the record at the start of `bytes`, written into segment
 /// `segment`. Returns the record and its framed length.
 pub fn decode(segment: u32, bytes: &[u8]) -> Result<(Record<'_>, usize), DecodeError> {
+    decode_with(segment, bytes, true)
+}
+
+/// `decode` without the CRC, for a record whose CRC was checked already
+/// (every other check is made).
+pub fn decode_checked_before(
+    segment: u32,
+    bytes: &[u8],
+) -> Result<(Record<'_>, usize), DecodeError> {
+    decode_with(segment, bytes, false)
+}
+
+fn decode_with(
+    segment: u32,
+    bytes: &[u8],
+    check_crc: bool,
+) -> Result<(Record<'_>, usize), DecodeError> {
     if bytes.len() < RECORD_HEADER_BYTES {
         if bytes.iter().all(|&b| b == 0) {
             return Err(DecodeError::End);
@@ -537,7 +554,7 @@ pub fn decode(segment: u32, bytes: &[u8]) -> Result<(Record<'_>, usize), DecodeE
         return Err(DecodeError::BadVersion);
     }
     let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-    if record_crc(segment, &bytes[8..RECORD_HEADER_BYTES + body_len]) != crc {
+    if check_crc && record_crc(segment, &bytes[8..RECORD_HEADER_BYTES + body_len]) != crc {
         return Err(DecodeError::BadCrc);
     }
     let mut r = Reader {

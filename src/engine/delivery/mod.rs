@@ -739,6 +739,24 @@ fn entry_frame(entry: StoredEntry) -> (Frame, u32) {
             }
             (Frame::Deliver(deliver), bytes)
         }
+        StoredEntry::Receipt(r) if r.by == super::receipts::BATCH_BY => {
+            let bytes = 8 * r.client_message_ids.len() as u32;
+            let mut receipt = pb::Receipt {
+                sequence: r.seq.0,
+                kind: match r.kind {
+                    ReceiptKind::Delivered => pb::ReceiptKind::Delivered as i32,
+                    ReceiptKind::Read => pb::ReceiptKind::Read as i32,
+                },
+                timestamp_ms: r.timestamp_ms,
+                ..Default::default()
+            };
+            for (by, id) in super::receipts::split_batch(&r.client_message_ids) {
+                receipt.by_user_ids.push(by.user.0);
+                receipt.by_device_ids.push(by.device.0);
+                receipt.client_message_ids.push(id);
+            }
+            (Frame::Receipt(receipt), bytes)
+        }
         StoredEntry::Receipt(r) => {
             let bytes = 8 * r.client_message_ids.len() as u32;
             (

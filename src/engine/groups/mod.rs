@@ -605,6 +605,7 @@ impl Engine {
             actor,
             ClientMessageId(0),
             payload,
+            |_, _| None,
             host,
         ) {
             Ok((_, ticket, _)) => Some(ticket),
@@ -653,6 +654,17 @@ impl Engine {
             };
             return self.push_after_commit(dup.ticket, AfterCommit::Ack(stored), host);
         }
+        let early = self.flaws.ack_before_durable;
+        let stored = |group_seq, timestamp_ms| Reply::Stored {
+            origin,
+            sender,
+            client_message_id,
+            seq: group_seq,
+            timestamp_ms,
+        };
+        // The sender's ServerAck is the first action of the commit, before
+        // the member devices' deliveries.
+        let answer = |group_seq, timestamp_ms| (!early).then(|| stored(group_seq, timestamp_ms));
         match self.fan_out(
             group_id,
             &members,
@@ -660,21 +672,13 @@ impl Engine {
             sender,
             client_message_id,
             payload,
+            answer,
             host,
         ) {
-            Ok((group_seq, ticket, timestamp_ms)) => {
+            Ok((group_seq, _, timestamp_ms)) => {
                 self.metrics.messages_accepted.inc();
-                let stored = Reply::Stored {
-                    origin,
-                    sender,
-                    client_message_id,
-                    seq: group_seq,
-                    timestamp_ms,
-                };
-                if self.flaws.ack_before_durable {
-                    self.send_reply(stored, host);
-                } else {
-                    self.push_after_commit(ticket, AfterCommit::Ack(stored), host);
+                if early {
+                    self.send_reply(stored(group_seq, timestamp_ms), host);
                 }
             }
             Err(code) => self.send_reply(refuse(code), host),
@@ -683,7 +687,8 @@ impl Engine {
 
     /// Appends a group's message (or event) in the group's next place, for
     /// the devices of `members` homed here and, through the relay inboxes,
-    /// for the shards of the others; they get it once it is durable.
+    /// for the shards of the others; they get it once it is durable, after
+    /// `answer` (made from the group sequence and time), if any.
     #[allow(clippy::too_many_arguments)]
     fn fan_out(
         &mut self,
@@ -693,6 +698,7 @@ impl Engine {
         sender: InboxKey,
         client_message_id: ClientMessageId,
         payload: Bytes,
+        answer: impl FnOnce(u64, u64) -> Option<Reply>,
         host: &mut impl Host,
     ) -> Result<(u64, CommitTicket, u64), ErrorCode> {
         let group_seq = self.log.group_seq_stored(group_id) + 1;
@@ -730,6 +736,9 @@ impl Engine {
             })
             .map_err(|err| self.store_error_code(&err))?;
         let ticket = appended.ticket;
+        if let Some(answer) = answer(group_seq, appended.timestamp_ms) {
+            self.push_after_commit(ticket, AfterCommit::Ack(answer), host);
+        }
         let mut targets = Vec::with_capacity(remote.len());
         for (inbox, seq) in &appended.seqs {
             if inbox.is_relay() {

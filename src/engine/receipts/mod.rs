@@ -50,9 +50,34 @@ pub fn split_relay_ids(ids: &[u64]) -> Option<(InboxKey, &[u64])> {
     }
 }
 
+/// The `by` of a batched receipt: its entries name their devices (the
+/// client message ids are (user, device, id) triples). User 0 is no one.
+pub const BATCH_BY: InboxKey = InboxKey {
+    user: UserId(0),
+    device: DeviceId(0),
+};
+
+/// Reads back a batched receipt's ids: (by device, client message id).
+pub fn split_batch(ids: &[u64]) -> impl Iterator<Item = (InboxKey, u64)> + '_ {
+    ids.chunks_exact(3).map(|t| {
+        (
+            InboxKey {
+                user: UserId(t[0]),
+                device: DeviceId(t[1] as u32),
+            },
+            t[2],
+        )
+    })
+}
+
 /// Receipts' own state.
 #[derive(Debug, Default)]
 pub struct Receipts {
+    /// Delivered receipts for group messages, per sender device: (member
+    /// device, client message id). Stored as one batched receipt per
+    /// sender before the next commit (`Event::BeforeCommit`), so a sender
+    /// gets one Receipt for many members.
+    batched: std::collections::BTreeMap<InboxKey, Vec<(InboxKey, u64)>>,
     /// Relay entries answered `Reply::Relayed` whose ack record could not be
     /// appended (the disk was full): dropped on a later try, so their
     /// segments can be reclaimed without waiting for a restart.
@@ -98,6 +123,19 @@ impl Engine {
         // then repeats a receipt (the message comes again and is acked
         // again) instead of losing it.
         let mut acked = self.log.acked_messages(device, InboxSeq(up_to), &list);
+        let acked_count = acked.len();
+        // A group message's receipt waits for the batch of its sender
+        // (stored before the commit that holds this ack).
+        let batch_max = self.limits.ids_per_frame_max.max(1) as usize;
+        for m in acked.iter().filter(|m| m.group) {
+            let batch = self.receipts.batched.entry(m.sender).or_default();
+            batch.push((device, m.client_message_id.0));
+            if batch.len() >= batch_max {
+                let full = std::mem::take(batch);
+                self.store_batch(m.sender, full, host);
+            }
+        }
+        acked.retain(|m| !m.group);
         acked.sort_by_key(|m| m.sender);
         for group in acked.chunk_by(|a, b| a.sender == b.sender) {
             let ids: Vec<u64> = group.iter().map(|m| m.client_message_id.0).collect();
@@ -111,8 +149,8 @@ impl Engine {
         }
         match self.log.ack(device, InboxSeq(up_to), &list) {
             Ok(outcome) => {
-                debug_assert!(outcome.removed as usize >= acked.len());
-                self.metrics.messages_acked.add(acked.len() as u64);
+                debug_assert!(outcome.removed as usize >= acked_count);
+                self.metrics.messages_acked.add(acked_count as u64);
                 host.commit_due();
             }
             Err(err) => {
@@ -218,9 +256,33 @@ impl Engine {
         stored.seq.0 <= last_sent || !self.log.is_pending(reader, stored.seq)
     }
 
+    /// Whether group receipts wait for their batch to be stored.
+    pub fn receipts_batched(&self) -> bool {
+        !self.receipts.batched.is_empty()
+    }
+
+    /// Stores every waiting batch of group receipts (before a commit).
+    pub(super) fn flush_batched_receipts(&mut self, host: &mut impl Host) {
+        for (sender, batch) in std::mem::take(&mut self.receipts.batched) {
+            self.store_batch(sender, batch, host);
+        }
+    }
+
+    /// One batched delivered receipt for `sender`.
+    fn store_batch(&mut self, sender: InboxKey, batch: Vec<(InboxKey, u64)>, host: &mut impl Host) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut ids = Vec::with_capacity(batch.len() * 3);
+        for (by, id) in batch {
+            ids.extend_from_slice(&[by.user.0, u64::from(by.device.0), id]);
+        }
+        self.store_receipt(sender, ReceiptKind::Delivered, BATCH_BY, ids, host);
+    }
+
     /// Stores a receipt for `recipient` (a sender device) here, or sends it
     /// to that device's home shard after keeping a copy in the relay inbox.
-    fn store_receipt(
+    pub(super) fn store_receipt(
         &mut self,
         recipient: InboxKey,
         kind: ReceiptKind,
