@@ -47,6 +47,7 @@ use switchboard::engine::{
     Closing, Directory, Engine, Event, Flaws, Host, Reply, Request, SessionId,
 };
 use switchboard::ids::{DeviceId, InboxKey, InboxSeq, ShardId, UserId, PRIMARY_DEVICE};
+use switchboard::meta::GroupRow;
 use switchboard::metrics::ShardMetrics;
 use switchboard::proto::{pb, ErrorCode, Frame};
 use switchboard::route::home_shard;
@@ -207,6 +208,8 @@ struct Client {
     to_ack: Vec<u64>,
     /// Received messages not yet read: (sender, id).
     unread: Vec<MessageKey>,
+    /// Group messages seen: inbox sequence → (group, group sequence).
+    group_seen: BTreeMap<u64, (u64, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,6 +240,15 @@ struct Sim {
     next_session: SessionId,
     /// Every message sent: key → (recipient, payload per recipient device).
     sent: HashMap<MessageKey, (u64, Vec<(u32, Bytes)>)>,
+    /// The groups (loaded on their home shards at every start) and their
+    /// members; they never change.
+    groups: Vec<(u64, Vec<u64>)>,
+    /// Every group message sent: key → (group, payload).
+    group_sent: HashMap<MessageKey, (u64, Bytes)>,
+    /// (group, group sequence) → the message every member saw there.
+    group_order: HashMap<(u64, u64), MessageKey>,
+    /// The group sequence each acknowledged group message got.
+    group_acked: HashMap<MessageKey, u64>,
     /// Users with a companion device (2).
     linked: HashSet<u64>,
     /// Each device's client.
@@ -260,6 +272,9 @@ struct Sim {
     /// Highest sequence delivered per device, ever.
     delivered_max: HashMap<DeviceKey, u64>,
     disk_was_full: bool,
+    /// A crash lost unsynced writes: a shard may then hold a group's later
+    /// message without an earlier one, which comes again after it.
+    power_lost: bool,
     stats: Stats,
     /// `SIM_TRACE=1`: print every event fed and every frame a client reads.
     trace: bool,
@@ -330,6 +345,20 @@ impl Sim {
                 by_seq: HashMap::new(),
                 to_ack: Vec::new(),
                 unread: Vec::new(),
+                group_seen: BTreeMap::new(),
+            })
+            .collect();
+        // One or two groups of at least two members each.
+        let groups: Vec<(u64, Vec<u64>)> = (0..rng.gen_range(1..=2))
+            .map(|_| {
+                let mut members: Vec<u64> = (1..=users).filter(|_| rng.gen_bool(0.7)).collect();
+                for u in [1, 2] {
+                    if members.len() < 2 && !members.contains(&u) {
+                        members.push(u);
+                    }
+                }
+                members.sort_unstable();
+                (rng.gen::<u64>() | 1, members)
             })
             .collect();
         let mut sim = Sim {
@@ -347,6 +376,10 @@ impl Sim {
             clients,
             next_session: 1,
             sent: HashMap::new(),
+            groups,
+            group_sent: HashMap::new(),
+            group_order: HashMap::new(),
+            group_acked: HashMap::new(),
             linked,
             client_of,
             server_acked: HashSet::new(),
@@ -357,6 +390,7 @@ impl Sim {
             receipts_received: HashSet::new(),
             delivered_max: HashMap::new(),
             disk_was_full: false,
+            power_lost: false,
             stats: Stats::default(),
             trace: std::env::var_os("SIM_TRACE").is_some(),
         };
@@ -419,6 +453,21 @@ impl Sim {
                 self.clock.clone(),
             );
             engine.set_flaws(self.flaws);
+            engine.load_groups(
+                self.groups
+                    .iter()
+                    .filter(|(id, _)| engine.group_home(*id) == ShardId(s as u32))
+                    .map(|(id, members)| GroupRow {
+                        id: *id,
+                        name: "sim".into(),
+                        version: 1,
+                        members: members
+                            .iter()
+                            .map(|&u| (UserId(u), u == members[0]))
+                            .collect(),
+                    })
+                    .collect(),
+            );
             self.storages.push(storage);
             self.engines.push(Some(engine));
         }
@@ -485,6 +534,7 @@ impl Sim {
             drop(engine.take());
         }
         let power_loss = self.rng.gen_bool(0.5);
+        self.power_lost |= power_loss;
         if self.trace {
             eprintln!("[{}] power loss: {power_loss}", self.step);
         }
@@ -591,6 +641,17 @@ impl Sim {
     }
 
     fn send_new(&mut self, c: usize) -> Result<(), String> {
+        let user = self.clients[c].user;
+        let mine: Vec<u64> = self
+            .groups
+            .iter()
+            .filter(|(_, members)| members.contains(&user))
+            .map(|(id, _)| *id)
+            .collect();
+        if !mine.is_empty() && self.rng.gen_bool(0.3) {
+            let group = mine[self.rng.gen_range(0..mine.len())];
+            return self.send_group(c, group);
+        }
         let to = self.rng.gen_range(1..=self.users());
         let devices = self.devices_of(to);
         let (user, dev, id) = {
@@ -612,6 +673,29 @@ impl Sim {
         let frame = send_frame(id, to, &parts);
         self.clients[c].outstanding.insert(id, frame.clone());
         self.sent.insert((user, dev, id), (to, parts));
+        self.stats.sends += 1;
+        self.client_frame(c, frame)
+    }
+
+    /// A new message to a group the client's account is a member of.
+    fn send_group(&mut self, c: usize, group: u64) -> Result<(), String> {
+        let (user, dev, id) = {
+            let client = &mut self.clients[c];
+            client.next_id += 1;
+            (client.user, client.device, client.next_id - 1)
+        };
+        let len = self.rng.gen_range(0..48);
+        let mut payload = format!("{user}.{dev}:{id}:group {group}:").into_bytes();
+        payload.extend((0..len).map(|_| self.rng.gen::<u8>()));
+        let payload = Bytes::from(payload);
+        let frame = Frame::Send(pb::Send {
+            client_message_id: id,
+            group_id: group,
+            payload: payload.clone(),
+            ..Default::default()
+        });
+        self.clients[c].outstanding.insert(id, frame.clone());
+        self.group_sent.insert((user, dev, id), (group, payload));
         self.stats.sends += 1;
         self.client_frame(c, frame)
     }
@@ -733,7 +817,16 @@ impl Sim {
             Frame::Welcome(_) | Frame::Pong(_) | Frame::GoAway(_) => {}
             Frame::ServerAck(a) => {
                 let key = (user, dev, a.client_message_id);
-                if !self.sent.contains_key(&key) {
+                if self.group_sent.contains_key(&key) {
+                    // A retry is answered with the same group sequence.
+                    let first = *self.group_acked.entry(key).or_insert(a.server_sequence);
+                    if first != a.server_sequence {
+                        return Err(format!(
+                            "group message {key:?} acknowledged at group sequence {first}, then {}",
+                            a.server_sequence
+                        ));
+                    }
+                } else if !self.sent.contains_key(&key) {
                     return Err(format!("user {user}: ServerAck for {key:?}, never sent"));
                 }
                 if self.clients[c]
@@ -753,6 +846,54 @@ impl Sim {
                         return Err(format!("device {me:?}: unexpected error {other:?}: {e:?}"))
                     }
                 }
+            }
+            Frame::Deliver(d) if d.group_id != 0 => {
+                let key = (d.sender_user_id, d.sender_device_id, d.client_message_id);
+                let member = self
+                    .groups
+                    .iter()
+                    .any(|(id, members)| *id == d.group_id && members.contains(&user));
+                match self.group_sent.get(&key) {
+                    Some((group, payload))
+                        if *group == d.group_id
+                            && *payload == d.payload
+                            && d.group_event.is_none()
+                            && member
+                            && (user, dev) != (key.0, key.1) => {}
+                    other => {
+                        return Err(format!(
+                            "device {me:?}: seq {} delivers group {} message {key:?}: sent as {other:?}, member {member}",
+                            d.sequence, d.group_id
+                        ))
+                    }
+                }
+                // One order for every member device.
+                let at = *self
+                    .group_order
+                    .entry((d.group_id, d.group_sequence))
+                    .or_insert(key);
+                if at != key {
+                    return Err(format!(
+                        "device {me:?}: group {} sequence {} is {key:?}, another device had {at:?} there",
+                        d.group_id, d.group_sequence
+                    ));
+                }
+                self.on_entry(c, d.sequence, Entry::Message(key))?;
+                let client = &mut self.clients[c];
+                client
+                    .group_seen
+                    .insert(d.sequence, (d.group_id, d.group_sequence));
+                let seqs = client.received.entry(key).or_default();
+                seqs.insert(d.sequence);
+                if seqs.len() > 1 {
+                    return Err(format!(
+                        "device {me:?}: {key:?} stored twice, as sequences {seqs:?}"
+                    ));
+                }
+                if !client.unread.contains(&key) && self.rng.gen_bool(0.5) {
+                    client.unread.push(key);
+                }
+                self.stats.delivered += 1;
             }
             Frame::Deliver(d) => {
                 let key = (d.sender_user_id, d.sender_device_id, d.client_message_id);
@@ -788,8 +929,20 @@ impl Sim {
                 self.stats.delivered += 1;
             }
             Frame::Receipt(r) => {
-                let by = (r.by_user_id, r.by_device_id);
-                for id in &r.client_message_ids {
+                let batch = !r.by_user_ids.is_empty();
+                if batch
+                    && (r.by_user_ids.len() != r.client_message_ids.len()
+                        || r.by_device_ids.len() != r.client_message_ids.len()
+                        || r.kind != pb::ReceiptKind::Delivered as i32)
+                {
+                    return Err(format!("device {me:?}: malformed batched receipt {r:?}"));
+                }
+                for (i, id) in r.client_message_ids.iter().enumerate() {
+                    let by = if batch {
+                        (r.by_user_ids[i], r.by_device_ids[i])
+                    } else {
+                        (r.by_user_id, r.by_device_id)
+                    };
                     let key = (user, dev, *id);
                     let known = if r.kind == pb::ReceiptKind::Delivered as i32 {
                         self.recipient_acked.contains(&(by, key))
@@ -1011,8 +1164,48 @@ impl Sim {
     }
 
     fn check_end(&self) -> Result<(), String> {
+        // Every acknowledged group message reached every device of every
+        // member but the sending one, and each device read its groups'
+        // messages in the groups' order.
+        for (key, group_seq) in &self.group_acked {
+            let (group, _) = &self.group_sent[key];
+            let members = &self
+                .groups
+                .iter()
+                .find(|(id, _)| id == group)
+                .expect("group")
+                .1;
+            for &member in members {
+                for d in self.devices_of(member) {
+                    if (member, d) == (key.0, key.1) {
+                        continue;
+                    }
+                    let c = &self.clients[self.client_of[&(member, d)]];
+                    if !c.received.contains_key(key) {
+                        return Err(format!(
+                            "acknowledged group message {key:?} (group {group} sequence {group_seq}) never reached device {member}/{d}"
+                        ));
+                    }
+                }
+            }
+        }
+        for c in self.clients.iter().filter(|_| !self.power_lost) {
+            let mut last: HashMap<u64, u64> = HashMap::new();
+            for (seq, (group, group_seq)) in &c.group_seen {
+                let previous = last.insert(*group, *group_seq).unwrap_or(0);
+                if *group_seq <= previous {
+                    return Err(format!(
+                        "device {}/{}: group {group} sequence {group_seq} at inbox sequence {seq}, after {previous}",
+                        c.user, c.device
+                    ));
+                }
+            }
+        }
         for key in &self.server_acked {
-            let (to, parts) = &self.sent[key];
+            // Group messages are checked above.
+            let Some((to, parts)) = self.sent.get(key) else {
+                continue;
+            };
             for &(to_device, _) in parts {
                 let recipient = &self.clients[self.client_of[&(*to, to_device)]];
                 if !recipient.received.contains_key(key) {

@@ -442,6 +442,7 @@ impl Engine {
             Event::Durable => {
                 self.drain_durable(host);
                 self.retry_undropped(host);
+                self.retry_unstored(host);
             }
             Event::OutputDrained { device, session } => self.output_drained(device, session, host),
             Event::Recovered => self.forward_relayed(host),

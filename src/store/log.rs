@@ -228,6 +228,17 @@ impl State {
                 // (never indexed) is the last group sequence stored here.
                 let key = InboxKey::group(group.group_id);
                 self.note_seq(key, group.group_seq, segment);
+                self.dedupe.insert(
+                    key,
+                    ClientMessageId(group.group_seq),
+                    DedupeValue {
+                        recipient: key,
+                        seq: InboxSeq(group.group_seq),
+                        timestamp_ms,
+                        ticket: 0,
+                        payload_digest: 0,
+                    },
+                );
                 if !group.event {
                     self.dedupe.insert(
                         sender,
@@ -786,6 +797,20 @@ impl Log {
         let key = InboxKey::group(message.group_id);
         self.state
             .note_seq(key, message.group_seq, position.segment);
+        // Which of the group's sequences this log holds (the floor above
+        // says only the highest: after a power loss a later record can
+        // survive an earlier one).
+        self.state.dedupe.insert(
+            key,
+            ClientMessageId(message.group_seq),
+            DedupeValue {
+                recipient: key,
+                seq: InboxSeq(message.group_seq),
+                timestamp_ms: timestamp,
+                ticket,
+                payload_digest: 0,
+            },
+        );
         for &(r, seq) in &seqs {
             self.state.note_seq(r, seq.0, position.segment);
             self.state.index(
@@ -828,6 +853,16 @@ impl Log {
             } => Ok(group.remote_members.iter().collect()),
             _ => Err(corrupt(position, "not a group message")),
         }
+    }
+
+    /// The commit ticket of the record holding `group`'s message
+    /// `group_seq` in this log, if it is (still) known here.
+    pub fn group_message_ticket(&self, group_id: u64, group_seq: u64) -> Option<CommitTicket> {
+        let key = InboxKey::group(group_id);
+        self.state
+            .dedupe
+            .get(key, ClientMessageId(group_seq))
+            .map(|v| CommitTicket(v.ticket))
     }
 
     /// The last group sequence of `group` stored in this log (0: none).

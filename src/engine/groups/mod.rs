@@ -143,10 +143,27 @@ pub(super) struct Forward {
     targets: Vec<(ShardId, Vec<UserId>, u64)>,
 }
 
-/// Groups' own state: the groups homed on this shard.
+/// A group's message forwarded for the members homed here.
+#[derive(Debug)]
+pub(super) struct Store {
+    group_id: u64,
+    group_seq: u64,
+    event: bool,
+    sender: InboxKey,
+    client_message_id: ClientMessageId,
+    timestamp_ms: u64,
+    members: Vec<UserId>,
+    payload: Bytes,
+    relay: RelayRef,
+}
+
+/// Groups' own state: the groups homed on this shard, and the messages
+/// forwarded here that the log refused (full or failing), per group in
+/// order, tried again after each commit.
 #[derive(Debug, Default)]
 pub struct Groups {
     groups: HashMap<u64, Group>,
+    unstored: BTreeMap<u64, VecDeque<Box<Store>>>,
 }
 
 fn answer_error(origin: ConnRef, request_id: u64, code: ErrorCode, message: &str) -> Reply {
@@ -813,7 +830,11 @@ impl Engine {
 
     /// Stores a group's message forwarded by its home shard for `members`
     /// (homed here), once: a repeat (forwarded again after the home shard
-    /// restarted) is only answered.
+    /// restarted) is only answered. Repeats are told by the group
+    /// sequences this log holds, not by the highest: after a power loss a
+    /// later record can survive where an earlier one did not, and the
+    /// earlier one comes again and is stored (its members then read it
+    /// after the later one; its group sequence says where it belongs).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn group_store_here(
         &mut self,
@@ -828,26 +849,62 @@ impl Engine {
         relay: RelayRef,
         host: &mut impl Host,
     ) {
-        if group_seq <= self.log.group_seq_stored(group_id) {
-            let ticket = self.log.appended_ticket();
-            return self.push_after_commit(ticket, AfterCommit::Relayed(relay), host);
-        }
-        let mut recipients = Vec::with_capacity(members.len());
-        for user in members {
-            self.member_devices(user, sender, event, &mut recipients);
-        }
-        recipients.sort();
-        recipients.dedup();
-        let appended = self.log.append_group_message(&NewGroupMessage {
+        let store = Box::new(Store {
             group_id,
             group_seq,
             event,
             sender,
             client_message_id,
+            timestamp_ms,
+            members,
+            payload,
+            relay,
+        });
+        // Behind the group's messages that could not be stored yet, so
+        // the group's order holds here.
+        if let Some(waiting) = self.groups.unstored.get_mut(&group_id) {
+            waiting.push_back(store);
+            return;
+        }
+        if let Err(store) = self.try_group_store(store, host) {
+            self.groups
+                .unstored
+                .entry(group_id)
+                .or_default()
+                .push_back(store);
+        }
+    }
+
+    /// Stores one forwarded group message, or gives it back when the log
+    /// refuses it (full or failing).
+    fn try_group_store(
+        &mut self,
+        store: Box<Store>,
+        host: &mut impl Host,
+    ) -> Result<(), Box<Store>> {
+        if let Some(ticket) = self
+            .log
+            .group_message_ticket(store.group_id, store.group_seq)
+        {
+            self.push_after_commit(ticket, AfterCommit::Relayed(store.relay), host);
+            return Ok(());
+        }
+        let mut recipients = Vec::with_capacity(store.members.len());
+        for &user in &store.members {
+            self.member_devices(user, store.sender, store.event, &mut recipients);
+        }
+        recipients.sort();
+        recipients.dedup();
+        let appended = self.log.append_group_message(&NewGroupMessage {
+            group_id: store.group_id,
+            group_seq: store.group_seq,
+            event: store.event,
+            sender: store.sender,
+            client_message_id: store.client_message_id,
             recipients: &recipients,
             remote_members: &[],
-            timestamp_ms: Some(timestamp_ms),
-            payload: &payload,
+            timestamp_ms: Some(store.timestamp_ms),
+            payload: &store.payload,
         });
         match appended {
             Ok(appended) => {
@@ -858,12 +915,37 @@ impl Engine {
                         host,
                     );
                 }
-                self.push_after_commit(appended.ticket, AfterCommit::Relayed(relay), host);
+                self.push_after_commit(appended.ticket, AfterCommit::Relayed(store.relay), host);
+                Ok(())
             }
             Err(err) => {
-                // Not answered: the home shard keeps it in its relay inbox
-                // and forwards it again after its next restart.
-                warn!(shard = %self.id, group = group_id, group_seq, %err, "group message not stored");
+                // Kept here and tried again after each commit (the home
+                // shard keeps it too, in its relay inbox, until answered).
+                warn!(shard = %self.id, group = store.group_id, group_seq = store.group_seq, %err, "group message not stored yet");
+                Err(store)
+            }
+        }
+    }
+
+    /// Tries again the forwarded group messages the log refused, each
+    /// group's in order.
+    pub(super) fn retry_unstored(&mut self, host: &mut impl Host) {
+        if self.groups.unstored.is_empty() {
+            return;
+        }
+        let groups: Vec<u64> = self.groups.unstored.keys().copied().collect();
+        for group_id in groups {
+            let Some(mut waiting) = self.groups.unstored.remove(&group_id) else {
+                continue;
+            };
+            while let Some(store) = waiting.pop_front() {
+                if let Err(store) = self.try_group_store(store, host) {
+                    waiting.push_front(store);
+                    break;
+                }
+            }
+            if !waiting.is_empty() {
+                self.groups.unstored.insert(group_id, waiting);
             }
         }
     }
