@@ -479,3 +479,98 @@ fn a_kill_9_mid_load_loses_no_acknowledged_group_message() {
         }
     }
 }
+
+#[test]
+fn a_removal_racing_with_sends_lands_on_one_side_for_every_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| {
+        c.limits.delivery_window_messages = 64;
+        c.limits.sends_in_flight_max = 64;
+        c.limits.idle_timeout_ms = 60_000;
+    });
+    let a: Vec<Account> = (0..6).map(|_| RawClient::register(server.addr)).collect();
+    let others: Vec<u64> = a[1..].iter().map(|x| x.user).collect();
+    let mut admin = login(server.addr, &a[0]);
+    let mut reference = Seen::new();
+    admin.send(&Frame::CreateGroup(pb::CreateGroup {
+        request_id: 1,
+        name: "race".into(),
+        member_user_ids: others,
+    }));
+    let g = expect_info_noting(&mut admin, 1, &mut reference).group_id;
+    let mut sender = login(server.addr, &a[1]);
+    // The sender streams while the admin removes member 2 and adds it back.
+    for id in 0..60u64 {
+        group_send(&mut sender, g, 500 + id, b"racing");
+        if id == 20 {
+            update(&mut admin, 2, g, GroupAction::Remove, &[a[2].user]);
+        }
+        if id == 40 {
+            update(&mut admin, 3, g, GroupAction::Add, &[a[2].user]);
+        }
+    }
+    let mut acked = BTreeMap::new();
+    while acked.len() < 60 {
+        match sender.recv() {
+            Some(Frame::ServerAck(ack)) => {
+                acked.insert(ack.client_message_id, ack.server_sequence);
+            }
+            Some(Frame::Deliver(d)) => sender.ack(d.sequence),
+            Some(Frame::Receipt(r)) => sender.ack(r.sequence),
+            other => panic!("expected ServerAck, got {other:?}"),
+        }
+    }
+    // The two answers (in either order: each names its request), and the
+    // group's messages read meanwhile.
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        match admin.recv() {
+            Some(Frame::GroupInfo(info)) => answered.push(info.request_id),
+            Some(Frame::Deliver(d)) => {
+                admin.ack(d.sequence);
+                note(&mut reference, &d);
+            }
+            Some(Frame::Receipt(r)) => admin.ack(r.sequence),
+            other => panic!("expected GroupInfo, got {other:?}"),
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, vec![2, 3]);
+    let last = 1 + 60 + 2;
+    // Every member but the removed one saw all 63 group sequences, the
+    // same message at each.
+    read_group(&mut admin, g, last, &mut reference);
+    assert_eq!(reference.len() as u64, last);
+    let removal = *reference
+        .iter()
+        .find(|(_, (_, w))| w.starts_with("Remove"))
+        .unwrap()
+        .0;
+    let readd = *reference
+        .iter()
+        .find(|(_, (_, w))| w.starts_with("Add"))
+        .unwrap()
+        .0;
+    assert!(removal < readd);
+    for member in &a[3..] {
+        let mut c = login(server.addr, member);
+        let mut seen = Seen::new();
+        read_group(&mut c, g, last, &mut seen);
+        assert_eq!(seen, reference, "member {}", member.user);
+    }
+    // The removed member: everything up to its removal (the removal
+    // included), nothing between it and the re-add, everything after.
+    let mut c = login(server.addr, &a[2]);
+    let mut seen = Seen::new();
+    read_group(&mut c, g, last, &mut seen);
+    let expected: Seen = reference
+        .iter()
+        .filter(|(seq, _)| **seq <= removal || **seq >= readd)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    assert_eq!(seen, expected);
+    // The sender's acks name the same places.
+    for (id, seq) in &acked {
+        assert_eq!(reference[seq], (a[1].user, format!("message {id}")));
+    }
+}
