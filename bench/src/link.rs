@@ -388,7 +388,10 @@ impl SwitchboardLink {
                 client::Event::Pong(_)
                 | client::Event::LinkCode(_)
                 | client::Event::DeviceList(_)
-                | client::Event::DeviceRemoved(_),
+                | client::Event::DeviceRemoved(_)
+                | client::Event::PrekeysStored(_)
+                | client::Event::PrekeyBundle(_)
+                | client::Event::PrekeysLow(_),
             ) => Ok(None),
             Ok(client::Event::Error(e)) if !e.fatal => Ok(Some(Event::Refused {
                 msg_id: e.client_message_id,

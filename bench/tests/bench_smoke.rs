@@ -392,8 +392,18 @@ fn group_scenario(dir: &Path, target: &str, receipts: bool, extra: &[&str]) -> V
     assert!(fanout > 0.0 && fanout <= offered * 7.0 * 1.01, "{v:#}");
     assert!(v["rates"]["delivered_msgs_per_s"].is_null());
     check_cpu(&v);
-    assert!(number(&v, &["rates", "deliveries_per_server_core_s"]) > 0.0);
-    assert!(number(&v, &["cpu", "server_us_per_group_msg"]) >= 0.0);
+    // A run this small may cost the server less than one clock tick of
+    // CPU time: then there is no per-core figure.
+    let per_core = &v["rates"]["deliveries_per_server_core_s"];
+    assert!(
+        per_core.is_null() || per_core.as_f64().is_some_and(|x| x > 0.0),
+        "{per_core}"
+    );
+    let per_msg = &v["cpu"]["server_us_per_group_msg"];
+    assert!(
+        per_msg.is_null() || per_msg.as_f64().is_some_and(|x| x >= 0.0),
+        "{per_msg}"
+    );
     v
 }
 

@@ -505,7 +505,7 @@ async fn handle_event(
             info.members.len(),
             info.version
         )?,
-        Event::Pong(_) => {}
+        Event::PrekeysStored(_) | Event::PrekeyBundle(_) | Event::PrekeysLow(_) | Event::Pong(_) => {}
     }
     Ok(())
 }

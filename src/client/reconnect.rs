@@ -448,7 +448,10 @@ impl ReconnectingSession {
                 | Event::LinkCode(_)
                 | Event::DeviceList(_)
                 | Event::DeviceRemoved(_)
-                | Event::GroupInfo(_) => {}
+                | Event::GroupInfo(_)
+                | Event::PrekeysStored(_)
+                | Event::PrekeyBundle(_)
+                | Event::PrekeysLow(_) => {}
             }
             return Ok(event);
         }

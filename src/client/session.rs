@@ -42,6 +42,12 @@ pub enum Event {
     /// A group as it stands (answers CreateGroup, UpdateGroup, GetGroup;
     /// `request_id` tells which).
     GroupInfo(pb::GroupInfo),
+    /// An upload of prekeys is stored (answers UploadPrekeys).
+    PrekeysStored(pb::PrekeysStored),
+    /// An account's prekey bundle (answers FetchPrekeys).
+    PrekeyBundle(pb::PrekeyBundle),
+    /// This device has few one-time prekeys left: upload more.
+    PrekeysLow(pb::PrekeysLow),
 }
 
 /// Output buffers up to this size are reused across flushes (no allocation
@@ -477,6 +483,22 @@ impl Session {
         }))
     }
 
+    /// Queues UploadPrekeys (the identity key and signed prekey may be
+    /// left out after the first upload); answered with
+    /// `Event::PrekeysStored`.
+    pub fn upload_prekeys(&self, upload: pb::UploadPrekeys) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::UploadPrekeys(upload))
+    }
+
+    /// Queues FetchPrekeys for `user`; answered with `Event::PrekeyBundle`.
+    pub fn fetch_prekeys(&self, request_id: u64, user: UserId) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::FetchPrekeys(pb::FetchPrekeys {
+                request_id,
+                user_id: user.0,
+            }))
+    }
+
     /// Queues RequestLinkCode (primary only); answered with `Event::LinkCode`.
     pub fn request_link_code(&self) -> Result<(), ClientError> {
         self.connection
@@ -587,6 +609,9 @@ impl Session {
                 Frame::DeviceList(list) => Event::DeviceList(list),
                 Frame::DeviceRemoved(removed) => Event::DeviceRemoved(removed),
                 Frame::GroupInfo(info) => Event::GroupInfo(info),
+                Frame::PrekeysStored(stored) => Event::PrekeysStored(stored),
+                Frame::PrekeyBundle(bundle) => Event::PrekeyBundle(bundle),
+                Frame::PrekeysLow(low) => Event::PrekeysLow(low),
                 Frame::Ping(ping) => {
                     match self
                         .connection

@@ -181,6 +181,15 @@ pub struct Limits {
     /// Members of one group, its creator included. Default 1,024, at most
     /// 65,536. A group message is stored once per shard holding members.
     pub group_members_max: u32,
+    /// One-time prekeys a device may hold. Default 100; an upload past it
+    /// gets PREKEYS_INVALID and stores nothing.
+    pub prekeys_max: u32,
+    /// A device is told (PrekeysLow) when a fetch leaves it fewer one-time
+    /// prekeys than this. Default 10.
+    pub prekeys_low: u32,
+    /// Prekey bundles one device may fetch per minute. Default 60; past it
+    /// FetchPrekeys gets RATE_LIMITED (not fatal).
+    pub prekey_fetches_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -204,6 +213,9 @@ impl Default for Limits {
             companions_max: 4,
             link_code_ttl_ms: 60_000,
             group_members_max: 1_024,
+            prekeys_max: 100,
+            prekeys_low: 10,
+            prekey_fetches_per_minute: 60,
             shutdown_deadline_ms: 5_000,
         }
     }
@@ -301,6 +313,9 @@ impl Config {
                 companions_max: 2,
                 link_code_ttl_ms: 2_000,
                 group_members_max: 16,
+                prekeys_max: 20,
+                prekeys_low: 3,
+                prekey_fetches_per_minute: 10,
             },
             store: StoreConfig {
                 segment_size_bytes: 64 << 10,
@@ -357,6 +372,11 @@ impl Config {
         }
         if l.group_members_max < 2 || l.group_members_max > 65_536 {
             return invalid("limits.group_members_max must be between 2 and 65,536".into());
+        }
+        if l.prekeys_max == 0 || l.prekeys_max > 10_000 || l.prekeys_low > l.prekeys_max {
+            return invalid(
+                "limits.prekeys_max must be 1 to 10,000 and limits.prekeys_low at most it".into(),
+            );
         }
         if l.companions_max > 64 || l.link_code_ttl_ms == 0 {
             return invalid(

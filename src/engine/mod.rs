@@ -20,6 +20,8 @@
 //!   receipts, and the relay that keeps a receipt bound for another shard
 //!   until that shard has stored it;
 //! - `devices`: linked devices (link codes, the device list, removal);
+//! - `keys`: prekey bundles (upload, fetch once per one-time prekey, the
+//!   low-prekey notice);
 //! - `groups`: group membership on the group's home shard, the group's
 //!   order, and fan-out stored once per shard holding members.
 //!
@@ -37,6 +39,7 @@
 pub mod delivery;
 pub mod devices;
 pub mod groups;
+pub mod keys;
 pub mod receipts;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -113,6 +116,8 @@ pub enum Request {
     },
     /// A change to a group homed here.
     GroupChange(Box<groups::Change>),
+    /// A device homed here has `remaining` one-time prekeys: tell it.
+    PrekeysLow { device: InboxKey, remaining: u32 },
     /// GroupInfo for a member.
     GroupGet {
         origin: ConnRef,
@@ -229,6 +234,8 @@ pub enum Event {
     Account(devices::AccountDone),
     /// The host finished work on the group tables.
     Group(groups::GroupDone),
+    /// The host finished work on the prekey tables.
+    Keys(keys::KeysDone),
     /// A commit is about to begin: what waits to be appended with it (the
     /// batched group receipts) is appended now.
     BeforeCommit,
@@ -271,6 +278,9 @@ pub trait Host {
     /// Work on the group tables of the metadata database (off the shard,
     /// like `account`); the outcome comes back as `Event::Group`.
     fn group(&mut self, op: groups::GroupOp);
+    /// Work on the prekey tables of the metadata database (off the shard);
+    /// the outcome comes back as `Event::Keys`.
+    fn keys(&mut self, op: keys::KeysOp);
 }
 
 /// The accounts the engine consults: does a user or a device exist, and
@@ -345,6 +355,7 @@ pub struct Engine {
     delivery: delivery::Delivery,
     receipts: receipts::Receipts,
     groups: groups::Groups,
+    keys: keys::Keys,
     flaws: Flaws,
 }
 
@@ -370,6 +381,7 @@ impl Engine {
             delivery: delivery::Delivery::default(),
             receipts: receipts::Receipts::default(),
             groups: groups::Groups::default(),
+            keys: keys::Keys::default(),
             flaws: Flaws::default(),
         }
     }
@@ -400,12 +412,7 @@ impl Engine {
                         Ok(()) => self.on_group_send(device, session, send, host),
                         Err(code) => host.send(
                             session,
-                            &Frame::Error(crate::proto::pb::Error {
-                                code: code as i32,
-                                message: "send refused".into(),
-                                client_message_id: send.client_message_id,
-                                ..Default::default()
-                            }),
+                            &crate::proto::refusal(code, "send refused", send.client_message_id),
                         ),
                     }
                 }
@@ -423,6 +430,10 @@ impl Engine {
                 Frame::CreateGroup(create) => self.on_create_group(device, session, create, host),
                 Frame::UpdateGroup(update) => self.on_update_group(device, session, update, host),
                 Frame::GetGroup(get) => self.on_get_group(device, session, get, host),
+                Frame::UploadPrekeys(upload) => {
+                    self.on_upload_prekeys(device, session, upload, host)
+                }
+                Frame::FetchPrekeys(fetch) => self.on_fetch_prekeys(device, session, fetch, host),
                 other => {
                     let message = match other {
                         Frame::Hello(_) | Frame::Register(_) | Frame::Link(_) => {
@@ -449,6 +460,7 @@ impl Engine {
             Event::Account(done) => self.account_done(done, host),
             Event::Group(done) => self.group_done(done, host),
             Event::BeforeCommit => self.flush_batched_receipts(host),
+            Event::Keys(done) => self.keys_done(done, host),
         }
     }
 
@@ -493,6 +505,7 @@ impl Engine {
                 row,
             } => self.install_group(origin, actor, request_id, row, host),
             Request::GroupChange(change) => self.group_change(*change, host),
+            Request::PrekeysLow { device, remaining } => self.prekeys_low(device, remaining, host),
             Request::GroupGet {
                 origin,
                 actor,

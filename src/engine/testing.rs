@@ -79,6 +79,7 @@ pub struct Recorder {
     pub commits_due: u32,
     pub account_ops: Vec<super::devices::AccountOp>,
     pub group_ops: Vec<super::groups::GroupOp>,
+    pub keys_ops: Vec<super::keys::KeysOp>,
     /// Sessions whose output queue counts as full.
     pub full: HashSet<SessionId>,
 }
@@ -121,6 +122,9 @@ impl Host for Recorder {
     }
     fn group(&mut self, op: super::groups::GroupOp) {
         self.group_ops.push(op);
+    }
+    fn keys(&mut self, op: super::keys::KeysOp) {
+        self.keys_ops.push(op);
     }
 }
 

@@ -36,7 +36,9 @@ use subtle::ConstantTimeEq;
 use crate::ids::{DeviceId, UserId};
 
 mod groups;
+mod keys;
 pub use groups::{clip_group_name, GroupRow, GROUP_NAME_BYTES_MAX};
+pub use keys::{DeviceKeys, IdentityKeys};
 
 /// Bytes of a device secret.
 pub const SECRET_BYTES: usize = 32;
@@ -200,6 +202,8 @@ impl MetaStore {
             txn.open_table(LINK_CODES)?;
             txn.open_table(groups::GROUPS)?;
             txn.open_table(groups::GROUP_MEMBERS)?;
+            txn.open_table(keys::PREKEY_IDENTITY)?;
+            txn.open_table(keys::ONE_TIME_PREKEYS)?;
             let mut counters = txn.open_table(COUNTERS)?;
             let next = counters.get(NEXT_USER_ID)?.map(|v| v.value());
             match next {

@@ -321,6 +321,11 @@ impl FrameType {
             FrameType::UpdateGroup => 22,
             FrameType::GetGroup => 23,
             FrameType::GroupInfo => 24,
+            FrameType::UploadPrekeys => 25,
+            FrameType::PrekeysStored => 26,
+            FrameType::FetchPrekeys => 27,
+            FrameType::PrekeyBundle => 28,
+            FrameType::PrekeysLow => 29,
         }
     }
 }

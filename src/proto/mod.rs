@@ -56,10 +56,15 @@ pub enum FrameType {
     UpdateGroup = 0x51,
     GetGroup = 0x52,
     GroupInfo = 0x53,
+    UploadPrekeys = 0x60,
+    PrekeysStored = 0x61,
+    FetchPrekeys = 0x62,
+    PrekeyBundle = 0x63,
+    PrekeysLow = 0x64,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 25] = [
+    pub const ALL: [FrameType; 30] = [
         FrameType::Register,
         FrameType::Registered,
         FrameType::Hello,
@@ -85,6 +90,11 @@ impl FrameType {
         FrameType::UpdateGroup,
         FrameType::GetGroup,
         FrameType::GroupInfo,
+        FrameType::UploadPrekeys,
+        FrameType::PrekeysStored,
+        FrameType::FetchPrekeys,
+        FrameType::PrekeyBundle,
+        FrameType::PrekeysLow,
     ];
 
     pub fn from_byte(byte: u8) -> Option<FrameType> {
@@ -119,6 +129,11 @@ impl FrameType {
             FrameType::UpdateGroup => "update_group",
             FrameType::GetGroup => "get_group",
             FrameType::GroupInfo => "group_info",
+            FrameType::UploadPrekeys => "upload_prekeys",
+            FrameType::PrekeysStored => "prekeys_stored",
+            FrameType::FetchPrekeys => "fetch_prekeys",
+            FrameType::PrekeyBundle => "prekey_bundle",
+            FrameType::PrekeysLow => "prekeys_low",
         }
     }
 }
@@ -151,6 +166,11 @@ pub enum Frame {
     UpdateGroup(pb::UpdateGroup),
     GetGroup(pb::GetGroup),
     GroupInfo(pb::GroupInfo),
+    UploadPrekeys(pb::UploadPrekeys),
+    PrekeysStored(pb::PrekeysStored),
+    FetchPrekeys(pb::FetchPrekeys),
+    PrekeyBundle(pb::PrekeyBundle),
+    PrekeysLow(pb::PrekeysLow),
 }
 
 /// Why bytes from a peer are not a frame. Cheap to copy, never allocates.
@@ -205,6 +225,11 @@ impl Frame {
             Frame::UpdateGroup(_) => FrameType::UpdateGroup,
             Frame::GetGroup(_) => FrameType::GetGroup,
             Frame::GroupInfo(_) => FrameType::GroupInfo,
+            Frame::UploadPrekeys(_) => FrameType::UploadPrekeys,
+            Frame::PrekeysStored(_) => FrameType::PrekeysStored,
+            Frame::FetchPrekeys(_) => FrameType::FetchPrekeys,
+            Frame::PrekeyBundle(_) => FrameType::PrekeyBundle,
+            Frame::PrekeysLow(_) => FrameType::PrekeysLow,
         }
     }
 
@@ -235,6 +260,11 @@ impl Frame {
             Frame::UpdateGroup(m) => m.encoded_len(),
             Frame::GetGroup(m) => m.encoded_len(),
             Frame::GroupInfo(m) => m.encoded_len(),
+            Frame::UploadPrekeys(m) => m.encoded_len(),
+            Frame::PrekeysStored(m) => m.encoded_len(),
+            Frame::FetchPrekeys(m) => m.encoded_len(),
+            Frame::PrekeyBundle(m) => m.encoded_len(),
+            Frame::PrekeysLow(m) => m.encoded_len(),
         }
     }
 
@@ -276,6 +306,11 @@ impl Frame {
             Frame::UpdateGroup(m) => m.encode(out),
             Frame::GetGroup(m) => m.encode(out),
             Frame::GroupInfo(m) => m.encode(out),
+            Frame::UploadPrekeys(m) => m.encode(out),
+            Frame::PrekeysStored(m) => m.encode(out),
+            Frame::FetchPrekeys(m) => m.encode(out),
+            Frame::PrekeyBundle(m) => m.encode(out),
+            Frame::PrekeysLow(m) => m.encode(out),
         };
         assert!(result.is_ok(), "buffer was reserved for the whole frame");
     }
@@ -330,6 +365,19 @@ impl Frame {
             }
             FrameType::GetGroup => Frame::GetGroup(pb::GetGroup::decode(body).map_err(bad)?),
             FrameType::GroupInfo => Frame::GroupInfo(pb::GroupInfo::decode(body).map_err(bad)?),
+            FrameType::UploadPrekeys => {
+                Frame::UploadPrekeys(pb::UploadPrekeys::decode(body).map_err(bad)?)
+            }
+            FrameType::PrekeysStored => {
+                Frame::PrekeysStored(pb::PrekeysStored::decode(body).map_err(bad)?)
+            }
+            FrameType::FetchPrekeys => {
+                Frame::FetchPrekeys(pb::FetchPrekeys::decode(body).map_err(bad)?)
+            }
+            FrameType::PrekeyBundle => {
+                Frame::PrekeyBundle(pb::PrekeyBundle::decode(body).map_err(bad)?)
+            }
+            FrameType::PrekeysLow => Frame::PrekeysLow(pb::PrekeysLow::decode(body).map_err(bad)?),
         })
     }
 }
@@ -387,6 +435,17 @@ pub fn bytes_wanted(buf: &[u8]) -> usize {
     }
     let length = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     (LENGTH_PREFIX_BYTES + length).saturating_sub(buf.len())
+}
+
+/// A non-fatal Error answering the request or Send with id `id` (carried
+/// in `client_message_id`).
+pub fn refusal(code: ErrorCode, message: &str, id: u64) -> Frame {
+    Frame::Error(pb::Error {
+        code: code as i32,
+        message: message.to_string(),
+        client_message_id: id,
+        ..Default::default()
+    })
 }
 
 /// An Error frame.

@@ -277,6 +277,67 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 ],
             }),
         ),
+        (
+            "upload_prekeys",
+            "C→S",
+            Frame::UploadPrekeys(pb::UploadPrekeys {
+                request_id: 4,
+                identity_key: Bytes::from(vec![0x11; 32]),
+                signed_prekey: Some(pb::SignedPrekey {
+                    key_id: 7,
+                    public_key: Bytes::from(vec![0x22; 32]),
+                    signature: Bytes::from(vec![0x33; 64]),
+                }),
+                one_time_prekeys: vec![pb::Prekey {
+                    key_id: 100,
+                    public_key: Bytes::from(vec![0x44; 32]),
+                }],
+            }),
+        ),
+        (
+            "prekeys_stored",
+            "S→C",
+            Frame::PrekeysStored(pb::PrekeysStored {
+                request_id: 4,
+                one_time_prekeys: 1,
+            }),
+        ),
+        (
+            "fetch_prekeys",
+            "C→S",
+            Frame::FetchPrekeys(pb::FetchPrekeys {
+                request_id: 5,
+                user_id: 2,
+            }),
+        ),
+        (
+            "prekey_bundle",
+            "S→C",
+            Frame::PrekeyBundle(pb::PrekeyBundle {
+                request_id: 5,
+                user_id: 2,
+                devices: vec![pb::DeviceBundle {
+                    device_id: 1,
+                    identity_key: Bytes::from(vec![0x11; 32]),
+                    signed_prekey: Some(pb::SignedPrekey {
+                        key_id: 7,
+                        public_key: Bytes::from(vec![0x22; 32]),
+                        signature: Bytes::from(vec![0x33; 64]),
+                    }),
+                    one_time_prekey: Some(pb::Prekey {
+                        key_id: 100,
+                        public_key: Bytes::from(vec![0x44; 32]),
+                    }),
+                }],
+            }),
+        ),
+        (
+            "prekeys_low",
+            "S→C",
+            Frame::PrekeysLow(pb::PrekeysLow {
+                one_time_prekeys: 9,
+            }),
+        ),
     ]
 }
 
@@ -296,6 +357,11 @@ fn device_frame(frame: &Frame) -> bool {
             | FrameType::UpdateGroup
             | FrameType::GetGroup
             | FrameType::GroupInfo
+            | FrameType::UploadPrekeys
+            | FrameType::PrekeysStored
+            | FrameType::FetchPrekeys
+            | FrameType::PrekeyBundle
+            | FrameType::PrekeysLow
     )
 }
 

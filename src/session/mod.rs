@@ -69,6 +69,8 @@ pub fn client_may_send_in_session(frame_type: FrameType) -> bool {
             | FrameType::CreateGroup
             | FrameType::UpdateGroup
             | FrameType::GetGroup
+            | FrameType::UploadPrekeys
+            | FrameType::FetchPrekeys
     )
 }
 

@@ -49,6 +49,7 @@ use tracing::{error, warn};
 use crate::config::{Config, Durability};
 use crate::engine::devices::{AccountDone, AccountOp};
 use crate::engine::groups::{GroupDone, GroupOp};
+use crate::engine::keys::{KeysDone, KeysOp};
 use crate::engine::{self, Closing, Engine, Event, Host, SessionId};
 use crate::ids::{InboxKey, ShardId, UserId};
 use crate::meta::LinkError;
@@ -251,6 +252,60 @@ fn group_work(meta: &MetaStore, op: GroupOp) -> GroupDone {
     }
 }
 
+/// Does a `KeysOp` against the metadata database (blocks).
+fn keys_work(meta: &MetaStore, op: KeysOp) -> KeysDone {
+    let internal = |session, request_id, err: &dyn std::fmt::Display| {
+        warn!(%err, "prekey operation failed");
+        KeysDone::Failed {
+            session,
+            request_id,
+            code: ErrorCode::Internal,
+            message: "the prekeys could not be read or written",
+        }
+    };
+    match op {
+        KeysOp::Upload {
+            session,
+            device,
+            request_id,
+            identity,
+            one_time,
+            max,
+        } => {
+            let keys: Vec<(u32, &[u8])> = one_time.iter().map(|(id, k)| (*id, &k[..])).collect();
+            match meta.upload_prekeys(device.user, device.device, identity.as_ref(), &keys, max) {
+                Ok(Some(count)) => KeysDone::Stored {
+                    session,
+                    request_id,
+                    one_time: count,
+                },
+                Ok(None) => KeysDone::Failed {
+                    session,
+                    request_id,
+                    code: ErrorCode::PrekeysInvalid,
+                    message:
+                        "no identity key uploaded yet, or more one-time prekeys than the limit",
+                },
+                Err(err) => internal(session, request_id, &err),
+            }
+        }
+        KeysOp::Fetch {
+            session,
+            request_id,
+            user,
+            devices,
+        } => match meta.fetch_prekeys(user, &devices) {
+            Ok(devices) => KeysDone::Bundle {
+                session,
+                request_id,
+                user,
+                devices,
+            },
+            Err(err) => internal(session, request_id, &err),
+        },
+    }
+}
+
 /// The engine's host on a real shard: frames go to the connections' output
 /// queues (the socket loop sends them), requests are collected for the
 /// caller to put on the channels, replies go on them at once.
@@ -310,6 +365,12 @@ impl Host for ShardHost<'_> {
         let shard = self.shard.clone();
         self.shard
             .spawn(ShardTask::Other, async move { shard.group_op(op).await });
+    }
+
+    fn keys(&mut self, op: KeysOp) {
+        let shard = self.shard.clone();
+        self.shard
+            .spawn(ShardTask::Other, async move { shard.keys_op(op).await });
     }
 }
 
@@ -811,6 +872,16 @@ impl Shard {
         self.feed_detached(Event::Group(done));
     }
 
+    /// Carries out an engine's `KeysOp` on the blocking pool and feeds the
+    /// outcome back.
+    async fn keys_op(self: Rc<Self>, op: KeysOp) {
+        let meta = self.meta.clone();
+        let done = glommio::executor()
+            .spawn_blocking(move || keys_work(&meta, op))
+            .await;
+        self.feed_detached(Event::Keys(done));
+    }
+
     /// Wakes the commit task.
     pub fn kick_commit(&self) {
         if let Some(waker) = self.commit_waker.take() {
@@ -1042,5 +1113,9 @@ impl Host for OpeningHost<'_> {
 
     fn group(&mut self, op: GroupOp) {
         self.inner.group(op);
+    }
+
+    fn keys(&mut self, op: KeysOp) {
+        self.inner.keys(op);
     }
 }

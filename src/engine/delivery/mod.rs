@@ -236,6 +236,7 @@ impl Engine {
             debug!(%device, "session replaced by a newer connection");
             host.close(previous.id, &replaced, Closing::Replaced);
         }
+        self.keys_session_opened(device, session, host);
         self.pump(device, host);
     }
 
@@ -260,14 +261,7 @@ impl Engine {
     ) {
         host.send(
             session,
-            &Frame::Error(pb::Error {
-                code: code as i32,
-                message: message.to_string(),
-                client_message_id,
-                fatal: false,
-                retry_after_ms: 0,
-                ..Default::default()
-            }),
+            &crate::proto::refusal(code, message, client_message_id),
         );
     }
 

@@ -169,12 +169,7 @@ pub struct Groups {
 fn answer_error(origin: ConnRef, request_id: u64, code: ErrorCode, message: &str) -> Reply {
     Reply::Answer {
         origin,
-        frame: Frame::Error(pb::Error {
-            code: code as i32,
-            message: message.to_string(),
-            client_message_id: request_id,
-            ..Default::default()
-        }),
+        frame: crate::proto::refusal(code, message, request_id),
     }
 }
 
@@ -240,13 +235,9 @@ impl Engine {
         create: pb::CreateGroup,
         host: &mut impl Host,
     ) {
+        let request_id = create.request_id;
         let refuse = |host: &mut dyn FnMut(&Frame), code: ErrorCode, message: &str| {
-            host(&Frame::Error(pb::Error {
-                code: code as i32,
-                message: message.to_string(),
-                client_message_id: create.request_id,
-                ..Default::default()
-            }))
+            host(&crate::proto::refusal(code, message, request_id))
         };
         let mut send = |frame: &Frame| host.send(session, frame);
         let mut members: Vec<UserId> = create
@@ -292,12 +283,11 @@ impl Engine {
         {
             host.send(
                 session,
-                &Frame::Error(pb::Error {
-                    code: ErrorCode::MalformedFrame as i32,
-                    message: "not a change a client can ask for".into(),
-                    client_message_id: update.request_id,
-                    ..Default::default()
-                }),
+                &crate::proto::refusal(
+                    ErrorCode::MalformedFrame,
+                    "not a change a client can ask for",
+                    update.request_id,
+                ),
             );
             return;
         }
@@ -386,12 +376,11 @@ impl Engine {
                 request_id,
             } => host.send(
                 session,
-                &Frame::Error(pb::Error {
-                    code: ErrorCode::Internal as i32,
-                    message: "the group could not be created".into(),
-                    client_message_id: request_id,
-                    ..Default::default()
-                }),
+                &crate::proto::refusal(
+                    ErrorCode::Internal,
+                    "the group could not be created",
+                    request_id,
+                ),
             ),
             GroupDone::Saved { group, ok } => self.change_saved(group, ok, host),
         }
