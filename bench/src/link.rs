@@ -391,7 +391,10 @@ impl SwitchboardLink {
                 | client::Event::DeviceRemoved(_)
                 | client::Event::PrekeysStored(_)
                 | client::Event::PrekeyBundle(_)
-                | client::Event::PrekeysLow(_),
+                | client::Event::PrekeysLow(_)
+                | client::Event::Typing(_)
+                | client::Event::PresenceUpdate(_)
+                | client::Event::Privacy(_),
             ) => Ok(None),
             Ok(client::Event::Error(e)) if !e.fatal => Ok(Some(Event::Refused {
                 msg_id: e.client_message_id,

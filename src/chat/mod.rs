@@ -505,7 +505,26 @@ async fn handle_event(
             info.members.len(),
             info.version
         )?,
-        Event::PrekeysStored(_) | Event::PrekeyBundle(_) | Event::PrekeysLow(_) | Event::Pong(_) => {}
+        Event::Typing(t) if t.state() == crate::proto::TypingState::Composing => {
+            writeln!(out, "* user {} is typing", t.from_user_id)?
+        }
+        Event::Typing(_) => {}
+        Event::PresenceUpdate(p) if p.online => writeln!(out, "* user {} is online", p.user_id)?,
+        Event::PresenceUpdate(p) => writeln!(
+            out,
+            "* user {} is offline (last seen {})",
+            p.user_id,
+            if p.last_seen_ms == 0 {
+                "hidden".to_string()
+            } else {
+                state::clock(p.last_seen_ms)
+            }
+        )?,
+        Event::PrekeysStored(_)
+        | Event::PrekeyBundle(_)
+        | Event::PrekeysLow(_)
+        | Event::Privacy(_)
+        | Event::Pong(_) => {}
     }
     Ok(())
 }

@@ -451,7 +451,10 @@ impl ReconnectingSession {
                 | Event::GroupInfo(_)
                 | Event::PrekeysStored(_)
                 | Event::PrekeyBundle(_)
-                | Event::PrekeysLow(_) => {}
+                | Event::PrekeysLow(_)
+                | Event::Typing(_)
+                | Event::PresenceUpdate(_)
+                | Event::Privacy(_) => {}
             }
             return Ok(event);
         }

@@ -48,6 +48,12 @@ pub enum Event {
     PrekeyBundle(pb::PrekeyBundle),
     /// This device has few one-time prekeys left: upload more.
     PrekeysLow(pb::PrekeysLow),
+    /// Someone is typing to this account (never stored).
+    Typing(pb::Typing),
+    /// A followed user's presence (after SubscribePresence, and on change).
+    PresenceUpdate(pb::PresenceUpdate),
+    /// The privacy setting is stored (answers SetPrivacy).
+    Privacy(pb::Privacy),
 }
 
 /// Output buffers up to this size are reused across flushes (no allocation
@@ -499,6 +505,40 @@ impl Session {
             }))
     }
 
+    /// Queues a typing notice to `to`'s devices that are online (never
+    /// stored, never answered).
+    pub fn send_typing(
+        &self,
+        to: UserId,
+        state: crate::proto::TypingState,
+    ) -> Result<(), ClientError> {
+        self.connection.queue(&Frame::SendTyping(pb::SendTyping {
+            to_user_id: to.0,
+            state: state as i32,
+        }))
+    }
+
+    /// Queues SubscribePresence (replacing this session's list); the
+    /// users' states come as `Event::PresenceUpdate`.
+    pub fn subscribe_presence(&self, users: &[UserId]) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::SubscribePresence(pb::SubscribePresence {
+                user_ids: users.iter().map(|u| u.0).collect(),
+            }))
+    }
+
+    /// Queues SetPrivacy; answered with `Event::Privacy`.
+    pub fn set_last_seen_visible(&self, visible: bool) -> Result<(), ClientError> {
+        let last_seen = if visible {
+            crate::proto::LastSeenVisibility::Everyone
+        } else {
+            crate::proto::LastSeenVisibility::Nobody
+        };
+        self.connection.queue(&Frame::SetPrivacy(pb::SetPrivacy {
+            last_seen: last_seen as i32,
+        }))
+    }
+
     /// Queues RequestLinkCode (primary only); answered with `Event::LinkCode`.
     pub fn request_link_code(&self) -> Result<(), ClientError> {
         self.connection
@@ -612,6 +652,9 @@ impl Session {
                 Frame::PrekeysStored(stored) => Event::PrekeysStored(stored),
                 Frame::PrekeyBundle(bundle) => Event::PrekeyBundle(bundle),
                 Frame::PrekeysLow(low) => Event::PrekeysLow(low),
+                Frame::Typing(typing) => Event::Typing(typing),
+                Frame::PresenceUpdate(update) => Event::PresenceUpdate(update),
+                Frame::Privacy(privacy) => Event::Privacy(privacy),
                 Frame::Ping(ping) => {
                     match self
                         .connection

@@ -190,6 +190,15 @@ pub struct Limits {
     /// Prekey bundles one device may fetch per minute. Default 60; past it
     /// FetchPrekeys gets RATE_LIMITED (not fatal).
     pub prekey_fetches_per_minute: u32,
+    /// A user whose last device disconnected shows as offline after this
+    /// long, ms, unless a device connects again meanwhile. Default 5,000.
+    pub presence_grace_ms: u32,
+    /// Users one session may subscribe to the presence of. Default 256;
+    /// past it SubscribePresence gets TOO_MANY_IDS.
+    pub presence_subscriptions_max: u32,
+    /// Typing notices one device may send per second; more are dropped.
+    /// Default 5.
+    pub typing_per_second: u32,
 }
 
 impl Default for Limits {
@@ -216,6 +225,9 @@ impl Default for Limits {
             prekeys_max: 100,
             prekeys_low: 10,
             prekey_fetches_per_minute: 60,
+            presence_grace_ms: 5_000,
+            presence_subscriptions_max: 256,
+            typing_per_second: 5,
             shutdown_deadline_ms: 5_000,
         }
     }
@@ -316,6 +328,9 @@ impl Config {
                 prekeys_max: 20,
                 prekeys_low: 3,
                 prekey_fetches_per_minute: 10,
+                presence_grace_ms: 300,
+                presence_subscriptions_max: 16,
+                typing_per_second: 5,
             },
             store: StoreConfig {
                 segment_size_bytes: 64 << 10,

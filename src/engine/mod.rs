@@ -20,6 +20,8 @@
 //!   receipts, and the relay that keeps a receipt bound for another shard
 //!   until that shard has stored it;
 //! - `devices`: linked devices (link codes, the device list, removal);
+//! - `presence`: online / last seen for followers, the grace period,
+//!   privacy, typing notices;
 //! - `keys`: prekey bundles (upload, fetch once per one-time prekey, the
 //!   low-prekey notice);
 //! - `groups`: group membership on the group's home shard, the group's
@@ -40,6 +42,7 @@ pub mod delivery;
 pub mod devices;
 pub mod groups;
 pub mod keys;
+pub mod presence;
 pub mod receipts;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -118,6 +121,27 @@ pub enum Request {
     GroupChange(Box<groups::Change>),
     /// A device homed here has `remaining` one-time prekeys: tell it.
     PrekeysLow { device: InboxKey, remaining: u32 },
+    /// Sessions of the `watcher`'s shard follow these users homed here:
+    /// record them and send their states.
+    PresenceWatch {
+        watcher: ConnRef,
+        users: Vec<UserId>,
+    },
+    /// The `watcher` no longer follows these users homed here.
+    PresenceUnwatch {
+        watcher: ConnRef,
+        users: Vec<UserId>,
+    },
+    /// Presence states for sessions of the target shard.
+    PresenceNotify {
+        updates: Vec<(SessionId, presence::PresenceState)>,
+    },
+    /// A typing notice for `to`, homed on the target (never stored).
+    Typing {
+        from: InboxKey,
+        to: UserId,
+        state: i32,
+    },
     /// GroupInfo for a member.
     GroupGet {
         origin: ConnRef,
@@ -236,6 +260,8 @@ pub enum Event {
     Group(groups::GroupDone),
     /// The host finished work on the prekey tables.
     Keys(keys::KeysDone),
+    /// Time passed (about once a second): presence grace periods end.
+    Tick,
     /// A commit is about to begin: what waits to be appended with it (the
     /// batched group receipts) is appended now.
     BeforeCommit,
@@ -356,6 +382,7 @@ pub struct Engine {
     receipts: receipts::Receipts,
     groups: groups::Groups,
     keys: keys::Keys,
+    presence: presence::Presence,
     flaws: Flaws,
 }
 
@@ -382,6 +409,7 @@ impl Engine {
             receipts: receipts::Receipts::default(),
             groups: groups::Groups::default(),
             keys: keys::Keys::default(),
+            presence: presence::Presence::default(),
             flaws: Flaws::default(),
         }
     }
@@ -401,7 +429,11 @@ impl Engine {
                 connected_at,
                 protocol_version,
             } => self.session_opened(device, session, connected_at, protocol_version, host),
-            Event::Closed { device, session } => self.session_closed(device, session),
+            Event::Closed { device, session } => {
+                self.session_closed(device, session);
+                self.unfollow(session, host);
+                self.presence_changed(device.user, host);
+            }
             Event::Frame {
                 device,
                 session,
@@ -434,6 +466,11 @@ impl Engine {
                     self.on_upload_prekeys(device, session, upload, host)
                 }
                 Frame::FetchPrekeys(fetch) => self.on_fetch_prekeys(device, session, fetch, host),
+                Frame::SendTyping(typing) => self.on_send_typing(device, typing, host),
+                Frame::SubscribePresence(subscribe) => {
+                    self.on_subscribe_presence(device, session, subscribe, host)
+                }
+                Frame::SetPrivacy(set) => self.on_set_privacy(device, session, set, host),
                 other => {
                     let message = match other {
                         Frame::Hello(_) | Frame::Register(_) | Frame::Link(_) => {
@@ -461,6 +498,7 @@ impl Engine {
             Event::Group(done) => self.group_done(done, host),
             Event::BeforeCommit => self.flush_batched_receipts(host),
             Event::Keys(done) => self.keys_done(done, host),
+            Event::Tick => self.presence_tick(host),
         }
     }
 
@@ -506,6 +544,10 @@ impl Engine {
             } => self.install_group(origin, actor, request_id, row, host),
             Request::GroupChange(change) => self.group_change(*change, host),
             Request::PrekeysLow { device, remaining } => self.prekeys_low(device, remaining, host),
+            Request::PresenceWatch { watcher, users } => self.presence_watch(watcher, users, host),
+            Request::PresenceUnwatch { watcher, users } => self.presence_unwatch(watcher, users),
+            Request::PresenceNotify { updates } => self.presence_notify(updates, host),
+            Request::Typing { from, to, state } => self.typing_here(from, to, state, host),
             Request::GroupGet {
                 origin,
                 actor,

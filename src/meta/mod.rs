@@ -37,6 +37,7 @@ use crate::ids::{DeviceId, UserId};
 
 mod groups;
 mod keys;
+mod presence;
 pub use groups::{clip_group_name, GroupRow, GROUP_NAME_BYTES_MAX};
 pub use keys::{DeviceKeys, IdentityKeys};
 
@@ -204,6 +205,7 @@ impl MetaStore {
             txn.open_table(groups::GROUP_MEMBERS)?;
             txn.open_table(keys::PREKEY_IDENTITY)?;
             txn.open_table(keys::ONE_TIME_PREKEYS)?;
+            txn.open_table(presence::PRIVACY)?;
             let mut counters = txn.open_table(COUNTERS)?;
             let next = counters.get(NEXT_USER_ID)?.map(|v| v.value());
             match next {

@@ -326,6 +326,12 @@ impl FrameType {
             FrameType::FetchPrekeys => 27,
             FrameType::PrekeyBundle => 28,
             FrameType::PrekeysLow => 29,
+            FrameType::SendTyping => 30,
+            FrameType::Typing => 31,
+            FrameType::SubscribePresence => 32,
+            FrameType::PresenceUpdate => 33,
+            FrameType::SetPrivacy => 34,
+            FrameType::Privacy => 35,
         }
     }
 }
@@ -380,6 +386,24 @@ impl Refusals {
     }
 }
 
+/// One counter per frame type (an array longer than `Default` is derived
+/// for).
+#[derive(Debug)]
+pub struct FrameCounters(pub [Counter; FRAME_TYPES]);
+
+impl Default for FrameCounters {
+    fn default() -> Self {
+        FrameCounters(std::array::from_fn(|_| Counter::default()))
+    }
+}
+
+impl std::ops::Deref for FrameCounters {
+    type Target = [Counter; FRAME_TYPES];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 /// One shard's metrics. The shard is the only writer; see the module header.
 ///
 /// Aligned to 128 bytes (two cache lines, the adjacent-line prefetch unit) so two
@@ -401,9 +425,9 @@ pub struct ShardMetrics {
     pub registrations: Counter,
     pub devices_linked: Counter,
     /// Frames received, by frame type (index with [`FrameType::index`]).
-    pub frames_in: [Counter; FRAME_TYPES],
+    pub frames_in: FrameCounters,
     /// Frames sent, by frame type.
-    pub frames_out: [Counter; FRAME_TYPES],
+    pub frames_out: FrameCounters,
     /// Messages appended to this shard's log (accepted for a recipient homed here).
     pub messages_accepted: Counter,
     /// Messages written to a recipient device's connection.
@@ -417,6 +441,11 @@ pub struct ShardMetrics {
     /// Receipts forwarded again at start from this shard's relay inboxes
     /// (a crash came before their home shard had stored them).
     pub receipts_relayed_again: Counter,
+    /// Typing notices dropped because their device sent too many.
+    pub typing_dropped: Counter,
+    /// Presence changes sent to the shards of their followers (one request
+    /// per shard and change).
+    pub presence_notices: Counter,
     /// Undelivered entries across this shard's inboxes (gauge).
     pub inbox_depth: Gauge,
     /// Bytes held by this shard's log segments (gauge).
@@ -755,6 +784,18 @@ impl Registry {
             "switchboard_receipts_relayed_again_total",
             "Receipts forwarded again at start: a crash came before their home shard stored them.",
             |m| m.receipts_relayed_again.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_typing_dropped_total",
+            "Typing notices dropped: their device sent more than limits.typing_per_second.",
+            |m| m.typing_dropped.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_presence_notices_total",
+            "Presence changes sent to followers' shards (one request per shard per change).",
+            |m| m.presence_notices.get(),
         );
         self.gauge(
             out,

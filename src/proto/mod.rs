@@ -18,7 +18,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
 }
 
-pub use pb::{ErrorCode, GoAwayReason, GroupAction, ReceiptKind};
+pub use pb::{ErrorCode, GoAwayReason, GroupAction, LastSeenVisibility, ReceiptKind, TypingState};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -61,10 +61,16 @@ pub enum FrameType {
     FetchPrekeys = 0x62,
     PrekeyBundle = 0x63,
     PrekeysLow = 0x64,
+    SendTyping = 0x70,
+    Typing = 0x71,
+    SubscribePresence = 0x72,
+    PresenceUpdate = 0x73,
+    SetPrivacy = 0x74,
+    Privacy = 0x75,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 30] = [
+    pub const ALL: [FrameType; 36] = [
         FrameType::Register,
         FrameType::Registered,
         FrameType::Hello,
@@ -95,6 +101,12 @@ impl FrameType {
         FrameType::FetchPrekeys,
         FrameType::PrekeyBundle,
         FrameType::PrekeysLow,
+        FrameType::SendTyping,
+        FrameType::Typing,
+        FrameType::SubscribePresence,
+        FrameType::PresenceUpdate,
+        FrameType::SetPrivacy,
+        FrameType::Privacy,
     ];
 
     pub fn from_byte(byte: u8) -> Option<FrameType> {
@@ -134,6 +146,12 @@ impl FrameType {
             FrameType::FetchPrekeys => "fetch_prekeys",
             FrameType::PrekeyBundle => "prekey_bundle",
             FrameType::PrekeysLow => "prekeys_low",
+            FrameType::SendTyping => "send_typing",
+            FrameType::Typing => "typing",
+            FrameType::SubscribePresence => "subscribe_presence",
+            FrameType::PresenceUpdate => "presence_update",
+            FrameType::SetPrivacy => "set_privacy",
+            FrameType::Privacy => "privacy",
         }
     }
 }
@@ -171,6 +189,12 @@ pub enum Frame {
     FetchPrekeys(pb::FetchPrekeys),
     PrekeyBundle(pb::PrekeyBundle),
     PrekeysLow(pb::PrekeysLow),
+    SendTyping(pb::SendTyping),
+    Typing(pb::Typing),
+    SubscribePresence(pb::SubscribePresence),
+    PresenceUpdate(pb::PresenceUpdate),
+    SetPrivacy(pb::SetPrivacy),
+    Privacy(pb::Privacy),
 }
 
 /// Why bytes from a peer are not a frame. Cheap to copy, never allocates.
@@ -230,6 +254,12 @@ impl Frame {
             Frame::FetchPrekeys(_) => FrameType::FetchPrekeys,
             Frame::PrekeyBundle(_) => FrameType::PrekeyBundle,
             Frame::PrekeysLow(_) => FrameType::PrekeysLow,
+            Frame::SendTyping(_) => FrameType::SendTyping,
+            Frame::Typing(_) => FrameType::Typing,
+            Frame::SubscribePresence(_) => FrameType::SubscribePresence,
+            Frame::PresenceUpdate(_) => FrameType::PresenceUpdate,
+            Frame::SetPrivacy(_) => FrameType::SetPrivacy,
+            Frame::Privacy(_) => FrameType::Privacy,
         }
     }
 
@@ -265,6 +295,12 @@ impl Frame {
             Frame::FetchPrekeys(m) => m.encoded_len(),
             Frame::PrekeyBundle(m) => m.encoded_len(),
             Frame::PrekeysLow(m) => m.encoded_len(),
+            Frame::SendTyping(m) => m.encoded_len(),
+            Frame::Typing(m) => m.encoded_len(),
+            Frame::SubscribePresence(m) => m.encoded_len(),
+            Frame::PresenceUpdate(m) => m.encoded_len(),
+            Frame::SetPrivacy(m) => m.encoded_len(),
+            Frame::Privacy(m) => m.encoded_len(),
         }
     }
 
@@ -311,6 +347,12 @@ impl Frame {
             Frame::FetchPrekeys(m) => m.encode(out),
             Frame::PrekeyBundle(m) => m.encode(out),
             Frame::PrekeysLow(m) => m.encode(out),
+            Frame::SendTyping(m) => m.encode(out),
+            Frame::Typing(m) => m.encode(out),
+            Frame::SubscribePresence(m) => m.encode(out),
+            Frame::PresenceUpdate(m) => m.encode(out),
+            Frame::SetPrivacy(m) => m.encode(out),
+            Frame::Privacy(m) => m.encode(out),
         };
         assert!(result.is_ok(), "buffer was reserved for the whole frame");
     }
@@ -378,6 +420,16 @@ impl Frame {
                 Frame::PrekeyBundle(pb::PrekeyBundle::decode(body).map_err(bad)?)
             }
             FrameType::PrekeysLow => Frame::PrekeysLow(pb::PrekeysLow::decode(body).map_err(bad)?),
+            FrameType::SendTyping => Frame::SendTyping(pb::SendTyping::decode(body).map_err(bad)?),
+            FrameType::Typing => Frame::Typing(pb::Typing::decode(body).map_err(bad)?),
+            FrameType::SubscribePresence => {
+                Frame::SubscribePresence(pb::SubscribePresence::decode(body).map_err(bad)?)
+            }
+            FrameType::PresenceUpdate => {
+                Frame::PresenceUpdate(pb::PresenceUpdate::decode(body).map_err(bad)?)
+            }
+            FrameType::SetPrivacy => Frame::SetPrivacy(pb::SetPrivacy::decode(body).map_err(bad)?),
+            FrameType::Privacy => Frame::Privacy(pb::Privacy::decode(body).map_err(bad)?),
         })
     }
 }

@@ -338,6 +338,53 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 one_time_prekeys: 9,
             }),
         ),
+        (
+            "send_typing",
+            "C→S",
+            Frame::SendTyping(pb::SendTyping {
+                to_user_id: 2,
+                state: pb::TypingState::Composing as i32,
+            }),
+        ),
+        (
+            "typing",
+            "S→C",
+            Frame::Typing(pb::Typing {
+                from_user_id: 1,
+                from_device_id: 1,
+                state: pb::TypingState::Composing as i32,
+            }),
+        ),
+        (
+            "subscribe_presence",
+            "C→S",
+            Frame::SubscribePresence(pb::SubscribePresence {
+                user_ids: vec![2, 3],
+            }),
+        ),
+        (
+            "presence_update",
+            "S→C",
+            Frame::PresenceUpdate(pb::PresenceUpdate {
+                user_id: 2,
+                online: false,
+                last_seen_ms: 1_764_000_050_000,
+            }),
+        ),
+        (
+            "set_privacy",
+            "C→S",
+            Frame::SetPrivacy(pb::SetPrivacy {
+                last_seen: pb::LastSeenVisibility::Nobody as i32,
+            }),
+        ),
+        (
+            "privacy",
+            "S→C",
+            Frame::Privacy(pb::Privacy {
+                last_seen: pb::LastSeenVisibility::Nobody as i32,
+            }),
+        ),
     ]
 }
 
@@ -362,6 +409,12 @@ fn device_frame(frame: &Frame) -> bool {
             | FrameType::FetchPrekeys
             | FrameType::PrekeyBundle
             | FrameType::PrekeysLow
+            | FrameType::SendTyping
+            | FrameType::Typing
+            | FrameType::SubscribePresence
+            | FrameType::PresenceUpdate
+            | FrameType::SetPrivacy
+            | FrameType::Privacy
     )
 }
 

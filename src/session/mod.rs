@@ -71,6 +71,9 @@ pub fn client_may_send_in_session(frame_type: FrameType) -> bool {
             | FrameType::GetGroup
             | FrameType::UploadPrekeys
             | FrameType::FetchPrekeys
+            | FrameType::SendTyping
+            | FrameType::SubscribePresence
+            | FrameType::SetPrivacy
     )
 }
 

@@ -658,9 +658,7 @@ fn lookup_done(shard: &Rc<Shard>, id: ConnId) {
 
 async fn register(shard: Rc<Shard>, id: ConnId, version: u32) {
     let meta = shard.meta.clone();
-    let created = glommio::executor()
-        .spawn_blocking(move || meta.register())
-        .await;
+    let created = shard.blocking(move || meta.register()).await;
     if shard.sockets.with_handshake(id, |_| ()).is_none() {
         // Closed (or timed out) meanwhile; the account exists unused.
         return;

@@ -186,6 +186,18 @@ fn account_work(meta: &MetaStore, op: AccountOp) -> AccountDone {
             },
             Err(err) => internal(session, &err),
         },
+        AccountOp::SetLastSeenHidden {
+            session,
+            user,
+            hidden,
+        } => match meta.set_last_seen_hidden(user, hidden) {
+            Ok(()) => AccountDone::LastSeenHidden {
+                session,
+                user,
+                hidden,
+            },
+            Err(err) => internal(session, &err),
+        },
         AccountOp::RemoveDevice {
             session,
             user,
@@ -395,6 +407,9 @@ pub struct Shard {
     /// last-seen times to the metadata database (maintenance writes them).
     last_seen: RefCell<std::collections::HashMap<InboxKey, u64>>,
     last_seen_writing: Cell<bool>,
+    /// Work running on the blocking pool: a stop waits for it, since the
+    /// pool cannot answer an executor that has ended.
+    blocking_in_flight: Cell<u32>,
     /// The shard's sockets (its io_uring ring and what the loop keeps).
     pub sockets: crate::shard::io::Sockets,
     commit_waker: Cell<Option<std::task::Waker>>,
@@ -430,6 +445,7 @@ impl Shard {
             throttle: RefCell::new(throttle),
             last_seen: RefCell::new(std::collections::HashMap::new()),
             last_seen_writing: Cell::new(false),
+            blocking_in_flight: Cell::new(0),
             sockets,
             commit_waker: Cell::new(None),
             started: Instant::now(),
@@ -504,6 +520,11 @@ impl Shard {
             },
             &mut host,
         );
+        // Requests the opening made (presence: its followers elsewhere).
+        let outbound = host.inner.outbound;
+        if let Some(wait) = self.forward(outbound) {
+            self.spawn(ShardTask::Other, wait);
+        }
         conn
     }
 
@@ -528,9 +549,7 @@ impl Shard {
             .collect();
         self.last_seen_writing.set(true);
         let meta = self.meta.clone();
-        let written = glommio::executor()
-            .spawn_blocking(move || meta.record_last_seen(&seen))
-            .await;
+        let written = self.blocking(move || meta.record_last_seen(&seen)).await;
         self.last_seen_writing.set(false);
         if let Err(err) = written {
             warn!(shard = %self.id, %err, "writing last-seen times failed");
@@ -548,7 +567,8 @@ impl Shard {
     /// Forgets a session whose socket is closing or closed.
     pub fn close_session(self: &Rc<Self>, conn: &Rc<Conn>) {
         self.seen(conn.device);
-        let _ = self.feed(Event::Closed {
+        // Its requests (presence: unwatches, followers elsewhere) are sent.
+        self.feed_detached(Event::Closed {
             device: conn.device,
             session: conn.id(),
         });
@@ -779,10 +799,8 @@ impl Shard {
                 let meta = self.meta.clone();
                 let companions_max = self.config.limits.companions_max;
                 let now_ms = crate::store::Clock::now_ms(&crate::store::SystemClock);
-                let redeemed = glommio::executor()
-                    .spawn_blocking(move || {
-                        meta.redeem_link_code(&code, &name, now_ms, companions_max)
-                    })
+                let redeemed = self
+                    .blocking(move || meta.redeem_link_code(&code, &name, now_ms, companions_max))
                     .await;
                 match redeemed {
                     Ok(account) => {
@@ -830,8 +848,8 @@ impl Shard {
             },
             None => {
                 let meta = self.meta.clone();
-                let verified = glommio::executor()
-                    .spawn_blocking(move || meta.verify(device.user, device.device, &secret))
+                let verified = self
+                    .blocking(move || meta.verify(device.user, device.device, &secret))
                     .await;
                 match verified {
                     Err(err) => {
@@ -856,9 +874,7 @@ impl Shard {
     /// metadata database) and feeds the outcome back.
     async fn account_op(self: Rc<Self>, op: AccountOp) {
         let meta = self.meta.clone();
-        let done = glommio::executor()
-            .spawn_blocking(move || account_work(&meta, op))
-            .await;
+        let done = self.blocking(move || account_work(&meta, op)).await;
         self.feed_detached(Event::Account(done));
     }
 
@@ -866,9 +882,7 @@ impl Shard {
     /// the outcome back.
     async fn group_op(self: Rc<Self>, op: GroupOp) {
         let meta = self.meta.clone();
-        let done = glommio::executor()
-            .spawn_blocking(move || group_work(&meta, op))
-            .await;
+        let done = self.blocking(move || group_work(&meta, op)).await;
         self.feed_detached(Event::Group(done));
     }
 
@@ -876,10 +890,39 @@ impl Shard {
     /// outcome back.
     async fn keys_op(self: Rc<Self>, op: KeysOp) {
         let meta = self.meta.clone();
-        let done = glommio::executor()
-            .spawn_blocking(move || keys_work(&meta, op))
-            .await;
+        let done = self.blocking(move || keys_work(&meta, op)).await;
         self.feed_detached(Event::Keys(done));
+    }
+
+    /// Runs `work` on the blocking pool, counted so a stop can wait for it.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        self.blocking_in_flight
+            .set(self.blocking_in_flight.get() + 1);
+        let out = glommio::executor().spawn_blocking(work).await;
+        self.blocking_in_flight
+            .set(self.blocking_in_flight.get() - 1);
+        out
+    }
+
+    /// Writes the last-seen times still noted and waits for every blocking
+    /// call (at most `deadline`), so the executor ends with nothing running
+    /// on its pool.
+    pub async fn settle_blocking(self: &Rc<Self>, deadline: Instant) {
+        self.write_last_seen().await;
+        while (self.blocking_in_flight.get() > 0 || !self.last_seen.borrow().is_empty())
+            && Instant::now() < deadline
+        {
+            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+            self.write_last_seen().await;
+        }
+    }
+
+    /// Time passed: the engine ends presence grace periods.
+    pub fn tick(self: &Rc<Self>) {
+        self.feed_detached(Event::Tick);
     }
 
     /// Wakes the commit task.

@@ -314,6 +314,17 @@ async fn shard_main(start: ShardStart) {
             return;
         }
     }
+    // Its users' last seen and privacy.
+    match start
+        .meta
+        .load_presence(|user| crate::route::shard_for(user, shards) == id)
+    {
+        Ok((last_seen, hidden)) => engine.load_presence(last_seen, hidden),
+        Err(err) => {
+            let _ = start.ready.send(Err(format!("loading presence: {err}")));
+            return;
+        }
+    }
     let shard = Rc::new(Shard::new(
         id,
         start.shards,
@@ -425,6 +436,12 @@ async fn shard_main(start: ShardStart) {
     if !closed {
         warn!(shard = %id, "socket ring still busy at exit");
     }
+    // Last-seen times (the sessions just closed included) and any database
+    // call still running finish before the executor ends: the blocking
+    // pool cannot answer an executor that has.
+    shard
+        .settle_blocking(Instant::now() + Duration::from_secs(2))
+        .await;
     info!(shard = %id, "stopped");
 }
 
@@ -494,6 +511,9 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
                 next = crate::shard::io::sweep_idle(&shard, start, MAINTENANCE_SLICE);
                 glommio::executor().yield_now().await;
             }
+        }
+        if shard.engine.borrow().presence_due() {
+            shard.tick();
         }
         while crate::shard::io::expire_handshakes(&shard, MAINTENANCE_SLICE) {
             // A burst of timeouts is closed a slice at a time, so sessions

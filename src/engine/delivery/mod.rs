@@ -154,6 +154,14 @@ impl Engine {
         self.delivery.sessions.get(&device)
     }
 
+    /// The live sessions of the devices in `range`.
+    pub(super) fn sessions_in(
+        &self,
+        range: std::ops::RangeInclusive<InboxKey>,
+    ) -> impl Iterator<Item = (InboxKey, SessionId)> + '_ {
+        self.delivery.sessions.range(range).map(|(k, s)| (*k, s.id))
+    }
+
     /// Sessions open here.
     pub fn session_count(&self) -> usize {
         self.delivery.sessions.len()
@@ -237,6 +245,7 @@ impl Engine {
             host.close(previous.id, &replaced, Closing::Replaced);
         }
         self.keys_session_opened(device, session, host);
+        self.presence_changed(device.user, host);
         self.pump(device, host);
     }
 

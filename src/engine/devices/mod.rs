@@ -36,6 +36,12 @@ pub enum AccountOp {
     },
     /// The account's device list.
     ListDevices { session: SessionId, user: UserId },
+    /// Whether `user` hides its last seen (SetPrivacy).
+    SetLastSeenHidden {
+        session: SessionId,
+        user: UserId,
+        hidden: bool,
+    },
     /// Remove a companion (already checked: `device` is not the primary,
     /// and the asker may remove it).
     RemoveDevice {
@@ -63,6 +69,12 @@ pub enum AccountDone {
         user: UserId,
         device: DeviceId,
         version: u64,
+    },
+    /// The privacy setting is stored.
+    LastSeenHidden {
+        session: SessionId,
+        user: UserId,
+        hidden: bool,
     },
     /// Refused or failed; answered with this (non-fatal) Error.
     Failed {
@@ -159,6 +171,11 @@ impl Engine {
             AccountDone::DeviceList { session, list } => {
                 host.send(session, &Frame::DeviceList(list))
             }
+            AccountDone::LastSeenHidden {
+                session,
+                user,
+                hidden,
+            } => self.privacy_set(session, user, hidden, host),
             AccountDone::Removed {
                 session,
                 user,
