@@ -24,6 +24,7 @@ pub mod meta;
 pub mod metrics;
 pub mod net;
 pub mod proto;
+pub mod push;
 pub mod route;
 pub mod session;
 pub mod shard;

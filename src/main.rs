@@ -250,8 +250,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin listener {}", config.server.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;
     let admin_stop = Arc::new(AtomicBool::new(false));
+    let push_stats = registry.push.clone();
     let admin = serve_admin(admin_listener, registry, admin_stop.clone());
-    switchboard::shard::server::run(config, metrics, stop, |running| {
+    switchboard::shard::server::run(config, metrics, push_stats, stop, |running| {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,

@@ -188,6 +188,9 @@ impl Host for SimHost<'_> {
         // The simulated groups are loaded at start and never change.
         panic!("unexpected group operation {op:?}");
     }
+    fn wake(&mut self, _device: InboxKey) {
+        // No push thread: a wake-up goes nowhere.
+    }
     fn keys(&mut self, op: switchboard::engine::keys::KeysOp) {
         // The simulated clients never upload or fetch prekeys.
         panic!("unexpected prekey operation {op:?}");

@@ -524,6 +524,7 @@ async fn handle_event(
         | Event::PrekeyBundle(_)
         | Event::PrekeysLow(_)
         | Event::Privacy(_)
+        | Event::PushRegistered(_)
         | Event::Pong(_) => {}
     }
     Ok(())

@@ -454,7 +454,8 @@ impl ReconnectingSession {
                 | Event::PrekeysLow(_)
                 | Event::Typing(_)
                 | Event::PresenceUpdate(_)
-                | Event::Privacy(_) => {}
+                | Event::Privacy(_)
+                | Event::PushRegistered(_) => {}
             }
             return Ok(event);
         }

@@ -54,6 +54,9 @@ pub enum Event {
     PresenceUpdate(pb::PresenceUpdate),
     /// The privacy setting is stored (answers SetPrivacy).
     Privacy(pb::Privacy),
+    /// The push endpoint is stored (answers RegisterPush), with the
+    /// server's VAPID public key.
+    PushRegistered(pb::PushRegistered),
 }
 
 /// Output buffers up to this size are reused across flushes (no allocation
@@ -527,6 +530,20 @@ impl Session {
             }))
     }
 
+    /// Queues RegisterPush (`PushKind::Unspecified` removes the endpoint);
+    /// answered with `Event::PushRegistered`.
+    pub fn register_push(
+        &self,
+        kind: crate::proto::PushKind,
+        endpoint: &str,
+    ) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::RegisterPush(pb::RegisterPush {
+                kind: kind as i32,
+                endpoint: endpoint.to_string(),
+            }))
+    }
+
     /// Queues SetPrivacy; answered with `Event::Privacy`.
     pub fn set_last_seen_visible(&self, visible: bool) -> Result<(), ClientError> {
         let last_seen = if visible {
@@ -655,6 +672,7 @@ impl Session {
                 Frame::Typing(typing) => Event::Typing(typing),
                 Frame::PresenceUpdate(update) => Event::PresenceUpdate(update),
                 Frame::Privacy(privacy) => Event::Privacy(privacy),
+                Frame::PushRegistered(registered) => Event::PushRegistered(registered),
                 Frame::Ping(ping) => {
                     match self
                         .connection

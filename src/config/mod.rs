@@ -275,6 +275,46 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: Limits,
     pub store: StoreConfig,
+    pub push: PushConfig,
+}
+
+/// Push wake-ups to devices with no live connection (`push`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Whether wake-ups are sent at all. Default true (a device without a
+    /// registered endpoint gets none anyway).
+    pub enabled: bool,
+    /// The operator's webhook (an HTTP POST of JSON per wake-up, for its own
+    /// APNs / FCM relay); empty: devices cannot register the webhook kind.
+    pub webhook_url: String,
+    /// At most one wake-up per device per this long, ms, until it connects.
+    /// Default 60,000.
+    pub interval_ms: u32,
+    /// Wake-ups waiting for the push thread; past it they are dropped
+    /// (counted). Default 10,000.
+    pub queue_max: u32,
+    /// Time given to one push request, ms. Default 5,000.
+    pub timeout_ms: u32,
+    /// The Web Push `TTL` header: how long the push service keeps the
+    /// wake-up for an unreachable device, s. Default 3,600.
+    pub ttl_s: u32,
+    /// The VAPID `sub` claim: how the push service reaches the operator.
+    pub vapid_subject: String,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: true,
+            webhook_url: String::new(),
+            interval_ms: 60_000,
+            queue_max: 10_000,
+            timeout_ms: 5_000,
+            ttl_s: 3_600,
+            vapid_subject: "mailto:postmaster@localhost".into(),
+        }
+    }
 }
 
 /// Bytes a record needs beyond its payload (header, fixed fields, CRC); a
@@ -340,6 +380,11 @@ impl Config {
                 log_bytes_max: 0,
                 message_ttl_s: 3_600,
             },
+            push: PushConfig {
+                interval_ms: 1_000,
+                timeout_ms: 2_000,
+                ..PushConfig::default()
+            },
         }
     }
 
@@ -398,6 +443,18 @@ impl Config {
                 "limits.companions_max must be at most 64 and limits.link_code_ttl_ms positive"
                     .into(),
             );
+        }
+        let p = &self.push;
+        if p.queue_max == 0 || p.timeout_ms == 0 || p.interval_ms == 0 {
+            return invalid(
+                "push.queue_max, push.timeout_ms and push.interval_ms must be positive".into(),
+            );
+        }
+        if !p.webhook_url.is_empty()
+            && !p.webhook_url.starts_with("http://")
+            && !p.webhook_url.starts_with("https://")
+        {
+            return invalid("push.webhook_url must be an http:// or https:// URL".into());
         }
         if s.message_ttl_s == 0 {
             return invalid("store.message_ttl_s must be positive".into());

@@ -22,6 +22,7 @@
 //! - `devices`: linked devices (link codes, the device list, removal);
 //! - `presence`: online / last seen for followers, the grace period,
 //!   privacy, typing notices;
+//! - `push`: push endpoints and when a device with no session is woken;
 //! - `keys`: prekey bundles (upload, fetch once per one-time prekey, the
 //!   low-prekey notice);
 //! - `groups`: group membership on the group's home shard, the group's
@@ -43,6 +44,7 @@ pub mod devices;
 pub mod groups;
 pub mod keys;
 pub mod presence;
+pub mod push;
 pub mod receipts;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -307,6 +309,9 @@ pub trait Host {
     /// Work on the prekey tables of the metadata database (off the shard);
     /// the outcome comes back as `Event::Keys`.
     fn keys(&mut self, op: keys::KeysOp);
+    /// Wakes `device`, which has something queued and no session (a push
+    /// through its registered endpoint, if any; never waits).
+    fn wake(&mut self, device: InboxKey);
 }
 
 /// The accounts the engine consults: does a user or a device exist, and
@@ -383,6 +388,7 @@ pub struct Engine {
     groups: groups::Groups,
     keys: keys::Keys,
     presence: presence::Presence,
+    push: push::Push,
     flaws: Flaws,
 }
 
@@ -410,6 +416,7 @@ impl Engine {
             groups: groups::Groups::default(),
             keys: keys::Keys::default(),
             presence: presence::Presence::default(),
+            push: push::Push::default(),
             flaws: Flaws::default(),
         }
     }
@@ -471,6 +478,9 @@ impl Engine {
                     self.on_subscribe_presence(device, session, subscribe, host)
                 }
                 Frame::SetPrivacy(set) => self.on_set_privacy(device, session, set, host),
+                Frame::RegisterPush(register) => {
+                    self.on_register_push(device, session, register, host)
+                }
                 other => {
                     let message = match other {
                         Frame::Hello(_) | Frame::Register(_) | Frame::Link(_) => {

@@ -80,6 +80,7 @@ pub struct Recorder {
     pub account_ops: Vec<super::devices::AccountOp>,
     pub group_ops: Vec<super::groups::GroupOp>,
     pub keys_ops: Vec<super::keys::KeysOp>,
+    pub wakes: Vec<InboxKey>,
     /// Sessions whose output queue counts as full.
     pub full: HashSet<SessionId>,
 }
@@ -125,6 +126,9 @@ impl Host for Recorder {
     }
     fn keys(&mut self, op: super::keys::KeysOp) {
         self.keys_ops.push(op);
+    }
+    fn wake(&mut self, device: InboxKey) {
+        self.wakes.push(device);
     }
 }
 

@@ -40,6 +40,7 @@ mod keys;
 mod presence;
 pub use groups::{clip_group_name, GroupRow, GROUP_NAME_BYTES_MAX};
 pub use keys::{DeviceKeys, IdentityKeys};
+pub use presence::PushEndpoint;
 
 /// Bytes of a device secret.
 pub const SECRET_BYTES: usize = 32;
@@ -206,6 +207,7 @@ impl MetaStore {
             txn.open_table(keys::PREKEY_IDENTITY)?;
             txn.open_table(keys::ONE_TIME_PREKEYS)?;
             txn.open_table(presence::PRIVACY)?;
+            txn.open_table(presence::PUSH_ENDPOINTS)?;
             let mut counters = txn.open_table(COUNTERS)?;
             let next = counters.get(NEXT_USER_ID)?.map(|v| v.value());
             match next {

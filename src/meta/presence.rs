@@ -56,3 +56,68 @@ impl MetaStore {
         Ok((seen, hidden))
     }
 }
+
+/// (user, device) → push endpoint: kind byte (1 Web Push, 2 webhook), then
+/// the URL or token.
+pub(super) const PUSH_ENDPOINTS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("push_endpoints");
+
+/// Where a device's wake-ups go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushEndpoint {
+    /// A Web Push subscription's endpoint URL.
+    WebPush(String),
+    /// A token for the operator's webhook.
+    Webhook(String),
+}
+
+impl MetaStore {
+    /// Sets (or with `None` removes) a device's push endpoint.
+    pub fn set_push_endpoint(
+        &self,
+        user: UserId,
+        device: crate::ids::DeviceId,
+        endpoint: Option<&PushEndpoint>,
+    ) -> Result<(), MetaError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(PUSH_ENDPOINTS)?;
+            match endpoint {
+                Some(endpoint) => {
+                    let (kind, text) = match endpoint {
+                        PushEndpoint::WebPush(url) => (1u8, url),
+                        PushEndpoint::Webhook(token) => (2u8, token),
+                    };
+                    let mut value = vec![kind];
+                    value.extend_from_slice(text.as_bytes());
+                    table.insert((user.0, device.0), value.as_slice())?;
+                }
+                None => {
+                    table.remove((user.0, device.0))?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A device's push endpoint, if it registered one.
+    pub fn push_endpoint(
+        &self,
+        user: UserId,
+        device: crate::ids::DeviceId,
+    ) -> Result<Option<PushEndpoint>, MetaError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PUSH_ENDPOINTS)?;
+        let Some(value) = table.get((user.0, device.0))? else {
+            return Ok(None);
+        };
+        let value = value.value();
+        let text = String::from_utf8_lossy(value.get(1..).unwrap_or_default()).into_owned();
+        Ok(match value.first() {
+            Some(1) => Some(PushEndpoint::WebPush(text)),
+            Some(2) => Some(PushEndpoint::Webhook(text)),
+            _ => None,
+        })
+    }
+}

@@ -332,6 +332,8 @@ impl FrameType {
             FrameType::PresenceUpdate => 33,
             FrameType::SetPrivacy => 34,
             FrameType::Privacy => 35,
+            FrameType::RegisterPush => 36,
+            FrameType::PushRegistered => 37,
         }
     }
 }
@@ -546,6 +548,8 @@ pub struct Registry {
     draining: AtomicBool,
     /// A shard stalled this long (ms) makes the process not ready.
     stall_limit_ms: u64,
+    /// The push thread's counters.
+    pub push: Arc<crate::push::PushStats>,
 }
 
 /// What `/readyz` found.
@@ -580,6 +584,7 @@ impl Registry {
             started: std::time::Instant::now(),
             draining: AtomicBool::new(false),
             stall_limit_ms: DEFAULT_STALL_LIMIT_MS,
+            push: Arc::new(crate::push::PushStats::default()),
         }
     }
 
@@ -664,6 +669,31 @@ impl Registry {
             "1 when every shard has recovered its log and the process is not draining.",
         );
         let _ = writeln!(out, "switchboard_ready {}", u8::from(self.ready()));
+        for (name, help, value) in [
+            (
+                "switchboard_push_sent_total",
+                "Push wake-ups a gateway accepted.",
+                &self.push.sent,
+            ),
+            (
+                "switchboard_push_failed_total",
+                "Push wake-ups that failed (each try; retried with backoff).",
+                &self.push.failed,
+            ),
+            (
+                "switchboard_push_dropped_total",
+                "Push wake-ups dropped because the push thread's queue was full.",
+                &self.push.dropped,
+            ),
+            (
+                "switchboard_push_endpoints_removed_total",
+                "Web Push endpoints removed after a 404 or 410.",
+                &self.push.endpoints_removed,
+            ),
+        ] {
+            family(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
 
         self.gauge(
             out,

@@ -18,7 +18,9 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
 }
 
-pub use pb::{ErrorCode, GoAwayReason, GroupAction, LastSeenVisibility, ReceiptKind, TypingState};
+pub use pb::{
+    ErrorCode, GoAwayReason, GroupAction, LastSeenVisibility, PushKind, ReceiptKind, TypingState,
+};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -67,10 +69,12 @@ pub enum FrameType {
     PresenceUpdate = 0x73,
     SetPrivacy = 0x74,
     Privacy = 0x75,
+    RegisterPush = 0x80,
+    PushRegistered = 0x81,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 36] = [
+    pub const ALL: [FrameType; 38] = [
         FrameType::Register,
         FrameType::Registered,
         FrameType::Hello,
@@ -107,6 +111,8 @@ impl FrameType {
         FrameType::PresenceUpdate,
         FrameType::SetPrivacy,
         FrameType::Privacy,
+        FrameType::RegisterPush,
+        FrameType::PushRegistered,
     ];
 
     pub fn from_byte(byte: u8) -> Option<FrameType> {
@@ -152,6 +158,8 @@ impl FrameType {
             FrameType::PresenceUpdate => "presence_update",
             FrameType::SetPrivacy => "set_privacy",
             FrameType::Privacy => "privacy",
+            FrameType::RegisterPush => "register_push",
+            FrameType::PushRegistered => "push_registered",
         }
     }
 }
@@ -195,6 +203,8 @@ pub enum Frame {
     PresenceUpdate(pb::PresenceUpdate),
     SetPrivacy(pb::SetPrivacy),
     Privacy(pb::Privacy),
+    RegisterPush(pb::RegisterPush),
+    PushRegistered(pb::PushRegistered),
 }
 
 /// Why bytes from a peer are not a frame. Cheap to copy, never allocates.
@@ -260,6 +270,8 @@ impl Frame {
             Frame::PresenceUpdate(_) => FrameType::PresenceUpdate,
             Frame::SetPrivacy(_) => FrameType::SetPrivacy,
             Frame::Privacy(_) => FrameType::Privacy,
+            Frame::RegisterPush(_) => FrameType::RegisterPush,
+            Frame::PushRegistered(_) => FrameType::PushRegistered,
         }
     }
 
@@ -301,6 +313,8 @@ impl Frame {
             Frame::PresenceUpdate(m) => m.encoded_len(),
             Frame::SetPrivacy(m) => m.encoded_len(),
             Frame::Privacy(m) => m.encoded_len(),
+            Frame::RegisterPush(m) => m.encoded_len(),
+            Frame::PushRegistered(m) => m.encoded_len(),
         }
     }
 
@@ -353,6 +367,8 @@ impl Frame {
             Frame::PresenceUpdate(m) => m.encode(out),
             Frame::SetPrivacy(m) => m.encode(out),
             Frame::Privacy(m) => m.encode(out),
+            Frame::RegisterPush(m) => m.encode(out),
+            Frame::PushRegistered(m) => m.encode(out),
         };
         assert!(result.is_ok(), "buffer was reserved for the whole frame");
     }
@@ -430,6 +446,12 @@ impl Frame {
             }
             FrameType::SetPrivacy => Frame::SetPrivacy(pb::SetPrivacy::decode(body).map_err(bad)?),
             FrameType::Privacy => Frame::Privacy(pb::Privacy::decode(body).map_err(bad)?),
+            FrameType::RegisterPush => {
+                Frame::RegisterPush(pb::RegisterPush::decode(body).map_err(bad)?)
+            }
+            FrameType::PushRegistered => {
+                Frame::PushRegistered(pb::PushRegistered::decode(body).map_err(bad)?)
+            }
         })
     }
 }

@@ -385,6 +385,22 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 last_seen: pb::LastSeenVisibility::Nobody as i32,
             }),
         ),
+        (
+            "register_push",
+            "C→S",
+            Frame::RegisterPush(pb::RegisterPush {
+                kind: pb::PushKind::WebPush as i32,
+                endpoint: "https://push.example/send/abc".to_string(),
+            }),
+        ),
+        (
+            "push_registered",
+            "S→C",
+            Frame::PushRegistered(pb::PushRegistered {
+                kind: pb::PushKind::WebPush as i32,
+                vapid_public_key: Bytes::from(vec![0x04; 65]),
+            }),
+        ),
     ]
 }
 
@@ -415,6 +431,8 @@ fn device_frame(frame: &Frame) -> bool {
             | FrameType::PresenceUpdate
             | FrameType::SetPrivacy
             | FrameType::Privacy
+            | FrameType::RegisterPush
+            | FrameType::PushRegistered
     )
 }
 

@@ -74,6 +74,7 @@ pub fn client_may_send_in_session(frame_type: FrameType) -> bool {
             | FrameType::SendTyping
             | FrameType::SubscribePresence
             | FrameType::SetPrivacy
+            | FrameType::RegisterPush
     )
 }
 

@@ -186,6 +186,21 @@ fn account_work(meta: &MetaStore, op: AccountOp) -> AccountDone {
             },
             Err(err) => internal(session, &err),
         },
+        AccountOp::SetPush {
+            session,
+            device,
+            endpoint,
+        } => match meta.set_push_endpoint(device.user, device.device, endpoint.as_ref()) {
+            Ok(()) => AccountDone::PushSet {
+                session,
+                kind: match endpoint {
+                    None => crate::proto::PushKind::Unspecified,
+                    Some(crate::meta::PushEndpoint::WebPush(_)) => crate::proto::PushKind::WebPush,
+                    Some(crate::meta::PushEndpoint::Webhook(_)) => crate::proto::PushKind::Webhook,
+                },
+            },
+            Err(err) => internal(session, &err),
+        },
         AccountOp::SetLastSeenHidden {
             session,
             user,
@@ -384,6 +399,12 @@ impl Host for ShardHost<'_> {
         self.shard
             .spawn(ShardTask::Other, async move { shard.keys_op(op).await });
     }
+
+    fn wake(&mut self, device: InboxKey) {
+        if let Some(pusher) = &self.shard.pusher {
+            pusher.wake(device);
+        }
+    }
 }
 
 pub struct Shard {
@@ -403,6 +424,8 @@ pub struct Shard {
     backlogs: RefCell<Vec<Option<Rc<Backlog>>>>,
     pub replies: Vec<Option<ConnectedSender<Reply>>>,
     pub throttle: RefCell<AuthThrottle>,
+    /// The push thread's queue (wake-ups on).
+    pub pusher: Option<crate::push::Pusher>,
     /// When devices' sessions opened or closed since the last write of
     /// last-seen times to the metadata database (maintenance writes them).
     last_seen: RefCell<std::collections::HashMap<InboxKey, u64>>,
@@ -429,6 +452,7 @@ impl Shard {
         requests: Vec<Option<ConnectedSender<Request>>>,
         replies: Vec<Option<ConnectedSender<Reply>>>,
         sockets: crate::shard::io::Sockets,
+        pusher: Option<crate::push::Pusher>,
     ) -> Shard {
         let throttle = AuthThrottle::new(&config.limits);
         Shard {
@@ -443,6 +467,7 @@ impl Shard {
             requests,
             replies,
             throttle: RefCell::new(throttle),
+            pusher,
             last_seen: RefCell::new(std::collections::HashMap::new()),
             last_seen_writing: Cell::new(false),
             blocking_in_flight: Cell::new(0),
@@ -1160,5 +1185,9 @@ impl Host for OpeningHost<'_> {
 
     fn keys(&mut self, op: KeysOp) {
         self.inner.keys(op);
+    }
+
+    fn wake(&mut self, device: InboxKey) {
+        self.inner.wake(device);
     }
 }

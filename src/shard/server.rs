@@ -140,6 +140,7 @@ struct ShardStart {
     /// others' requests (receipts relayed to it), until it reaches 0.
     draining: Arc<AtomicU32>,
     ready: crossbeam_channel::Sender<Result<ShardId, String>>,
+    pusher: Option<crate::push::Pusher>,
 }
 
 /// Runs the server until `stop` is set; calls `on_ready` once every shard
@@ -147,6 +148,7 @@ struct ShardStart {
 pub fn run(
     config: Config,
     metrics: Vec<Arc<ShardMetrics>>,
+    push_stats: Arc<crate::push::PushStats>,
     stop: Arc<AtomicBool>,
     on_ready: impl FnOnce(&Running),
 ) -> Result<(), ServerError> {
@@ -160,6 +162,13 @@ pub fn run(
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| ServerError::DataDir(data_dir.clone(), e))?;
     let meta = Arc::new(MetaStore::open(&data_dir.join("meta.redb"))?);
+    let pusher = if config.push.enabled {
+        let pusher = crate::push::start(&config.push, &data_dir, meta.clone(), push_stats)
+            .map_err(|e| ServerError::DataDir(data_dir.join(crate::push::VAPID_FILE), e))?;
+        Some(pusher)
+    } else {
+        None
+    };
     let (listen, listeners) = bind_listeners(config.server.listen, shards)?;
     let capacity = config.limits.shard_channel_capacity as usize;
     let (mut req_tx, mut req_rx) = build_mesh::<Request>(shards as usize, capacity);
@@ -184,6 +193,7 @@ pub fn run(
             stop: stop.clone(),
             draining: draining.clone(),
             ready: ready_tx.clone(),
+            pusher: pusher.clone(),
         };
         // Placement: one shard per usable CPU when pinning (the thread-per-
         // core contract); unbound when shards outnumber CPUs or in tests.
@@ -314,6 +324,13 @@ async fn shard_main(start: ShardStart) {
             return;
         }
     }
+    if let Some(pusher) = &start.pusher {
+        engine.enable_push(
+            pusher.vapid_public_key.clone(),
+            pusher.webhook,
+            u64::from(start.config.push.interval_ms),
+        );
+    }
     // Its users' last seen and privacy.
     match start
         .meta
@@ -335,6 +352,7 @@ async fn shard_main(start: ShardStart) {
         requests,
         replies,
         sockets,
+        start.pusher,
     ));
     for task in receiver_tasks {
         let Some(rx) = task.await else { continue };

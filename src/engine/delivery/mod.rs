@@ -245,6 +245,7 @@ impl Engine {
             host.close(previous.id, &replaced, Closing::Replaced);
         }
         self.keys_session_opened(device, session, host);
+        self.push_session_opened(device);
         self.presence_changed(device.user, host);
         self.pump(device, host);
     }
@@ -599,6 +600,8 @@ impl Engine {
     pub(super) fn pump_device(&mut self, device: InboxKey, host: &mut impl Host) {
         if self.delivery.sessions.contains_key(&device) {
             self.pump(device, host);
+        } else {
+            self.maybe_wake(device, host);
         }
     }
 

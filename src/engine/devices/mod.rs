@@ -36,6 +36,12 @@ pub enum AccountOp {
     },
     /// The account's device list.
     ListDevices { session: SessionId, user: UserId },
+    /// Where `device`'s wake-ups go (`None`: nowhere).
+    SetPush {
+        session: SessionId,
+        device: InboxKey,
+        endpoint: Option<crate::meta::PushEndpoint>,
+    },
     /// Whether `user` hides its last seen (SetPrivacy).
     SetLastSeenHidden {
         session: SessionId,
@@ -69,6 +75,11 @@ pub enum AccountDone {
         user: UserId,
         device: DeviceId,
         version: u64,
+    },
+    /// The push endpoint is stored.
+    PushSet {
+        session: SessionId,
+        kind: crate::proto::PushKind,
     },
     /// The privacy setting is stored.
     LastSeenHidden {
@@ -176,6 +187,7 @@ impl Engine {
                 user,
                 hidden,
             } => self.privacy_set(session, user, hidden, host),
+            AccountDone::PushSet { session, kind } => self.push_set(session, kind, host),
             AccountDone::Removed {
                 session,
                 user,
