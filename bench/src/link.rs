@@ -526,6 +526,15 @@ impl Link {
         }
     }
 
+    /// Follows these users' presence (Switchboard; nothing on MQTT).
+    pub fn follow(&self, users: &[u64]) -> anyhow::Result<()> {
+        if let Link::Switchboard(link) = self {
+            let users: Vec<UserId> = users.iter().map(|&u| UserId(u)).collect();
+            link.session.subscribe_presence(&users)?;
+        }
+        Ok(())
+    }
+
     /// Queues a keepalive.
     pub fn ping(&self, nonce: u64) {
         match self {

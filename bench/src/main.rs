@@ -105,6 +105,10 @@ struct Common {
     /// Seconds between keepalive pings on every link.
     #[arg(long, default_value_t = 30.0)]
     ping_interval: f64,
+    /// Switchboard: at every login each user follows the presence of the
+    /// next K users of its worker process (SubscribePresence).
+    #[arg(long, default_value_t = 0)]
+    follow: u32,
     /// Do not bind to 127.0.0.2, 127.0.0.3, … (loopback targets only).
     #[arg(long)]
     no_source_spread: bool,
@@ -357,6 +361,7 @@ impl Run {
                 timeout_s: common.timeout,
                 connect_concurrency: common.connect_concurrency,
                 ping_interval_s: common.ping_interval,
+                follow: common.follow,
                 groups,
             });
             first += share;

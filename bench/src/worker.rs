@@ -49,6 +49,10 @@ pub struct WorkerSpec {
     /// The group scenario's plan; `None`: users in pairs. The worker's users
     /// are consecutive global users.
     pub groups: Option<GroupPlan>,
+    /// Users of this worker each user follows the presence of (the next
+    /// ones in its list), at every login; 0: none.
+    #[serde(default)]
+    pub follow: u32,
 }
 
 /// Which users a command applies to: senders are the even local users.
@@ -719,6 +723,15 @@ async fn open(worker: &Rc<Worker>, slot: &Rc<Slot>) -> anyhow::Result<()> {
         worker.timeout,
     )
     .await?;
+    let follow = worker.spec.follow as usize;
+    if follow > 0 {
+        let users = &worker.spec.users;
+        let followed: Vec<u64> = (1..=follow.min(users.len().saturating_sub(1)))
+            .filter_map(|k| users[(slot.local + k) % users.len()].account.as_ref())
+            .map(|a| a.user)
+            .collect();
+        link.follow(&followed)?;
+    }
     slot.link.replace(Some(link.clone()));
     worker.bump(|c| c.connected += 1);
     glommio::spawn_local(receive(worker.clone(), slot.clone(), link)).detach();

@@ -448,6 +448,8 @@ pub struct ShardMetrics {
     /// Presence changes sent to the shards of their followers (one request
     /// per shard and change).
     pub presence_notices: Counter,
+    /// Presence requests (watch, unwatch, notice) sent to other shards.
+    pub presence_requests_remote: Counter,
     /// Undelivered entries across this shard's inboxes (gauge).
     pub inbox_depth: Gauge,
     /// Bytes held by this shard's log segments (gauge).
@@ -826,6 +828,12 @@ impl Registry {
             "switchboard_presence_notices_total",
             "Presence changes sent to followers' shards (one request per shard per change).",
             |m| m.presence_notices.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_presence_requests_remote_total",
+            "Presence requests (watch, unwatch, notice) sent to other shards.",
+            |m| m.presence_requests_remote.get(),
         );
         self.gauge(
             out,

@@ -98,6 +98,14 @@ impl Engine {
         self.sessions_in(from..=to)
     }
 
+    /// Sends a presence request, counting those that leave the shard.
+    fn route_presence(&mut self, shard: ShardId, request: Request, host: &mut impl Host) {
+        if shard != self.id {
+            self.metrics.presence_requests_remote.inc();
+        }
+        self.route(shard, request, host);
+    }
+
     /// A session of `user` opened or closed: update what it shows.
     pub(super) fn presence_changed(&mut self, user: UserId, host: &mut impl Host) {
         let now = self.now_ms();
@@ -157,7 +165,7 @@ impl Engine {
         }
         for (shard, updates) in by_shard {
             self.metrics.presence_notices.inc();
-            self.route(shard, Request::PresenceNotify { updates }, host);
+            self.route_presence(shard, Request::PresenceNotify { updates }, host);
         }
     }
 
@@ -195,7 +203,7 @@ impl Engine {
         }
         self.presence.following.insert(session, (device, users));
         for (shard, users) in by_shard {
-            self.route(shard, Request::PresenceWatch { watcher: me, users }, host);
+            self.route_presence(shard, Request::PresenceWatch { watcher: me, users }, host);
         }
     }
 
@@ -213,7 +221,7 @@ impl Engine {
             by_shard.entry(self.home_of(u)).or_default().push(u);
         }
         for (shard, users) in by_shard {
-            self.route(shard, Request::PresenceUnwatch { watcher: me, users }, host);
+            self.route_presence(shard, Request::PresenceUnwatch { watcher: me, users }, host);
         }
     }
 
@@ -372,7 +380,7 @@ impl Engine {
                     shard: self.id,
                     id: session,
                 };
-                self.route(
+                self.route_presence(
                     shard,
                     Request::PresenceUnwatch {
                         watcher,
