@@ -255,6 +255,19 @@ where
                     request(out, session.remove_device(device))?;
                     session.flush().await?;
                 }
+                Command::CreateGroup { name, members } => {
+                    request(out, session.create_group(1, &name, &members))?;
+                    session.flush().await?;
+                }
+                Command::GroupMessage { group, text } => {
+                    let (id, _) = outbox.queue(UserId(0), &text);
+                    outbox.addressed(id, 1);
+                    match session.send_to_group(group, id, Bytes::from(text.clone().into_bytes())) {
+                        Ok(()) => writeln!(out, "(group {group}) {text}")?,
+                        Err(e) => writeln!(out, "! not sent: {e}")?,
+                    }
+                    session.flush().await?;
+                }
                 Command::Message { to, text } => {
                     let Some(to) = to.or(peer) else {
                         writeln!(out, "! no peer: /to USER first, or /msg USER text")?;

@@ -28,6 +28,16 @@ pub enum Command {
     Devices,
     /// `/remove DEVICE`: remove a companion (or this device itself).
     Remove(DeviceId),
+    /// `/group NAME USER...`: create a group with these members.
+    CreateGroup {
+        name: String,
+        members: Vec<UserId>,
+    },
+    /// `/g GROUP text`: send to a group.
+    GroupMessage {
+        group: u64,
+        text: String,
+    },
     Quit,
     Help,
     /// Whitespace only.
@@ -44,6 +54,8 @@ commands:
                    then run `switchboard chat --link CODE --profile NEW`
   /devices         list this account's devices
   /remove DEVICE   remove a linked device (a companion: only itself)
+  /group NAME USER...  create a group with these users (you are its admin)
+  /g GROUP text    send one message to group GROUP (its id, as printed)
   /help            this text
   /quit            leave
 a plain line goes to the current peer.
@@ -88,6 +100,26 @@ pub fn parse_command(line: &str) -> Command {
                     text: text.trim_start().to_string(),
                 },
                 Err(why) => Command::Invalid(why),
+            }
+        }
+        "group" => {
+            let mut words = args.split_whitespace();
+            let name = words.next().unwrap_or_default().to_string();
+            let members: Result<Vec<UserId>, String> = words.map(parse_user).collect();
+            match members {
+                Ok(members) if !name.is_empty() => Command::CreateGroup { name, members },
+                Ok(_) => Command::Invalid("usage: /group NAME USER...".to_string()),
+                Err(why) => Command::Invalid(why),
+            }
+        }
+        "g" => {
+            let (group, text) = args.split_once(char::is_whitespace).unwrap_or((args, ""));
+            match group.parse::<u64>() {
+                Ok(group) if group != 0 && !text.trim().is_empty() => Command::GroupMessage {
+                    group,
+                    text: text.trim_start().to_string(),
+                },
+                _ => Command::Invalid("usage: /g GROUP text".to_string()),
             }
         }
         "link" => Command::Link,
@@ -347,7 +379,29 @@ pub fn format_incoming(deliver: &pb::Deliver) -> String {
     if deliver.sender_device_id != 1 {
         let _ = write!(line, "/{}", deliver.sender_device_id);
     }
+    if deliver.group_id != 0 {
+        let _ = write!(line, " in group {}", deliver.group_id);
+    }
     line.push_str(": ");
+    if let Some(event) = &deliver.group_event {
+        let users: Vec<String> = event.user_ids.iter().map(|u| u.to_string()).collect();
+        let _ = match event.action() {
+            pb::GroupAction::Create => {
+                write!(line, "created \"{}\" with {}", event.name, users.join(", "))
+            }
+            pb::GroupAction::Rename => write!(line, "renamed it \"{}\"", event.name),
+            action => write!(
+                line,
+                "{} {}",
+                action
+                    .as_str_name()
+                    .trim_start_matches("GROUP_ACTION_")
+                    .to_lowercase(),
+                users.join(", ")
+            ),
+        };
+        return line;
+    }
     // The chat sends UTF-8 text; anything else is shown lossily.
     line.push_str(&String::from_utf8_lossy(&deliver.payload));
     line
@@ -417,6 +471,40 @@ mod tests {
         assert_eq!(parse_command("/remove 2"), Command::Remove(DeviceId(2)));
         assert!(matches!(parse_command("/remove x"), Command::Invalid(_)));
         assert_eq!(parse_command("/link"), Command::Link);
+        assert_eq!(
+            parse_command("/group climb 2 3"),
+            Command::CreateGroup {
+                name: "climb".into(),
+                members: vec![UserId(2), UserId(3)]
+            }
+        );
+        assert_eq!(
+            parse_command("/g 77 hello all"),
+            Command::GroupMessage {
+                group: 77,
+                text: "hello all".into()
+            }
+        );
+        assert!(matches!(parse_command("/g x hi"), Command::Invalid(_)));
+        let mut d = pb::Deliver {
+            sender_user_id: 4,
+            sender_device_id: 1,
+            group_id: 77,
+            payload: Bytes::from_static(b"hi all"),
+            ..Default::default()
+        };
+        assert!(format_incoming(&d).ends_with("4 in group 77: hi all"));
+        d.group_event = Some(pb::GroupEvent {
+            action: pb::GroupAction::Remove as i32,
+            user_ids: vec![5],
+            name: String::new(),
+        });
+        assert!(
+            format_incoming(&d).ends_with("4 in group 77: remove 5"),
+            "{}",
+            format_incoming(&d)
+        );
+        assert!(matches!(parse_command("/group"), Command::Invalid(_)));
         assert_eq!(parse_command("/devices"), Command::Devices);
     }
 

@@ -86,6 +86,8 @@ pub struct ReconnectingSession {
 enum Outgoing {
     One(Bytes),
     PerDevice(Vec<(DeviceId, Bytes)>),
+    /// To a group (its id), one payload.
+    Group(u64, Bytes),
 }
 
 impl Outgoing {
@@ -93,6 +95,7 @@ impl Outgoing {
         match self {
             Outgoing::One(payload) => session.send(to, id, payload.clone()),
             Outgoing::PerDevice(parts) => session.send_to_devices(to, id, parts),
+            Outgoing::Group(group, payload) => session.send_to_group(*group, id, payload.clone()),
         }
     }
 }
@@ -194,6 +197,26 @@ impl ReconnectingSession {
         parts: Vec<(DeviceId, Bytes)>,
     ) -> Result<(), ClientError> {
         self.send_outgoing(to, id, Outgoing::PerDevice(parts))
+    }
+
+    /// Queues a Send to a group; resent like `send` until answered.
+    pub fn send_to_group(
+        &self,
+        group: u64,
+        id: ClientMessageId,
+        payload: Bytes,
+    ) -> Result<(), ClientError> {
+        self.send_outgoing(UserId(0), id, Outgoing::Group(group, payload))
+    }
+
+    /// Queues CreateGroup; `Err(Closed)` while disconnected.
+    pub fn create_group(
+        &self,
+        request_id: u64,
+        name: &str,
+        members: &[UserId],
+    ) -> Result<(), ClientError> {
+        self.with_session(|s| s.create_group(request_id, name, members))
     }
 
     /// Queues RequestLinkCode; `Err(Closed)` while disconnected.
