@@ -436,11 +436,14 @@ async fn handle_event(
             // disconnected these fail; the message is then redelivered and
             // acked again, but the read receipt is not repeated.
             let _ = session.ack(InboxSeq(deliver.sequence));
-            let _ = session.read_receipt(
-                UserId(deliver.sender_user_id),
-                DeviceId(deliver.sender_device_id),
-                &[ClientMessageId(deliver.client_message_id)],
-            );
+            // A group's change is no one's message: nothing to mark read.
+            if deliver.group_event.is_none() {
+                let _ = session.read_receipt(
+                    UserId(deliver.sender_user_id),
+                    DeviceId(deliver.sender_device_id),
+                    &[ClientMessageId(deliver.client_message_id)],
+                );
+            }
             session.flush().await?;
         }
         Event::Receipt(receipt) => {
