@@ -326,9 +326,29 @@ fn membership_changes_admin_rules_and_bad_inputs() {
     let mut seen3 = Seen::new();
     read_group(&mut c[3], g, 5, &mut seen3);
     assert_eq!(seen3[&5], (u(1), "message 23".to_string()));
-    // Leaving, then sending, is refused; the group goes on without it.
+    // A member's message, then it leaves: a retry of that message still
+    // gets its ServerAck; a new one is refused.
+    group_send(&mut c[3], g, 29, b"before leaving");
+    let first = loop {
+        match c[3].recv() {
+            Some(Frame::ServerAck(ack)) if ack.client_message_id == 29 => break ack,
+            Some(Frame::Deliver(d)) => c[3].ack(d.sequence),
+            other => panic!("expected ServerAck, got {other:?}"),
+        }
+    };
     update(&mut c[3], 30, g, GroupAction::Leave, &[]);
     expect_info(&mut c[3], 30);
+    group_send(&mut c[3], g, 29, b"before leaving");
+    loop {
+        match c[3].recv() {
+            Some(Frame::ServerAck(ack)) => {
+                assert_eq!(ack, first, "the retry gets the first answer");
+                break;
+            }
+            Some(Frame::Deliver(d)) => c[3].ack(d.sequence),
+            other => panic!("expected the same ServerAck, got {other:?}"),
+        }
+    }
     group_send(&mut c[3], g, 31, b"gone");
     expect_refusal(&mut c[3], 31, ErrorCode::NotGroupMember);
     // A client sending a server's frame is still closed.

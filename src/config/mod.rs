@@ -301,6 +301,9 @@ pub struct PushConfig {
     pub ttl_s: u32,
     /// The VAPID `sub` claim: how the push service reaches the operator.
     pub vapid_subject: String,
+    /// Accept `http://` Web Push endpoints (tests, a push service on a
+    /// private network). Default false: only `https://`.
+    pub allow_http_endpoints: bool,
 }
 
 impl Default for PushConfig {
@@ -313,6 +316,7 @@ impl Default for PushConfig {
             timeout_ms: 5_000,
             ttl_s: 3_600,
             vapid_subject: "mailto:postmaster@localhost".into(),
+            allow_http_endpoints: false,
         }
     }
 }
@@ -383,6 +387,7 @@ impl Config {
             push: PushConfig {
                 interval_ms: 1_000,
                 timeout_ms: 2_000,
+                allow_http_endpoints: true,
                 ..PushConfig::default()
             },
         }

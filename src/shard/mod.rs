@@ -718,13 +718,11 @@ impl Shard {
     /// once at start, with every shard's channels connected.
     pub async fn forward_relayed(self: &Rc<Self>) {
         let outbound = self.feed(Event::Recovered);
-        let requests = match outbound {
-            Outbound::None => Vec::new(),
-            Outbound::One(target, request) => vec![(target, request)],
-            Outbound::Many(all) => all,
-        };
-        for (target, request) in requests {
-            self.route_request(target, request).await;
+        // Through the per-shard backlogs, like every other request, so a
+        // group message committed after the start cannot overtake one
+        // forwarded again here.
+        if let Some(wait) = self.forward(outbound) {
+            wait.await;
         }
     }
 

@@ -328,6 +328,7 @@ async fn shard_main(start: ShardStart) {
         engine.enable_push(
             pusher.vapid_public_key.clone(),
             pusher.webhook,
+            start.config.push.allow_http_endpoints,
             u64::from(start.config.push.interval_ms),
         );
     }

@@ -278,9 +278,7 @@ impl Engine {
             id: session,
         };
         let action = update.action();
-        if matches!(action, GroupAction::Unspecified | GroupAction::Create)
-            || update.user_ids.len() > self.limits.group_members_max as usize
-        {
+        if matches!(action, GroupAction::Unspecified | GroupAction::Create) {
             host.send(
                 session,
                 &crate::proto::refusal(
@@ -291,13 +289,33 @@ impl Engine {
             );
             return;
         }
+        let mut users: Vec<UserId> = match action {
+            GroupAction::Leave | GroupAction::Rename => Vec::new(),
+            _ => update.user_ids.into_iter().map(UserId).collect(),
+        };
+        users.sort();
+        users.dedup();
+        // More distinct users than a group holds: no change can name them
+        // all (the request is not carried to the group's shard).
+        if users.len() > self.limits.group_members_max as usize {
+            let code = if action == GroupAction::Add {
+                ErrorCode::GroupFull
+            } else {
+                ErrorCode::NotGroupMember
+            };
+            host.send(
+                session,
+                &crate::proto::refusal(code, "more users than a group holds", update.request_id),
+            );
+            return;
+        }
         let change = Change {
             origin,
             actor: device,
             request_id: update.request_id,
             group: update.group_id,
             action,
-            users: update.user_ids.into_iter().map(UserId).collect(),
+            users,
             name: clip_group_name(&update.name).to_string(),
         };
         let home = self.group_home(change.group);
@@ -638,13 +656,8 @@ impl Engine {
             client_message_id,
             code,
         };
-        let members = match self.groups.groups.get(&group_id) {
-            None => return self.send_reply(refuse(ErrorCode::UnknownGroup), host),
-            Some(g) if !g.members.contains_key(&sender.user) => {
-                return self.send_reply(refuse(ErrorCode::NotGroupMember), host)
-            }
-            Some(g) => g.members.keys().copied().collect::<Vec<_>>(),
-        };
+        // A retry is answered as the first Send was, even if the sender
+        // left the group since.
         if let Some(dup) = self.log.find_duplicate(sender, client_message_id) {
             if dup.recipient != InboxKey::group(group_id)
                 || dup.payload_digest != crate::store::payload_digest(&payload)
@@ -660,6 +673,13 @@ impl Engine {
             };
             return self.push_after_commit(dup.ticket, AfterCommit::Ack(stored), host);
         }
+        let members = match self.groups.groups.get(&group_id) {
+            None => return self.send_reply(refuse(ErrorCode::UnknownGroup), host),
+            Some(g) if !g.members.contains_key(&sender.user) => {
+                return self.send_reply(refuse(ErrorCode::NotGroupMember), host)
+            }
+            Some(g) => g.members.keys().copied().collect::<Vec<_>>(),
+        };
         let early = self.flaws.ack_before_durable;
         let stored = |group_seq, timestamp_ms| Reply::Stored {
             origin,

@@ -25,6 +25,8 @@ pub struct Push {
     vapid_public_key: Option<Arc<Vec<u8>>>,
     /// Whether the operator's webhook is configured.
     webhook: bool,
+    /// Whether `http://` Web Push endpoints are accepted.
+    allow_http: bool,
     interval_ms: u64,
     /// Devices woken (when), forgotten when they connect.
     woken: HashMap<InboxKey, u64>,
@@ -32,10 +34,17 @@ pub struct Push {
 
 impl Engine {
     /// Turns wake-ups on (the host has a push thread).
-    pub fn enable_push(&mut self, vapid_public_key: Arc<Vec<u8>>, webhook: bool, interval_ms: u64) {
+    pub fn enable_push(
+        &mut self,
+        vapid_public_key: Arc<Vec<u8>>,
+        webhook: bool,
+        allow_http: bool,
+        interval_ms: u64,
+    ) {
         self.push = Push {
             vapid_public_key: Some(vapid_public_key),
             webhook,
+            allow_http,
             interval_ms,
             woken: HashMap::new(),
         };
@@ -70,7 +79,7 @@ impl Engine {
             PushKind::Unspecified => None,
             PushKind::WebPush
                 if register.endpoint.starts_with("https://")
-                    || register.endpoint.starts_with("http://") =>
+                    || (self.push.allow_http && register.endpoint.starts_with("http://")) =>
             {
                 Some(PushEndpoint::WebPush(register.endpoint))
             }
@@ -78,7 +87,7 @@ impl Engine {
                 return refuse(
                     &mut send,
                     ErrorCode::MalformedFrame,
-                    "a Web Push endpoint is an http(s) URL",
+                    "a Web Push endpoint is an https:// URL",
                 )
             }
             PushKind::Webhook if self.push.webhook && !register.endpoint.is_empty() => {
