@@ -162,17 +162,7 @@ pub enum Request {
     /// A group's message, in its place `group_seq`, for `members` (homed
     /// on the target); kept by the home shard's relay entry `relay` until
     /// answered with `Reply::Relayed`.
-    GroupStore {
-        group: u64,
-        group_seq: u64,
-        event: bool,
-        sender: InboxKey,
-        client_message_id: ClientMessageId,
-        timestamp_ms: u64,
-        members: Vec<UserId>,
-        payload: Bytes,
-        relay: RelayRef,
-    },
+    GroupStore(Box<groups::Store>),
 }
 
 /// An engine's answer to another shard's request.
@@ -571,28 +561,7 @@ impl Engine {
                 group,
                 payload,
             } => self.group_send(origin, sender, client_message_id, group, payload, host),
-            Request::GroupStore {
-                group,
-                group_seq,
-                event,
-                sender,
-                client_message_id,
-                timestamp_ms,
-                members,
-                payload,
-                relay,
-            } => self.group_store_here(
-                group,
-                group_seq,
-                event,
-                sender,
-                client_message_id,
-                timestamp_ms,
-                members,
-                payload,
-                relay,
-                host,
-            ),
+            Request::GroupStore(store) => self.group_store_here(store, host),
         }
     }
 

@@ -143,18 +143,20 @@ pub(super) struct Forward {
     targets: Vec<(ShardId, Vec<UserId>, u64)>,
 }
 
-/// A group's message forwarded for the members homed here.
+/// A group's message, in its place `group_seq`, forwarded to the shard
+/// of `members`; kept by the home shard's relay entry `relay` until
+/// answered with `Reply::Relayed`.
 #[derive(Debug)]
-pub(super) struct Store {
-    group_id: u64,
-    group_seq: u64,
-    event: bool,
-    sender: InboxKey,
-    client_message_id: ClientMessageId,
-    timestamp_ms: u64,
-    members: Vec<UserId>,
-    payload: Bytes,
-    relay: RelayRef,
+pub struct Store {
+    pub group_id: u64,
+    pub group_seq: u64,
+    pub event: bool,
+    pub sender: InboxKey,
+    pub client_message_id: ClientMessageId,
+    pub timestamp_ms: u64,
+    pub members: Vec<UserId>,
+    pub payload: Bytes,
+    pub relay: RelayRef,
 }
 
 /// Groups' own state: the groups homed on this shard, and the messages
@@ -816,8 +818,8 @@ impl Engine {
     /// members gets it (the payload buffer shared, not copied).
     pub(super) fn forward_group(&mut self, forward: Forward, host: &mut impl Host) {
         for (shard, members, relay_seq) in forward.targets {
-            let request = Request::GroupStore {
-                group: forward.group,
+            let request = Request::GroupStore(Box::new(Store {
+                group_id: forward.group,
                 group_seq: forward.group_seq,
                 event: forward.event,
                 sender: forward.sender,
@@ -830,7 +832,7 @@ impl Engine {
                     inbox: InboxKey::relay_to_shard(shard),
                     seq: relay_seq,
                 },
-            };
+            }));
             self.route(shard, request, host);
         }
     }
@@ -844,31 +846,8 @@ impl Engine {
     /// later record can survive where an earlier one did not, and the
     /// earlier one comes again and is stored (its members then read it
     /// after the later one; its group sequence says where it belongs).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn group_store_here(
-        &mut self,
-        group_id: u64,
-        group_seq: u64,
-        event: bool,
-        sender: InboxKey,
-        client_message_id: ClientMessageId,
-        timestamp_ms: u64,
-        members: Vec<UserId>,
-        payload: Bytes,
-        relay: RelayRef,
-        host: &mut impl Host,
-    ) {
-        let store = Box::new(Store {
-            group_id,
-            group_seq,
-            event,
-            sender,
-            client_message_id,
-            timestamp_ms,
-            members,
-            payload,
-            relay,
-        });
+    pub(super) fn group_store_here(&mut self, store: Box<Store>, host: &mut impl Host) {
+        let group_id = store.group_id;
         // Behind the group's messages that could not be stored yet, so
         // the group's order holds here.
         if let Some(waiting) = self.groups.unstored.get_mut(&group_id) {
@@ -984,8 +963,8 @@ impl Engine {
                 return;
             }
         };
-        let request = Request::GroupStore {
-            group: group.group_id,
+        let request = Request::GroupStore(Box::new(Store {
+            group_id: group.group_id,
             group_seq: group.group_seq,
             event: group.event,
             sender: message.sender,
@@ -998,7 +977,7 @@ impl Engine {
                 inbox: relay_inbox,
                 seq,
             },
-        };
+        }));
         self.route(target, request, host);
     }
 }

@@ -253,43 +253,16 @@ fn the_home_shard_forwards_once_durable_and_a_repeat_is_only_answered() {
     home.commit();
     let (target, request) = home.host.requests.pop().expect("forwarded");
     assert_eq!(target, ShardId(1));
-    let Request::GroupStore {
-        group,
-        group_seq,
-        event,
-        sender,
-        client_message_id,
-        timestamp_ms,
-        members,
-        payload,
-        relay,
-    } = request
-    else {
+    let Request::GroupStore(store) = request else {
         panic!("a group store");
     };
-    assert_eq!(members, vec![UserId(b)]);
-    let again = Request::GroupStore {
-        group,
-        group_seq,
-        event,
-        sender,
-        client_message_id,
-        timestamp_ms,
-        members: members.clone(),
-        payload: payload.clone(),
-        relay,
-    };
-    other.handle(Event::Request(Request::GroupStore {
-        group,
-        group_seq,
-        event,
-        sender,
-        client_message_id,
-        timestamp_ms,
-        members,
-        payload,
-        relay,
+    assert_eq!(store.members, vec![UserId(b)]);
+    let again = Request::GroupStore(Box::new(Store {
+        members: store.members.clone(),
+        payload: store.payload.clone(),
+        ..*store
     }));
+    other.handle(Event::Request(Request::GroupStore(store)));
     other.commit();
     other.handle(Event::Request(again));
     other.commit();
