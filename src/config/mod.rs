@@ -304,6 +304,10 @@ pub struct PushConfig {
     /// Accept `http://` Web Push endpoints (tests, a push service on a
     /// private network). Default false: only `https://`.
     pub allow_http_endpoints: bool,
+    /// Let Web Push requests reach loopback, private, link-local and other
+    /// non-public addresses (tests, a push service on a private network).
+    /// Default false: a device cannot point the server at its own network.
+    pub allow_private_endpoints: bool,
 }
 
 impl Default for PushConfig {
@@ -317,6 +321,7 @@ impl Default for PushConfig {
             ttl_s: 3_600,
             vapid_subject: "mailto:postmaster@localhost".into(),
             allow_http_endpoints: false,
+            allow_private_endpoints: false,
         }
     }
 }
@@ -388,6 +393,7 @@ impl Config {
                 interval_ms: 1_000,
                 timeout_ms: 2_000,
                 allow_http_endpoints: true,
+                allow_private_endpoints: true,
                 ..PushConfig::default()
             },
         }

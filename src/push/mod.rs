@@ -200,9 +200,21 @@ fn run(
     meta: Arc<MetaStore>,
     stats: Arc<PushStats>,
 ) {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_millis(u64::from(config.timeout_ms)))
-        .build();
+    let timeout = Duration::from_millis(u64::from(config.timeout_ms));
+    // The webhook is the operator's own URL; a Web Push endpoint comes from
+    // a device, so unless configured otherwise it may reach public
+    // addresses only (checked on the addresses the connection will use).
+    let agents = Agents {
+        webhook: ureq::AgentBuilder::new().timeout(timeout).build(),
+        web_push: if config.allow_private_endpoints {
+            ureq::AgentBuilder::new().timeout(timeout).build()
+        } else {
+            ureq::AgentBuilder::new()
+                .timeout(timeout)
+                .resolver(PublicOnly)
+                .build()
+        },
+    };
     let mut retries: BinaryHeap<Retry> = BinaryHeap::new();
     loop {
         let wait = retries
@@ -220,7 +232,7 @@ fn run(
             },
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        match try_once(&agent, &key, &config, &meta, device) {
+        match try_once(&agents, &key, &config, &meta, device) {
             Outcome::Sent => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
             }
@@ -245,8 +257,69 @@ fn run(
     }
 }
 
+/// The HTTP clients of the push thread.
+struct Agents {
+    webhook: ureq::Agent,
+    web_push: ureq::Agent,
+}
+
+/// A resolver that keeps only public addresses, so a device's Web Push
+/// endpoint cannot make the server call into its own network.
+struct PublicOnly;
+
+impl ureq::Resolver for PublicOnly {
+    fn resolve(&self, netloc: &str) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        use std::net::ToSocketAddrs;
+        let all: Vec<_> = netloc.to_socket_addrs()?.collect();
+        let public: Vec<_> = all.into_iter().filter(|a| is_public(a.ip())).collect();
+        if public.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "push endpoint resolves to no public address",
+            ));
+        }
+        Ok(public)
+    }
+}
+
+/// Whether an address is on the public internet: not loopback, private,
+/// shared (CGNAT), link-local, unspecified, multicast, broadcast,
+/// documentation or benchmarking space, nor an IPv6 unique-local or
+/// IPv4-mapped form of those.
+fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, _, _] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
+    }
+}
+
 fn try_once(
-    agent: &ureq::Agent,
+    agents: &Agents,
     key: &SigningKey,
     config: &PushConfig,
     meta: &MetaStore,
@@ -261,7 +334,8 @@ fn try_once(
         }
     };
     let result = match &endpoint {
-        PushEndpoint::WebPush(url) => agent
+        PushEndpoint::WebPush(url) => agents
+            .web_push
             .post(url)
             .set("TTL", &config.ttl_s.to_string())
             .set("Urgency", "high")
@@ -279,7 +353,8 @@ fn try_once(
                 "device_id": device.device.0,
                 "token": token,
             });
-            agent
+            agents
+                .webhook
                 .post(&config.webhook_url)
                 .set("Content-Type", "application/json")
                 .send_string(&body.to_string())
@@ -305,6 +380,68 @@ mod tests {
     use super::*;
     use p256::ecdsa::signature::Verifier;
     use p256::ecdsa::VerifyingKey;
+
+    #[test]
+    fn only_public_addresses_count_as_public() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "2606:4700:4700::1111",
+            "::ffff:1.1.1.1",
+        ] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn a_web_push_agent_never_connects_to_a_private_address() {
+        use ureq::Resolver;
+        for netloc in [
+            "127.0.0.1:443",
+            "localhost:443",
+            "[::1]:443",
+            "10.0.0.1:443",
+        ] {
+            let err = PublicOnly.resolve(netloc).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{netloc}");
+        }
+        assert_eq!(
+            PublicOnly.resolve("1.1.1.1:443").unwrap(),
+            vec!["1.1.1.1:443".parse().unwrap()]
+        );
+        // A real listener on loopback: the filtered agent fails without
+        // ever opening a connection to it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/push", listener.local_addr().unwrap());
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .resolver(PublicOnly)
+            .build();
+        assert!(agent.post(&url).send_bytes(&[]).is_err());
+        let accepted = listener.accept().map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(accepted, Err(std::io::ErrorKind::WouldBlock));
+    }
 
     #[test]
     fn the_vapid_header_verifies_with_the_public_key_and_the_key_is_kept() {
