@@ -57,55 +57,49 @@ impl Engine {
         register: pb::RegisterPush,
         host: &mut impl Host,
     ) {
-        let refuse = |host: &mut dyn FnMut(&Frame), code: ErrorCode, message: &str| {
-            host(&crate::proto::error_frame(code, message, false))
-        };
-        let mut send = |frame: &Frame| host.send(session, frame);
+        match self.push_endpoint(register) {
+            Ok(endpoint) => host.account(super::devices::AccountOp::SetPush {
+                session,
+                device,
+                endpoint,
+            }),
+            Err((code, message)) => {
+                host.send(session, &crate::proto::error_frame(code, message, false))
+            }
+        }
+    }
+
+    /// What a RegisterPush asks to store, or why it is refused.
+    fn push_endpoint(
+        &self,
+        register: pb::RegisterPush,
+    ) -> Result<Option<PushEndpoint>, (ErrorCode, &'static str)> {
         if self.push.vapid_public_key.is_none() {
-            return refuse(
-                &mut send,
-                ErrorCode::UnsupportedFeature,
-                "push wake-ups are off",
-            );
+            return Err((ErrorCode::UnsupportedFeature, "push wake-ups are off"));
         }
         if register.endpoint.len() > ENDPOINT_BYTES_MAX {
-            return refuse(
-                &mut send,
-                ErrorCode::MalformedFrame,
-                "push endpoint too long",
-            );
+            return Err((ErrorCode::MalformedFrame, "push endpoint too long"));
         }
-        let endpoint = match register.kind() {
-            PushKind::Unspecified => None,
+        match register.kind() {
+            PushKind::Unspecified => Ok(None),
             PushKind::WebPush
                 if register.endpoint.starts_with("https://")
                     || (self.push.allow_http && register.endpoint.starts_with("http://")) =>
             {
-                Some(PushEndpoint::WebPush(register.endpoint))
+                Ok(Some(PushEndpoint::WebPush(register.endpoint)))
             }
-            PushKind::WebPush => {
-                return refuse(
-                    &mut send,
-                    ErrorCode::MalformedFrame,
-                    "a Web Push endpoint is an https:// URL",
-                )
-            }
+            PushKind::WebPush => Err((
+                ErrorCode::MalformedFrame,
+                "a Web Push endpoint is an https:// URL",
+            )),
             PushKind::Webhook if self.push.webhook && !register.endpoint.is_empty() => {
-                Some(PushEndpoint::Webhook(register.endpoint))
+                Ok(Some(PushEndpoint::Webhook(register.endpoint)))
             }
-            PushKind::Webhook => {
-                return refuse(
-                    &mut send,
-                    ErrorCode::UnsupportedFeature,
-                    "no webhook is configured, or the token is empty",
-                )
-            }
-        };
-        host.account(super::devices::AccountOp::SetPush {
-            session,
-            device,
-            endpoint,
-        });
+            PushKind::Webhook => Err((
+                ErrorCode::UnsupportedFeature,
+                "no webhook is configured, or the token is empty",
+            )),
+        }
     }
 
     /// The endpoint is stored (or removed).
