@@ -20,6 +20,7 @@ pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod ids;
+pub mod media;
 pub mod meta;
 pub mod metrics;
 pub mod net;

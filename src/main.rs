@@ -254,9 +254,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin = serve_admin(admin_listener, registry, admin_stop.clone());
     switchboard::shard::server::run(config, metrics, push_stats, stop, |running| {
         let mut out = std::io::stdout().lock();
+        let media = running
+            .media
+            .map(|addr| format!(", media on http://{addr}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "switchboard listening on {} with {} shards, admin on http://{}",
+            "switchboard listening on {} with {} shards, admin on http://{}{media}",
             running.listen, running.shards, admin_addr
         );
         let _ = out.flush();

@@ -276,6 +276,91 @@ pub struct Config {
     pub limits: Limits,
     pub store: StoreConfig,
     pub push: PushConfig,
+    pub media: MediaConfig,
+}
+
+/// Where media blobs are kept (`media.backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaBackend {
+    /// Files under `<data_dir>/media/blobs` (the default).
+    Local,
+    /// An S3-compatible object store (`media.s3`).
+    S3,
+}
+
+/// The media service: encrypted attachments over HTTP on its own threads
+/// (`media`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Whether the media listener runs. Default true.
+    pub enabled: bool,
+    /// Its HTTP listener. Default 127.0.0.1:7702.
+    pub listen: SocketAddr,
+    /// The base URL handed to clients in grants; empty: `http://` + the
+    /// address the listener got (set it when a proxy terminates TLS).
+    pub public_url: String,
+    /// Threads serving HTTP (never the shards'). Default 2.
+    pub threads: u16,
+    /// Largest blob, bytes. Default 100 MiB.
+    pub blob_bytes_max: u64,
+    /// A blob is deleted this long after its last upload, s. Default 30 days.
+    pub ttl_s: u64,
+    /// An upload not finished this long after it began is dropped, s.
+    /// Default 86,400.
+    pub upload_ttl_s: u64,
+    /// How long a grant's token is accepted, s. Default 3,600.
+    pub grant_ttl_s: u64,
+    /// Bytes one device may upload per UTC day. Default 2 GiB.
+    pub device_bytes_per_day: u64,
+    /// Uploads one device may begin per minute. Default 60.
+    pub device_uploads_per_minute: u32,
+    /// Uploads begun and not finished, all devices. Default 10,000.
+    pub uploads_in_flight_max: u32,
+    /// Total bytes of blobs and unfinished uploads; past it uploads are
+    /// refused with STORE_FULL. Default 10 GiB.
+    pub store_bytes_max: u64,
+    /// How often the expiry sweep runs, s. Default 600.
+    pub sweep_interval_s: u64,
+    pub backend: MediaBackend,
+    pub s3: S3Config,
+}
+
+/// An S3-compatible store for media blobs (`media.s3`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// The service's URL (empty: AWS for `region`).
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Accept an `http://` endpoint (a store on the local network).
+    pub allow_http: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            enabled: true,
+            listen: "127.0.0.1:7702".parse().expect("literal address"),
+            public_url: String::new(),
+            threads: 2,
+            blob_bytes_max: 100 << 20,
+            ttl_s: 30 * 86_400,
+            upload_ttl_s: 86_400,
+            grant_ttl_s: 3_600,
+            device_bytes_per_day: 2 << 30,
+            device_uploads_per_minute: 60,
+            uploads_in_flight_max: 10_000,
+            store_bytes_max: 10 << 30,
+            sweep_interval_s: 600,
+            backend: MediaBackend::Local,
+            s3: S3Config::default(),
+        }
+    }
 }
 
 /// Push wake-ups to devices with no live connection (`push`).
@@ -396,6 +481,15 @@ impl Config {
                 allow_private_endpoints: true,
                 ..PushConfig::default()
             },
+            media: MediaConfig {
+                listen: "127.0.0.1:0".parse().expect("literal address"),
+                threads: 1,
+                blob_bytes_max: 4 << 20,
+                device_bytes_per_day: 64 << 20,
+                uploads_in_flight_max: 64,
+                store_bytes_max: 256 << 20,
+                ..MediaConfig::default()
+            },
         }
     }
 
@@ -480,6 +574,32 @@ impl Config {
             && self.server.registration_tokens.is_empty()
         {
             return invalid("registration = \"token\" needs registration_tokens".into());
+        }
+        let m = &self.media;
+        if m.enabled {
+            if m.threads == 0 || m.blob_bytes_max == 0 || m.ttl_s == 0 || m.grant_ttl_s == 0 {
+                return invalid(
+                    "media.threads, blob_bytes_max, ttl_s and grant_ttl_s must be positive".into(),
+                );
+            }
+            if m.upload_ttl_s == 0 || m.sweep_interval_s == 0 || m.uploads_in_flight_max == 0 {
+                return invalid(
+                    "media.upload_ttl_s, sweep_interval_s and uploads_in_flight_max must be positive"
+                        .into(),
+                );
+            }
+            if m.store_bytes_max < m.blob_bytes_max {
+                return invalid("media.store_bytes_max must hold at least one largest blob".into());
+            }
+            if !m.public_url.is_empty()
+                && !m.public_url.starts_with("http://")
+                && !m.public_url.starts_with("https://")
+            {
+                return invalid("media.public_url must be an http:// or https:// URL".into());
+            }
+            if m.backend == MediaBackend::S3 && m.s3.bucket.is_empty() {
+                return invalid("media.backend = \"s3\" needs media.s3.bucket".into());
+            }
         }
         Ok(())
     }

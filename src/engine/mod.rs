@@ -43,6 +43,7 @@ pub mod delivery;
 pub mod devices;
 pub mod groups;
 pub mod keys;
+pub mod media;
 pub mod presence;
 pub mod push;
 pub mod receipts;
@@ -379,6 +380,7 @@ pub struct Engine {
     keys: keys::Keys,
     presence: presence::Presence,
     push: push::Push,
+    media: Option<media::Media>,
     flaws: Flaws,
 }
 
@@ -407,6 +409,7 @@ impl Engine {
             keys: keys::Keys::default(),
             presence: presence::Presence::default(),
             push: push::Push::default(),
+            media: None,
             flaws: Flaws::default(),
         }
     }
@@ -470,6 +473,9 @@ impl Engine {
                 Frame::SetPrivacy(set) => self.on_set_privacy(device, session, set, host),
                 Frame::RegisterPush(register) => {
                     self.on_register_push(device, session, register, host)
+                }
+                Frame::RequestMediaGrant(request) => {
+                    self.on_request_media_grant(device, session, request, host)
                 }
                 other => {
                     let message = match other {

@@ -334,6 +334,8 @@ impl FrameType {
             FrameType::Privacy => 35,
             FrameType::RegisterPush => 36,
             FrameType::PushRegistered => 37,
+            FrameType::RequestMediaGrant => 38,
+            FrameType::MediaGrant => 39,
         }
     }
 }

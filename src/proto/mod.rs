@@ -19,7 +19,8 @@ pub mod pb {
 }
 
 pub use pb::{
-    ErrorCode, GoAwayReason, GroupAction, LastSeenVisibility, PushKind, ReceiptKind, TypingState,
+    ErrorCode, GoAwayReason, GroupAction, LastSeenVisibility, MediaGrantKind, PushKind,
+    ReceiptKind, TypingState,
 };
 
 /// The protocol version this build speaks.
@@ -71,10 +72,12 @@ pub enum FrameType {
     Privacy = 0x75,
     RegisterPush = 0x80,
     PushRegistered = 0x81,
+    RequestMediaGrant = 0x90,
+    MediaGrant = 0x91,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 38] = [
+    pub const ALL: [FrameType; 40] = [
         FrameType::Register,
         FrameType::Registered,
         FrameType::Hello,
@@ -113,6 +116,8 @@ impl FrameType {
         FrameType::Privacy,
         FrameType::RegisterPush,
         FrameType::PushRegistered,
+        FrameType::RequestMediaGrant,
+        FrameType::MediaGrant,
     ];
 
     pub fn from_byte(byte: u8) -> Option<FrameType> {
@@ -160,6 +165,8 @@ impl FrameType {
             FrameType::Privacy => "privacy",
             FrameType::RegisterPush => "register_push",
             FrameType::PushRegistered => "push_registered",
+            FrameType::RequestMediaGrant => "request_media_grant",
+            FrameType::MediaGrant => "media_grant",
         }
     }
 }
@@ -205,6 +212,8 @@ pub enum Frame {
     Privacy(pb::Privacy),
     RegisterPush(pb::RegisterPush),
     PushRegistered(pb::PushRegistered),
+    RequestMediaGrant(pb::RequestMediaGrant),
+    MediaGrant(pb::MediaGrant),
 }
 
 /// Why bytes from a peer are not a frame. Cheap to copy, never allocates.
@@ -272,6 +281,8 @@ impl Frame {
             Frame::Privacy(_) => FrameType::Privacy,
             Frame::RegisterPush(_) => FrameType::RegisterPush,
             Frame::PushRegistered(_) => FrameType::PushRegistered,
+            Frame::RequestMediaGrant(_) => FrameType::RequestMediaGrant,
+            Frame::MediaGrant(_) => FrameType::MediaGrant,
         }
     }
 
@@ -315,6 +326,8 @@ impl Frame {
             Frame::Privacy(m) => m.encoded_len(),
             Frame::RegisterPush(m) => m.encoded_len(),
             Frame::PushRegistered(m) => m.encoded_len(),
+            Frame::RequestMediaGrant(m) => m.encoded_len(),
+            Frame::MediaGrant(m) => m.encoded_len(),
         }
     }
 
@@ -369,6 +382,8 @@ impl Frame {
             Frame::Privacy(m) => m.encode(out),
             Frame::RegisterPush(m) => m.encode(out),
             Frame::PushRegistered(m) => m.encode(out),
+            Frame::RequestMediaGrant(m) => m.encode(out),
+            Frame::MediaGrant(m) => m.encode(out),
         };
         assert!(result.is_ok(), "buffer was reserved for the whole frame");
     }
@@ -452,6 +467,10 @@ impl Frame {
             FrameType::PushRegistered => {
                 Frame::PushRegistered(pb::PushRegistered::decode(body).map_err(bad)?)
             }
+            FrameType::RequestMediaGrant => {
+                Frame::RequestMediaGrant(pb::RequestMediaGrant::decode(body).map_err(bad)?)
+            }
+            FrameType::MediaGrant => Frame::MediaGrant(pb::MediaGrant::decode(body).map_err(bad)?),
         })
     }
 }

@@ -401,6 +401,28 @@ fn examples() -> Vec<(&'static str, &'static str, Frame)> {
                 vapid_public_key: Bytes::from(vec![0x04; 65]),
             }),
         ),
+        (
+            "request_media_grant",
+            "C→S",
+            Frame::RequestMediaGrant(pb::RequestMediaGrant {
+                request_id: 12,
+                kind: pb::MediaGrantKind::Upload as i32,
+                size: 1_048_576,
+                blob_id: Bytes::new(),
+            }),
+        ),
+        (
+            "media_grant",
+            "S→C",
+            Frame::MediaGrant(pb::MediaGrant {
+                request_id: 12,
+                kind: pb::MediaGrantKind::Upload as i32,
+                token: "AQEAAAAAAAAAKgAAAAE".to_string(),
+                url: "http://127.0.0.1:7702".to_string(),
+                expires_at_ms: 1_800_000_000_000,
+                size_max: 1_048_576,
+            }),
+        ),
     ]
 }
 
@@ -433,6 +455,8 @@ fn device_frame(frame: &Frame) -> bool {
             | FrameType::Privacy
             | FrameType::RegisterPush
             | FrameType::PushRegistered
+            | FrameType::RequestMediaGrant
+            | FrameType::MediaGrant
     )
 }
 

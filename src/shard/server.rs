@@ -44,6 +44,8 @@ pub enum ServerError {
     Executor(String),
     #[error("shard {0} failed to start: {1}")]
     Shard(u32, String),
+    #[error("cannot start the media service on {0}: {1}")]
+    Media(SocketAddr, std::io::Error),
 }
 
 /// Listen backlog per shard socket (the kernel caps it at somaxconn).
@@ -54,6 +56,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 pub struct Running {
     pub listen: SocketAddr,
     pub shards: u32,
+    /// The media listener, when it runs.
+    pub media: Option<SocketAddr>,
 }
 
 /// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
@@ -141,6 +145,8 @@ struct ShardStart {
     draining: Arc<AtomicU32>,
     ready: crossbeam_channel::Sender<Result<ShardId, String>>,
     pusher: Option<crate::push::Pusher>,
+    /// What grants need: the media key and the base URL handed out.
+    media: Option<(crate::media::token::MediaKey, Arc<str>)>,
 }
 
 /// Runs the server until `stop` is set; calls `on_ready` once every shard
@@ -169,6 +175,18 @@ pub fn run(
     } else {
         None
     };
+    let media_service = if config.media.enabled {
+        let key = crate::media::token::MediaKey::load_or_create(&data_dir)
+            .map_err(|e| ServerError::DataDir(data_dir.join(crate::media::token::KEY_FILE), e))?;
+        let service = crate::media::start(&config.media, &data_dir, key.clone(), stop.clone())
+            .map_err(|e| ServerError::Media(config.media.listen, e))?;
+        Some((service, key))
+    } else {
+        None
+    };
+    let media = media_service
+        .as_ref()
+        .map(|(service, key)| (key.clone(), Arc::<str>::from(service.public_url.as_str())));
     let (listen, listeners) = bind_listeners(config.server.listen, shards)?;
     let capacity = config.limits.shard_channel_capacity as usize;
     let (mut req_tx, mut req_rx) = build_mesh::<Request>(shards as usize, capacity);
@@ -194,6 +212,7 @@ pub fn run(
             draining: draining.clone(),
             ready: ready_tx.clone(),
             pusher: pusher.clone(),
+            media: media.clone(),
         };
         // Placement: one shard per usable CPU when pinning (the thread-per-
         // core contract); unbound when shards outnumber CPUs or in tests.
@@ -228,11 +247,18 @@ pub fn run(
             }
         }
     }
-    on_ready(&Running { listen, shards });
+    on_ready(&Running {
+        listen,
+        shards,
+        media: media_service.as_ref().map(|(service, _)| service.addr),
+    });
     for handle in handles {
         if let Err(err) = handle.join() {
             error!(%err, "shard ended with an error");
         }
+    }
+    if let Some((service, _)) = media_service {
+        service.join();
     }
     Ok(())
 }
@@ -323,6 +349,14 @@ async fn shard_main(start: ShardStart) {
             let _ = start.ready.send(Err(format!("loading its groups: {err}")));
             return;
         }
+    }
+    if let Some((key, url)) = &start.media {
+        engine.enable_media(
+            key.clone(),
+            url.clone(),
+            start.config.media.grant_ttl_s.saturating_mul(1_000),
+            start.config.media.blob_bytes_max,
+        );
     }
     if let Some(pusher) = &start.pusher {
         engine.enable_push(

@@ -23,6 +23,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The admin (metrics, health) listener.
     pub admin: SocketAddr,
+    /// The media service's listener, when it runs.
+    pub media: Option<SocketAddr>,
     pub dir: PathBuf,
     pub config_path: PathBuf,
     pub config: Config,
@@ -39,6 +41,7 @@ impl Server {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
             admin: "127.0.0.1:0".parse().unwrap(),
+            media: None,
             dir: dir.to_path_buf(),
             config_path,
             config,
@@ -81,16 +84,21 @@ impl Server {
             }
         };
         // "switchboard listening on ADDR with N shards, admin on http://ADDR"
+        // and, when the media service runs, ", media on http://ADDR".
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words
             .get(3)
             .unwrap_or_else(|| panic!("unexpected first line: {line}"));
         self.addr = addr.parse().unwrap();
-        let admin = words
-            .last()
-            .and_then(|w| w.strip_prefix("http://"))
-            .unwrap_or_else(|| panic!("no admin address in: {line}"));
-        self.admin = admin.parse().unwrap();
+        let after = |label: &str| {
+            words
+                .windows(3)
+                .find(|w| w[0] == label && w[1] == "on")
+                .and_then(|w| w[2].trim_end_matches(',').strip_prefix("http://"))
+                .map(|a| a.parse::<SocketAddr>().unwrap())
+        };
+        self.admin = after("admin").unwrap_or_else(|| panic!("no admin address in: {line}"));
+        self.media = after("media");
         self.child = Some(child);
     }
 
