@@ -19,6 +19,7 @@
 //! formats) is sans-IO in [`state`]. Payloads are sent as plain UTF-8: this
 //! terminal client does no end-to-end encryption.
 
+pub mod media;
 pub mod state;
 
 use std::future::Future;
@@ -37,7 +38,7 @@ use crate::client::{
     ReconnectingSession,
 };
 use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
-use crate::proto::ErrorCode;
+use crate::proto::{pb, ErrorCode};
 use state::{format_incoming, parse_command, Command, Outbox, Recipients, HELP};
 
 /// Lines typed ahead of the chat loop; the stdin thread waits when full.
@@ -68,6 +69,9 @@ pub struct ChatArgs {
     /// The name this device shows in the account's device list (with --link).
     #[arg(long, default_value = "chat")]
     pub device_name: String,
+    /// Where files sent to this device are saved (never overwriting).
+    #[arg(long, default_value = "./downloads")]
+    pub downloads: PathBuf,
 }
 
 /// Runs the chat until `/quit` or end of input.
@@ -114,7 +118,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("logging in to {server}"))?;
             writeln!(out, "connected. /help lists the commands.")?;
-            chat_loop(&session, || lines.recv(), &mut out).await
+            let mut transfers = media::Transfers::new(args.downloads.clone());
+            chat_loop(&session, || lines.recv(), &mut transfers, &mut out).await
         })
         .map_err(|e| anyhow::anyhow!("starting the chat executor: {e}"))?
         .join()
@@ -205,6 +210,7 @@ enum Input {
 pub(crate) async fn chat_loop<F, Fut>(
     session: &ReconnectingSession,
     mut next_line: F,
+    transfers: &mut media::Transfers,
     out: &mut dyn Write,
 ) -> anyhow::Result<()>
 where
@@ -268,6 +274,13 @@ where
                     }
                     session.flush().await?;
                 }
+                Command::SendFile(path) => {
+                    let Some(to) = peer else {
+                        writeln!(out, "! no peer: /to USER first")?;
+                        continue;
+                    };
+                    transfers.send_file(session, to, &path, out).await?;
+                }
                 Command::Message { to, text } => {
                     let Some(to) = to.or(peer) else {
                         writeln!(out, "! no peer: /to USER first, or /msg USER text")?;
@@ -286,14 +299,14 @@ where
                 }
             },
             Input::Event(Ok(event)) => {
-                handle_event(session, &mut outbox, &mut recipients, event, out).await?
+                handle_event(session, &mut outbox, &mut recipients, transfers, event, out).await?
             }
             Input::Event(Err(e)) => return Err(e).context("the session ended"),
         }
         out.flush()?;
     }
     session.flush().await?;
-    drain(session, &mut outbox, &mut recipients, out).await
+    drain(session, &mut outbox, &mut recipients, transfers, out).await
 }
 
 /// Before leaving, waits (a bounded time) for the server to store what was
@@ -302,6 +315,7 @@ async fn drain(
     session: &ReconnectingSession,
     outbox: &mut Outbox,
     recipients: &mut Recipients,
+    transfers: &mut media::Transfers,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + EXIT_DRAIN_TIMEOUT;
@@ -313,7 +327,9 @@ async fn drain(
         })
         .await;
         match event {
-            Some(Ok(event)) => handle_event(session, outbox, recipients, event, out).await?,
+            Some(Ok(event)) => {
+                handle_event(session, outbox, recipients, transfers, event, out).await?
+            }
             Some(Err(e)) => return Err(e).context("the session ended"),
             None => {
                 writeln!(
@@ -389,6 +405,7 @@ async fn handle_event(
     session: &ReconnectingSession,
     outbox: &mut Outbox,
     recipients: &mut Recipients,
+    transfers: &mut media::Transfers,
     event: Event,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
@@ -431,7 +448,26 @@ async fn handle_event(
                     [DeviceId(deliver.sender_device_id)],
                 );
             }
-            writeln!(out, "{}", format_incoming(&deliver))?;
+            match crate::client::media::FileRef::from_payload(&deliver.payload) {
+                Some(file) => {
+                    writeln!(
+                        out,
+                        "{}",
+                        format_incoming(&pb::Deliver {
+                            payload: Bytes::from(format!(
+                                "[file {} ({} bytes); fetching]",
+                                file.safe_name(),
+                                file.size
+                            )),
+                            ..deliver.clone()
+                        })
+                    )?;
+                    transfers
+                        .fetch(session, file, deliver.sender_user_id, out)
+                        .await?;
+                }
+                None => writeln!(out, "{}", format_incoming(&deliver))?,
+            }
             // Shown, so stored and read: ack it and say it was read. While
             // disconnected these fail; the message is then redelivered and
             // acked again, but the read receipt is not repeated.
@@ -452,6 +488,9 @@ async fn handle_event(
             }
             let _ = session.ack(InboxSeq(receipt.sequence));
             session.flush().await?;
+        }
+        Event::Error(error) if transfers.owns(error.client_message_id) => {
+            writeln!(out, "{}", transfers.refused(&error))?
         }
         Event::Error(error) => {
             recipients.answered(error.client_message_id);
@@ -536,6 +575,22 @@ async fn handle_event(
                 state::clock(p.last_seen_ms)
             }
         )?,
+        Event::MediaGrant(grant) => match transfers.on_grant(grant).await {
+            Some(media::Done::Uploaded { to, file }) => {
+                let text = String::from_utf8(file.to_payload()).expect("a FileRef is UTF-8");
+                let (id, _) = outbox.queue(to, &format!("[file {}]", file.safe_name()));
+                recipients.sent(id, to, &text);
+                let devices = recipients.devices_of(to);
+                outbox.addressed(id, devices.len());
+                match send_text(session, to, id, &text, &devices) {
+                    Ok(()) => writeln!(out, "* sent {} to user {to}", file.safe_name())?,
+                    Err(e) => writeln!(out, "! not sent: {e}")?,
+                }
+                session.flush().await?;
+            }
+            Some(media::Done::Saved(line) | media::Done::Failed(line)) => writeln!(out, "{line}")?,
+            None => {}
+        },
         Event::PrekeysStored(_)
         | Event::PrekeyBundle(_)
         | Event::PrekeysLow(_)

@@ -38,6 +38,8 @@ pub enum Command {
         group: u64,
         text: String,
     },
+    /// `/send-file PATH`: send a file to the current peer.
+    SendFile(std::path::PathBuf),
     Quit,
     Help,
     /// Whitespace only.
@@ -56,6 +58,9 @@ commands:
   /remove DEVICE   remove a linked device (a companion: only itself)
   /group NAME USER...  create a group with these users (you are its admin)
   /g GROUP text    send one message to group GROUP (its id, as printed)
+  /send-file PATH  send a file to the current peer (encrypted, through the
+                   media service); files sent to you are saved under
+                   --downloads
   /help            this text
   /quit            leave
 a plain line goes to the current peer.
@@ -122,6 +127,10 @@ pub fn parse_command(line: &str) -> Command {
                 _ => Command::Invalid("usage: /g GROUP text".to_string()),
             }
         }
+        "send-file" => match args.trim() {
+            "" => Command::Invalid("usage: /send-file PATH".to_string()),
+            path => Command::SendFile(path.into()),
+        },
         "link" => Command::Link,
         "devices" => Command::Devices,
         "remove" => match args.trim().parse::<u32>() {

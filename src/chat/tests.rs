@@ -10,6 +10,11 @@ use super::*;
 use crate::client::tests::{credentials, deliver, listen, run, Peer};
 use crate::proto::{pb, Frame, ReceiptKind};
 
+/// These chats receive no files: the directory is never written.
+fn transfers() -> media::Transfers {
+    media::Transfers::new(std::env::temp_dir().join("switchboard-chat-test-downloads"))
+}
+
 fn receipt(sequence: u64, kind: ReceiptKind, id: u64) -> Frame {
     Frame::Receipt(pb::Receipt {
         sequence,
@@ -95,7 +100,7 @@ fn chat_shows_sent_delivered_read_and_acks_and_reads_incoming() {
         }
         let mut out = Vec::new();
         glommio::timer::timeout(Duration::from_secs(10), async {
-            chat_loop(&session, || lines.recv(), &mut out)
+            chat_loop(&session, || lines.recv(), &mut transfers(), &mut out)
                 .await
                 .expect("chat ran");
             Ok(())
@@ -156,7 +161,7 @@ fn chat_reports_a_failed_send_and_keeps_going() {
             .expect("line");
         let mut out = Vec::new();
         let chat = glommio::spawn_local(async move {
-            chat_loop(&session, || lines.recv(), &mut out)
+            chat_loop(&session, || lines.recv(), &mut transfers(), &mut out)
                 .await
                 .expect("chat ran");
             out
@@ -185,6 +190,7 @@ fn log_in_registers_when_the_profile_is_missing_and_reuses_it_after() {
             token: None,
             link: None,
             device_name: "chat".to_string(),
+            downloads: dir.path().join("downloads"),
         };
         let server = glommio::spawn_local(async move {
             let mut peer = Peer::accept(&listener).await;
@@ -245,9 +251,14 @@ fn chat_waits_for_the_server_ack_before_leaving_at_end_of_input() {
         // Piped input: one message, then end of input at once.
         let mut lines = vec!["/msg 13 bye".to_string()].into_iter();
         let mut out = Vec::new();
-        chat_loop(&session, || std::future::ready(lines.next()), &mut out)
-            .await
-            .expect("chat ran");
+        chat_loop(
+            &session,
+            || std::future::ready(lines.next()),
+            &mut transfers(),
+            &mut out,
+        )
+        .await
+        .expect("chat ran");
         drop(server.await);
         String::from_utf8(out).expect("utf-8")
     });

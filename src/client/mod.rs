@@ -49,6 +49,7 @@
 //! ```
 
 mod credentials;
+pub mod media;
 mod reconnect;
 mod session;
 #[cfg(test)]

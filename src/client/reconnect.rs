@@ -224,6 +224,22 @@ impl ReconnectingSession {
         self.with_session(|s| s.request_link_code())
     }
 
+    /// Queues RequestMediaGrant for an upload; `Err(Closed)` while
+    /// disconnected.
+    pub fn request_upload_grant(&self, request_id: u64, size: u64) -> Result<(), ClientError> {
+        self.with_session(|s| s.request_upload_grant(request_id, size))
+    }
+
+    /// Queues RequestMediaGrant for a download; `Err(Closed)` while
+    /// disconnected.
+    pub fn request_download_grant(
+        &self,
+        request_id: u64,
+        blob: &[u8; 32],
+    ) -> Result<(), ClientError> {
+        self.with_session(|s| s.request_download_grant(request_id, blob))
+    }
+
     /// Queues ListDevices; `Err(Closed)` while disconnected.
     pub fn list_devices(&self) -> Result<(), ClientError> {
         self.with_session(|s| s.list_devices())
@@ -478,7 +494,8 @@ impl ReconnectingSession {
                 | Event::Typing(_)
                 | Event::PresenceUpdate(_)
                 | Event::Privacy(_)
-                | Event::PushRegistered(_) => {}
+                | Event::PushRegistered(_)
+                | Event::MediaGrant(_) => {}
             }
             return Ok(event);
         }

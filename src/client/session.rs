@@ -57,6 +57,8 @@ pub enum Event {
     /// The push endpoint is stored (answers RegisterPush), with the
     /// server's VAPID public key.
     PushRegistered(pb::PushRegistered),
+    /// A token for the media service (answers RequestMediaGrant).
+    MediaGrant(pb::MediaGrant),
 }
 
 /// Output buffers up to this size are reused across flushes (no allocation
@@ -544,6 +546,34 @@ impl Session {
             }))
     }
 
+    /// Queues RequestMediaGrant for an upload of `size` bytes; answered
+    /// with `Event::MediaGrant` carrying `request_id`.
+    pub fn request_upload_grant(&self, request_id: u64, size: u64) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::RequestMediaGrant(pb::RequestMediaGrant {
+                request_id,
+                kind: crate::proto::MediaGrantKind::Upload as i32,
+                size,
+                ..Default::default()
+            }))
+    }
+
+    /// Queues RequestMediaGrant for downloading `blob`; answered with
+    /// `Event::MediaGrant` carrying `request_id`.
+    pub fn request_download_grant(
+        &self,
+        request_id: u64,
+        blob: &[u8; 32],
+    ) -> Result<(), ClientError> {
+        self.connection
+            .queue(&Frame::RequestMediaGrant(pb::RequestMediaGrant {
+                request_id,
+                kind: crate::proto::MediaGrantKind::Download as i32,
+                blob_id: Bytes::copy_from_slice(blob),
+                ..Default::default()
+            }))
+    }
+
     /// Queues SetPrivacy; answered with `Event::Privacy`.
     pub fn set_last_seen_visible(&self, visible: bool) -> Result<(), ClientError> {
         let last_seen = if visible {
@@ -673,6 +703,7 @@ impl Session {
                 Frame::PresenceUpdate(update) => Event::PresenceUpdate(update),
                 Frame::Privacy(privacy) => Event::Privacy(privacy),
                 Frame::PushRegistered(registered) => Event::PushRegistered(registered),
+                Frame::MediaGrant(grant) => Event::MediaGrant(grant),
                 Frame::Ping(ping) => {
                     match self
                         .connection
