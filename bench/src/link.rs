@@ -395,7 +395,8 @@ impl SwitchboardLink {
                 | client::Event::Typing(_)
                 | client::Event::PresenceUpdate(_)
                 | client::Event::Privacy(_)
-                | client::Event::PushRegistered(_),
+                | client::Event::PushRegistered(_)
+                | client::Event::MediaGrant(_),
             ) => Ok(None),
             Ok(client::Event::Error(e)) if !e.fatal => Ok(Some(Event::Refused {
                 msg_id: e.client_message_id,

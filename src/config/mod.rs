@@ -303,6 +303,13 @@ pub struct MediaConfig {
     pub public_url: String,
     /// Threads serving HTTP (never the shards'). Default 2.
     pub threads: u16,
+    /// Connections open at once; the next waits in the listen backlog until
+    /// one closes. Default 4,096.
+    pub connections_max: u32,
+    /// A connection the service waits on (for a request, more of a body, or
+    /// the client to read) that makes no progress this long is closed, s.
+    /// Default 60.
+    pub idle_timeout_s: u64,
     /// Largest blob, bytes. Default 100 MiB.
     pub blob_bytes_max: u64,
     /// A blob is deleted this long after its last upload, s. Default 30 days.
@@ -348,6 +355,8 @@ impl Default for MediaConfig {
             listen: "127.0.0.1:7702".parse().expect("literal address"),
             public_url: String::new(),
             threads: 2,
+            connections_max: 4_096,
+            idle_timeout_s: 60,
             blob_bytes_max: 100 << 20,
             ttl_s: 30 * 86_400,
             upload_ttl_s: 86_400,
@@ -581,6 +590,9 @@ impl Config {
                 return invalid(
                     "media.threads, blob_bytes_max, ttl_s and grant_ttl_s must be positive".into(),
                 );
+            }
+            if m.connections_max == 0 || m.idle_timeout_s == 0 {
+                return invalid("media.connections_max and idle_timeout_s must be positive".into());
             }
             if m.upload_ttl_s == 0 || m.sweep_interval_s == 0 || m.uploads_in_flight_max == 0 {
                 return invalid(

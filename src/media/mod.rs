@@ -6,16 +6,64 @@
 //! by configuration), and expires them after `media.ttl_s`. Requests carry
 //! a grant token (`token`) that a shard signed for the device over its chat
 //! connection.
+//!
+//! Threads: the runtime's `media.threads` workers run the handlers and
+//! the sweep; tokio's blocking pool runs every index (redb) call and file
+//! read or sync. Nothing here touches a shard.
+//!
+//! Layout under `<data_dir>/media/`:
+//! - `index.redb`: blobs (size, expiry), unfinished uploads, daily bytes
+//!   per device (`index`).
+//! - `uploads/<upload id>`: the bytes of an unfinished upload so far.
+//! - `blobs/<blob id>`: finished blobs, with the local backend (with S3
+//!   they are `blobs/<blob id>` in the bucket).
+//!
+//! An upload: `POST /v1/uploads` announces size and SHA-256 (a blob already
+//! stored is renewed, not uploaded again), PATCHes append bytes at the
+//! current offset (each made durable before the answer; a cut connection
+//! keeps what arrived, so the client resumes from `HEAD`'s offset), and the
+//! PATCH that completes it hashes the bytes, stores the blob and charges the
+//! device's daily quota. State survives restarts: blobs and unfinished
+//! uploads are in the index, offsets are the staging files' lengths. The
+//! upload rate limiter is in memory and starts afresh at each start.
 
+pub mod api;
+pub mod conn;
+pub mod error;
+pub mod ids;
+pub mod index;
+pub mod ledger;
+pub mod limits;
+pub mod range;
+pub mod service;
+pub mod store;
+pub mod sweep;
 pub mod token;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
 
 use crate::config::MediaConfig;
 use token::MediaKey;
+
+/// How long in-flight requests may run on after `stop` before they are
+/// cut: a stalled upload cannot hold up the server's exit (its staged bytes
+/// are kept either way).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How often the service checks the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Blocking-pool threads (index calls, file reads, syncs). Each request
+/// uses at most one at a time; redb runs one write transaction at a time
+/// anyway, so more would only queue on its lock.
+const BLOCKING_THREADS_MAX: usize = 64;
 
 /// A running media service.
 pub struct MediaService {
@@ -33,15 +81,18 @@ impl MediaService {
     }
 }
 
-/// Binds the listener and starts serving on `config.threads` threads; the
-/// service stops once `stop` is set.
+/// Recovers the media index, binds the listener and starts serving on
+/// `config.threads` threads; the service stops once `stop` is set.
 pub fn start(
     config: &MediaConfig,
     data_dir: &Path,
     key: MediaKey,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<MediaService> {
-    let _ = (data_dir, key);
+    let (shared, _) = service::Shared::recover(config, data_dir, key)?;
+    let connections_max = config.connections_max;
+    let idle = Duration::from_secs(config.idle_timeout_s);
+    let shared = Arc::new(shared);
     let listener = std::net::TcpListener::bind(config.listen)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -52,29 +103,59 @@ pub fn start(
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(config.threads.max(1)))
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
         .thread_name("media")
         .enable_all()
         .build()?;
+    let listener = {
+        let _context = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    info!(%addr, backend = ?config.backend, "media service listening");
     let thread = std::thread::Builder::new()
         .name("media-main".into())
         .spawn(move || {
-            runtime.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
-                let app = axum::Router::new();
-                let shutdown = async move {
-                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                };
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await;
-            })
+            let listener = conn::BoundedListener::new(listener, connections_max, idle);
+            runtime.block_on(serve(listener, shared, stop));
+            runtime.shutdown_timeout(SHUTDOWN_GRACE);
         })?;
     Ok(MediaService {
         addr,
         public_url,
         thread,
     })
+}
+
+async fn stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(STOP_POLL).await;
+    }
+}
+
+async fn serve(
+    listener: conn::BoundedListener,
+    shared: Arc<service::Shared>,
+    stop: Arc<AtomicBool>,
+) {
+    let sweep = tokio::spawn(sweep::run(shared.clone()));
+    let app = api::router(shared);
+    let graceful = {
+        let stop = stop.clone();
+        async move { stopped(&stop).await }
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    tokio::select! {
+        result = server.into_future() => {
+            if let Err(err) = result {
+                warn!(%err, "media listener failed");
+            }
+        }
+        () = async {
+            stopped(&stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            warn!("media requests still running at shutdown were cut");
+        }
+    }
+    sweep.abort();
 }

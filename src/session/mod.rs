@@ -75,6 +75,7 @@ pub fn client_may_send_in_session(frame_type: FrameType) -> bool {
             | FrameType::SubscribePresence
             | FrameType::SetPrivacy
             | FrameType::RegisterPush
+            | FrameType::RequestMediaGrant
     )
 }
 

@@ -4,6 +4,7 @@
 //! well-behaved client never would).
 #![allow(dead_code)]
 
+pub mod media;
 pub mod store;
 
 use std::io::{BufRead, BufReader, Read, Write};
