@@ -194,6 +194,11 @@ fn chat_sends_a_file_that_the_peer_fetches_checks_and_saves() {
     alice.type_line(&format!("/to {bob_id}"));
     alice.type_line(&format!("/send-file {}", path("missing.jpg")));
     alice.wait_for("! cannot read");
+    // Larger than the server takes: refused before the file is read.
+    let big = std::fs::File::create(path("big.bin")).unwrap();
+    big.set_len(server.config.media.blob_bytes_max).unwrap();
+    alice.type_line(&format!("/send-file {}", path("big.bin")));
+    alice.wait_for("! sending big.bin refused");
     alice.type_line(&format!("/send-file {}", path("photo.jpg")));
     alice.wait_for("* uploading photo.jpg");
     alice.wait_for("* sent photo.jpg to user");
@@ -207,4 +212,42 @@ fn chat_sends_a_file_that_the_peer_fetches_checks_and_saves() {
         photo
     );
     alice.wait_for("✓✓ read");
+}
+
+#[test]
+fn a_slow_finish_is_the_servers_wait_not_an_idle_client() {
+    // Hashing and storing 40 MiB takes the service longer than the idle
+    // timeout here; the connection waiting for that answer is not idle.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| {
+        c.limits.idle_timeout_ms = 120_000;
+        c.media.idle_timeout_s = 1;
+        c.media.blob_bytes_max = 64 << 20;
+        c.media.device_bytes_per_day = 256 << 20;
+    });
+    let alice = RawClient::register(server.addr);
+    let (mut a, _) = RawClient::login(server.addr, &alice);
+    let plain: Vec<u8> = (0..40u32 << 20).map(|i| (i % 253) as u8).collect();
+    let sealed = media::seal(&plain);
+    ask(
+        &mut a,
+        1,
+        MediaGrantKind::Upload,
+        sealed.ciphertext.len() as u64,
+        &[],
+    );
+    let upload = grant(&mut a);
+    let started = std::time::Instant::now();
+    media::upload(&upload.url, &upload.token, &sealed).expect("uploaded");
+    eprintln!("40 MiB uploaded in {:?}", started.elapsed());
+    ask(&mut a, 2, MediaGrantKind::Download, 0, &sealed.blob_id);
+    let download = grant(&mut a);
+    let got = media::download(
+        &download.url,
+        &download.token,
+        &sealed.blob_id,
+        sealed.ciphertext.len() as u64,
+    )
+    .unwrap();
+    assert_eq!(got.len(), sealed.ciphertext.len());
 }

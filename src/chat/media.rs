@@ -2,14 +2,19 @@
 //! an upload grant, uploads it to the media service and sends the peer a
 //! `FileRef`; an incoming `FileRef` is fetched with a download grant,
 //! checked against its hash, opened and saved under `--downloads`. The
-//! blocking HTTP and file work runs on glommio's blocking pool, so the
-//! session keeps being served meanwhile.
+//! blocking work (reading, sealing, HTTP, saving) runs on glommio's
+//! blocking pool in a task of its own, which hands its outcome back
+//! through a channel (`Transfers::next_done`), so the chat goes on serving
+//! the session and the keyboard meanwhile. A file is read only once the
+//! server granted its size.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::client::media::{self, FileRef, Sealed};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+
+use crate::client::media::{self, FileRef};
 use crate::client::ReconnectingSession;
 use crate::ids::UserId;
 use crate::proto::pb;
@@ -20,18 +25,29 @@ const PENDING_MAX: usize = 16;
 /// told apart from one answering a message.
 const REQUEST_ID_BASE: u64 = 1 << 62;
 
+/// A file waiting for its upload grant.
 pub struct PendingUpload {
     pub to: UserId,
     pub name: String,
-    pub sealed: Sealed,
+    pub path: PathBuf,
+    /// The size the grant is asked for (the file's, sealed).
+    pub size: u64,
 }
 
-/// Transfers waiting for their grant.
+/// Bytes sealing adds to a file (the AEAD tag).
+const SEAL_OVERHEAD_BYTES: u64 = 16;
+
+/// Transfers waiting for their grant, and the channel their outcomes come
+/// back on.
 pub struct Transfers {
     downloads_dir: PathBuf,
     next_request: u64,
     uploads: HashMap<u64, PendingUpload>,
     downloads: HashMap<u64, (FileRef, u64)>,
+    done_tx: std::rc::Rc<LocalSender<Done>>,
+    done_rx: LocalReceiver<Done>,
+    /// Transfers started and not yet reported.
+    running: usize,
 }
 
 /// What a grant leads to, once its transfer ran.
@@ -46,12 +62,29 @@ pub enum Done {
 
 impl Transfers {
     pub fn new(downloads_dir: PathBuf) -> Transfers {
+        // Unbounded, but at most 2 × PENDING_MAX transfers run at once.
+        let (done_tx, done_rx) = local_channel::new_unbounded();
         Transfers {
             downloads_dir,
             next_request: REQUEST_ID_BASE,
             uploads: HashMap::new(),
             downloads: HashMap::new(),
+            done_tx: std::rc::Rc::new(done_tx),
+            done_rx,
+            running: 0,
         }
+    }
+
+    /// The next finished transfer (waits; cancel safe).
+    pub async fn next_done(&mut self) -> Option<Done> {
+        let done = self.done_rx.recv().await;
+        self.running = self.running.saturating_sub(usize::from(done.is_some()));
+        done
+    }
+
+    /// Files waiting for a grant or moving.
+    pub fn pending(&self) -> usize {
+        self.uploads.len() + self.downloads.len() + self.running
     }
 
     /// Whether `id` is one of ours (an Error's `client_message_id`).
@@ -76,8 +109,8 @@ impl Transfers {
         )
     }
 
-    /// Reads and seals `path` off the executor thread, then asks for an
-    /// upload grant.
+    /// Asks for an upload grant for `path`'s size; the file is read when
+    /// the grant comes.
     pub async fn send_file(
         &mut self,
         session: &ReconnectingSession,
@@ -89,32 +122,36 @@ impl Transfers {
             writeln!(out, "! {PENDING_MAX} files are waiting already")?;
             return Ok(());
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "file".into());
-        let read_from = path.to_path_buf();
-        let sealed = glommio::executor()
-            .spawn_blocking(move || std::fs::read(read_from).map(|bytes| media::seal(&bytes)))
-            .await;
-        let sealed = match sealed {
-            Ok(sealed) => sealed,
+        let size = match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => meta.len() + SEAL_OVERHEAD_BYTES,
+            Ok(_) => {
+                writeln!(out, "! cannot read {}: not a file", path.display())?;
+                return Ok(());
+            }
             Err(e) => {
                 writeln!(out, "! cannot read {}: {e}", path.display())?;
                 return Ok(());
             }
         };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
         let request = self.next_request;
         self.next_request += 1;
-        match session.request_upload_grant(request, sealed.ciphertext.len() as u64) {
+        match session.request_upload_grant(request, size) {
             Ok(()) => {
-                writeln!(
-                    out,
-                    "* uploading {name} ({} bytes)",
-                    sealed.ciphertext.len()
-                )?;
-                self.uploads
-                    .insert(request, PendingUpload { to, name, sealed });
+                writeln!(out, "* uploading {name} ({size} bytes)")?;
+                let path = path.to_path_buf();
+                self.uploads.insert(
+                    request,
+                    PendingUpload {
+                        to,
+                        name,
+                        path,
+                        size,
+                    },
+                );
             }
             Err(e) => writeln!(out, "! not sent: {e}")?,
         }
@@ -153,31 +190,53 @@ impl Transfers {
         Ok(())
     }
 
-    /// A grant arrived: runs its transfer off the executor thread.
-    pub async fn on_grant(&mut self, grant: pb::MediaGrant) -> Option<Done> {
-        if let Some(upload) = self.uploads.remove(&grant.request_id) {
-            let PendingUpload { to, name, sealed } = upload;
-            return Some(
-                glommio::executor()
-                    .spawn_blocking(move || {
-                        match media::upload(&grant.url, &grant.token, &sealed) {
-                            Ok(()) => Done::Uploaded {
-                                to,
-                                file: FileRef::new(&sealed, &name),
-                            },
-                            Err(e) => Done::Failed(format!("! {name} not sent: {e}")),
-                        }
-                    })
-                    .await,
-            );
-        }
-        let (file, from) = self.downloads.remove(&grant.request_id)?;
-        let dir = self.downloads_dir.clone();
-        Some(
-            glommio::executor()
-                .spawn_blocking(move || fetch_and_save(&grant, &file, from, &dir))
-                .await,
-        )
+    /// A grant arrived: starts its transfer off the executor thread; its
+    /// outcome comes from `next_done`. False if the grant is not ours.
+    pub fn on_grant(&mut self, grant: pb::MediaGrant) -> bool {
+        let work: Box<dyn FnOnce() -> Done + Send> =
+            if let Some(upload) = self.uploads.remove(&grant.request_id) {
+                Box::new(move || read_seal_and_upload(&grant, upload))
+            } else if let Some((file, from)) = self.downloads.remove(&grant.request_id) {
+                let dir = self.downloads_dir.clone();
+                Box::new(move || fetch_and_save(&grant, &file, from, &dir))
+            } else {
+                return false;
+            };
+        let done = self.done_tx.clone();
+        self.running += 1;
+        glommio::spawn_local(async move {
+            let outcome = glommio::executor().spawn_blocking(work).await;
+            // The receiver lives as long as the chat; gone means leaving.
+            let _ = done.send(outcome).await;
+        })
+        .detach();
+        true
+    }
+}
+
+fn read_seal_and_upload(grant: &pb::MediaGrant, upload: PendingUpload) -> Done {
+    let PendingUpload {
+        to,
+        name,
+        path,
+        size,
+    } = upload;
+    let plain = match std::fs::read(&path) {
+        Ok(plain) => plain,
+        Err(e) => return Done::Failed(format!("! cannot read {}: {e}", path.display())),
+    };
+    let sealed = media::seal(&plain);
+    if sealed.ciphertext.len() as u64 != size {
+        return Done::Failed(format!(
+            "! {name} changed while it was being sent; not sent"
+        ));
+    }
+    match media::upload(&grant.url, &grant.token, &sealed) {
+        Ok(()) => Done::Uploaded {
+            to,
+            file: FileRef::new(&sealed, &name),
+        },
+        Err(e) => Done::Failed(format!("! {name} not sent: {e}")),
     }
 }
 

@@ -47,6 +47,9 @@ const STDIN_LINES_QUEUED_MAX: usize = 64;
 /// At exit, how long to wait for ServerAcks of messages already sent.
 const EXIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// At exit, how long to wait for files still being sent or fetched.
+const EXIT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Arguments of `switchboard chat`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ChatArgs {
@@ -203,6 +206,7 @@ fn now_micros() -> u64 {
 enum Input {
     Line(Option<String>),
     Event(Result<Event, ClientError>),
+    Transfer(Option<media::Done>),
 }
 
 /// The chat proper: lines from `next_line` (None: end of input), events from
@@ -230,9 +234,12 @@ where
         // Both branches are cancel safe: a line not taken stays in the
         // channel, a half-read frame stays in the session's buffer.
         let line = next_line();
-        let input = futures_lite::future::or(async { Input::Line(line.await) }, async {
-            Input::Event(session.next_event().await)
-        })
+        let input = futures_lite::future::or(
+            futures_lite::future::or(async { Input::Line(line.await) }, async {
+                Input::Event(session.next_event().await)
+            }),
+            async { Input::Transfer(transfers.next_done().await) },
+        )
         .await;
         if session.reconnects() != reconnects {
             reconnects = session.reconnects();
@@ -302,6 +309,10 @@ where
                 handle_event(session, &mut outbox, &mut recipients, transfers, event, out).await?
             }
             Input::Event(Err(e)) => return Err(e).context("the session ended"),
+            Input::Transfer(Some(done)) => {
+                transfer_done(session, &mut outbox, &mut recipients, done, out).await?
+            }
+            Input::Transfer(None) => {}
         }
         out.flush()?;
     }
@@ -318,24 +329,44 @@ async fn drain(
     transfers: &mut media::Transfers,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + EXIT_DRAIN_TIMEOUT;
-    while session.unacked_sends() > 0 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let event = futures_lite::future::or(async { Some(session.next_event().await) }, async {
-            glommio::timer::sleep(left).await;
-            None
-        })
+    let started = std::time::Instant::now();
+    loop {
+        // Files still moving get longer than messages.
+        let limit = if transfers.pending() > 0 {
+            EXIT_TRANSFER_TIMEOUT
+        } else {
+            EXIT_DRAIN_TIMEOUT
+        };
+        if session.unacked_sends() == 0 && transfers.pending() == 0 {
+            break;
+        }
+        let left = (started + limit).saturating_duration_since(std::time::Instant::now());
+        let input = futures_lite::future::or(
+            futures_lite::future::or(
+                async { Some(Input::Event(session.next_event().await)) },
+                async { Some(Input::Transfer(transfers.next_done().await)) },
+            ),
+            async {
+                glommio::timer::sleep(left).await;
+                None
+            },
+        )
         .await;
-        match event {
-            Some(Ok(event)) => {
+        match input {
+            Some(Input::Event(Ok(event))) => {
                 handle_event(session, outbox, recipients, transfers, event, out).await?
             }
-            Some(Err(e)) => return Err(e).context("the session ended"),
+            Some(Input::Event(Err(e))) => return Err(e).context("the session ended"),
+            Some(Input::Transfer(Some(done))) => {
+                transfer_done(session, outbox, recipients, done, out).await?
+            }
+            Some(Input::Transfer(None) | Input::Line(_)) => {}
             None => {
                 writeln!(
                     out,
-                    "! leaving with {} message(s) the server has not confirmed",
-                    session.unacked_sends()
+                    "! leaving with {} message(s) the server has not confirmed and {} file(s) not sent or fetched",
+                    session.unacked_sends(),
+                    transfers.pending()
                 )?;
                 break;
             }
@@ -390,6 +421,32 @@ fn copy_to_own_devices(
     recipients.sent(id, me.0, &copy);
     if let Err(e) = send_text(session, me.0, id, &copy, &others) {
         writeln!(out, "! copy for your other devices not sent: {e}")?;
+    }
+    Ok(())
+}
+
+/// A transfer finished: an uploaded file is announced to its recipient.
+async fn transfer_done(
+    session: &ReconnectingSession,
+    outbox: &mut Outbox,
+    recipients: &mut Recipients,
+    done: media::Done,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match done {
+        media::Done::Uploaded { to, file } => {
+            let text = String::from_utf8(file.to_payload()).expect("a FileRef is UTF-8");
+            let (id, _) = outbox.queue(to, &format!("[file {}]", file.safe_name()));
+            recipients.sent(id, to, &text);
+            let devices = recipients.devices_of(to);
+            outbox.addressed(id, devices.len());
+            match send_text(session, to, id, &text, &devices) {
+                Ok(()) => writeln!(out, "* sent {} to user {to}", file.safe_name())?,
+                Err(e) => writeln!(out, "! not sent: {e}")?,
+            }
+            session.flush().await?;
+        }
+        media::Done::Saved(line) | media::Done::Failed(line) => writeln!(out, "{line}")?,
     }
     Ok(())
 }
@@ -575,22 +632,9 @@ async fn handle_event(
                 state::clock(p.last_seen_ms)
             }
         )?,
-        Event::MediaGrant(grant) => match transfers.on_grant(grant).await {
-            Some(media::Done::Uploaded { to, file }) => {
-                let text = String::from_utf8(file.to_payload()).expect("a FileRef is UTF-8");
-                let (id, _) = outbox.queue(to, &format!("[file {}]", file.safe_name()));
-                recipients.sent(id, to, &text);
-                let devices = recipients.devices_of(to);
-                outbox.addressed(id, devices.len());
-                match send_text(session, to, id, &text, &devices) {
-                    Ok(()) => writeln!(out, "* sent {} to user {to}", file.safe_name())?,
-                    Err(e) => writeln!(out, "! not sent: {e}")?,
-                }
-                session.flush().await?;
-            }
-            Some(media::Done::Saved(line) | media::Done::Failed(line)) => writeln!(out, "{line}")?,
-            None => {}
-        },
+        Event::MediaGrant(grant) => {
+            transfers.on_grant(grant);
+        }
         Event::PrekeysStored(_)
         | Event::PrekeyBundle(_)
         | Event::PrekeysLow(_)

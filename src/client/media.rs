@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 
 /// Bytes sent per upload request; a cut connection loses at most this.
 pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
-/// Attempts at one chunk before the upload gives up.
+/// Failures in a row (cut connections, busy or vanished uploads) before
+/// an upload gives up.
 const CHUNK_ATTEMPTS_MAX: u32 = 5;
 /// How a message announcing a file starts (what follows is JSON).
 const FILE_REF_PREFIX: &[u8] = b"SBFILE1 ";
@@ -195,66 +196,105 @@ fn upload_offset(response: &ureq::Response) -> Result<u64, MediaError> {
 /// Uploads `sealed` to the media service at `url` with an upload grant's
 /// `token`, resuming after cut connections. Returns once the blob is
 /// stored (or was stored already).
+///
+/// Recovery: after a transport error it asks for the offset (`HEAD`) and
+/// continues from there; an upload the service no longer knows (its last
+/// PATCH finished it but the answer was lost, or it expired) is declared
+/// again, which answers "complete" for a stored blob; `UPLOAD_BUSY` (an
+/// earlier, cut request still writing) is waited out. At most
+/// `CHUNK_ATTEMPTS_MAX` failures in a row.
 pub fn upload(url: &str, token: &str, sealed: &Sealed) -> Result<(), MediaError> {
     let agent = agent();
     let bearer = format!("Bearer {token}");
-    let body = serde_json::json!({
-        "size": sealed.ciphertext.len(),
-        "sha256": hex::encode(sealed.blob_id),
-    });
-    let response = agent
-        .post(&format!("{url}/v1/uploads"))
-        .set("Authorization", &bearer)
-        .set("Content-Type", "application/json")
-        .send_string(&body.to_string())
-        .map_err(failure)?;
-    let state: UploadState = serde_json::from_str(
-        &response
-            .into_string()
-            .map_err(|e| MediaError::Protocol(e.to_string()))?,
-    )
-    .map_err(|e| MediaError::Protocol(e.to_string()))?;
-    if state.complete {
-        return Ok(());
-    }
-    let at = format!("{url}/v1/uploads/{}", state.upload_id);
     let total = sealed.ciphertext.len() as u64;
-    let mut offset = state.offset;
+    let begin = || -> Result<UploadState, MediaError> {
+        let body = serde_json::json!({
+            "size": total,
+            "sha256": hex::encode(sealed.blob_id),
+        });
+        let response = agent
+            .post(&format!("{url}/v1/uploads"))
+            .set("Authorization", &bearer)
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string())
+            .map_err(failure)?;
+        let text = response
+            .into_string()
+            .map_err(|e| MediaError::Protocol(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| MediaError::Protocol(e.to_string()))
+    };
+    let mut state = begin()?;
     let mut failures = 0;
-    while offset < total {
-        let end = (offset as usize + UPLOAD_CHUNK_BYTES).min(sealed.ciphertext.len());
-        let chunk = &sealed.ciphertext[offset as usize..end];
+    // Counts a failure in a row and waits a little longer each time; the
+    // last one is returned.
+    let fail = |failures: &mut u32, error: MediaError| -> Result<(), MediaError> {
+        *failures += 1;
+        if *failures >= CHUNK_ATTEMPTS_MAX {
+            return Err(error);
+        }
+        std::thread::sleep(Duration::from_millis(100 << *failures));
+        Ok(())
+    };
+    loop {
+        if state.complete {
+            return Ok(());
+        }
+        let at = format!("{url}/v1/uploads/{}", state.upload_id);
+        let offset = state.offset.min(total) as usize;
+        let end = (offset + UPLOAD_CHUNK_BYTES).min(sealed.ciphertext.len());
+        // At `total` the chunk is empty: that retries the finish.
         let sent = agent
             .request("PATCH", &at)
             .set("Authorization", &bearer)
             .set("Content-Type", "application/offset+octet-stream")
             .set("Upload-Offset", &offset.to_string())
-            .send_bytes(chunk);
+            .send_bytes(&sealed.ciphertext[offset..end]);
         match sent {
             Ok(response) if response.status() == 201 => return Ok(()),
-            Ok(response) => offset = upload_offset(&response)?,
+            Ok(response) => {
+                state.offset = upload_offset(&response)?;
+                failures = 0;
+            }
+            // The service kept a different amount (an earlier attempt was
+            // cut after its bytes arrived): continue from there.
             Err(ureq::Error::Status(409, response))
                 if response.header("Upload-Offset").is_some() =>
             {
-                // The server kept a different amount (an earlier attempt
-                // was cut after its bytes arrived): continue from there.
-                offset = upload_offset(&response)?;
+                state.offset = upload_offset(&response)?;
+            }
+            Err(ureq::Error::Status(404, _)) => {
+                fail(
+                    &mut failures,
+                    MediaError::Protocol("the upload keeps disappearing".into()),
+                )?;
+                state = begin()?;
+            }
+            Err(ureq::Error::Status(status @ (409 | 503), response)) => {
+                fail(
+                    &mut failures,
+                    failure(ureq::Error::Status(status, response)),
+                )?;
+                state.offset = resume_offset(&agent, &at, &bearer, state.offset);
             }
             Err(ureq::Error::Transport(t)) => {
-                failures += 1;
-                if failures >= CHUNK_ATTEMPTS_MAX {
-                    return Err(MediaError::Transport(t.to_string()));
-                }
-                std::thread::sleep(Duration::from_millis(200 << failures));
-                // Ask how much arrived, and resume from there.
-                if let Ok(response) = agent.head(&at).set("Authorization", &bearer).call() {
-                    offset = upload_offset(&response)?;
-                }
+                fail(&mut failures, MediaError::Transport(t.to_string()))?;
+                state.offset = resume_offset(&agent, &at, &bearer, state.offset);
             }
             Err(e) => return Err(failure(e)),
         }
     }
-    Ok(())
+}
+
+/// How much of an upload the service holds (`HEAD`); `known` when it
+/// cannot say (the next PATCH then corrects it, or finds the upload gone).
+fn resume_offset(agent: &ureq::Agent, at: &str, bearer: &str, known: u64) -> u64 {
+    agent
+        .head(at)
+        .set("Authorization", bearer)
+        .call()
+        .ok()
+        .and_then(|response| upload_offset(&response).ok())
+        .unwrap_or(known)
 }
 
 /// Downloads blob `blob_id` with a download grant's `token` and checks its

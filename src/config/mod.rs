@@ -325,6 +325,8 @@ pub struct MediaConfig {
     pub device_uploads_per_minute: u32,
     /// Uploads begun and not finished, all devices. Default 10,000.
     pub uploads_in_flight_max: u32,
+    /// Uploads begun and not finished by one device. Default 32.
+    pub device_uploads_in_flight_max: u32,
     /// Total bytes of blobs and unfinished uploads; past it uploads are
     /// refused with STORE_FULL. Default 10 GiB.
     pub store_bytes_max: u64,
@@ -364,6 +366,7 @@ impl Default for MediaConfig {
             device_bytes_per_day: 2 << 30,
             device_uploads_per_minute: 60,
             uploads_in_flight_max: 10_000,
+            device_uploads_in_flight_max: 32,
             store_bytes_max: 10 << 30,
             sweep_interval_s: 600,
             backend: MediaBackend::Local,
@@ -594,7 +597,11 @@ impl Config {
             if m.connections_max == 0 || m.idle_timeout_s == 0 {
                 return invalid("media.connections_max and idle_timeout_s must be positive".into());
             }
-            if m.upload_ttl_s == 0 || m.sweep_interval_s == 0 || m.uploads_in_flight_max == 0 {
+            if m.upload_ttl_s == 0
+                || m.sweep_interval_s == 0
+                || m.uploads_in_flight_max == 0
+                || m.device_uploads_in_flight_max == 0
+            {
                 return invalid(
                     "media.upload_ttl_s, sweep_interval_s and uploads_in_flight_max must be positive"
                         .into(),

@@ -5,11 +5,17 @@
 //! `media.idle_timeout_s` while the server waits on it is closed. So a
 //! client that opens sockets and sends nothing, or stops reading a
 //! download, holds a bounded share of the service for a bounded time.
+//!
+//! While a handler runs (from the request's head until its response's
+//! head), the clock is held: hyper keeps reading the socket then only to
+//! notice a hang-up, and a slow finish (hashing, storing) is the server's
+//! wait, not the client's. Handlers bound their own waits for a body.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -58,6 +64,7 @@ impl axum::serve::Listener for BoundedListener {
                     let _ = stream.set_nodelay(true);
                     let conn = BoundedConn {
                         stream,
+                        busy: Arc::new(AtomicU32::new(0)),
                         idle: self.idle,
                         deadline: Box::pin(tokio::time::sleep(self.idle)),
                         _permit: permit,
@@ -80,6 +87,8 @@ impl axum::serve::Listener for BoundedListener {
 /// One connection: its permit is returned when it is dropped.
 pub struct BoundedConn {
     stream: TcpStream,
+    /// Requests of this connection inside a handler (`Busy`).
+    busy: Arc<AtomicU32>,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
     _permit: OwnedSemaphorePermit,
@@ -94,6 +103,11 @@ impl BoundedConn {
                 let next = Instant::now() + self.idle;
                 self.deadline.as_mut().reset(next);
                 Poll::Ready(result)
+            }
+            Poll::Pending if self.busy.load(Ordering::Relaxed) > 0 => {
+                let next = Instant::now() + self.idle;
+                self.deadline.as_mut().reset(next);
+                Poll::Pending
             }
             Poll::Pending => match self.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
@@ -150,4 +164,36 @@ impl AsyncWrite for BoundedConn {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
+}
+
+/// A connection's count of requests inside a handler, handed to each
+/// request (`ConnectInfo`) so `hold_idle_clock` can hold the idle clock.
+#[derive(Clone, Debug)]
+pub struct Busy(Arc<AtomicU32>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, BoundedListener>>
+    for Busy
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, BoundedListener>) -> Busy {
+        Busy(stream.io().busy.clone())
+    }
+}
+
+/// Middleware: the connection's idle clock is held while the handler runs.
+pub async fn hold_idle_clock(
+    axum::extract::ConnectInfo(busy): axum::extract::ConnectInfo<Busy>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    struct Held(Arc<AtomicU32>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    busy.0.fetch_add(1, Ordering::Relaxed);
+    // Released when the response's head is ready, or if the request is
+    // dropped before (cancel safe).
+    let _held = Held(busy.0);
+    next.run(request).await
 }

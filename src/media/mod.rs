@@ -138,7 +138,9 @@ async fn serve(
     stop: Arc<AtomicBool>,
 ) {
     let sweep = tokio::spawn(sweep::run(shared.clone()));
-    let app = api::router(shared);
+    let app = api::router(shared)
+        .layer(axum::middleware::from_fn(conn::hold_idle_clock))
+        .into_make_service_with_connect_info::<conn::Busy>();
     let graceful = {
         let stop = stop.clone();
         async move { stopped(&stop).await }

@@ -1,7 +1,7 @@
 //! Media grants, as the delivery core sees them: a device asks over its chat
 //! connection for a token (`RequestMediaGrant`) and gets one signed with the
 //! server's media key (`MediaGrant`), bound to the device, short-lived, and
-//! for one upload of a stated size or the download of one blob. The media
+//! for uploads of at most a stated size or the downloads of one blob. The media
 //! service (`crate::media`, its own threads) checks the token; the shard only
 //! signs, so a grant costs one HMAC and touches no storage.
 
