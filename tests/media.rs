@@ -1,17 +1,24 @@
 //! The media service over real sockets against the real binary: uploads
 //! (resumable, deduplicated, hash-checked), range downloads, grants, every
-//! limit, expiry, and restarts, with the local-disk backend.
+//! limit, expiry, and restarts, with the local-disk backend. A few tests
+//! that must reach inside the service (hold a blob's claim, shorten a
+//! timeout) serve its router in the test process instead (`InProcess`).
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::media::{bytes, now_ms, sha_hex};
 use common::Server;
 use switchboard::config::Config;
+use switchboard::media::api;
+use switchboard::media::ids::BlobId;
+use switchboard::media::service::Shared;
 use switchboard::media::token::{Grant, MediaKey, Subject};
 
 /// A server with its media service and the key its grants are signed with.
@@ -26,17 +33,95 @@ impl Media {
         let key = MediaKey::load_or_create(&server.config.server.data_dir).unwrap();
         Media { server, key }
     }
+}
 
+impl Api for Media {
     fn addr(&self) -> SocketAddr {
         self.server.media.expect("the media service runs")
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr())
+    fn key(&self) -> &MediaKey {
+        &self.key
     }
 
     fn media_dir(&self) -> PathBuf {
         self.server.config.server.data_dir.join("media")
+    }
+}
+
+/// The media service's router served in this process, on a runtime of its
+/// own, with the shared state at hand: for tests that hold a blob's claim
+/// or shorten a timeout. No sweep and no connection bounds run.
+struct InProcess {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    key: MediaKey,
+    media_dir: PathBuf,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl InProcess {
+    fn start(dir: &Path, tweak: impl FnOnce(&mut Shared)) -> InProcess {
+        let config = Config::for_tests(&dir.join("data"));
+        let data_dir = config.server.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let key = MediaKey::load_or_create(&data_dir).unwrap();
+        let (mut shared, _) = Shared::recover(&config.media, &data_dir, key.clone()).unwrap();
+        tweak(&mut shared);
+        let shared = Arc::new(shared);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = api::router(shared.clone());
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+        InProcess {
+            shared,
+            addr,
+            key,
+            media_dir: data_dir.join("media"),
+            runtime: Some(runtime),
+        }
+    }
+}
+
+impl Api for InProcess {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn key(&self) -> &MediaKey {
+        &self.key
+    }
+
+    fn media_dir(&self) -> PathBuf {
+        self.media_dir.clone()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Requests to a media service, wherever it runs.
+trait Api {
+    fn addr(&self) -> SocketAddr;
+    fn key(&self) -> &MediaKey;
+    fn media_dir(&self) -> PathBuf;
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
     }
 
     fn upload_token(&self, user: u64, device: u32, size_max: u64) -> String {
@@ -46,7 +131,7 @@ impl Media {
             expires_at_ms: now_ms() + 600_000,
             subject: Subject::Upload { size_max },
         }
-        .sign(&self.key)
+        .sign(self.key())
     }
 
     fn download_token(&self, blob_hex: &str) -> String {
@@ -58,7 +143,7 @@ impl Media {
             expires_at_ms: now_ms() + 600_000,
             subject: Subject::Download { blob },
         }
-        .sign(&self.key)
+        .sign(self.key())
     }
 
     fn send(
@@ -334,15 +419,30 @@ fn the_same_bytes_are_stored_once() {
     assert_eq!(json["size"], 50_000);
     assert_eq!(json["complete"], true);
     assert!(json.get("upload_id").is_none());
-    // Two uploads of the same bytes at once both finish, into one file.
+    // Two uploads of the same bytes at once (two devices; one device
+    // would get its own upload back) both finish, into one file, written
+    // once: the second finds the blob stored and only records it.
     let data = bytes(20_000, 3);
-    let token = media.upload_token(3, 1, 1 << 20);
-    let first = media.begin(&token, &data);
-    let second = media.begin(&token, &data);
-    assert_eq!(media.patch(&token, &first, 0, &data).status, 201);
-    assert_eq!(media.patch(&token, &second, 0, &data).status, 201);
+    let blob = sha_hex(&data);
+    let (one, two) = (
+        media.upload_token(3, 1, 1 << 20),
+        media.upload_token(3, 2, 1 << 20),
+    );
+    let first = media.begin(&one, &data);
+    let second = media.begin(&two, &data);
+    assert_eq!(media.patch(&one, &first, 0, &data).status, 201);
+    let written = std::fs::metadata(media.blob_file(&blob)).unwrap().ino();
+    let reply = media.patch(&two, &second, 0, &data);
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_eq!(reply.json()["blob_id"], blob.as_str());
+    assert_eq!(
+        std::fs::metadata(media.blob_file(&blob)).unwrap().ino(),
+        written,
+        "the stored blob was written again"
+    );
     assert_eq!(files_in(&media.media_dir().join("blobs")).len(), 2);
-    assert_eq!(media.download(&sha_hex(&data), &[]).body, data);
+    assert!(files_in(&media.media_dir().join("uploads")).is_empty());
+    assert_eq!(media.download(&blob, &[]).body, data);
 }
 
 #[test]
@@ -990,4 +1090,298 @@ fn connections_past_the_cap_wait_and_silent_ones_are_closed() {
         );
     }
     assert!(media.healthy());
+}
+
+#[test]
+fn a_device_with_too_many_unfinished_uploads_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let media = Media::start(dir.path(), |c| c.media.device_uploads_in_flight_max = 2);
+    let token = media.upload_token(1, 1, 1 << 20);
+    media.begin(&token, &bytes(1_000, 100));
+    let second = bytes(1_000, 101);
+    let second_id = media.begin(&token, &second);
+    let third = bytes(1_000, 102);
+    let reply = media.create(&token, third.len(), &sha_hex(&third));
+    reply.assert_error(429, "DEVICE_UPLOADS_IN_FLIGHT");
+    let message = reply.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("2 unfinished uploads"), "{message}");
+    assert_eq!(reply.header("Retry-After"), None, "{reply:?}");
+    // Another device of the same user is not held back.
+    let other = media.upload_token(1, 2, 1 << 20);
+    assert_eq!(
+        media.create(&other, third.len(), &sha_hex(&third)).status,
+        201
+    );
+    // Finishing one frees its place.
+    assert_eq!(media.patch(&token, &second_id, 0, &second).status, 201);
+    assert_eq!(
+        media.create(&token, third.len(), &sha_hex(&third)).status,
+        201
+    );
+}
+
+#[test]
+fn a_repeated_post_gets_the_same_upload_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let media = Media::start(dir.path(), |c| c.media.device_bytes_per_day = 10_000);
+    let token = media.upload_token(1, 1, 1 << 20);
+    let data = bytes(6_000, 110);
+    let sha = sha_hex(&data);
+    let first = media.create(&token, data.len(), &sha);
+    assert_eq!(first.status, 201, "{first:?}");
+    let id = first.json()["upload_id"].as_str().unwrap().to_string();
+    assert_eq!(media.patch(&token, &id, 0, &data[..2_500]).status, 204);
+    // The same POST again (its answer was lost, say): the same upload at
+    // its offset, not a second one (which the quota would refuse: 6,000
+    // reserved + 6,000 > 10,000).
+    let again = media.create(&token, data.len(), &sha);
+    assert_eq!(again.status, 201, "{again:?}");
+    let json = again.json();
+    assert_eq!(json["upload_id"], id.as_str());
+    assert_eq!(json["offset"], 2_500);
+    assert_eq!(json["size"], 6_000);
+    assert_eq!(json["complete"], false);
+    let location = format!("/v1/uploads/{id}");
+    assert_eq!(first.header("Location"), Some(location.as_str()));
+    assert_eq!(again.header("Location"), Some(location.as_str()));
+    // Another size is another upload (and this one does not fit).
+    media
+        .create(&token, data.len() - 1, &sha)
+        .assert_error(403, "QUOTA_EXCEEDED");
+    // Another device's POST is its own upload.
+    let other = media.create(&media.upload_token(1, 2, 1 << 20), data.len(), &sha);
+    assert_eq!(other.status, 201, "{other:?}");
+    assert_ne!(other.json()["upload_id"], id.as_str());
+    // The upload continues from the offset the repeat gave.
+    let reply = media.patch(&token, &id, 2_500, &data[2_500..]);
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert_eq!(media.create(&token, data.len(), &sha).status, 200);
+}
+
+#[test]
+fn bytes_that_do_not_match_their_hash_count_against_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut media = Media::start(dir.path(), |c| c.media.device_bytes_per_day = 10_000);
+    let token = media.upload_token(1, 1, 1 << 20);
+    let announced = bytes(6_000, 120);
+    let id = media.begin(&token, &announced);
+    media
+        .patch(&token, &id, 0, &bytes(6_000, 121))
+        .assert_error(422, "HASH_MISMATCH");
+    // The service wrote and hashed those 6,000 bytes: 6,000 + 5,000 is
+    // past the day's 10,000, even after a restart.
+    let next = bytes(5_000, 122);
+    media
+        .create(&token, next.len(), &sha_hex(&next))
+        .assert_error(403, "QUOTA_EXCEEDED");
+    media.server.kill9();
+    media.server.launch();
+    media
+        .create(&token, next.len(), &sha_hex(&next))
+        .assert_error(403, "QUOTA_EXCEEDED");
+    let fits = bytes(4_000, 123);
+    assert_eq!(
+        media.create(&token, fits.len(), &sha_hex(&fits)).status,
+        201
+    );
+}
+
+#[test]
+fn a_stale_upload_is_kept_until_the_object_it_left_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let media = Media::start(dir.path(), |c| {
+        c.media.upload_ttl_s = 2;
+        c.media.sweep_interval_s = 1;
+    });
+    let token = media.upload_token(1, 1, 1 << 20);
+    let data = bytes(5_000, 130);
+    let blob = sha_hex(&data);
+    // A directory where the blob's object goes: storing it fails, and so
+    // does deleting it.
+    let object = media.blob_file(&blob);
+    std::fs::create_dir_all(object.join("in-the-way")).unwrap();
+    let id = media.begin(&token, &data);
+    media
+        .patch(&token, &id, 0, &data)
+        .assert_error(503, "STORE_UNAVAILABLE");
+    // An upload with bytes missing, stale just after: its staging file
+    // going shows that the sweep has been over both.
+    let partial = bytes(5_000, 131);
+    let partial_id = media.begin(&token, &partial);
+    assert_eq!(
+        media
+            .patch(&token, &partial_id, 0, &partial[..1_000])
+            .status,
+        204
+    );
+    let uploads = media.media_dir().join("uploads");
+    assert!(
+        eventually(Duration::from_secs(10), || !uploads
+            .join(&partial_id)
+            .exists()),
+        "the stale upload with bytes missing was not dropped"
+    );
+    // What is in the blob's place could not be deleted: the upload, the
+    // only thing that leads to it, stays, sweep after sweep.
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(
+        uploads.join(&id).exists(),
+        "the upload was dropped while the object it may have left remains"
+    );
+    // An object left there (stored, then not recorded): the next sweep
+    // deletes it, then drops the upload.
+    std::fs::remove_dir_all(&object).unwrap();
+    std::fs::write(&object, &data).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || !object.exists()),
+        "the orphaned object was not deleted"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !uploads.join(&id).exists()),
+        "the stale upload was not dropped once its object was gone"
+    );
+    media.download(&blob, &[]).assert_error(404, "NOT_FOUND");
+    // Nothing is left in the way of uploading it again.
+    assert_eq!(media.upload(&token, &data), blob);
+}
+
+/// Sends a PATCH from a thread of its own; its answer comes on the handle.
+fn patch_in_background(
+    url: String,
+    token: String,
+    body: Vec<u8>,
+) -> std::thread::JoinHandle<Reply> {
+    std::thread::spawn(move || {
+        let headers = [
+            ("Authorization", format!("Bearer {token}")),
+            ("Upload-Offset", "0".to_string()),
+        ];
+        send("PATCH", &url, &headers, Some(&body))
+    })
+}
+
+#[test]
+fn uploads_waiting_for_a_claimed_blob_do_not_hold_up_other_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    let media = InProcess::start(dir.path(), |_| {});
+    let data = bytes(10_000, 140);
+    let blob = sha_hex(&data);
+    // Someone holds the blob (as a slow store of the same bytes would).
+    let claim = media
+        .shared
+        .try_claim(BlobId::parse(&blob).unwrap())
+        .unwrap();
+    // More uploads of it finishing than there are finalize slots (4).
+    let waiting: Vec<_> = (0..6u32)
+        .map(|device| {
+            let token = media.upload_token(1, device + 1, 1 << 20);
+            let id = media.begin(&token, &data);
+            patch_in_background(media.url(&format!("/v1/uploads/{id}")), token, data.clone())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // An upload of other bytes finishes meanwhile, at once.
+    let started = Instant::now();
+    let other = bytes(10_000, 141);
+    assert_eq!(
+        media.upload(&media.upload_token(2, 1, 1 << 20), &other),
+        sha_hex(&other)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "an unrelated upload waited {:?} behind the claimed blob",
+        started.elapsed()
+    );
+    // Released, the waiting uploads all finish: one stores the blob, the
+    // rest find it stored.
+    drop(claim);
+    for handle in waiting {
+        let reply = handle.join().unwrap();
+        assert_eq!(reply.status, 201, "{reply:?}");
+        assert_eq!(reply.json()["blob_id"], blob.as_str());
+    }
+    assert_eq!(media.download(&blob, &[]).body, data);
+    assert!(files_in(&media.media_dir().join("uploads")).is_empty());
+}
+
+#[test]
+fn a_post_waits_briefly_for_a_claimed_blob_and_renews_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let media = InProcess::start(dir.path(), |_| {});
+    let data = bytes(3_000, 150);
+    let blob = media.upload(&media.upload_token(1, 1, 1 << 20), &data);
+    let id = BlobId::parse(&blob).unwrap();
+    let announce = |device: u32| {
+        let url = media.url("/v1/uploads");
+        let token = media.upload_token(2, device, 1 << 20);
+        let body = format!(r#"{{"size": {}, "sha256": "{blob}"}}"#, data.len());
+        std::thread::spawn(move || {
+            let headers = [("Authorization", format!("Bearer {token}"))];
+            send("POST", &url, &headers, Some(body.as_bytes()))
+        })
+    };
+    // Held briefly (a renewal, the sweep looking at it): the POST waits
+    // and finds the blob stored.
+    let claim = media.shared.try_claim(id).unwrap();
+    let post = announce(1);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(claim);
+    let reply = post.join().unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json()["complete"], true);
+    // Held longer (an upload of the same bytes being stored): after a
+    // bounded wait it begins an upload.
+    let claim = media.shared.try_claim(id).unwrap();
+    let started = Instant::now();
+    let reply = announce(2).join().unwrap();
+    assert_eq!(reply.status, 201, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(claim);
+}
+
+#[test]
+fn a_create_body_that_never_arrives_is_answered_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let media = InProcess::start(dir.path(), |shared| {
+        shared.body_idle_timeout = Duration::from_millis(300);
+    });
+    let token = media.upload_token(1, 1, 1 << 20);
+    let mut stream = TcpStream::connect(media.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The headers promise a body; none follows, and the socket stays open.
+    write!(
+        stream,
+        "POST /v1/uploads HTTP/1.1\r\nHost: media\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains('}') {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(err) => panic!(
+                "no answer after {:?} ({err}): {:?}",
+                started.elapsed(),
+                String::from_utf8_lossy(&answer)
+            ),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"BAD_REQUEST\""), "{answer}");
+    assert!(answer.contains("did not arrive in time"), "{answer}");
+    // The service is there for the next client.
+    assert_eq!(
+        media.create(&token, 10, &sha_hex(b"0123456789")).status,
+        201
+    );
 }

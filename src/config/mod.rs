@@ -603,7 +603,7 @@ impl Config {
                 || m.device_uploads_in_flight_max == 0
             {
                 return invalid(
-                    "media.upload_ttl_s, sweep_interval_s and uploads_in_flight_max must be positive"
+                    "media.upload_ttl_s, sweep_interval_s, uploads_in_flight_max and device_uploads_in_flight_max must be positive"
                         .into(),
                 );
             }

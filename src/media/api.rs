@@ -32,8 +32,8 @@ use tracing::warn;
 use super::error::{ApiError, UPLOAD_LENGTH, UPLOAD_OFFSET};
 use super::ids::{BlobId, UploadId};
 use super::index::UploadRow;
-use super::ledger::UploadEntry;
-use super::limits::{utc_day, BODY_IDLE_TIMEOUT, CREATE_BODY_BYTES_MAX};
+use super::ledger::{Admission, UploadEntry};
+use super::limits::{utc_day, BLOB_CLAIM_WAIT, CREATE_BODY_BYTES_MAX, RENEW_CLAIM_WAIT};
 use super::range::{self, RangeAnswer};
 use super::service::{now_ms, Shared};
 use super::store::{blob_path, hash_staged, put_staged};
@@ -117,13 +117,23 @@ async fn create_upload(
 ) -> Answer {
     let now = now_ms();
     let (who, size_max) = shared.upload_grant(bearer(&headers)?, now)?;
-    let body = axum::body::to_bytes(body, CREATE_BODY_BYTES_MAX)
-        .await
-        .map_err(|_| {
-            ApiError::BadRequest(format!(
+    // A client that sends the headers and stalls is answered: the
+    // connection's idle clock is held while a handler runs, so nothing
+    // else would end this wait.
+    let read = axum::body::to_bytes(body, CREATE_BODY_BYTES_MAX);
+    let body = match tokio::time::timeout(shared.body_idle_timeout, read).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
+            return Err(ApiError::BadRequest(format!(
                 "the body must be JSON of at most {CREATE_BODY_BYTES_MAX} bytes"
+            )))
+        }
+        Err(_) => {
+            return Err(ApiError::BadRequest(
+                "the body did not arrive in time".into(),
             ))
-        })?;
+        }
+    };
     let request: CreateUpload = serde_json::from_slice(&body).map_err(|err| {
         ApiError::BadRequest(format!(
             "the body must be {{\"size\": N, \"sha256\": \"64 hex digits\"}}: {err}"
@@ -149,9 +159,12 @@ async fn create_upload(
     let size_bytes = request.size;
     detached(async move {
         // A blob already stored needs no upload: renew it (under its
-        // claim, so the sweep cannot be deleting it meanwhile). If someone
-        // holds the claim, upload as if it were absent.
-        let claim = shared.try_claim(blob);
+        // claim, so the sweep cannot be deleting it meanwhile). Renewals
+        // and the sweep hold a claim briefly, so wait for it a little;
+        // past that (an upload of the same bytes is being stored), upload
+        // as if it were absent: finishing finds it stored and only
+        // records it.
+        let claim = shared.claim_within(blob, RENEW_CLAIM_WAIT).await;
         let expires_at_ms = now.saturating_add(shared.ttl_ms());
         let renew = claim.is_some();
         let (existing, used_today) = shared
@@ -171,15 +184,33 @@ async fn create_upload(
                 serde_json::json!({"blob_id": blob.to_hex(), "size": size, "complete": true}),
             ));
         }
-        // The quota was read before the ledger's lock is taken: an upload
-        // of this device finishing in between may be counted neither as
-        // charged nor as reserved, so a device can overshoot its day by
-        // the uploads it finishes at that very moment. Keeping every
-        // device's day in memory would close that, at a cost per device.
+        // The quota was read before the ledger's lock is taken, so an
+        // upload of this device that is charged in between (stored, or
+        // dropped for HASH_MISMATCH) and released from the ledger is
+        // counted neither as charged nor as reserved. This admission can
+        // therefore pass the day's quota by at most the bytes of the
+        // device's uploads in flight concurrently with it that end inside
+        // that window: at most `device_uploads_in_flight_max` uploads,
+        // whose sizes the quota had admitted (so at most one more day's
+        // quota). Only an upload admitted and finished whole within the
+        // window (a complete PATCH inside one index read) could add more.
+        // Concurrent admissions of one device do not add up: each sees
+        // the others' reservations under the lock. Keeping every device's
+        // day in memory would close the window, at a cost per device.
+        //
+        // A repeat of a POST this device made (same bytes, upload not
+        // finished) gets that upload back; it was rate-counted like any
+        // POST above.
         let id = UploadId::random();
-        let entry = shared
+        let admission = shared
             .ledger()
             .admit(id, who, size_bytes, blob, used_today, now)?;
+        let entry = match admission {
+            Admission::Existing(existing, entry) => {
+                return Ok(created(existing, entry.offset, size_bytes));
+            }
+            Admission::New(entry) => entry,
+        };
         let row = UploadRow {
             uploader: who,
             size_bytes,
@@ -194,20 +225,26 @@ async fn create_upload(
             return Err(err);
         }
         shared.ledger().admitted(id);
-        let response = json(
-            StatusCode::CREATED,
-            serde_json::json!({
-                "upload_id": id.to_string(),
-                "offset": 0,
-                "size": size_bytes,
-                "complete": false,
-            }),
-        );
-        let location = HeaderValue::try_from(format!("/v1/uploads/{id}"))
-            .expect("hex digits are a valid header value");
-        Ok(with_header(response, "location", location))
+        Ok(created(id, 0, size_bytes))
     })
     .await
+}
+
+/// `201` for upload `id`, new or a repeat of its POST, with its offset
+/// and `Location`.
+fn created(id: UploadId, offset: u64, size_bytes: u64) -> Response {
+    let response = json(
+        StatusCode::CREATED,
+        serde_json::json!({
+            "upload_id": id.to_string(),
+            "offset": offset,
+            "size": size_bytes,
+            "complete": false,
+        }),
+    );
+    let location = HeaderValue::try_from(format!("/v1/uploads/{id}"))
+        .expect("hex digits are a valid header value");
+    with_header(response, "location", location)
 }
 
 fn upload_headers(response: Response, entry: &UploadEntry) -> Response {
@@ -340,7 +377,7 @@ async fn patch(
 
 /// Appends a PATCH body to the staging file at `offset`, at most `room`
 /// bytes, and makes them durable. A body that is cut (the client went
-/// away, or paused longer than `BODY_IDLE_TIMEOUT`) ends the append like
+/// away, or paused longer than `body_idle_timeout`) ends the append like
 /// its end would: what arrived is kept.
 async fn append(
     shared: &Shared,
@@ -383,7 +420,7 @@ async fn append(
         overflow: false,
     };
     loop {
-        let chunk = match tokio::time::timeout(BODY_IDLE_TIMEOUT, stream.next()).await {
+        let chunk = match tokio::time::timeout(shared.body_idle_timeout, stream.next()).await {
             Ok(Some(Ok(chunk))) => chunk,
             // The end, a cut connection, or a silent client.
             Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
@@ -403,15 +440,23 @@ async fn append(
 
 /// Every byte is staged: checks the hash, stores the blob, records it and
 /// charges the device's quota. The caller owns the upload (busy).
+///
+/// The blob's claim is taken before a `finalizes` slot: an upload waiting
+/// for another upload of the same bytes (or the sweep) holds none of the
+/// `FINALIZES_MAX` slots that uploads of other blobs need.
 async fn finish(shared: Arc<Shared>, id: UploadId, entry: UploadEntry) -> Answer {
     let size_bytes = entry.size_bytes;
+    let (blob, who) = (entry.blob, entry.uploader);
     let keep = |shared: &Shared, error: ApiError| {
         // Every byte stays staged: a PATCH with an empty body at this
         // offset tries again.
         shared.ledger().end_patch(id, size_bytes);
         Err(error)
     };
-    let _permit = shared
+    let Some(claim) = shared.claim_within(blob, BLOB_CLAIM_WAIT).await else {
+        return keep(&shared, ApiError::StoreUnavailable);
+    };
+    let permit = shared
         .finalizes
         .acquire()
         .await
@@ -428,27 +473,41 @@ async fn finish(shared: Arc<Shared>, id: UploadId, entry: UploadEntry) -> Answer
             return keep(&shared, ApiError::Internal);
         }
     };
-    if actual != entry.blob {
-        let removed = shared.index(move |index| index.remove_uploads(&[id])).await;
-        if removed.is_err() {
-            // The row stays: the next start recovers it with no bytes
-            // and the sweep drops it after upload_ttl_s.
+    if actual != blob {
+        drop(permit);
+        // The bytes were written and hashed: they count against the
+        // device's day like a stored blob's.
+        let day = utc_day(now_ms());
+        let dropped = shared
+            .index(move |index| index.drop_mismatched(id, size_bytes, who, day))
+            .await;
+        if dropped.is_err() {
+            // The row stays, uncharged: the next start recovers it with
+            // no bytes and the sweep drops it after upload_ttl_s.
             warn!(upload = %id, "dropping a mismatched upload from the index failed");
         }
         remove_staged(&staged).await;
         shared.ledger().discard(id);
         return Err(ApiError::HashMismatch);
     }
-    let Some(claim) = shared.claim(entry.blob).await else {
-        return keep(&shared, ApiError::StoreUnavailable);
+    // Another upload of the same bytes may have stored the blob since
+    // this one began: then there is nothing to store, only to record. (A
+    // live row's object is there: the sweep deletes only expired blobs,
+    // under their claim, which this upload holds.)
+    let now = now_ms();
+    let live = match shared.index(move |index| index.blob(blob)).await {
+        Ok(row) => row.is_some_and(|row| row.expires_at_ms > now),
+        Err(err) => return keep(&shared, err),
     };
-    if let Err(err) = put_staged(shared.store.as_ref(), &staged, entry.blob, size_bytes).await {
-        warn!(upload = %id, blob = %entry.blob, %err, "storing a blob failed");
-        return keep(&shared, ApiError::StoreUnavailable);
+    if !live {
+        if let Err(err) = put_staged(shared.store.as_ref(), &staged, blob, size_bytes).await {
+            warn!(upload = %id, %blob, %err, "storing a blob failed");
+            return keep(&shared, ApiError::StoreUnavailable);
+        }
     }
+    drop(permit);
     let now = now_ms();
     let expires_at_ms = now.saturating_add(shared.ttl_ms());
-    let (blob, who) = (entry.blob, entry.uploader);
     let stored = shared
         .index(move |index| {
             index.store_blob(id, blob, size_bytes, expires_at_ms, who, utc_day(now))

@@ -32,6 +32,14 @@ pub enum ApiError {
     RateLimited { retry_after_s: u64 },
     #[error("this device's daily upload quota is used up")]
     QuotaExceeded,
+    /// The device has `media.device_uploads_in_flight_max` uploads begun
+    /// and not finished. No `Retry-After`: a slot frees when the client
+    /// finishes one of them, or when one expires after `upload_ttl_s`.
+    #[error(
+        "this device has {limit} unfinished uploads, the most allowed \
+         (media.device_uploads_in_flight_max); finish one before beginning another"
+    )]
+    DeviceUploadsInFlight { limit: u32 },
     #[error("too many uploads in progress; retry later")]
     TooManyUploads,
     #[error("the media store is full")]
@@ -66,7 +74,9 @@ impl ApiError {
             ApiError::BadToken(_) | ApiError::TokenExpired => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::BlobTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::DeviceUploadsInFlight { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::QuotaExceeded | ApiError::NotYourUpload | ApiError::WrongBlob => {
                 StatusCode::FORBIDDEN
             }
@@ -92,6 +102,7 @@ impl ApiError {
             ApiError::BlobTooLarge { .. } => "BLOB_TOO_LARGE",
             ApiError::RateLimited { .. } => "RATE_LIMITED",
             ApiError::QuotaExceeded => "QUOTA_EXCEEDED",
+            ApiError::DeviceUploadsInFlight { .. } => "DEVICE_UPLOADS_IN_FLIGHT",
             ApiError::TooManyUploads => "TOO_MANY_UPLOADS",
             ApiError::StoreFull => "STORE_FULL",
             ApiError::NotFound => "NOT_FOUND",
@@ -159,6 +170,15 @@ mod tests {
         let response = ApiError::RateLimited { retry_after_s: 7 }.into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+    }
+
+    #[test]
+    fn too_many_unfinished_uploads_of_a_device_names_the_limit_and_no_retry_time() {
+        let error = ApiError::DeviceUploadsInFlight { limit: 32 };
+        assert!(error.to_string().contains("32"), "{error}");
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
     }
 
     #[test]

@@ -27,7 +27,8 @@ const BLOB_EXPIRY: TableDefinition<(u64, [u8; 32]), ()> = TableDefinition::new("
 /// upload id → (user, device, size bytes, announced sha256, created at ms).
 const UPLOADS: TableDefinition<u128, (u64, u32, u64, [u8; 32], u64)> =
     TableDefinition::new("uploads");
-/// (user, device) → (UTC day number, bytes of blobs finished that day).
+/// (user, device) → (UTC day number, bytes of uploads finished that day:
+/// stored as blobs, or dropped for not matching their hash).
 const DEVICE_QUOTA: TableDefinition<(u64, u32), (u64, u64)> = TableDefinition::new("device_quota");
 
 /// A failure of the media index (boxed: redb's errors are large).
@@ -218,6 +219,28 @@ impl Index {
         Ok(())
     }
 
+    /// Drops upload `id`, whose bytes did not hash to the announced blob,
+    /// and charges its size to `who` for UTC day `day`, in one
+    /// transaction: the service wrote and hashed those bytes, so they
+    /// count against the device's quota as a stored blob's do (else a
+    /// device could have unlimited bytes written and hashed per day).
+    pub fn drop_mismatched(
+        &self,
+        id: UploadId,
+        size_bytes: u64,
+        who: Uploader,
+        day: u64,
+    ) -> Result<(), IndexError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut uploads = txn.open_table(UPLOADS)?;
+            uploads.remove(id.0)?;
+        }
+        charge(&txn, who, day, size_bytes)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Turns upload `id` into blob `blob` (stored already) until
     /// `expires_at_ms` and charges its size to `who` for UTC day `day`, in
     /// one transaction. True when the blob was not in the index before
@@ -243,16 +266,9 @@ impl Index {
                 expiry.remove((old_expiry, blob.0))?;
             }
             expiry.insert((expires_at_ms, blob.0), ())?;
-            let mut quota = txn.open_table(DEVICE_QUOTA)?;
-            let key = (who.user.0, who.device.0);
-            let used = quota
-                .get(key)?
-                .map(|row| row.value())
-                .filter(|(row_day, _)| *row_day == day)
-                .map_or(0, |(_, bytes)| bytes);
-            quota.insert(key, (day, used.saturating_add(size_bytes)))?;
             old.is_none()
         };
+        charge(&txn, who, day, size_bytes)?;
         txn.commit()?;
         Ok(new)
     }
@@ -291,6 +307,25 @@ impl Index {
         txn.commit()?;
         Ok(removed)
     }
+}
+
+/// Adds `bytes` to what `who` uploaded on UTC day `day`, within `txn`; a
+/// row of an earlier day starts over.
+fn charge(
+    txn: &redb::WriteTransaction,
+    who: Uploader,
+    day: u64,
+    bytes: u64,
+) -> Result<(), IndexError> {
+    let mut quota = txn.open_table(DEVICE_QUOTA)?;
+    let key = (who.user.0, who.device.0);
+    let used = quota
+        .get(key)?
+        .map(|row| row.value())
+        .filter(|(row_day, _)| *row_day == day)
+        .map_or(0, |(_, used)| used);
+    quota.insert(key, (day, used.saturating_add(bytes)))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -346,6 +381,25 @@ mod tests {
         );
         let uploads = index.uploads().unwrap();
         assert_eq!(uploads, vec![(UploadId(2), upload(2, 20))]);
+    }
+
+    #[test]
+    fn a_mismatched_upload_is_dropped_and_charged() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("index.redb")).unwrap();
+        index.insert_upload(UploadId(1), upload(1, 10)).unwrap();
+        index.insert_upload(UploadId(2), upload(2, 20)).unwrap();
+        index.drop_mismatched(UploadId(1), 10, who(1), 3).unwrap();
+        index
+            .store_blob(UploadId(2), BlobId([2; 32]), 20, 1_000, who(1), 3)
+            .unwrap();
+        assert_eq!(index.quota_used(who(1), 3).unwrap(), 30);
+        assert!(index.uploads().unwrap().is_empty());
+        assert_eq!(index.blob(BlobId([1; 32])).unwrap(), None);
+        // The next day starts from nothing.
+        index.insert_upload(UploadId(3), upload(3, 5)).unwrap();
+        index.drop_mismatched(UploadId(3), 5, who(1), 4).unwrap();
+        assert_eq!(index.quota_used(who(1), 4).unwrap(), 5);
     }
 
     #[test]

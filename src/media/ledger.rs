@@ -6,9 +6,10 @@
 //! never across I/O.
 //!
 //! Invariants:
-//! - `reserved_bytes` is the sum of the sizes of `uploads`, and
-//!   `device_reserved[d]` the sum over `d`'s uploads; an upload's bytes are
-//!   reserved from admission until it finishes or is dropped.
+//! - `reserved_bytes` is the sum of the sizes of `uploads`; `devices[d]`
+//!   lists exactly `d`'s uploads and the sum of their sizes, and exists
+//!   only while `d` has one. An upload's bytes are reserved from admission
+//!   until it finishes or is dropped.
 //! - an upload marked `busy` has one owner (a PATCH, its admission, or the
 //!   sweep dropping it); nobody else changes its offset or removes it.
 //! - a blob id in `claims` has one owner (an upload storing it, the sweep
@@ -36,11 +37,22 @@ pub struct UploadEntry {
     pub busy: bool,
 }
 
+/// What `admit` decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A new upload, reserved and `busy` until `admitted` or `discard`.
+    New(UploadEntry),
+    /// The device's own unfinished upload of the same bytes (same SHA-256
+    /// and size): the POST is a repeat, answered with this upload.
+    Existing(UploadId, UploadEntry),
+}
+
 /// The bounds the ledger enforces (from `MediaConfig`).
 #[derive(Clone, Copy, Debug)]
 pub struct LedgerLimits {
     pub store_bytes_max: u64,
     pub uploads_in_flight_max: u32,
+    pub device_uploads_in_flight_max: u32,
     pub device_bytes_per_day: u64,
     pub upload_ttl_ms: u64,
 }
@@ -50,10 +62,21 @@ impl LedgerLimits {
         LedgerLimits {
             store_bytes_max: config.store_bytes_max,
             uploads_in_flight_max: config.uploads_in_flight_max,
+            device_uploads_in_flight_max: config.device_uploads_in_flight_max,
             device_bytes_per_day: config.device_bytes_per_day,
             upload_ttl_ms: config.upload_ttl_s.saturating_mul(1_000),
         }
     }
+}
+
+/// One device's unfinished uploads: their ids (at most
+/// `device_uploads_in_flight_max`, unless a restart recovered more under a
+/// lower limit) and the bytes they reserve. About 80 bytes plus 16 per
+/// upload.
+#[derive(Debug, Default)]
+struct DeviceUploads {
+    reserved_bytes: u64,
+    uploads: Vec<UploadId>,
 }
 
 #[derive(Debug)]
@@ -63,7 +86,7 @@ pub struct Ledger {
     blob_bytes: u64,
     reserved_bytes: u64,
     uploads: HashMap<UploadId, UploadEntry>,
-    device_reserved: HashMap<Uploader, u64>,
+    devices: HashMap<Uploader, DeviceUploads>,
     claims: HashSet<BlobId>,
     pub rate: RateLimiter,
 }
@@ -75,7 +98,7 @@ impl Ledger {
             blob_bytes,
             reserved_bytes: 0,
             uploads: HashMap::new(),
-            device_reserved: HashMap::new(),
+            devices: HashMap::new(),
             claims: HashSet::new(),
             rate: RateLimiter::new(uploads_per_minute),
         }
@@ -94,22 +117,53 @@ impl Ledger {
     }
 
     fn reserve(&mut self, id: UploadId, entry: UploadEntry) {
-        self.reserved_bytes += entry.size_bytes;
-        *self.device_reserved.entry(entry.uploader).or_default() += entry.size_bytes;
         let previous = self.uploads.insert(id, entry);
         assert!(previous.is_none(), "upload ids are unique");
+        self.reserved_bytes += entry.size_bytes;
+        let device = self.devices.entry(entry.uploader).or_default();
+        device.reserved_bytes += entry.size_bytes;
+        device.uploads.push(id);
     }
 
     fn release(&mut self, id: UploadId) -> Option<UploadEntry> {
         let entry = self.uploads.remove(&id)?;
         self.reserved_bytes -= entry.size_bytes;
-        if let Some(bytes) = self.device_reserved.get_mut(&entry.uploader) {
-            *bytes -= entry.size_bytes;
-            if *bytes == 0 {
-                self.device_reserved.remove(&entry.uploader);
-            }
+        let device = self
+            .devices
+            .get_mut(&entry.uploader)
+            .expect("a reserved upload is listed under its device");
+        device.reserved_bytes -= entry.size_bytes;
+        let at = device
+            .uploads
+            .iter()
+            .position(|listed| *listed == id)
+            .expect("a reserved upload is listed under its device");
+        device.uploads.swap_remove(at);
+        if device.uploads.is_empty() {
+            assert_eq!(
+                device.reserved_bytes, 0,
+                "a device's bytes are its uploads'"
+            );
+            self.devices.remove(&entry.uploader);
         }
         Some(entry)
+    }
+
+    /// `uploader`'s live unfinished upload of `blob` with `size_bytes`, if
+    /// any (at most `device_uploads_in_flight_max` entries are looked at).
+    fn existing(
+        &self,
+        uploader: Uploader,
+        size_bytes: u64,
+        blob: BlobId,
+        now_ms: u64,
+    ) -> Option<(UploadId, UploadEntry)> {
+        let device = self.devices.get(&uploader)?;
+        device.uploads.iter().find_map(|id| {
+            let entry = self.uploads.get(id).expect("listed uploads are reserved");
+            let same = entry.blob == blob && entry.size_bytes == size_bytes;
+            (same && !self.is_stale(entry, now_ms)).then_some((*id, *entry))
+        })
     }
 
     /// An upload found in the index at start (no limits apply: it was
@@ -124,11 +178,14 @@ impl Ledger {
         );
     }
 
-    /// Admits a new upload or says why not, in the documented order:
-    /// the device's daily quota (`used_today_bytes` charged already, plus
-    /// what its unfinished uploads reserve), uploads in flight, then the
-    /// store's total. An admitted upload is reserved and `busy` until
-    /// `admitted` (its index row is written) or `discard`.
+    /// Admits a new upload or says why not. First, a device that has an
+    /// unfinished upload of the same bytes (SHA-256 and size) gets that
+    /// one back, whatever the limits: it reserves nothing new. Otherwise,
+    /// in the documented order: the device's daily quota
+    /// (`used_today_bytes` charged already, plus what its unfinished
+    /// uploads reserve), the device's uploads in flight, all uploads in
+    /// flight, then the store's total. An admitted upload is reserved and
+    /// `busy` until `admitted` (its index row is written) or `discard`.
     pub fn admit(
         &mut self,
         id: UploadId,
@@ -137,14 +194,25 @@ impl Ledger {
         blob: BlobId,
         used_today_bytes: u64,
         now_ms: u64,
-    ) -> Result<UploadEntry, ApiError> {
-        let reserved = self.device_reserved.get(&uploader).copied().unwrap_or(0);
+    ) -> Result<Admission, ApiError> {
+        if let Some((existing, entry)) = self.existing(uploader, size_bytes, blob, now_ms) {
+            return Ok(Admission::Existing(existing, entry));
+        }
+        let (reserved, device_uploads) = self.devices.get(&uploader).map_or((0, 0), |device| {
+            (device.reserved_bytes, device.uploads.len())
+        });
         if used_today_bytes
             .saturating_add(reserved)
             .saturating_add(size_bytes)
             > self.limits.device_bytes_per_day
         {
             return Err(ApiError::QuotaExceeded);
+        }
+        let device_limit = self.limits.device_uploads_in_flight_max;
+        if device_uploads >= device_limit as usize {
+            return Err(ApiError::DeviceUploadsInFlight {
+                limit: device_limit,
+            });
         }
         if self.uploads.len() >= self.limits.uploads_in_flight_max as usize {
             return Err(ApiError::TooManyUploads);
@@ -166,7 +234,7 @@ impl Ledger {
             busy: true,
         };
         self.reserve(id, entry);
-        Ok(entry)
+        Ok(Admission::New(entry))
     }
 
     /// The admitted upload's index row is durable: it may be written.
@@ -301,6 +369,7 @@ mod tests {
     const LIMITS: LedgerLimits = LedgerLimits {
         store_bytes_max: 1_000,
         uploads_in_flight_max: 3,
+        device_uploads_in_flight_max: 2,
         device_bytes_per_day: 500,
         upload_ttl_ms: 10_000,
     };
@@ -313,9 +382,13 @@ mod tests {
     }
 
     fn admit(ledger: &mut Ledger, id: u128, who: Uploader, size: u64) -> Result<(), ApiError> {
-        ledger
-            .admit(UploadId(id), who, size, BlobId([id as u8; 32]), 0, 0)
-            .map(|_| ledger.admitted(UploadId(id)))
+        match ledger.admit(UploadId(id), who, size, BlobId([id as u8; 32]), 0, 0)? {
+            Admission::New(_) => {
+                ledger.admitted(UploadId(id));
+                Ok(())
+            }
+            Admission::Existing(..) => panic!("each test upload has bytes of its own"),
+        }
     }
 
     #[test]
@@ -338,7 +411,17 @@ mod tests {
             Err(ApiError::StoreFull)
         );
         admit(&mut ledger, 2, device(2), 50).unwrap();
-        admit(&mut ledger, 3, device(3), 50).unwrap();
+        admit(&mut ledger, 3, device(2), 50).unwrap();
+        // Quota before the device's uploads in flight (50 + 50 + 401 >
+        // 500), and those before all uploads in flight (3 of 3).
+        assert_eq!(
+            admit(&mut ledger, 4, device(2), 401),
+            Err(ApiError::QuotaExceeded)
+        );
+        assert_eq!(
+            admit(&mut ledger, 4, device(2), 400),
+            Err(ApiError::DeviceUploadsInFlight { limit: 2 })
+        );
         // In flight before the store's total.
         assert_eq!(
             admit(&mut ledger, 4, device(4), 400),
@@ -348,6 +431,67 @@ mod tests {
         ledger.discard(UploadId(3));
         ledger.discard(UploadId(2));
         assert_eq!(ledger.reserved_bytes(), 300);
+    }
+
+    #[test]
+    fn a_device_past_its_uploads_in_flight_waits_for_one_to_end() {
+        let mut ledger = Ledger::new(LIMITS, 60, 0);
+        admit(&mut ledger, 1, device(1), 10).unwrap();
+        admit(&mut ledger, 2, device(1), 10).unwrap();
+        assert_eq!(
+            admit(&mut ledger, 3, device(1), 10),
+            Err(ApiError::DeviceUploadsInFlight { limit: 2 })
+        );
+        // Another device is not held back.
+        admit(&mut ledger, 3, device(2), 10).unwrap();
+        ledger.begin_patch(UploadId(1), device(1), 0, 1).unwrap();
+        ledger.finish(UploadId(1), true);
+        admit(&mut ledger, 4, device(1), 10).unwrap();
+        ledger.discard(UploadId(2));
+        ledger.discard(UploadId(3));
+        ledger.discard(UploadId(4));
+        assert_eq!(ledger.reserved_bytes(), 0);
+        assert!(
+            ledger.devices.is_empty(),
+            "no device is kept without uploads"
+        );
+    }
+
+    #[test]
+    fn a_repeated_admission_gets_the_devices_upload_back() {
+        let mut ledger = Ledger::new(LIMITS, 60, 0);
+        let blob = BlobId([7; 32]);
+        let first = ledger.admit(UploadId(1), device(1), 300, blob, 0, 0);
+        let Ok(Admission::New(entry)) = first else {
+            panic!("{first:?}")
+        };
+        ledger.admitted(UploadId(1));
+        ledger.begin_patch(UploadId(1), device(1), 0, 1).unwrap();
+        ledger.end_patch(UploadId(1), 120);
+        // Same bytes, same device: that upload at its offset, though a
+        // second reservation would pass the quota (300 + 300 > 500).
+        let again = ledger.admit(UploadId(2), device(1), 300, blob, 0, 2);
+        let offset_120 = UploadEntry {
+            offset: 120,
+            busy: false,
+            ..entry
+        };
+        assert_eq!(again, Ok(Admission::Existing(UploadId(1), offset_120)));
+        assert_eq!(ledger.reserved_bytes(), 300);
+        // Another size, or another device, is another upload.
+        assert_eq!(
+            ledger.admit(UploadId(2), device(1), 299, blob, 0, 2),
+            Err(ApiError::QuotaExceeded)
+        );
+        assert!(matches!(
+            ledger.admit(UploadId(3), device(2), 300, blob, 0, 2),
+            Ok(Admission::New(_))
+        ));
+        // A stale upload is not handed out again.
+        assert!(matches!(
+            ledger.admit(UploadId(4), device(1), 300, blob, 0, 10_000),
+            Err(ApiError::QuotaExceeded)
+        ));
     }
 
     #[test]

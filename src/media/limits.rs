@@ -19,7 +19,11 @@ pub const FINALIZES_MAX: usize = 4;
 
 /// Longest pause inside a PATCH body before the service stops reading,
 /// keeps what arrived and answers; a silent client cannot hold an upload
-/// busy for longer.
+/// busy for longer. Also the longest a `POST /v1/uploads` body (at most
+/// `CREATE_BODY_BYTES_MAX`) may take to arrive whole, so a client that
+/// sends headers and stalls is answered 400. The connection's idle clock
+/// is held while a handler runs, so this is what bounds those waits.
+/// (`Shared` carries it, so tests can shorten it.)
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Largest `POST /v1/uploads` body, bytes (`{"size":…,"sha256":"…"}`).
@@ -29,9 +33,19 @@ pub const CREATE_BODY_BYTES_MAX: usize = 1024;
 /// the sweep yields between batches.
 pub const SWEEP_BATCH: usize = 256;
 
-/// Longest wait for a blob that the sweep is deleting before a finishing
-/// upload of the same bytes gives up (503) and leaves its upload to retry.
+/// Longest wait for a blob that the sweep is deleting, or that another
+/// upload of the same bytes is storing, before a finishing upload gives up
+/// (503) and leaves its upload to retry. The finishing upload holds no
+/// `FINALIZES_MAX` slot while it waits.
 pub const BLOB_CLAIM_WAIT: Duration = Duration::from_secs(30);
+
+/// Longest wait of `POST /v1/uploads` for a blob someone else has claimed
+/// (a renewal, a finishing upload of the same bytes, the sweep) before it
+/// answers as if the blob were not stored and begins an upload. Claims
+/// other than a finishing upload's are held for one index call, so this
+/// is long enough for them and short enough for a client waiting on its
+/// POST.
+pub const RENEW_CLAIM_WAIT: Duration = Duration::from_secs(1);
 
 /// Devices whose upload rate is tracked. A device whose bucket is full is
 /// not kept, so the map holds only devices that uploaded within the last

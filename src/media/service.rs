@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use object_store::ObjectStore;
 use tracing::{info, warn};
@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::ids::{BlobId, UploadId, Uploader};
 use super::index::{Index, IndexError};
 use super::ledger::{Ledger, LedgerLimits, UploadEntry};
-use super::limits::{BLOB_CLAIM_WAIT, FINALIZES_MAX};
+use super::limits::{BODY_IDLE_TIMEOUT, FINALIZES_MAX};
 use super::store::{self, INDEX_FILE, MEDIA_DIR, UPLOADS_DIR};
 use super::token::{Grant, MediaKey, Subject, TokenError};
 use crate::config::MediaConfig;
@@ -36,7 +36,14 @@ pub struct Shared {
     ledger: Mutex<Ledger>,
     /// Uploads being hashed and stored at once (`FINALIZES_MAX`).
     pub finalizes: tokio::sync::Semaphore,
+    /// Longest pause inside a PATCH body, and longest wait for a whole
+    /// POST body (`BODY_IDLE_TIMEOUT`; a field so that tests can shorten
+    /// it).
+    pub body_idle_timeout: Duration,
 }
+
+/// How often a waiting `claim_within` tries again.
+const CLAIM_POLL: Duration = Duration::from_millis(20);
 
 /// What `recover` found.
 #[derive(Clone, Copy, Debug)]
@@ -123,6 +130,7 @@ impl Shared {
             uploads_dir,
             ledger: Mutex::new(ledger),
             finalizes: tokio::sync::Semaphore::new(FINALIZES_MAX),
+            body_idle_timeout: BODY_IDLE_TIMEOUT,
         };
         Ok((shared, recovered))
     }
@@ -227,19 +235,22 @@ impl Shared {
         })
     }
 
-    /// Takes `blob`, waiting while someone else (the sweep deleting it, or
-    /// another upload of the same bytes) has it, for at most
-    /// `BLOB_CLAIM_WAIT`.
-    pub async fn claim(self: &Arc<Self>, blob: BlobId) -> Option<Claim> {
-        let deadline = Instant::now() + BLOB_CLAIM_WAIT;
+    /// Takes `blob`, waiting while someone else (the sweep deleting it, a
+    /// renewal, or another upload of the same bytes) has it, for at most
+    /// `wait`.
+    ///
+    /// Cancel safety: dropping the future takes nothing.
+    pub async fn claim_within(self: &Arc<Self>, blob: BlobId, wait: Duration) -> Option<Claim> {
+        let deadline = Instant::now() + wait;
         loop {
             if let Some(claim) = self.try_claim(blob) {
                 return Some(claim);
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return None;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(CLAIM_POLL.min(deadline - now)).await;
         }
     }
 }

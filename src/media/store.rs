@@ -135,7 +135,8 @@ async fn read_part(file: Arc<std::fs::File>, offset: u64, len: u64) -> std::io::
     .map_err(std::io::Error::other)?
 }
 
-/// Copies the first `size_bytes` of a staged file to `blobs/<blob>`.
+/// Copies the first `size_bytes` of a staged file to `blobs/<blob>`. Every
+/// file call runs on the blocking pool.
 ///
 /// Cancel safety: dropping the future may leave an unfinished multipart
 /// upload in the store (S3 keeps its parts until a lifecycle rule removes
@@ -147,7 +148,13 @@ pub async fn put_staged(
     size_bytes: u64,
 ) -> Result<(), StoreError> {
     let location = blob_path(blob);
-    let file = Arc::new(std::fs::File::open(staged)?);
+    // Opening is a blocking call too (a slow or busy disk): not on a
+    // runtime worker.
+    let staged = staged.to_path_buf();
+    let file = tokio::task::spawn_blocking(move || std::fs::File::open(staged))
+        .await
+        .map_err(std::io::Error::other)??;
+    let file = Arc::new(file);
     if size_bytes <= PART_BYTES {
         let bytes = read_part(file, 0, size_bytes).await?;
         store.put(&location, PutPayload::from(bytes)).await?;

@@ -9,6 +9,14 @@
 //! crash in between leaves a row that the next sweep finishes. Requests
 //! never wait for the sweep: an expired blob is already refused (404)
 //! before it is swept.
+//!
+//! A stale upload with every byte staged may have left an object in the
+//! store that no blob row owns (its blob was stored, then recording it
+//! failed or the process died). The upload's row is all that leads back
+//! to that object, so the object is dealt with first and the row removed
+//! only after: an upload whose object cannot be settled now (its blob is
+//! claimed, the index or the store fails) is handed back untouched and
+//! the next sweep tries again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +25,8 @@ use futures_util::StreamExt;
 use object_store::ObjectStoreExt;
 use tracing::{info, warn};
 
-use super::ids::BlobId;
+use super::ids::{BlobId, UploadId};
+use super::ledger::UploadEntry;
 use super::limits::SWEEP_BATCH;
 use super::service::{now_ms, Claim, Shared};
 use super::store::blob_path;
@@ -28,8 +37,10 @@ const DELETES_IN_FLIGHT: usize = 16;
 /// What one sweep removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
+    /// Expired blobs deleted (object and row), and their bytes.
     pub blobs: u64,
     pub blob_bytes: u64,
+    /// Stale uploads dropped (row and staging file).
     pub uploads: u64,
 }
 
@@ -71,7 +82,9 @@ async fn delete_objects(shared: &Arc<Shared>, blobs: Vec<BlobId>) -> Vec<BlobId>
                 match store.delete(&blob_path(blob)).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => Some(blob),
                     Err(err) => {
-                        warn!(%blob, %err, "deleting a blob failed; retried next sweep");
+                        // Whoever asked keeps the row that leads back to
+                        // the object (a blob's, or an upload's).
+                        warn!(%blob, %err, "deleting a blob's object failed; the next sweep tries again");
                         None
                     }
                 }
@@ -151,17 +164,23 @@ async fn sweep_uploads(shared: &Arc<Shared>, now: u64, swept: &mut Swept) {
         if stale.is_empty() {
             return;
         }
-        let ids: Vec<_> = stale.iter().map(|(id, _)| *id).collect();
-        let removed = shared.index(move |index| index.remove_uploads(&ids)).await;
-        if removed.is_err() {
-            // Give them back untouched; the next sweep tries again.
-            let mut ledger = shared.ledger();
-            for (id, entry) in &stale {
-                ledger.end_patch(*id, entry.offset);
-            }
+        let taken = stale.len();
+        let ready = settle_objects(shared, stale).await;
+        // Uploads handed back are stale still: taking them again in this
+        // sweep would only repeat what just failed.
+        let handed_back = ready.len() < taken;
+        if ready.is_empty() {
             return;
         }
-        let paths: Vec<_> = stale
+        let ids: Vec<_> = ready.iter().map(|(id, _)| *id).collect();
+        let removed = shared.index(move |index| index.remove_uploads(&ids)).await;
+        if removed.is_err() {
+            // Their objects are dealt with already; the next sweep finds
+            // them so and removes the rows then.
+            hand_back(shared, &ready);
+            return;
+        }
+        let paths: Vec<_> = ready
             .iter()
             .map(|(id, _)| shared.staged_path(*id))
             .collect();
@@ -178,27 +197,92 @@ async fn sweep_uploads(shared: &Arc<Shared>, now: u64, swept: &mut Swept) {
             })
             .await;
         if let Err(err) = removed_files {
+            // `Shared::recover` deletes staging files without an upload row.
             warn!(%err, "removing stale staging files failed; removed at next start");
-        }
-        // An upload with every byte staged may have reached the store
-        // before a crash kept it from being recorded: delete such an
-        // object unless a blob row owns it.
-        for (_, entry) in stale.iter().filter(|(_, e)| e.offset == e.size_bytes) {
-            let Some(claim) = shared.try_claim(entry.blob) else {
-                continue;
-            };
-            let blob = entry.blob;
-            if let Ok(None) = shared.index(move |index| index.blob(blob)).await {
-                delete_objects(shared, vec![claim.blob()]).await;
-            }
         }
         {
             let mut ledger = shared.ledger();
-            for (id, _) in &stale {
+            for (id, _) in &ready {
                 ledger.discard(*id);
             }
         }
-        swept.uploads += stale.len() as u64;
+        swept.uploads += ready.len() as u64;
+        if handed_back || taken < SWEEP_BATCH {
+            return;
+        }
         tokio::task::yield_now().await;
     }
+}
+
+/// Gives stale uploads back to the ledger as they were, for the next sweep.
+fn hand_back(shared: &Shared, uploads: &[(UploadId, UploadEntry)]) {
+    let mut ledger = shared.ledger();
+    for (id, entry) in uploads {
+        ledger.end_patch(*id, entry.offset);
+    }
+}
+
+/// Deletes the object each upload in `stale` with every byte staged may
+/// have left in the store, unless a blob row owns it (then it is the
+/// blob's). Gives the uploads that may now be dropped: those with bytes
+/// missing, and those whose object is owned or gone. The rest are handed
+/// back: their blob is claimed by someone storing, renewing or deleting
+/// it, or the index or the store failed.
+async fn settle_objects(
+    shared: &Arc<Shared>,
+    stale: Vec<(UploadId, UploadEntry)>,
+) -> Vec<(UploadId, UploadEntry)> {
+    // Bytes missing: the upload never reached `finish`, so no object.
+    let (staged, mut ready): (Vec<_>, Vec<_>) = stale
+        .into_iter()
+        .partition(|(_, entry)| entry.offset == entry.size_bytes);
+    if staged.is_empty() {
+        return ready;
+    }
+    let mut back = Vec::new();
+    let mut claimed = Vec::new();
+    let mut claims: Vec<Claim> = Vec::new();
+    for (id, entry) in staged {
+        // Two stale uploads of the same bytes share one claim.
+        if claims.iter().any(|claim| claim.blob() == entry.blob) {
+            claimed.push((id, entry));
+            continue;
+        }
+        match shared.try_claim(entry.blob) {
+            Some(claim) => {
+                claims.push(claim);
+                claimed.push((id, entry));
+            }
+            None => back.push((id, entry)),
+        }
+    }
+    // Claimed, so nobody stores, renews or deletes these blobs meanwhile.
+    let blobs: Vec<BlobId> = claims.iter().map(Claim::blob).collect();
+    let unowned = shared
+        .index(move |index| {
+            let mut unowned = Vec::new();
+            for blob in blobs {
+                if index.blob(blob)?.is_none() {
+                    unowned.push(blob);
+                }
+            }
+            Ok(unowned)
+        })
+        .await;
+    match unowned {
+        Ok(unowned) => {
+            let gone = delete_objects(shared, unowned.clone()).await;
+            for (id, entry) in claimed {
+                if unowned.contains(&entry.blob) && !gone.contains(&entry.blob) {
+                    back.push((id, entry));
+                } else {
+                    ready.push((id, entry));
+                }
+            }
+        }
+        Err(_) => back.extend(claimed),
+    }
+    drop(claims);
+    hand_back(shared, &back);
+    ready
 }
