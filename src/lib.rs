@@ -24,6 +24,7 @@ pub mod media;
 pub mod meta;
 pub mod metrics;
 pub mod net;
+pub mod noise;
 pub mod proto;
 pub mod push;
 pub mod route;
