@@ -16,6 +16,7 @@ mod group;
 mod latency;
 mod limits;
 mod link;
+mod media;
 mod mqtt;
 mod reaper;
 mod report;
@@ -66,6 +67,9 @@ enum Scenario {
     /// Groups of users; one sender per group sends group messages open-loop
     /// at a fixed total rate, every other member gets each one.
     Group(GroupArgs),
+    /// The media service: upload and download MB/s per blob size (with the
+    /// disk's own by dd), and server memory per upload in flight.
+    Media(media::MediaArgs),
     /// Print two JSON results side by side.
     Compare { a: PathBuf, b: PathBuf },
     /// Internal: a worker process (started by the coordinator).
@@ -270,6 +274,7 @@ fn main() -> anyhow::Result<()> {
             let shape = (args.groups, args.members);
             Run::start("group", args.common.clone(), Some(shape))?.group(&args)
         }
+        Scenario::Media(args) => media::run(&args, machine()),
     }
 }
 

@@ -79,14 +79,19 @@ fn server_binary() -> PathBuf {
 fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
+    // The media service has no command-line flag for its listener, and its
+    // default port would be shared by the servers of tests running at once.
+    let config = data.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!("[media]\nlisten = \"127.0.0.1:{}\"\n", free_port()),
+    )
+    .unwrap();
     let mut child = Command::new(server_binary())
-        .args([
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--admin-listen",
-            &admin,
-        ])
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", &addr.to_string(), "--admin-listen", &admin])
         .arg("--data-dir")
         .arg(data)
         .args(["--shards", "2", "--no-pin", "--log-level", "warn"])
@@ -455,4 +460,79 @@ fn every_scenario_reports_consistent_numbers_against_switchboard() {
     let text = std::fs::read_to_string(&users).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["accounts"].as_array().unwrap().len(), 40);
+}
+
+/// The media scenario at tiny scale against a real server (its media
+/// service on a free port): 2 × 64 KiB on one stream and on two, dd in the
+/// data directory, 10 uploads held in flight; checks the report's fields.
+#[test]
+fn media_scenario_reports_transfers_disk_and_memory_against_switchboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (_server, addr) = start_switchboard(&data);
+    let v = bench(
+        dir.path(),
+        "media",
+        &[
+            "media",
+            "--target",
+            &addr.to_string(),
+            "--blob",
+            "64K:2",
+            "--streams",
+            "2",
+            "--in-flight",
+            "10",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(v["scenario"], "media");
+    assert!(v["media_url"].as_str().unwrap().starts_with("http://"));
+    assert!(number(&v, &["server", "pid"]) > 0.0);
+    assert!(number(&v, &["grants", "devices"]) >= 1.0);
+    let passes = v["transfers"].as_array().unwrap();
+    assert_eq!(passes.len(), 2, "one stream, then two: {v:#}");
+    for (pass, streams) in passes.iter().zip([1.0, 2.0]) {
+        assert_eq!(number(pass, &["blob_bytes"]), 65536.0);
+        assert_eq!(number(pass, &["count"]), 2.0);
+        assert_eq!(number(pass, &["streams"]), streams);
+        for direction in ["upload", "download"] {
+            let d = &pass[direction];
+            assert_eq!(number(d, &["bytes"]), 2.0 * 65536.0 * streams);
+            assert!(number(d, &["seconds"]) > 0.0, "{d}");
+            assert!(number(d, &["mb_per_s"]) > 0.0, "{d}");
+            let (min, p50, max) = (
+                number(d, &["transfer_ms", "min"]),
+                number(d, &["transfer_ms", "p50"]),
+                number(d, &["transfer_ms", "max"]),
+            );
+            assert!(0.0 < min && min <= p50 && p50 <= max, "{d}");
+            assert!(number(d, &["server_cores"]) >= 0.0, "{d}");
+        }
+    }
+    let sizes = v["disk"]["sizes"].as_array().unwrap();
+    assert_eq!(sizes.len(), 1);
+    assert!(number(&sizes[0], &["write_fdatasync_mb_per_s"]) > 0.0);
+    assert!(number(&sizes[0], &["read_cached_mb_per_s"]) > 0.0);
+    // O_DIRECT reads are refused on some filesystems (tmpfs); then the
+    // report says why.
+    assert!(
+        sizes[0]["read_direct_mb_per_s"].as_f64().is_some()
+            || sizes[0]["read_direct_error"].is_string(),
+        "{v:#}"
+    );
+    let held = &v["in_flight"];
+    assert_eq!(number(held, &["uploads"]), 10.0);
+    assert_eq!(number(held, &["answered_while_held"]), 0.0, "{v:#}");
+    assert!(number(held, &["rss_bytes_baseline"]) > 0.0);
+    assert!(number(held, &["rss_bytes_during"]) > 0.0);
+    number(held, &["rss_bytes_per_upload"]);
+    assert!(number(held, &["server_threads_during"]) > 0.0);
+    assert_eq!(number(held, &["healthz_status"]), 200.0);
+    // dd cleaned up after itself.
+    assert!(!std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("bench-dd-")));
 }

@@ -26,7 +26,7 @@ use axum::Router;
 use futures_util::StreamExt;
 use object_store::{GetOptions, GetRange, GetResultPayload};
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tracing::warn;
 
 use super::error::{ApiError, UPLOAD_LENGTH, UPLOAD_OFFSET};
@@ -379,6 +379,9 @@ async fn patch(
 /// bytes, and makes them durable. A body that is cut (the client went
 /// away, or paused longer than `body_idle_timeout`) ends the append like
 /// its end would: what arrived is kept.
+/// Bytes of body chunks gathered into one write at most.
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+
 async fn append(
     shared: &Shared,
     id: UploadId,
@@ -387,54 +390,92 @@ async fn append(
     body: Body,
 ) -> std::io::Result<Appended> {
     let path = shared.staged_path(id);
-    let mut file = match tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .await
-    {
-        Ok(file) => {
-            // A new file: its name must survive a crash with its bytes.
-            let dir = shared.uploads_dir.clone();
-            shared
-                .blocking(move || std::fs::File::open(dir)?.sync_all())
-                .await?;
-            file
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            tokio::fs::OpenOptions::new()
+    let dir = shared.uploads_dir.clone();
+    // A std file written on the blocking pool, one chunk at a time: a
+    // tokio file would keep its copy buffer (as large as the last chunk)
+    // for as long as the upload waits for more, which is most of the
+    // memory an idle upload would cost.
+    let file = shared
+        .blocking(move || {
+            let file = match std::fs::OpenOptions::new()
                 .write(true)
+                .create_new(true)
                 .open(&path)
-                .await?
-        }
-        Err(e) => return Err(e),
-    };
-    if file.metadata().await?.len() != offset {
-        // Bytes past the offset were never acknowledged (a failed PATCH).
-        file.set_len(offset).await?;
-    }
-    file.seek(SeekFrom::Start(offset)).await?;
+            {
+                Ok(file) => {
+                    // A new file: its name must survive a crash with its bytes.
+                    std::fs::File::open(dir)?.sync_all()?;
+                    file
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::OpenOptions::new().write(true).open(&path)?
+                }
+                Err(e) => return Err(e),
+            };
+            if file.metadata()?.len() != offset {
+                // Bytes past the offset were never acknowledged (a failed PATCH).
+                file.set_len(offset)?;
+            }
+            Ok(Arc::new(file))
+        })
+        .await?;
     let mut stream = body.into_data_stream();
     let mut appended = Appended {
         bytes: 0,
         overflow: false,
     };
     loop {
-        let chunk = match tokio::time::timeout(shared.body_idle_timeout, stream.next()).await {
+        let first = match tokio::time::timeout(shared.body_idle_timeout, stream.next()).await {
             Ok(Some(Ok(chunk))) => chunk,
             // The end, a cut connection, or a silent client.
             Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
         };
-        let fits = (chunk.len() as u64).min(room - appended.bytes);
-        file.write_all(&chunk[..fits as usize]).await?;
+        // The chunks that have arrived already go in the same write (one
+        // hop to the blocking pool per batch, not per read of the socket);
+        // nothing is held back waiting for more.
+        let mut batch = vec![first];
+        let mut batched = batch[0].len();
+        let mut ended = false;
+        while batched < WRITE_BATCH_BYTES {
+            match futures_util::FutureExt::now_or_never(stream.next()) {
+                Some(Some(Ok(chunk))) => {
+                    batched += chunk.len();
+                    batch.push(chunk);
+                }
+                Some(None) | Some(Some(Err(_))) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let arrived = batched as u64;
+        let fits = arrived.min(room - appended.bytes);
+        let at = offset + appended.bytes;
+        let writer = file.clone();
+        shared
+            .blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let (mut at, mut left) = (at, fits as usize);
+                for chunk in &batch {
+                    let take = chunk.len().min(left);
+                    writer.write_all_at(&chunk[..take], at)?;
+                    at += take as u64;
+                    left -= take;
+                }
+                Ok(())
+            })
+            .await?;
         appended.bytes += fits;
-        if fits < chunk.len() as u64 {
+        if fits < arrived {
             appended.overflow = true;
             break;
         }
+        if ended {
+            break;
+        }
     }
-    file.flush().await?;
-    file.sync_data().await?;
+    shared.blocking(move || file.sync_data()).await?;
     Ok(appended)
 }
 

@@ -95,6 +95,11 @@ pub struct BoundedConn {
 }
 
 impl BoundedConn {
+    /// Its count of requests inside a handler, for `hold_idle_clock`.
+    pub fn busy(&self) -> Busy {
+        Busy(self.busy.clone())
+    }
+
     /// `io` made progress: the idle clock starts again; pending, the
     /// connection fails once the clock runs out.
     fn watch<T>(&mut self, cx: &mut Context<'_>, io: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
@@ -166,18 +171,10 @@ impl AsyncWrite for BoundedConn {
     }
 }
 
-/// A connection's count of requests inside a handler, handed to each
-/// request (`ConnectInfo`) so `hold_idle_clock` can hold the idle clock.
+/// A connection's count of requests inside a handler, put in each of its
+/// requests (as `ConnectInfo`) so `hold_idle_clock` can hold the idle clock.
 #[derive(Clone, Debug)]
 pub struct Busy(Arc<AtomicU32>);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, BoundedListener>>
-    for Busy
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, BoundedListener>) -> Busy {
-        Busy(stream.io().busy.clone())
-    }
-}
 
 /// Middleware: the connection's idle clock is held while the handler runs.
 pub async fn hold_idle_clock(

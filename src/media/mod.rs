@@ -40,7 +40,6 @@ pub mod store;
 pub mod sweep;
 pub mod token;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,6 +55,10 @@ use token::MediaKey;
 /// cut: a stalled upload cannot hold up the server's exit (its staged bytes
 /// are kept either way).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Largest read buffer of one HTTP connection, bytes (hyper's minimum is
+/// 8 KiB); it bounds a request's head too.
+const READ_BUFFER_BYTES_MAX: usize = 16 << 10;
 
 /// How often the service checks the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -133,31 +136,49 @@ async fn stopped(stop: &AtomicBool) {
 }
 
 async fn serve(
-    listener: conn::BoundedListener,
+    mut listener: conn::BoundedListener,
     shared: Arc<service::Shared>,
     stop: Arc<AtomicBool>,
 ) {
+    use axum::serve::Listener as _;
     let sweep = tokio::spawn(sweep::run(shared.clone()));
-    let app = api::router(shared)
-        .layer(axum::middleware::from_fn(conn::hold_idle_clock))
-        .into_make_service_with_connect_info::<conn::Busy>();
-    let graceful = {
-        let stop = stop.clone();
-        async move { stopped(&stop).await }
-    };
-    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
-    tokio::select! {
-        result = server.into_future() => {
-            if let Err(err) = result {
-                warn!(%err, "media listener failed");
-            }
-        }
-        () = async {
-            stopped(&stop).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            warn!("media requests still running at shutdown were cut");
-        }
+    let app = api::router(shared).layer(axum::middleware::from_fn(conn::hold_idle_clock));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // A connection's read buffer stays at most this large, also while an
+    // upload waits for the rest of its body: hyper's own bound is 400 KB.
+    http.max_buf_size(READ_BUFFER_BYTES_MAX);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (io, _peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(&stop) => break,
+        };
+        let busy = io.busy();
+        let service = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(busy.clone()));
+                request
+            },
+        );
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A reset or a malformed request ends its connection only.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("media requests still running at shutdown were cut");
     }
     sweep.abort();
 }
