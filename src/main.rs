@@ -251,8 +251,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_addr = admin_listener.local_addr()?;
     let admin_stop = Arc::new(AtomicBool::new(false));
     let push_stats = registry.push.clone();
+    let media_stats = registry.media.clone();
     let admin = serve_admin(admin_listener, registry, admin_stop.clone());
-    switchboard::shard::server::run(config, metrics, push_stats, stop, |running| {
+    switchboard::shard::server::run(config, metrics, push_stats, media_stats, stop, |running| {
         let mut out = std::io::stdout().lock();
         let media = running
             .media

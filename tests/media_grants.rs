@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Chat, RawClient, Server};
+use common::{admin_get, metric_sum, Chat, RawClient, Server};
 use switchboard::client::media::{self, MediaError};
 use switchboard::proto::{pb, ErrorCode, Frame, MediaGrantKind};
 
@@ -146,6 +146,33 @@ fn a_grant_opens_exactly_the_upload_or_download_it_names() {
     }
     ask(&mut b, 14, MediaGrantKind::Download, 0, &sealed.blob_id);
     assert_eq!(grant(&mut b).request_id, 14);
+
+    // The admin endpoint counts the service's answers and, within a
+    // second, its stored bytes.
+    let stored = |text: &str| metric_sum(text, "switchboard_media_blob_bytes", "");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (status, text) = loop {
+        let (status, text) = admin_get(server.admin, "/metrics");
+        if stored(&text) as u64 >= size || std::time::Instant::now() > deadline {
+            break (status, text);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status, 200);
+    assert_eq!(stored(&text) as u64, size);
+    let answered = |code: &str| {
+        metric_sum(
+            &text,
+            "switchboard_media_responses_total",
+            &format!("status=\"{code}\""),
+        )
+    };
+    assert!(answered("201") >= 2.0, "{text}");
+    assert!(answered("413") >= 1.0 && answered("401") >= 2.0 && answered("403") >= 1.0);
+    assert_eq!(
+        metric_sum(&text, "switchboard_media_uploads_in_flight", ""),
+        0.0
+    );
 }
 
 #[test]

@@ -33,6 +33,7 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 pub struct BoundedListener {
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    connections_max: u32,
     idle: Duration,
 }
 
@@ -41,8 +42,16 @@ impl BoundedListener {
         BoundedListener {
             listener,
             permits: Arc::new(Semaphore::new(connections_max as usize)),
+            connections_max,
             idle,
         }
+    }
+
+    /// A reading of the connections open now.
+    pub fn open_connections(&self) -> impl Fn() -> u64 + Send + 'static {
+        let permits = self.permits.clone();
+        let max = u64::from(self.connections_max);
+        move || max.saturating_sub(permits.available_permits() as u64)
     }
 }
 

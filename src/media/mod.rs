@@ -36,6 +36,7 @@ pub mod ledger;
 pub mod limits;
 pub mod range;
 pub mod service;
+pub mod stats;
 pub mod store;
 pub mod sweep;
 pub mod token;
@@ -59,6 +60,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Largest read buffer of one HTTP connection, bytes (hyper's minimum is
 /// 8 KiB); it bounds a request's head too.
 const READ_BUFFER_BYTES_MAX: usize = 16 << 10;
+
+/// How often the metrics' gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the service checks the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -90,6 +94,7 @@ pub fn start(
     config: &MediaConfig,
     data_dir: &Path,
     key: MediaKey,
+    stats: Arc<stats::MediaStats>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<MediaService> {
     let (shared, _) = service::Shared::recover(config, data_dir, key)?;
@@ -119,7 +124,7 @@ pub fn start(
         .name("media-main".into())
         .spawn(move || {
             let listener = conn::BoundedListener::new(listener, connections_max, idle);
-            runtime.block_on(serve(listener, shared, stop));
+            runtime.block_on(serve(listener, shared, stats, stop));
             runtime.shutdown_timeout(SHUTDOWN_GRACE);
         })?;
     Ok(MediaService {
@@ -138,11 +143,25 @@ async fn stopped(stop: &AtomicBool) {
 async fn serve(
     mut listener: conn::BoundedListener,
     shared: Arc<service::Shared>,
+    stats: Arc<stats::MediaStats>,
     stop: Arc<AtomicBool>,
 ) {
     use axum::serve::Listener as _;
     let sweep = tokio::spawn(sweep::run(shared.clone()));
-    let app = api::router(shared).layer(axum::middleware::from_fn(conn::hold_idle_clock));
+    let gauges = tokio::spawn(copy_gauges(
+        shared.clone(),
+        listener.open_connections(),
+        stats.clone(),
+    ));
+    let counted = stats.clone();
+    let app = api::router(shared)
+        .layer(axum::middleware::from_fn(conn::hold_idle_clock))
+        .layer(axum::middleware::map_response(
+            move |response: axum::response::Response| {
+                counted.count_response(response.status().as_u16());
+                std::future::ready(response)
+            },
+        ));
     let mut http = hyper::server::conn::http1::Builder::new();
     // A connection's read buffer stays at most this large, also while an
     // upload waits for the rest of its body: hyper's own bound is 400 KB.
@@ -181,4 +200,34 @@ async fn serve(
         warn!("media requests still running at shutdown were cut");
     }
     sweep.abort();
+    gauges.abort();
+}
+
+/// Copies the ledger's totals and the open connections into `stats` once a
+/// second (one short lock of the ledger each time).
+async fn copy_gauges(
+    shared: Arc<service::Shared>,
+    connections: impl Fn() -> u64,
+    stats: Arc<stats::MediaStats>,
+) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let (blob_bytes, reserved_bytes, uploads) = {
+            let ledger = shared.ledger();
+            (
+                ledger.blob_bytes(),
+                ledger.reserved_bytes(),
+                ledger.uploads_in_flight(),
+            )
+        };
+        stats.blob_bytes.store(blob_bytes, Ordering::Relaxed);
+        stats
+            .reserved_bytes
+            .store(reserved_bytes, Ordering::Relaxed);
+        stats
+            .uploads_in_flight
+            .store(uploads as u64, Ordering::Relaxed);
+        stats.connections.store(connections(), Ordering::Relaxed);
+    }
 }

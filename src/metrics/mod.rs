@@ -554,6 +554,8 @@ pub struct Registry {
     stall_limit_ms: u64,
     /// The push thread's counters.
     pub push: Arc<crate::push::PushStats>,
+    /// The media service's counters and gauges.
+    pub media: Arc<crate::media::stats::MediaStats>,
 }
 
 /// What `/readyz` found.
@@ -589,6 +591,7 @@ impl Registry {
             draining: AtomicBool::new(false),
             stall_limit_ms: DEFAULT_STALL_LIMIT_MS,
             push: Arc::new(crate::push::PushStats::default()),
+            media: Arc::new(crate::media::stats::MediaStats::default()),
         }
     }
 
@@ -696,6 +699,44 @@ impl Registry {
             ),
         ] {
             family(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+
+        family(
+            out,
+            "switchboard_media_responses_total",
+            "counter",
+            "Media service responses by HTTP status (`other`: any status not listed).",
+        );
+        for (status, count) in self.media.responses() {
+            let _ = writeln!(
+                out,
+                "switchboard_media_responses_total{{status=\"{status}\"}} {count}"
+            );
+        }
+        for (name, help, value) in [
+            (
+                "switchboard_media_connections",
+                "Media service connections open (refreshed each second).",
+                &self.media.connections,
+            ),
+            (
+                "switchboard_media_blob_bytes",
+                "Bytes of the stored media blobs, expired ones until swept (refreshed each second).",
+                &self.media.blob_bytes,
+            ),
+            (
+                "switchboard_media_reserved_bytes",
+                "Bytes reserved by unfinished media uploads (refreshed each second).",
+                &self.media.reserved_bytes,
+            ),
+            (
+                "switchboard_media_uploads_in_flight",
+                "Media uploads begun and not finished (refreshed each second).",
+                &self.media.uploads_in_flight,
+            ),
+        ] {
+            family(out, name, "gauge", help);
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
 

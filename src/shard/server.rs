@@ -155,6 +155,7 @@ pub fn run(
     config: Config,
     metrics: Vec<Arc<ShardMetrics>>,
     push_stats: Arc<crate::push::PushStats>,
+    media_stats: Arc<crate::media::stats::MediaStats>,
     stop: Arc<AtomicBool>,
     on_ready: impl FnOnce(&Running),
 ) -> Result<(), ServerError> {
@@ -178,8 +179,14 @@ pub fn run(
     let media_service = if config.media.enabled {
         let key = crate::media::token::MediaKey::load_or_create(&data_dir)
             .map_err(|e| ServerError::DataDir(data_dir.join(crate::media::token::KEY_FILE), e))?;
-        let service = crate::media::start(&config.media, &data_dir, key.clone(), stop.clone())
-            .map_err(|e| ServerError::Media(config.media.listen, e))?;
+        let service = crate::media::start(
+            &config.media,
+            &data_dir,
+            key.clone(),
+            media_stats,
+            stop.clone(),
+        )
+        .map_err(|e| ServerError::Media(config.media.listen, e))?;
         Some((service, key))
     } else {
         None
