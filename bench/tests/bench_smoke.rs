@@ -80,13 +80,10 @@ fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
     // The media service has no command-line flag for its listener, and its
-    // default port would be shared by the servers of tests running at once.
+    // default port would be shared by the servers of tests running at once:
+    // any free port, which the bench learns from the grants.
     let config = data.with_extension("toml");
-    std::fs::write(
-        &config,
-        format!("[media]\nlisten = \"127.0.0.1:{}\"\n", free_port()),
-    )
-    .unwrap();
+    std::fs::write(&config, "[media]\nlisten = \"127.0.0.1:0\"\n").unwrap();
     let mut child = Command::new(server_binary())
         .arg("serve")
         .arg("--config")
