@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::media::{bytes, now_ms, sha_hex};
+use common::media::{bytes, now_ms, send, sha_hex, Reply};
 use common::Server;
 use switchboard::config::Config;
 use switchboard::media::api;
@@ -235,73 +235,6 @@ trait Api {
 
     fn blob_file(&self, blob: &str) -> PathBuf {
         self.media_dir().join("blobs").join(blob)
-    }
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// Asserts a documented error: status, code, a message.
-    fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(self.status, status, "{self:?}");
-        let json = self.json();
-        assert_eq!(json["error"], code, "{json}");
-        assert!(
-            json["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{json}"
-        );
-    }
-}
-
-fn send(method: &str, url: &str, headers: &[(&str, String)], body: Option<&[u8]>) -> Reply {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(20))
-        .build();
-    let mut request = agent.request(method, url);
-    for (name, value) in headers {
-        request = request.set(name, value);
-    }
-    let result = match body {
-        Some(body) => request.send_bytes(body),
-        None => request.call(),
-    };
-    let response = match result {
-        Ok(response) => response,
-        Err(ureq::Error::Status(_, response)) => response,
-        Err(err) => panic!("{method} {url}: {err}"),
-    };
-    let status = response.status();
-    let headers = response
-        .headers_names()
-        .into_iter()
-        .map(|name| {
-            let value = response.header(&name).unwrap_or("").to_string();
-            (name, value)
-        })
-        .collect();
-    let mut body = Vec::new();
-    response.into_reader().read_to_end(&mut body).unwrap();
-    Reply {
-        status,
-        headers,
-        body,
     }
 }
 

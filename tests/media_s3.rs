@@ -10,13 +10,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::media::{bytes, now_ms, sha_hex};
+use common::media::{bytes, now_ms, send, sha_hex, Reply};
 use common::Server;
 use switchboard::config::{Config, MediaBackend};
 use switchboard::media::token::{Grant, MediaKey, Subject};
@@ -120,19 +120,6 @@ impl Drop for S3 {
     }
 }
 
-struct Reply {
-    status: u16,
-    body: Vec<u8>,
-    content_range: Option<String>,
-}
-
-impl Reply {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
 struct Client {
     base: String,
     key: MediaKey,
@@ -153,31 +140,11 @@ impl Client {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Reply {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(60))
-            .build();
-        let mut request = agent.request(method, &format!("{}{path}", self.base));
-        for (name, value) in headers {
-            request = request.set(name, value);
-        }
-        let result = match body {
-            Some(body) => request.send_bytes(body),
-            None => request.call(),
-        };
-        let response = match result {
-            Ok(response) => response,
-            Err(ureq::Error::Status(_, response)) => response,
-            Err(err) => panic!("{method} {path}: {err}"),
-        };
-        let status = response.status();
-        let content_range = response.header("Content-Range").map(str::to_string);
-        let mut body = Vec::new();
-        response.into_reader().read_to_end(&mut body).unwrap();
-        Reply {
-            status,
-            body,
-            content_range,
-        }
+        let headers: Vec<(&str, String)> = headers
+            .iter()
+            .map(|(name, value)| (*name, value.to_string()))
+            .collect();
+        send(method, &format!("{}{path}", self.base), &headers, body)
     }
 
     fn upload_token(&self, user: u64) -> String {
@@ -284,7 +251,7 @@ fn blobs_go_to_s3_in_one_put_or_in_parts() {
     let reply = client.download(&blob, Some("bytes=1000-1999"));
     assert_eq!(reply.status, 206);
     assert_eq!(
-        reply.content_range.as_deref(),
+        reply.header("Content-Range"),
         Some("bytes 1000-1999/100000")
     );
     assert!(reply.body == small[1000..2000]);

@@ -157,6 +157,20 @@ fn remote_static(state: &HandshakeState) -> Result<[u8; KEY_BYTES], NoiseError> 
     Ok(key)
 }
 
+/// The transport keys of a finished handshake, for the side that
+/// `initiator` says.
+fn split(state: &mut HandshakeState, step: Step, initiator: bool) -> Result<Transport, NoiseError> {
+    if step != Step::Finished {
+        return Err(NoiseError::HandshakeUnfinished);
+    }
+    let (initiator_to_responder, responder_to_initiator) = state.dangerously_get_raw_split();
+    Ok(Transport::from_split(
+        initiator,
+        initiator_to_responder,
+        responder_to_initiator,
+    ))
+}
+
 fn handshake_hash(state: &HandshakeState) -> [u8; 32] {
     state
         .get_handshake_hash()
@@ -371,16 +385,7 @@ impl Responder {
 
     /// The transport state for the rest of the connection.
     pub fn into_transport(mut self) -> Result<Transport, NoiseError> {
-        if self.step != Step::Finished {
-            return Err(NoiseError::HandshakeUnfinished);
-        }
-        let (initiator_to_responder, responder_to_initiator) =
-            self.state.dangerously_get_raw_split();
-        Ok(Transport::from_split(
-            false,
-            initiator_to_responder,
-            responder_to_initiator,
-        ))
+        split(&mut self.state, self.step, false)
     }
 }
 
@@ -578,15 +583,6 @@ impl Initiator {
 
     /// The transport state for the rest of the connection.
     pub fn into_transport(mut self) -> Result<Transport, NoiseError> {
-        if self.step != Step::Finished {
-            return Err(NoiseError::HandshakeUnfinished);
-        }
-        let (initiator_to_responder, responder_to_initiator) =
-            self.state.dangerously_get_raw_split();
-        Ok(Transport::from_split(
-            true,
-            initiator_to_responder,
-            responder_to_initiator,
-        ))
+        split(&mut self.state, self.step, true)
     }
 }
