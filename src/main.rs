@@ -38,6 +38,26 @@ enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// Show or rotate the server's Noise static key (in the data directory).
+    /// A running server reads the keys at start: restart it after a change.
+    NoiseKey {
+        #[command(subcommand)]
+        command: NoiseKeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NoiseKeyCommand {
+    /// Print the current public key (hex, what clients pin) and its
+    /// fingerprint, and whether a previous key is still accepted. Makes the
+    /// key if there is none.
+    Show { data_dir: PathBuf },
+    /// Start a rotation: a fresh key becomes current, the current one is
+    /// kept as the previous key, still accepted for IK (whose clients are
+    /// told the new key in the handshake) until `end-overlap`.
+    Rotate { data_dir: PathBuf },
+    /// End a rotation's overlap: delete the previous key.
+    EndOverlap { data_dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -145,6 +165,25 @@ fn main() -> anyhow::Result<()> {
             let report = switchboard::store::inspect(&data_dir)
                 .with_context(|| format!("inspecting {}", data_dir.display()))?;
             print!("{report}");
+            Ok(())
+        }
+        Command::NoiseKey { command } => {
+            use switchboard::noise::{fingerprint, KeySlot, ServerKeys};
+            let keys = match &command {
+                NoiseKeyCommand::Show { data_dir } => ServerKeys::load_or_create(data_dir),
+                NoiseKeyCommand::Rotate { data_dir } => ServerKeys::rotate(data_dir),
+                NoiseKeyCommand::EndOverlap { data_dir } => ServerKeys::end_overlap(data_dir),
+            }
+            .context("the Noise key files")?;
+            println!("public key  {}", hex::encode(keys.public()));
+            println!("fingerprint {}", fingerprint(keys.public()));
+            match keys.get(KeySlot::Previous) {
+                Some(previous) => println!(
+                    "previous    {} (accepted until end-overlap)",
+                    fingerprint(previous.public())
+                ),
+                None => println!("previous    none"),
+            }
             Ok(())
         }
     }
@@ -259,9 +298,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .media
             .map(|addr| format!(", media on http://{addr}"))
             .unwrap_or_default();
+        let noise = running
+            .noise_key
+            .map(|key| format!(", noise key {}", hex::encode(key)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "switchboard listening on {} with {} shards, admin on http://{}{media}",
+            "switchboard listening on {} with {} shards, admin on http://{}{media}{noise}",
             running.listen, running.shards, admin_addr
         );
         let _ = out.flush();

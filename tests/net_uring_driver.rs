@@ -621,7 +621,7 @@ fn handoff_moves_a_socket_and_its_buffered_bytes_to_another_executor() {
                 nodelay,
                 "accepted sockets inherit TCP_NODELAY from the listener"
             );
-            let conn = driver.adopt(fd, buffered).expect("adopt");
+            let conn = driver.adopt(fd, buffered, None).expect("adopt");
             let mut closed = false;
             run_until(&mut driver, Duration::from_secs(10), |d, event| {
                 match event {

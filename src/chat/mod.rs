@@ -18,8 +18,19 @@
 //! bounded glommio shared channel. The logic (commands, message states, line
 //! formats) is sans-IO in [`state`]. Payloads are sent as plain UTF-8: this
 //! terminal client does no end-to-end encryption.
+//!
+//! The connection to the server is Noise by default (`--plaintext` for local
+//! development). The server's key is trusted as SSH trusts a host key (see
+//! [`pin`]): pinned in the profile at first contact and printed as a
+//! fingerprint, used for IK on later runs, re-pinned with a note when the
+//! server announces a rotation, and a different key is refused until
+//! `--accept-new-server-key`. A profile from before Noise (a secret, no key)
+//! gets a fresh Noise key bound to its device at its first Noise login; the
+//! profile is saved before that login and again after it (without the
+//! secret, which no longer logs in).
 
 pub mod media;
+pub mod pin;
 pub mod state;
 
 use std::future::Future;
@@ -28,7 +39,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
+use anyhow::{anyhow, Context as _};
 use bytes::Bytes;
 use glommio::channels::shared_channel;
 use glommio::LocalExecutorBuilder;
@@ -38,6 +49,7 @@ use crate::client::{
     ReconnectingSession,
 };
 use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
+use crate::noise::fingerprint;
 use crate::proto::{pb, ErrorCode};
 use state::{format_incoming, parse_command, Command, Outbox, Recipients, HELP};
 
@@ -52,6 +64,13 @@ const EXIT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Arguments of `switchboard chat`.
 #[derive(clap::Args, Clone, Debug)]
+#[command(after_help = "\
+The connection is encrypted with Noise. At first contact the server's key \
+fingerprint is printed and pinned in the profile; later runs trust only that \
+key (and a rotation the server announces with it). If the server presents \
+another key, the chat refuses to connect: once the server's operator has \
+confirmed the new fingerprint, run again with --accept-new-server-key (or \
+delete the server_key line from the profile).")]
 pub struct ChatArgs {
     /// The server's client address (host:port).
     #[arg(long, default_value = "127.0.0.1:7700")]
@@ -75,6 +94,17 @@ pub struct ChatArgs {
     /// Where files sent to this device are saved (never overwriting).
     #[arg(long, default_value = "./downloads")]
     pub downloads: PathBuf,
+    /// Speak plaintext instead of Noise, for local development (the server
+    /// accepts plaintext from loopback only). A profile registered over
+    /// Noise cannot log in this way.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Trust the key the server presents now in place of the one pinned in
+    /// the profile, and pin it. Only after the server's operator has
+    /// confirmed the new key's fingerprint: a changed key may also mean
+    /// someone is intercepting the connection.
+    #[arg(long)]
+    pub accept_new_server_key: bool,
 }
 
 /// Runs the chat until `/quit` or end of input.
@@ -109,7 +139,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         .name("chat")
         .spawn(move || async move {
             let lines = line_receiver.connect().await;
-            let opts = ConnectOptions::new(server);
+            let mut opts = ConnectOptions::new(server);
+            opts.plaintext = args.plaintext;
             let mut out = std::io::stdout();
             let creds = log_in_or_register(&opts, &args, &mut out).await?;
             writeln!(
@@ -117,12 +148,19 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 "connecting to {server} as user {} device {} …",
                 creds.user, creds.device
             )?;
-            let session = ReconnectingSession::connect(&opts, &creds, ReconnectOptions::default())
-                .await
-                .with_context(|| format!("logging in to {server}"))?;
+            let mut profile = Profile::new(Some(args.profile.clone()), creds);
+            let session = connect_profile(&opts, &args, &mut profile, &mut out).await?;
             writeln!(out, "connected. /help lists the commands.")?;
             let mut transfers = media::Transfers::new(args.downloads.clone());
-            chat_loop(&session, || lines.recv(), &mut transfers, &mut out).await
+            chat_loop(
+                &session,
+                &mut profile,
+                || lines.recv(),
+                &mut transfers,
+                &mut out,
+            )
+            .await
+            .map_err(|e| key_changed(e, &args))
         })
         .map_err(|e| anyhow::anyhow!("starting the chat executor: {e}"))?
         .join()
@@ -135,6 +173,104 @@ fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("resolving {server}"))?
         .next()
         .with_context(|| format!("{server} resolves to no address"))
+}
+
+/// The profile file and the credentials last written to it. A session's
+/// credentials change when the server's key is pinned or rotated, or when a
+/// login binds the Noise key; [`Profile::sync`] then writes them.
+pub(crate) struct Profile {
+    /// `None`: nothing is written (tests).
+    path: Option<PathBuf>,
+    /// As written, except a pin dropped by `--accept-new-server-key`, which
+    /// is written once a login has pinned the new key.
+    saved: Credentials,
+}
+
+impl Profile {
+    pub(crate) fn new(path: Option<PathBuf>, saved: Credentials) -> Profile {
+        Profile { path, saved }
+    }
+
+    fn save(&mut self, credentials: Credentials) -> anyhow::Result<()> {
+        if let Some(path) = &self.path {
+            save_profile(&credentials, path)?;
+        }
+        self.saved = credentials;
+        Ok(())
+    }
+
+    /// Saves the session's credentials if they changed, saying why.
+    fn sync(&mut self, session: &ReconnectingSession, out: &mut dyn Write) -> anyhow::Result<()> {
+        let now = session.credentials();
+        if now == self.saved {
+            return Ok(());
+        }
+        if let Some(note) = pin::pin_change(self.saved.server_key, now.server_key).note() {
+            writeln!(out, "{note}")?;
+        }
+        if self.saved.binds_noise_key() && !now.binds_noise_key() {
+            writeln!(
+                out,
+                "* the device's Noise key {} is bound: this profile now logs in with it alone",
+                now.noise_keypair()
+                    .map(|pair| pair.fingerprint())
+                    .unwrap_or_default()
+            )?;
+        }
+        self.save(now)
+    }
+}
+
+/// Logs in with the profile's credentials: a profile from before Noise gets
+/// a fresh Noise key to bind at this login (saved first, so a crash loses
+/// nothing; not with `--plaintext`); `--accept-new-server-key` drops the
+/// pin, so the key the server proves is pinned; a server key other than the
+/// pin is refused with a warning that says how to accept it.
+pub(crate) async fn connect_profile(
+    opts: &ConnectOptions,
+    args: &ChatArgs,
+    profile: &mut Profile,
+    out: &mut dyn Write,
+) -> anyhow::Result<ReconnectingSession> {
+    if !opts.plaintext && profile.saved.noise_private.is_none() {
+        let upgraded = profile.saved.with_new_noise_key();
+        profile.save(upgraded)?;
+        writeln!(
+            out,
+            "* this profile logs in with a secret: binding a new Noise key to the device at this login"
+        )?;
+    }
+    if args.accept_new_server_key {
+        if let Some(old) = profile.saved.server_key.take() {
+            writeln!(
+                out,
+                "* forgetting the pinned server key {}: trusting the key the server presents now",
+                fingerprint(&old)
+            )?;
+        }
+    }
+    match ReconnectingSession::connect(opts, &profile.saved, ReconnectOptions::default()).await {
+        Ok(session) => {
+            profile.sync(&session, out)?;
+            Ok(session)
+        }
+        Err(e) => Err(key_changed(
+            anyhow::Error::new(e).context(format!("logging in to {}", opts.server)),
+            args,
+        )),
+    }
+}
+
+/// A changed server key, anywhere in `error`, as the warning that says what
+/// it may mean and how to accept the new key; any other error as it is.
+fn key_changed(error: anyhow::Error, args: &ChatArgs) -> anyhow::Error {
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::ServerKeyChanged { expected, got }) => anyhow!(
+            "{}",
+            pin::key_changed_message(&args.server, &args.profile, expected, got)
+        ),
+        _ => error,
+    }
 }
 
 /// Loads the profile, or registers and saves it when asked to or when it
@@ -160,6 +296,9 @@ async fn log_in_or_register(
             .await
             .with_context(|| format!("linking at {}", opts.server))?;
         save_profile(&creds, &args.profile)?;
+        if let Some(note) = pin::pin_change(None, creds.server_key).note() {
+            writeln!(out, "{note}")?;
+        }
         writeln!(
             out,
             "linked: this is device {} of user {}; credentials saved to {}",
@@ -180,6 +319,9 @@ async fn log_in_or_register(
         .await
         .with_context(|| format!("registering at {}", opts.server))?;
     save_profile(&creds, &args.profile)?;
+    if let Some(note) = pin::pin_change(None, creds.server_key).note() {
+        writeln!(out, "{note}")?;
+    }
     writeln!(
         out,
         "registered: you are user {} (device {}); credentials saved to {}",
@@ -210,9 +352,11 @@ enum Input {
 }
 
 /// The chat proper: lines from `next_line` (None: end of input), events from
-/// the session, everything printed to `out`.
+/// the session, everything printed to `out`; the profile is saved when a
+/// reconnect changes the credentials (a rotated server key).
 pub(crate) async fn chat_loop<F, Fut>(
     session: &ReconnectingSession,
+    profile: &mut Profile,
     mut next_line: F,
     transfers: &mut media::Transfers,
     out: &mut dyn Write,
@@ -223,7 +367,7 @@ where
 {
     let mut outbox = Outbox::new(now_micros());
     let mut recipients = Recipients::default();
-    let me = (session.credentials().user, session.credentials().device);
+    let me = session.device();
     if me.1 != crate::ids::PRIMARY_DEVICE {
         // A companion's account always has its primary.
         recipients.learn(me.0, [crate::ids::PRIMARY_DEVICE, me.1]);
@@ -244,6 +388,7 @@ where
         if session.reconnects() != reconnects {
             reconnects = session.reconnects();
             writeln!(out, "* reconnected; unsent messages are being resent")?;
+            profile.sync(session, out)?;
         }
         match input {
             Input::Line(None) => break,
@@ -471,7 +616,7 @@ async fn handle_event(
             match recipients.on_mismatch(&error) {
                 Some((to, text, mut devices)) => {
                     let id = ClientMessageId(error.client_message_id);
-                    let me = (session.credentials().user, session.credentials().device);
+                    let me = session.device();
                     if to == me.0 {
                         // A copy for our other devices: not for this one.
                         devices.retain(|d| *d != me.1);
@@ -498,10 +643,11 @@ async fn handle_event(
             }
         }
         Event::Deliver(deliver) => {
-            if deliver.sender_user_id == session.credentials().user.0 {
+            let (me, _) = session.device();
+            if deliver.sender_user_id == me.0 {
                 // A copy from another device of this account.
                 recipients.learn(
-                    session.credentials().user,
+                    session.device().0,
                     [DeviceId(deliver.sender_device_id)],
                 );
             }
@@ -562,7 +708,7 @@ async fn handle_event(
         )?,
         Event::DeviceList(list) => {
             recipients.set_devices(
-                session.credentials().user,
+                session.device().0,
                 list.devices.iter().map(|d| DeviceId(d.device_id)).collect(),
             );
             writeln!(out, "* devices (list version {}):", list.version)?;
@@ -586,7 +732,7 @@ async fn handle_event(
             }
         }
         Event::DeviceRemoved(removed) => {
-            recipients.forget(session.credentials().user, DeviceId(removed.device_id));
+            recipients.forget(session.device().0, DeviceId(removed.device_id));
             writeln!(
             out,
                 "* device {} removed (list version {})",

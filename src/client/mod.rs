@@ -15,6 +15,29 @@
 //! `ConnectOptions::frame_bytes_max` before any body byte arrives. Payloads of
 //! `Deliver` frames are `Bytes` slices of that buffer (no copy).
 //!
+//! Encryption: by default a connection speaks Noise ([`crate::noise`]). The
+//! client opens with the intro and the first handshake message (IK when it
+//! knows the server's static key, XX otherwise), reads the server's answer,
+//! and from then on seals every byte it writes and opens every byte it reads;
+//! the frames inside are the same as in plaintext, and the login (Register,
+//! Hello or Link) is the first of them. The client's handshake payload is
+//! always empty. A device registered over Noise is its static key: the
+//! server records the key and answers Registered with no secret.
+//!
+//! Pinning: the server's key is learned at first contact (XX) and kept with
+//! the credentials ([`Credentials::server_key`]) or passed in
+//! [`ConnectOptions::server_key`]; with a pin the client uses IK. An IK to a
+//! key the server no longer holds shows as the server closing before its
+//! message; the client then tries XX once and compares the key the server
+//! proves against the pin: a different key fails with
+//! [`ClientError::ServerKeyChanged`] before the client sends anything more.
+//! During a rotation's overlap the server answers an IK to its previous key
+//! with its current key, which [`Session::server_key`] then returns.
+//!
+//! Plaintext (`ConnectOptions::plaintext`, or credentials with a secret and
+//! no Noise key) stays available for development on loopback, where the
+//! server accepts it by default.
+//!
 //! [`ReconnectingSession`] adds resume: reconnect with backoff, re-send every
 //! Send the server has not acknowledged (same client message id, so the server
 //! dedupes), drop redelivered inbox entries (by sequence), and keep the
@@ -62,6 +85,7 @@ pub use credentials::Credentials;
 pub use reconnect::{ReconnectOptions, ReconnectingSession};
 pub use session::{link, register, Event, Session};
 
+use crate::noise::{fingerprint, NoiseError};
 use crate::proto::{pb, DecodeError, ErrorCode, FrameType, GoAwayReason};
 
 /// The output queue of a session holds at most this many largest frames'
@@ -85,18 +109,31 @@ pub struct ConnectOptions {
     pub bind_ip: Option<IpAddr>,
     /// Largest frame (type byte + body) accepted from the server, bytes.
     pub frame_bytes_max: u32,
-    /// Bound on connecting plus the handshake (Register or Hello).
+    /// Bound on connecting plus the handshake (Noise, then Register, Hello
+    /// or Link), the XX retry after a refused IK included.
     pub timeout: Duration,
+    /// Speak plaintext frames instead of Noise. Default false. The server
+    /// accepts plaintext from loopback addresses only (by default); for
+    /// development and for measuring the encryption's cost.
+    pub plaintext: bool,
+    /// The server's static public key to trust: IK to it, and an XX that
+    /// presents another key fails with [`ClientError::ServerKeyChanged`].
+    /// `None`: the credentials' pin ([`Credentials::server_key`]), else XX
+    /// trusting whatever key the server proves (first contact).
+    pub server_key: Option<[u8; 32]>,
 }
 
 impl ConnectOptions {
-    /// Defaults matching the server's: 66,560-byte frames, a 10 s handshake.
+    /// Defaults matching the server's: 66,560-byte frames, a 10 s handshake,
+    /// Noise with no pinned key.
     pub fn new(server: SocketAddr) -> ConnectOptions {
         ConnectOptions {
             server,
             bind_ip: None,
             frame_bytes_max: 66_560,
             timeout: Duration::from_secs(10),
+            plaintext: false,
+            server_key: None,
         }
     }
 }
@@ -130,6 +167,35 @@ pub enum ClientError {
     /// The output queue is at its bound; flush first.
     #[error("output queue full")]
     QueueFull,
+    /// A Noise handshake or transport message failed (a tampered or
+    /// garbled byte stream, or a server that is not speaking Noise); fatal
+    /// for the connection.
+    #[error("noise: {0}")]
+    Noise(#[from] NoiseError),
+    /// The server closed the connection before answering the Noise
+    /// handshake's first message: it refused the handshake (for IK, it does
+    /// not hold the key the client encrypted to), or it does not speak Noise.
+    #[error("the server closed the connection during the Noise handshake (it refused the handshake, or does not speak Noise)")]
+    HandshakeClosed,
+    /// The server proved a static key other than the pinned one. Either the
+    /// server's key was replaced (ask its operator for the new key's
+    /// fingerprint) or someone is in the middle of the connection. Nothing
+    /// was sent after the server's handshake message.
+    #[error(
+        "the server's key changed: pinned {}, the server presents {}",
+        fingerprint(.expected),
+        fingerprint(.got)
+    )]
+    ServerKeyChanged {
+        /// The pinned key.
+        expected: [u8; 32],
+        /// The key the server proved it holds.
+        got: [u8; 32],
+    },
+    /// A plaintext login was asked for, but the credentials hold no secret
+    /// (a device registered over Noise logs in with its key only).
+    #[error("these credentials have no secret for a plaintext login: this device logs in over Noise only")]
+    NoSecret,
 }
 
 impl ClientError {

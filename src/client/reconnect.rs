@@ -13,6 +13,14 @@
 //! - after GoAway REPLACED it does not reconnect: `next_event` fails with
 //!   `ClientError::GoAway` (two copies of one device would evict each other).
 //!
+//! Over Noise, every reconnect after the first login uses IK to the server
+//! key the last session used (the one the first XX proved, or the current
+//! key the server announced during a rotation), kept in
+//! [`ReconnectingSession::credentials`] as `server_key`. A server that
+//! proves a different key ends the reconnecting with
+//! [`ClientError::ServerKeyChanged`]: retrying would not change the key.
+//! A login that bound the credentials' Noise key drops their secret.
+//!
 //! Acks and read receipts queued while disconnected are lost; acks are
 //! recovered by redelivery (and the automatic re-ack), read receipts are not.
 
@@ -60,8 +68,10 @@ impl Default for ReconnectOptions {
 
 /// A device session that survives disconnects (see the module docs).
 pub struct ReconnectingSession {
+    /// As given, without `server_key`: the pin lives in `credentials`.
     connect: ConnectOptions,
-    credentials: Credentials,
+    /// As given, then updated after each login (see [`after_login`]).
+    credentials: RefCell<Credentials>,
     options: ReconnectOptions,
     session: RefCell<Option<Rc<Session>>>,
     /// Sends not yet answered, by client message id, for resume.
@@ -100,6 +110,21 @@ impl Outgoing {
     }
 }
 
+/// The credentials to log in with after `session` logged in with
+/// `credentials`: the server key it used is the pin, and a bound Noise key
+/// makes the secret useless.
+fn after_login(credentials: &Credentials, session: &Session) -> Credentials {
+    let mut after = if session.bound_noise_key() {
+        credentials.key_bound()
+    } else {
+        credentials.clone()
+    };
+    if let Some(key) = session.server_key() {
+        after.server_key = Some(key);
+    }
+    after
+}
+
 fn is_permanent(code: ErrorCode) -> bool {
     matches!(
         code,
@@ -113,17 +138,25 @@ fn is_permanent(code: ErrorCode) -> bool {
 
 impl ReconnectingSession {
     /// Connects once (errors are returned as they are) and keeps the
-    /// parameters for later reconnects.
+    /// parameters for later reconnects. A pin in `connect.server_key`
+    /// overrides the credentials' one, as in [`Session::connect`].
     pub async fn connect(
         connect: &ConnectOptions,
         credentials: &Credentials,
         options: ReconnectOptions,
     ) -> Result<ReconnectingSession, ClientError> {
         let session = Session::connect(connect, credentials).await?;
+        let mut credentials = after_login(credentials, &session);
+        if session.server_key().is_none() {
+            credentials.server_key = connect.server_key.or(credentials.server_key);
+        }
         let now = Instant::now();
         Ok(ReconnectingSession {
-            connect: connect.clone(),
-            credentials: credentials.clone(),
+            connect: ConnectOptions {
+                server_key: None,
+                ..connect.clone()
+            },
+            credentials: RefCell::new(credentials),
             options,
             session: RefCell::new(Some(Rc::new(session))),
             unacked: RefCell::new(BTreeMap::new()),
@@ -143,9 +176,18 @@ impl ReconnectingSession {
         self.session.borrow().clone()
     }
 
-    /// The device this session logs in as.
-    pub fn credentials(&self) -> &Credentials {
-        &self.credentials
+    /// The credentials the next reconnect logs in with: those given, with
+    /// the server key the last session used as `server_key` and without
+    /// the secret once a login bound the Noise key. A caller that keeps
+    /// credentials in a file saves these when they change.
+    pub fn credentials(&self) -> Credentials {
+        self.credentials.borrow().clone()
+    }
+
+    /// The user and device this session logs in as.
+    pub fn device(&self) -> (UserId, DeviceId) {
+        let credentials = self.credentials.borrow();
+        (credentials.user, credentials.device)
     }
 
     /// Successful reconnects so far.
@@ -332,8 +374,10 @@ impl ReconnectingSession {
             if !wait.is_zero() {
                 glommio::timer::sleep(wait).await;
             }
-            match Session::connect(&self.connect, &self.credentials).await {
+            let credentials = self.credentials();
+            match Session::connect(&self.connect, &credentials).await {
                 Ok(session) => {
+                    *self.credentials.borrow_mut() = after_login(&credentials, &session);
                     let session = Rc::new(session);
                     self.failed_attempts.set(0);
                     self.reconnects.set(self.reconnects.get() + 1);
@@ -344,6 +388,11 @@ impl ReconnectingSession {
                         continue;
                     }
                     return Ok(session);
+                }
+                // Retrying would meet the same key, or the same missing
+                // secret.
+                Err(e @ (ClientError::ServerKeyChanged { .. } | ClientError::NoSecret)) => {
+                    return Err(e)
                 }
                 Err(e) => {
                     if let Some(code) = e.server_code() {

@@ -1,4 +1,5 @@
-//! One connection: the socket, its read buffer and its output queue.
+//! One connection: the socket, its read buffer and its output queue, and
+//! in Noise mode the handshake and the sealing of both directions.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -16,7 +17,12 @@ use super::{
     with_timeout, ClientError, ConnectOptions, Credentials, QUEUE_FRAMES_MAX, READ_CHUNK_BYTES,
 };
 use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
-use crate::proto::{bytes_wanted, next_frame, pb, Frame, GoAwayReason, PROTOCOL_VERSION};
+use crate::noise::keys::KEY_BYTES;
+use crate::noise::{wire, Initiator, NoiseError, Pattern, StaticKeypair, Transport};
+use crate::proto::{
+    bytes_wanted, next_frame, pb, DecodeError, ErrorCode, Frame, FrameType, GoAwayReason,
+    PROTOCOL_VERSION,
+};
 
 /// What the server sent on an open session.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,10 +72,17 @@ pub enum Event {
 const QUEUE_REUSE_BYTES_MAX: usize = 16 * 1024;
 
 /// The socket and buffers shared by registration and sessions.
+///
+/// In Noise mode the socket carries Noise messages: reads land in
+/// `sealed_input` and are opened into `read_buffer`, where frames are split
+/// exactly as in plaintext; a flush seals the queued frames into
+/// `sealed_output`, which then goes out as `writing`. The queue's bound
+/// counts plaintext bytes in both modes.
 struct Connection {
     stream: RefCell<TcpStream>,
     frame_bytes_max: u32,
     queue_bytes_max: usize,
+    /// Frame bytes read (opened, in Noise mode) and not yet decoded.
     read_buffer: RefCell<BytesMut>,
     /// Encoded frames not yet handed to the kernel.
     queue: RefCell<BytesMut>,
@@ -84,10 +97,27 @@ struct Connection {
     /// Write and read calls that moved bytes, for measurements.
     writes: Cell<u64>,
     reads: Cell<u64>,
+    /// Noise: the transport keys once the handshake is finished; `None` in
+    /// plaintext (and during the handshake).
+    transport: RefCell<Option<Transport>>,
+    /// Noise: bytes read and not yet opened (the server's handshake message,
+    /// then at most a partial transport message).
+    sealed_input: RefCell<BytesMut>,
+    /// Noise: sealed bytes for the next write (XX's third message waits here
+    /// for the login frame, so both go out in one write). Reused across
+    /// flushes like the queue.
+    sealed_output: RefCell<BytesMut>,
+    /// Noise: why a transport message did not open. The frames opened before
+    /// it are still handed out; after them every read fails with this.
+    noise_failure: Cell<Option<NoiseError>>,
+    /// Noise: the server's static key, or the current key it announced
+    /// after an IK to its previous one.
+    server_key: Cell<Option<[u8; KEY_BYTES]>>,
 }
 
 impl Connection {
-    async fn open(opts: &ConnectOptions) -> Result<Connection, ClientError> {
+    /// A TCP connection, nothing sent yet.
+    async fn connect(opts: &ConnectOptions) -> Result<Connection, ClientError> {
         let stream = match opts.bind_ip {
             None => TcpStream::connect_timeout(opts.server, opts.timeout)
                 .await
@@ -112,7 +142,123 @@ impl Connection {
             closed: Cell::new(false),
             writes: Cell::new(0),
             reads: Cell::new(0),
+            transport: RefCell::new(None),
+            sealed_input: RefCell::new(BytesMut::new()),
+            sealed_output: RefCell::new(BytesMut::new()),
+            noise_failure: Cell::new(None),
+            server_key: Cell::new(None),
         })
+    }
+
+    /// A connection ready for its login frame: plaintext when `keypair` is
+    /// `None`, else Noise with the handshake done: IK when `pin` is given,
+    /// else XX.
+    ///
+    /// An IK the server closes (it no longer holds the pinned key, after a
+    /// rotation whose overlap has ended, or it refused for another reason)
+    /// is tried once more as XX, which shows the key the server holds now:
+    /// the pin still, or [`ClientError::ServerKeyChanged`].
+    async fn open(
+        opts: &ConnectOptions,
+        keypair: Option<&StaticKeypair>,
+        pin: Option<[u8; KEY_BYTES]>,
+    ) -> Result<Connection, ClientError> {
+        let connection = Connection::connect(opts).await?;
+        let Some(keypair) = keypair else {
+            return Ok(connection);
+        };
+        let Some(pin) = pin else {
+            connection.handshake(keypair, None).await?;
+            return Ok(connection);
+        };
+        match connection
+            .handshake(keypair, Some((Pattern::Ik, &pin)))
+            .await
+        {
+            Err(ClientError::HandshakeClosed) => {
+                drop(connection);
+                let connection = Connection::connect(opts).await?;
+                connection
+                    .handshake(keypair, Some((Pattern::Xx, &pin)))
+                    .await?;
+                Ok(connection)
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(connection),
+        }
+    }
+
+    /// Runs the client's side of a Noise handshake: `pinned` gives the
+    /// pattern and the key to trust, `None` is XX trusting the key the
+    /// server proves. The handshake payload is empty both ways from the
+    /// client. On success the connection seals and opens from now on, and
+    /// XX's third message waits in `sealed_output` for the first frame.
+    ///
+    /// A server key other than the pin fails with
+    /// [`ClientError::ServerKeyChanged`] before the third message is sent.
+    async fn handshake(
+        &self,
+        keypair: &StaticKeypair,
+        pinned: Option<(Pattern, &[u8; KEY_BYTES])>,
+    ) -> Result<(), ClientError> {
+        let (mut initiator, opening) = match pinned {
+            Some((Pattern::Ik, pin)) => Initiator::ik(keypair, pin, &[])?,
+            Some((Pattern::Xx, _)) | None => Initiator::xx(keypair, &[])?,
+        };
+        *self.writing.borrow_mut() = Bytes::from(opening);
+        self.flush().await.map_err(closed_in_handshake)?;
+        let message = loop {
+            let next = wire::next_message(
+                &mut self.sealed_input.borrow_mut(),
+                initiator.message_bytes_max(),
+            );
+            match next {
+                Ok(Some(message)) => break message,
+                Ok(None) => {}
+                Err(e) => return Err(self.fail(e)),
+            }
+            let want = wire::bytes_wanted(&self.sealed_input.borrow()).max(READ_CHUNK_BYTES);
+            match self.read_into(&self.sealed_input, want).await {
+                Ok(0) => {
+                    self.closed.set(true);
+                    return Err(ClientError::HandshakeClosed);
+                }
+                Ok(_) => self.reads.set(self.reads.get() + 1),
+                Err(e) => {
+                    self.closed.set(true);
+                    return Err(closed_in_handshake(closed_or_io(e)));
+                }
+            }
+        };
+        let third = initiator.read_message(&message).map_err(|e| self.fail(e))?;
+        let server = initiator
+            .server_static()
+            .expect("a finished handshake knows the server's static key");
+        if let Some((_, pin)) = pinned {
+            if server != *pin {
+                // The third message (our static key) is not sent to a
+                // server we do not trust.
+                self.closed.set(true);
+                return Err(ClientError::ServerKeyChanged {
+                    expected: *pin,
+                    got: server,
+                });
+            }
+        }
+        self.server_key
+            .set(Some(initiator.rotated_server_key().unwrap_or(server)));
+        let transport = initiator.into_transport().map_err(|e| self.fail(e))?;
+        if let Some(third) = third {
+            self.sealed_output.borrow_mut().extend_from_slice(&third);
+        }
+        *self.transport.borrow_mut() = Some(transport);
+        Ok(())
+    }
+
+    /// Marks the connection closed by a Noise failure (Noise has no resync).
+    fn fail(&self, error: NoiseError) -> ClientError {
+        self.closed.set(true);
+        ClientError::Noise(error)
     }
 
     fn queue(&self, frame: &Frame) -> Result<(), ClientError> {
@@ -129,10 +275,49 @@ impl Connection {
     }
 
     fn queued_bytes(&self) -> usize {
-        self.queue.borrow().len() + self.writing.borrow().len()
+        self.queue.borrow().len() + self.writing.borrow().len() + self.sealed_output.borrow().len()
     }
 
-    /// Writes everything queued. Cancel safe: what was not written stays queued.
+    /// Moves what is queued into `writing`, sealed in Noise mode. False when
+    /// there is nothing to write.
+    fn take_queue(&self) -> Result<bool, ClientError> {
+        let mut writing = self.writing.borrow_mut();
+        let mut queue = self.queue.borrow_mut();
+        let mut transport = self.transport.borrow_mut();
+        let Some(transport) = transport.as_mut() else {
+            if queue.is_empty() {
+                return Ok(false);
+            }
+            // The whole queue goes out in one write; once `writing` is
+            // dropped the queue reclaims the allocation.
+            *writing = queue.split().freeze();
+            if writing.len() > QUEUE_REUSE_BYTES_MAX {
+                // A burst: do not keep its large buffer for reuse.
+                *queue = BytesMut::new();
+            }
+            return Ok(true);
+        };
+        let mut sealed = self.sealed_output.borrow_mut();
+        if queue.is_empty() && sealed.is_empty() {
+            return Ok(false);
+        }
+        // Sealed in place into the reused output buffer: no allocation per
+        // flush once both buffers have grown to the usual burst.
+        if let Err(e) = transport.seal(&queue, &mut sealed) {
+            self.closed.set(true);
+            return Err(ClientError::Noise(e));
+        }
+        queue.clear();
+        *writing = sealed.split().freeze();
+        if writing.len() > QUEUE_REUSE_BYTES_MAX {
+            *sealed = BytesMut::new();
+            *queue = BytesMut::new();
+        }
+        Ok(true)
+    }
+
+    /// Writes everything queued. Cancel safe: what was not written stays
+    /// queued (or sealed in `writing`, which the next flush writes first).
     async fn flush(&self) -> Result<(), ClientError> {
         let _turn = self
             .write_turn
@@ -140,21 +325,8 @@ impl Connection {
             .await
             .map_err(|_| ClientError::Closed)?;
         loop {
-            {
-                let mut writing = self.writing.borrow_mut();
-                if writing.is_empty() {
-                    let mut queue = self.queue.borrow_mut();
-                    if queue.is_empty() {
-                        return Ok(());
-                    }
-                    // The whole queue goes out in one write; once `writing`
-                    // is dropped the queue reclaims the allocation.
-                    *writing = queue.split().freeze();
-                    if writing.len() > QUEUE_REUSE_BYTES_MAX {
-                        // A burst: do not keep its large buffer for reuse.
-                        *queue = BytesMut::new();
-                    }
-                }
+            if self.writing.borrow().is_empty() && !self.take_queue()? {
+                return Ok(());
             }
             let written = poll_fn(|cx| {
                 let writing = self.writing.borrow();
@@ -184,7 +356,7 @@ impl Connection {
         }
     }
 
-    /// The next whole frame. Cancel safe: bytes read stay in the read buffer.
+    /// The next whole frame. Cancel safe: bytes read stay in the buffers.
     async fn next_frame(&self) -> Result<Frame, ClientError> {
         let _turn = self
             .read_turn
@@ -210,28 +382,19 @@ impl Connection {
                     return Err(ClientError::Protocol(e));
                 }
             }
-            let read = poll_fn(|cx| {
-                let mut buffer = self.read_buffer.borrow_mut();
-                let start = buffer.len();
-                let want = bytes_wanted(&buffer).max(READ_CHUNK_BYTES);
-                buffer.resize(start + want, 0);
-                let mut stream = self.stream.borrow_mut();
-                let result = Pin::new(&mut *stream).poll_read(cx, &mut buffer[start..]);
-                let got = match &result {
-                    Poll::Ready(Ok(n)) => *n,
-                    _ => 0,
-                };
-                buffer.truncate(start + got);
-                if result.is_pending() && start == 0 {
-                    // Waiting with nothing buffered: glommio waits for
-                    // readiness without our buffer, so an idle session
-                    // holds no read buffer at all.
-                    *buffer = BytesMut::new();
-                }
-                result
-            })
-            .await;
-            match read {
+            if let Some(e) = self.noise_failure.get() {
+                return Err(ClientError::Noise(e));
+            }
+            let sealed = self.transport.borrow().is_some();
+            let (buffer, want) = if sealed {
+                (
+                    &self.sealed_input,
+                    wire::bytes_wanted(&self.sealed_input.borrow()),
+                )
+            } else {
+                (&self.read_buffer, bytes_wanted(&self.read_buffer.borrow()))
+            };
+            match self.read_into(buffer, want.max(READ_CHUNK_BYTES)).await {
                 Ok(0) => {
                     self.closed.set(true);
                     return Err(ClientError::Closed);
@@ -242,7 +405,64 @@ impl Connection {
                     return Err(closed_or_io(e));
                 }
             }
+            if sealed {
+                self.open_sealed();
+            }
         }
+    }
+
+    /// Opens every whole transport message read so far into the read
+    /// buffer. A message that does not open closes the connection; the
+    /// frames before it are still handed out by `next_frame`.
+    fn open_sealed(&self) {
+        let mut transport = self.transport.borrow_mut();
+        let transport = transport
+            .as_mut()
+            .expect("only called once the handshake is finished");
+        let mut sealed = self.sealed_input.borrow_mut();
+        let opened = transport.open(&mut sealed, &mut self.read_buffer.borrow_mut());
+        if sealed.is_empty() && sealed.capacity() > 0 {
+            // Idle sessions keep no sealed buffer either.
+            *sealed = BytesMut::new();
+        }
+        if let Err(e) = opened {
+            self.closed.set(true);
+            self.noise_failure.set(Some(e));
+        }
+    }
+
+    /// Reads once from the socket into the end of `buffer`, at most `want`
+    /// bytes. Returns the bytes read (0 at end of stream).
+    async fn read_into(&self, buffer: &RefCell<BytesMut>, want: usize) -> io::Result<usize> {
+        poll_fn(|cx| {
+            let mut buffer = buffer.borrow_mut();
+            let start = buffer.len();
+            buffer.resize(start + want, 0);
+            let mut stream = self.stream.borrow_mut();
+            let result = Pin::new(&mut *stream).poll_read(cx, &mut buffer[start..]);
+            let got = match &result {
+                Poll::Ready(Ok(n)) => *n,
+                _ => 0,
+            };
+            buffer.truncate(start + got);
+            if result.is_pending() && start == 0 {
+                // Waiting with nothing buffered: glommio waits for
+                // readiness without our buffer, so an idle session
+                // holds no read buffer at all.
+                *buffer = BytesMut::new();
+            }
+            result
+        })
+        .await
+    }
+
+    /// Queues `login` (Register, Hello or Link: the first frame, sealed in
+    /// Noise mode together with XX's third message), writes it and reads the
+    /// answer.
+    async fn log_in(&self, login: &Frame) -> Result<Frame, ClientError> {
+        self.queue(login)?;
+        self.flush().await?;
+        self.next_frame().await
     }
 }
 
@@ -253,6 +473,14 @@ fn closed_or_io(e: io::Error) -> ClientError {
         | io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionAborted => ClientError::Closed,
         _ => ClientError::Io(e),
+    }
+}
+
+/// A connection closed during the handshake is the server refusing it.
+fn closed_in_handshake(e: ClientError) -> ClientError {
+    match e {
+        ClientError::Closed => ClientError::HandshakeClosed,
+        other => other,
     }
 }
 
@@ -295,61 +523,64 @@ fn connect_from(ip: std::net::IpAddr, opts: &ConnectOptions) -> Result<TcpStream
 
 /// Creates an account: Register → Registered. The connection is closed
 /// afterwards; log in with [`Session::connect`] and the returned credentials.
+///
+/// Over Noise (the default) the device is a fresh static key pair: the
+/// credentials hold its private key, no secret, and the server's key as
+/// `server_key` to pin. In plaintext they hold the secret the server made.
 pub async fn register(
     opts: &ConnectOptions,
     token: Option<&str>,
 ) -> Result<super::Credentials, ClientError> {
-    with_timeout(opts.timeout, async {
-        let connection = Connection::open(opts).await?;
-        connection.queue(&Frame::Register(pb::Register {
-            protocol_version: PROTOCOL_VERSION,
-            registration_token: token.unwrap_or_default().to_string(),
-        }))?;
-        connection.registered().await
-    })
-    .await
+    let login = Frame::Register(pb::Register {
+        protocol_version: PROTOCOL_VERSION,
+        registration_token: token.unwrap_or_default().to_string(),
+    });
+    with_timeout(opts.timeout, registered(opts, &login)).await
 }
 
 /// Links this new device to an account with a code its primary device got
 /// (`Session::request_link_code`): Link → Registered. The connection is
 /// closed afterwards; log in with [`Session::connect`] and the returned
-/// credentials.
+/// credentials (a fresh Noise key, or in plaintext a secret, as for
+/// [`register`]).
 pub async fn link(
     opts: &ConnectOptions,
     code: &str,
     device_name: &str,
 ) -> Result<super::Credentials, ClientError> {
-    with_timeout(opts.timeout, async {
-        let connection = Connection::open(opts).await?;
-        connection.queue(&Frame::Link(pb::Link {
-            protocol_version: PROTOCOL_VERSION,
-            code: code.to_string(),
-            device_name: device_name.to_string(),
-        }))?;
-        connection.registered().await
-    })
-    .await
+    let login = Frame::Link(pb::Link {
+        protocol_version: PROTOCOL_VERSION,
+        code: code.to_string(),
+        device_name: device_name.to_string(),
+    });
+    with_timeout(opts.timeout, registered(opts, &login)).await
 }
 
-impl Connection {
-    /// Flushes, then reads the Registered that answers Register or Link.
-    async fn registered(&self) -> Result<super::Credentials, ClientError> {
-        self.flush().await?;
-        match self.next_frame().await? {
-            Frame::Registered(registered) => {
-                let secret: [u8; 32] = registered.secret.as_ref().try_into().map_err(|_| {
-                    ClientError::Protocol(crate::proto::DecodeError::Malformed(
-                        crate::proto::FrameType::Registered,
-                    ))
-                })?;
-                Ok(Credentials {
-                    user: UserId(registered.user_id),
-                    device: DeviceId(registered.device_id),
-                    secret,
-                })
-            }
-            other => Err(handshake_refusal(other)),
+/// Sends Register or Link and reads the Registered that answers it. Over
+/// Noise the device's identity is the key pair made here; the server
+/// records it and sends no secret.
+async fn registered(opts: &ConnectOptions, login: &Frame) -> Result<Credentials, ClientError> {
+    let keypair = (!opts.plaintext).then(StaticKeypair::generate);
+    let connection = Connection::open(opts, keypair.as_ref(), opts.server_key).await?;
+    match connection.log_in(login).await? {
+        Frame::Registered(registered) => {
+            let malformed = || ClientError::Protocol(DecodeError::Malformed(FrameType::Registered));
+            let secret = match &keypair {
+                None => Some(
+                    <[u8; 32]>::try_from(registered.secret.as_ref()).map_err(|_| malformed())?,
+                ),
+                Some(_) if registered.secret.is_empty() => None,
+                Some(_) => return Err(malformed()),
+            };
+            Ok(Credentials {
+                user: UserId(registered.user_id),
+                device: DeviceId(registered.device_id),
+                secret,
+                noise_private: keypair.map(|pair| *pair.private()),
+                server_key: connection.server_key.get(),
+            })
         }
+        other => Err(handshake_refusal(other)),
     }
 }
 
@@ -370,37 +601,92 @@ fn handshake_refusal(frame: Frame) -> ClientError {
 pub struct Session {
     connection: Connection,
     welcome: pb::Welcome,
+    /// This login bound the credentials' Noise key to the device.
+    bound_noise_key: bool,
 }
 
 impl Session {
     /// Connects and logs in: Hello → Welcome, within `opts.timeout`.
+    ///
+    /// How, by the credentials:
+    /// - with a Noise key (and `opts.plaintext` not set): Noise, IK to the
+    ///   pin (`opts.server_key`, else `creds.server_key`) or XX without one;
+    ///   the Hello carries no secret;
+    /// - with a Noise key and a secret: the same, but the Hello carries the
+    ///   secret, which asks the server to bind the key to the device (see
+    ///   [`Credentials::with_new_noise_key`]); if the server refuses with
+    ///   AUTH_FAILED, the key alone is tried once, since a bind whose answer
+    ///   was lost leaves the key bound. [`Session::bound_noise_key`] tells
+    ///   whether this login bound it;
+    /// - with a secret only (or `opts.plaintext`): a plaintext Hello with the
+    ///   secret; [`ClientError::NoSecret`] if there is none.
     pub async fn connect(
         opts: &ConnectOptions,
         creds: &Credentials,
     ) -> Result<Session, ClientError> {
         with_timeout(opts.timeout, async {
-            let connection = Connection::open(opts).await?;
-            connection.queue(&Frame::Hello(pb::Hello {
-                protocol_version: PROTOCOL_VERSION,
-                user_id: creds.user.0,
-                device_id: creds.device.0,
-                secret: Bytes::copy_from_slice(&creds.secret),
-            }))?;
-            connection.flush().await?;
-            match connection.next_frame().await? {
-                Frame::Welcome(welcome) => Ok(Session {
-                    connection,
-                    welcome,
-                }),
-                other => Err(handshake_refusal(other)),
+            let keypair = creds.noise_keypair().filter(|_| !opts.plaintext);
+            let Some(keypair) = keypair else {
+                let secret = creds.secret.ok_or(ClientError::NoSecret)?;
+                return Session::log_in(opts, creds, None, Some(secret)).await;
+            };
+            let noise = Some((&keypair, opts.server_key.or(creds.server_key)));
+            match Session::log_in(opts, creds, noise, creds.secret).await {
+                Err(e)
+                    if creds.secret.is_some() && e.server_code() == Some(ErrorCode::AuthFailed) =>
+                {
+                    Session::log_in(opts, creds, noise, None).await
+                }
+                result => result,
             }
         })
         .await
     }
 
+    /// One login attempt: plaintext when `noise` is `None`, else Noise with
+    /// that key pair and pin.
+    async fn log_in(
+        opts: &ConnectOptions,
+        creds: &Credentials,
+        noise: Option<(&StaticKeypair, Option<[u8; KEY_BYTES]>)>,
+        secret: Option<[u8; 32]>,
+    ) -> Result<Session, ClientError> {
+        let (keypair, pin) = noise.unzip();
+        let connection = Connection::open(opts, keypair, pin.flatten()).await?;
+        let hello = Frame::Hello(pb::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            user_id: creds.user.0,
+            device_id: creds.device.0,
+            secret: secret.map_or_else(Bytes::new, |s| Bytes::copy_from_slice(&s)),
+        });
+        match connection.log_in(&hello).await? {
+            Frame::Welcome(welcome) => Ok(Session {
+                connection,
+                welcome,
+                bound_noise_key: noise.is_some() && secret.is_some(),
+            }),
+            other => Err(handshake_refusal(other)),
+        }
+    }
+
     /// The server's Welcome: its limits and idle timeout.
     pub fn welcome(&self) -> &pb::Welcome {
         &self.welcome
+    }
+
+    /// The server's Noise static key this session is encrypted to: the
+    /// pinned key for IK, the key the server proved for XX, or the current
+    /// key the server announced after an IK to its previous one (pin this
+    /// one from now on). `None` in plaintext.
+    pub fn server_key(&self) -> Option<[u8; KEY_BYTES]> {
+        self.connection.server_key.get()
+    }
+
+    /// Whether this login bound the credentials' Noise key to the device
+    /// (the credentials held a secret and a key). From now on only the key
+    /// logs in: keep [`Credentials::key_bound`] in place of the credentials.
+    pub fn bound_noise_key(&self) -> bool {
+        self.bound_noise_key
     }
 
     /// Queues a Send (flush to write it).

@@ -1,17 +1,22 @@
 //! The client against a small protocol-speaking fake server: a real loopback
-//! listener in the same executor, real frames through `crate::proto`.
+//! listener in the same executor, real frames through `crate::proto`, and
+//! for Noise the server's side of the handshake and transport from
+//! `crate::noise`.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::LocalExecutorBuilder;
 
 use super::*;
 use crate::ids::{ClientMessageId, DeviceId, InboxSeq, UserId};
+use crate::noise::{
+    wire, Intro, KeySlot, NoiseError, Pattern, Responder, ServerKeys, StaticKeypair, Transport,
+};
 use crate::proto::{next_frame, pb, ErrorCode, Frame};
 
 const FRAME_BYTES_MAX: u32 = 66_560;
@@ -28,10 +33,33 @@ where
         .expect("test executor finished")
 }
 
-/// The server end of one connection.
+/// The server end of one connection: plaintext, or Noise after
+/// [`Peer::handshake`] (then `read` opens and `write` seals).
 pub(crate) struct Peer {
     pub(crate) stream: TcpStream,
+    /// Frame bytes not yet decoded (opened ones, in Noise mode).
     buffer: BytesMut,
+    /// Noise: bytes read and not yet handled (handshake or transport).
+    raw: BytesMut,
+    transport: Option<Transport>,
+}
+
+/// What the server side saw of a Noise handshake.
+#[derive(Debug)]
+pub(crate) struct Handshake {
+    pub(crate) pattern: Pattern,
+    /// The client's static public key.
+    pub(crate) client_key: [u8; 32],
+    pub(crate) slot: KeySlot,
+}
+
+/// Why the server side's handshake did not finish.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Refused {
+    /// The client closed the connection.
+    Closed,
+    /// The responder refused a message (the server then closes).
+    Noise(NoiseError),
 }
 
 impl Peer {
@@ -39,7 +67,81 @@ impl Peer {
         Peer {
             stream: listener.accept().await.expect("accept"),
             buffer: BytesMut::new(),
+            raw: BytesMut::new(),
+            transport: None,
         }
+    }
+
+    /// Accepts a connection and finishes a Noise handshake on it.
+    pub(crate) async fn accept_noise(
+        listener: &TcpListener,
+        keys: &ServerKeys,
+    ) -> (Peer, Handshake) {
+        let mut peer = Peer::accept(listener).await;
+        let handshake = peer.handshake(keys).await.expect("handshake");
+        (peer, handshake)
+    }
+
+    /// Reads more bytes into `raw`; false at end of stream (or a reset).
+    async fn fill_raw(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        match self.stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.raw.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// Bytes the client sent that the server side has not handled.
+    pub(crate) fn unread(&self) -> usize {
+        self.raw.len() + self.buffer.len()
+    }
+
+    /// Plays the server's side of a Noise handshake with `keys`, as the
+    /// server does: the intro, then the client's messages through a
+    /// `Responder`, its replies written. The client's payload must be empty.
+    pub(crate) async fn handshake(&mut self, keys: &ServerKeys) -> Result<Handshake, Refused> {
+        let pattern = loop {
+            if let Some((pattern, length)) = Intro::parse(&self.raw).map_err(Refused::Noise)? {
+                self.raw.advance(length);
+                break pattern;
+            }
+            if !self.fill_raw().await {
+                return Err(Refused::Closed);
+            }
+        };
+        let mut responder = Responder::new(pattern, keys).map_err(Refused::Noise)?;
+        while !responder.is_finished() {
+            let message = wire::next_message(&mut self.raw, responder.message_bytes_max())
+                .map_err(Refused::Noise)?;
+            let Some(message) = message else {
+                if !self.fill_raw().await {
+                    return Err(Refused::Closed);
+                }
+                continue;
+            };
+            if let Some(reply) = responder.read_message(&message).map_err(Refused::Noise)? {
+                self.stream.write_all(&reply).await.expect("server write");
+            }
+        }
+        assert!(
+            responder.client_payload().is_empty(),
+            "the client's handshake payload is empty"
+        );
+        let handshake = Handshake {
+            pattern,
+            client_key: responder.remote_static().expect("finished"),
+            slot: responder.key_slot(),
+        };
+        let mut transport = responder.into_transport().expect("transport");
+        // The client may have sent its first frames right behind the handshake.
+        transport
+            .open(&mut self.raw, &mut self.buffer)
+            .expect("the client's transport messages open");
+        self.transport = Some(transport);
+        Ok(handshake)
     }
 
     /// The next frame, or None at end of stream.
@@ -54,14 +156,36 @@ impl Peer {
             if n == 0 {
                 return None;
             }
-            self.buffer.extend_from_slice(&chunk[..n]);
+            match &mut self.transport {
+                None => self.buffer.extend_from_slice(&chunk[..n]),
+                Some(transport) => {
+                    self.raw.extend_from_slice(&chunk[..n]);
+                    transport
+                        .open(&mut self.raw, &mut self.buffer)
+                        .expect("the client's transport messages open");
+                }
+            }
         }
+    }
+
+    /// `plaintext` as transport messages (Noise mode only), not written.
+    pub(crate) fn seal(&mut self, plaintext: &[u8]) -> BytesMut {
+        let mut sealed = BytesMut::new();
+        self.transport
+            .as_mut()
+            .expect("after the handshake")
+            .seal(plaintext, &mut sealed)
+            .expect("sealed");
+        sealed
     }
 
     pub(crate) async fn write(&mut self, frames: &[Frame]) {
         let mut out = BytesMut::new();
         for frame in frames {
             frame.encode(&mut out);
+        }
+        if self.transport.is_some() {
+            out = self.seal(&out);
         }
         self.stream.write_all(&out).await.expect("server write");
     }
@@ -101,12 +225,33 @@ pub(crate) fn listen() -> (TcpListener, ConnectOptions) {
     (listener, opts)
 }
 
+/// A device that logs in with a secret, in plaintext.
 pub(crate) fn credentials() -> Credentials {
     Credentials {
         user: UserId(12),
         device: DeviceId(1),
-        secret: [7; 32],
+        secret: Some([7; 32]),
+        noise_private: None,
+        server_key: None,
     }
+}
+
+/// A device that logs in with a Noise key, pinned to `server_key` if given.
+pub(crate) fn noise_credentials(server_key: Option<[u8; 32]>) -> Credentials {
+    Credentials {
+        user: UserId(12),
+        device: DeviceId(1),
+        secret: None,
+        noise_private: Some([5; 32]),
+        server_key,
+    }
+}
+
+/// The server's keys, made in a fresh directory (kept with them).
+pub(crate) fn server_keys() -> (tempfile::TempDir, ServerKeys) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = ServerKeys::load_or_create(dir.path()).expect("server keys");
+    (dir, keys)
 }
 
 pub(crate) fn deliver(sequence: u64, id: u64) -> pb::Deliver {
@@ -124,7 +269,8 @@ pub(crate) fn deliver(sequence: u64, id: u64) -> pb::Deliver {
 #[test]
 fn register_returns_the_registered_credentials() {
     run(|| async {
-        let (listener, opts) = listen();
+        let (listener, mut opts) = listen();
+        opts.plaintext = true;
         let server = glommio::spawn_local(async move {
             let mut peer = Peer::accept(&listener).await;
             let Some(Frame::Register(register)) = peer.read().await else {
@@ -143,7 +289,9 @@ fn register_returns_the_registered_credentials() {
         let creds = register(&opts, Some("letmein")).await.expect("registered");
         assert_eq!(creds.user, UserId(41));
         assert_eq!(creds.device, DeviceId(1));
-        assert_eq!(creds.secret, [9u8; 32]);
+        assert_eq!(creds.secret, Some([9u8; 32]));
+        assert_eq!(creds.noise_private, None);
+        assert_eq!(creds.server_key, None);
         server.await;
     });
 }
@@ -151,7 +299,8 @@ fn register_returns_the_registered_credentials() {
 #[test]
 fn register_reports_bad_registration_token() {
     run(|| async {
-        let (listener, opts) = listen();
+        let (listener, mut opts) = listen();
+        opts.plaintext = true;
         let server = glommio::spawn_local(async move {
             let mut peer = Peer::accept(&listener).await;
             peer.read().await;
@@ -734,7 +883,9 @@ fn credentials_round_trip_through_an_owner_only_file() {
     let creds = Credentials {
         user: UserId(123_456),
         device: DeviceId(3),
-        secret: std::array::from_fn(|i| i as u8),
+        secret: Some(std::array::from_fn(|i| i as u8)),
+        noise_private: None,
+        server_key: None,
     };
     creds.save(&path).expect("saved");
     let mode = std::fs::metadata(&path)
@@ -1039,4 +1190,601 @@ fn client_send_throughput() {
         writes,
         SENDS as f64 / writes as f64
     );
+}
+
+// Noise: the fake server plays the server's side with `crate::noise`.
+
+#[test]
+fn register_over_noise_returns_a_key_and_no_secret() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server_public = *keys.public();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, handshake) = Peer::accept_noise(&listener, &keys).await;
+            assert_eq!(handshake.pattern, Pattern::Xx);
+            let Some(Frame::Register(register)) = peer.read().await else {
+                panic!("expected Register");
+            };
+            assert_eq!(register.registration_token, "letmein");
+            peer.write(&[Frame::Registered(pb::Registered {
+                protocol_version: 1,
+                user_id: 41,
+                device_id: 1,
+                secret: Bytes::new(),
+            })])
+            .await;
+            handshake.client_key
+        });
+        let creds = register(&opts, Some("letmein")).await.expect("registered");
+        let client_key = server.await;
+        assert_eq!(creds.user, UserId(41));
+        assert_eq!(creds.secret, None);
+        let keypair = creds.noise_keypair().expect("a Noise key");
+        assert_eq!(keypair.public(), &client_key);
+        assert_eq!(creds.server_key, Some(server_public));
+    });
+}
+
+#[test]
+fn link_with_a_pinned_server_key_uses_ik() {
+    run(|| async {
+        let (listener, mut opts) = listen();
+        let (_dir, keys) = server_keys();
+        opts.server_key = Some(*keys.public());
+        let server = glommio::spawn_local(async move {
+            let (mut peer, handshake) = Peer::accept_noise(&listener, &keys).await;
+            let Some(Frame::Link(link)) = peer.read().await else {
+                panic!("expected Link");
+            };
+            assert_eq!(link.code, "1234-5678");
+            peer.write(&[Frame::Registered(pb::Registered {
+                protocol_version: 1,
+                user_id: 41,
+                device_id: 2,
+                secret: Bytes::new(),
+            })])
+            .await;
+            handshake.pattern
+        });
+        let creds = link(&opts, "1234-5678", "laptop").await.expect("linked");
+        assert_eq!(server.await, Pattern::Ik);
+        assert_eq!(creds.device, DeviceId(2));
+        assert_eq!(creds.server_key, opts.server_key);
+    });
+}
+
+#[test]
+fn register_over_noise_rejects_a_registered_with_a_secret() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, _) = Peer::accept_noise(&listener, &keys).await;
+            peer.read().await;
+            peer.write(&[Frame::Registered(pb::Registered {
+                protocol_version: 1,
+                user_id: 41,
+                device_id: 1,
+                secret: Bytes::from(vec![9u8; 32]),
+            })])
+            .await;
+        });
+        let err = register(&opts, None).await.expect_err("refused");
+        assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+        server.await;
+    });
+}
+
+#[test]
+fn connect_over_noise_sends_the_hello_with_the_third_message_in_one_write() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server_public = *keys.public();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, handshake) = Peer::accept_noise(&listener, &keys).await;
+            (handshake, peer.welcome().await)
+        });
+        let creds = noise_credentials(None);
+        let session = Session::connect(&opts, &creds).await.expect("connected");
+        let (handshake, hello) = server.await;
+        assert_eq!(handshake.pattern, Pattern::Xx);
+        assert_eq!(
+            &handshake.client_key,
+            creds.noise_keypair().expect("key").public()
+        );
+        assert!(hello.secret.is_empty(), "no secret over Noise");
+        assert_eq!(hello.user_id, 12);
+        assert_eq!(session.server_key(), Some(server_public));
+        assert!(!session.bound_noise_key());
+        // The intro with message 1, then message 3 with the Hello.
+        assert_eq!(session.io_calls().0, 2);
+    });
+}
+
+#[test]
+fn connect_with_a_pinned_key_uses_ik() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let pin = *keys.public();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, handshake) = Peer::accept_noise(&listener, &keys).await;
+            peer.welcome().await;
+            peer.write(&[Frame::Pong(pb::Pong { nonce: 3 })]).await;
+            handshake
+        });
+        let session = Session::connect(&opts, &noise_credentials(Some(pin)))
+            .await
+            .expect("connected");
+        let handshake = server.await;
+        assert_eq!(handshake.pattern, Pattern::Ik);
+        assert_eq!(handshake.slot, KeySlot::Current);
+        assert_eq!(session.server_key(), Some(pin));
+        assert_eq!(session.next_event().await.expect("event"), Event::Pong(3));
+    });
+}
+
+#[test]
+fn connect_refuses_a_changed_server_key_without_sending_message_3() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server_public = *keys.public();
+        let pin = *StaticKeypair::generate().public();
+        let server = glommio::spawn_local(async move {
+            // The IK to the pinned key: this server does not hold it, and
+            // closes without a word.
+            let mut peer = Peer::accept(&listener).await;
+            assert_eq!(
+                peer.handshake(&keys).await.err(),
+                Some(Refused::Noise(NoiseError::UnknownServerKey))
+            );
+            drop(peer);
+            // The XX that follows: the client reads message 2 and hangs up.
+            let mut peer = Peer::accept(&listener).await;
+            assert_eq!(peer.handshake(&keys).await.err(), Some(Refused::Closed));
+            peer.unread()
+        });
+        let err = Session::connect(&opts, &noise_credentials(Some(pin)))
+            .await
+            .err()
+            .expect("refused");
+        match err {
+            ClientError::ServerKeyChanged { expected, got } => {
+                assert_eq!(expected, pin);
+                assert_eq!(got, server_public);
+            }
+            other => panic!("expected ServerKeyChanged, got {other:?}"),
+        }
+        assert_eq!(server.await, 0, "nothing was sent after message 2");
+        let text = ClientError::ServerKeyChanged {
+            expected: pin,
+            got: server_public,
+        }
+        .to_string();
+        assert!(text.contains(&crate::noise::fingerprint(&pin)), "{text}");
+    });
+}
+
+#[test]
+fn connect_reports_a_server_closing_before_message_2() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let server = glommio::spawn_local(async move {
+            let mut patterns = Vec::new();
+            // Both the IK and the XX retry are refused.
+            for _ in 0..2 {
+                let mut peer = Peer::accept(&listener).await;
+                assert!(peer.fill_raw().await);
+                patterns.push(peer.raw[4]);
+            }
+            patterns
+        });
+        let pin = *StaticKeypair::generate().public();
+        let err = Session::connect(&opts, &noise_credentials(Some(pin)))
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, ClientError::HandshakeClosed), "{err:?}");
+        assert_eq!(server.await, vec![b'I', b'X']);
+        // Without a pin there is no retry.
+        let (listener, opts) = listen();
+        let server = glommio::spawn_local(async move {
+            drop(Peer::accept(&listener).await);
+        });
+        let err = Session::connect(&opts, &noise_credentials(None))
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, ClientError::HandshakeClosed), "{err:?}");
+        server.await;
+    });
+}
+
+#[test]
+fn connect_exposes_the_key_a_rotating_server_announces() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (dir, old) = server_keys();
+        let keys = ServerKeys::rotate(dir.path()).expect("rotated");
+        let current = *keys.public();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, handshake) = Peer::accept_noise(&listener, &keys).await;
+            peer.welcome().await;
+            handshake.slot
+        });
+        let session = Session::connect(&opts, &noise_credentials(Some(*old.public())))
+            .await
+            .expect("connected");
+        assert_eq!(server.await, KeySlot::Previous);
+        assert_eq!(session.server_key(), Some(current));
+    });
+}
+
+#[test]
+fn next_event_fails_on_a_tampered_transport_message_after_the_good_ones() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, _) = Peer::accept_noise(&listener, &keys).await;
+            peer.welcome().await;
+            let mut out = peer.seal(&Frame::Deliver(deliver(1, 100)).to_bytes());
+            let mut tampered = peer.seal(&Frame::Deliver(deliver(2, 101)).to_bytes());
+            let last = tampered.len() - 1;
+            tampered[last] ^= 0x01;
+            out.extend_from_slice(&tampered);
+            peer.write_bytes(&out).await;
+            peer
+        });
+        let session = Session::connect(&opts, &noise_credentials(None))
+            .await
+            .expect("connected");
+        let first = session.next_event().await.expect("the good message");
+        assert!(matches!(first, Event::Deliver(d) if d.sequence == 1));
+        let err = session.next_event().await.expect_err("tampered");
+        assert!(
+            matches!(err, ClientError::Noise(NoiseError::TransportDecrypt)),
+            "{err:?}"
+        );
+        assert!(session.is_closed());
+        drop(server.await);
+    });
+}
+
+#[test]
+fn next_event_fails_on_garbage_after_the_handshake() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, _) = Peer::accept_noise(&listener, &keys).await;
+            peer.welcome().await;
+            // A plaintext frame where transport messages belong: its length
+            // prefix reads as a 0-byte Noise message.
+            peer.write_bytes(&Frame::Pong(pb::Pong { nonce: 1 }).to_bytes())
+                .await;
+            peer
+        });
+        let session = Session::connect(&opts, &noise_credentials(None))
+            .await
+            .expect("connected");
+        let err = session.next_event().await.expect_err("garbage");
+        assert!(matches!(err, ClientError::Noise(_)), "{err:?}");
+        drop(server.await);
+    });
+}
+
+#[test]
+fn connect_fails_on_a_garbled_handshake_message() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let server = glommio::spawn_local(async move {
+            let mut peer = Peer::accept(&listener).await;
+            assert!(peer.fill_raw().await);
+            // A message 2 of the right size, but not from a Noise server.
+            let mut garbage = BytesMut::new();
+            wire::put_message(&mut garbage, &[0x5a; 96]);
+            peer.write_bytes(&garbage).await;
+            peer
+        });
+        let err = Session::connect(&opts, &noise_credentials(None))
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, ClientError::Noise(NoiseError::HandshakeDecrypt)),
+            "{err:?}"
+        );
+        drop(server.await);
+    });
+}
+
+#[test]
+fn noise_frames_may_span_transport_messages_and_reads() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, _) = Peer::accept_noise(&listener, &keys).await;
+            peer.welcome().await;
+            // One frame in two transport messages, the second cut across
+            // two writes.
+            let bytes = Frame::Deliver(deliver(1, 100)).to_bytes();
+            let mut sealed = peer.seal(&bytes[..7]);
+            sealed.extend_from_slice(&peer.seal(&bytes[7..]));
+            let cut = sealed.len() - 5;
+            peer.write_bytes(&sealed[..cut]).await;
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            peer.write_bytes(&sealed[cut..]).await;
+            // A frame larger than one transport message's chunk, and two
+            // frames in one message.
+            let big = pb::Deliver {
+                payload: Bytes::from(vec![3u8; 66_000]),
+                ..deliver(2, 101)
+            };
+            peer.write(&[Frame::Deliver(big)]).await;
+            peer.write(&[
+                Frame::Deliver(deliver(3, 102)),
+                Frame::Pong(pb::Pong { nonce: 4 }),
+            ])
+            .await;
+            // And the other way: the client's large Send.
+            let Some(Frame::Send(send)) = peer.read().await else {
+                panic!("expected Send")
+            };
+            send.payload.len()
+        });
+        let session = Session::connect(&opts, &noise_credentials(None))
+            .await
+            .expect("connected");
+        let mut sequences = Vec::new();
+        for _ in 0..3 {
+            match session.next_event().await.expect("event") {
+                Event::Deliver(d) => {
+                    if d.sequence == 2 {
+                        assert_eq!(d.payload.len(), 66_000);
+                    }
+                    sequences.push(d.sequence);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(sequences, vec![1, 2, 3]);
+        assert_eq!(session.next_event().await.expect("event"), Event::Pong(4));
+        session
+            .send(
+                UserId(2),
+                ClientMessageId(1),
+                Bytes::from(vec![1u8; 66_000]),
+            )
+            .expect("queued");
+        session.flush().await.expect("flushed");
+        assert_eq!(server.await, 66_000);
+    });
+}
+
+#[test]
+fn noise_session_carries_a_stream_of_sends_and_acks() {
+    run(|| async {
+        let (listener, mut opts) = listen();
+        opts.frame_bytes_max = 1024;
+        let (_dir, keys) = server_keys();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, _) = Peer::accept_noise(&listener, &keys).await;
+            peer.welcome().await;
+            while let Some(frame) = peer.read().await {
+                if let Frame::Send(send) = frame {
+                    peer.write(&[Frame::ServerAck(pb::ServerAck {
+                        client_message_id: send.client_message_id,
+                        server_sequence: send.client_message_id,
+                        timestamp_ms: 1,
+                    })])
+                    .await;
+                }
+            }
+        });
+        let session = Rc::new(
+            Session::connect(&opts, &noise_credentials(None))
+                .await
+                .expect("connected"),
+        );
+        let receiver = {
+            let session = session.clone();
+            glommio::spawn_local(async move {
+                let mut acked = Vec::new();
+                while acked.len() < 300 {
+                    match session.next_event().await.expect("event") {
+                        Event::ServerAck(ack) => acked.push(ack.client_message_id),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                acked
+            })
+        };
+        // The queue's bound counts plaintext bytes, as in plaintext mode.
+        let mut id = 0u64;
+        while id < 300 {
+            match session.send(
+                UserId(2),
+                ClientMessageId(id + 1),
+                Bytes::from(vec![1u8; 900]),
+            ) {
+                Ok(()) => id += 1,
+                Err(ClientError::QueueFull) => {
+                    assert!(session.queued_bytes() <= 1024 * QUEUE_FRAMES_MAX as usize);
+                    session.flush().await.expect("flushed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        session.flush().await.expect("flushed");
+        assert_eq!(receiver.await, (1..=300).collect::<Vec<_>>());
+        drop(session);
+        server.await;
+    });
+}
+
+#[test]
+fn connect_binds_a_new_noise_key_with_the_secret() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let creds = credentials().with_new_noise_key();
+        assert!(creds.binds_noise_key());
+        let server = glommio::spawn_local(async move {
+            let (mut peer, handshake) = Peer::accept_noise(&listener, &keys).await;
+            (handshake.client_key, peer.welcome().await)
+        });
+        let session = Session::connect(&opts, &creds).await.expect("connected");
+        let (client_key, hello) = server.await;
+        assert_eq!(&client_key, creds.noise_keypair().expect("key").public());
+        assert_eq!(hello.secret.as_ref(), &[7u8; 32]);
+        assert!(session.bound_noise_key());
+        let bound = creds.key_bound();
+        assert_eq!(bound.secret, None);
+        assert_eq!(bound.noise_private, creds.noise_private);
+    });
+}
+
+#[test]
+fn connect_logs_in_with_the_key_alone_when_it_was_bound_already() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server = glommio::spawn_local(async move {
+            // The key is bound already: a Hello with the secret is refused.
+            let (mut peer, _) = Peer::accept_noise(&listener, &keys).await;
+            let Some(Frame::Hello(hello)) = peer.read().await else {
+                panic!("expected Hello")
+            };
+            assert_eq!(hello.secret.len(), 32);
+            peer.write(&[crate::proto::error_frame(
+                ErrorCode::AuthFailed,
+                "bound",
+                true,
+            )])
+            .await;
+            drop(peer);
+            let (mut peer, _) = Peer::accept_noise(&listener, &keys).await;
+            peer.welcome().await
+        });
+        let creds = credentials().with_new_noise_key();
+        let session = Session::connect(&opts, &creds).await.expect("connected");
+        assert!(server.await.secret.is_empty());
+        assert!(!session.bound_noise_key());
+    });
+}
+
+#[test]
+fn plaintext_login_without_a_secret_fails_with_no_secret() {
+    run(|| async {
+        let (_listener, mut opts) = listen();
+        opts.plaintext = true;
+        let err = Session::connect(&opts, &noise_credentials(None))
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, ClientError::NoSecret), "{err:?}");
+    });
+}
+
+#[test]
+fn reconnecting_session_reconnects_with_ik_and_drops_a_bound_secret() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let server_public = *keys.public();
+        let server = glommio::spawn_local(async move {
+            let (mut peer, first) = Peer::accept_noise(&listener, &keys).await;
+            let bind = peer.welcome().await;
+            drop(peer);
+            let (mut peer, second) = Peer::accept_noise(&listener, &keys).await;
+            let again = peer.welcome().await;
+            peer.write(&[Frame::Pong(pb::Pong { nonce: 8 })]).await;
+            (first.pattern, bind, second.pattern, again, peer)
+        });
+        let options = ReconnectOptions {
+            backoff_initial: Duration::from_millis(5),
+            ..ReconnectOptions::default()
+        };
+        let creds = credentials().with_new_noise_key();
+        let session = ReconnectingSession::connect(&opts, &creds, options)
+            .await
+            .expect("connected");
+        assert_eq!(session.credentials().server_key, Some(server_public));
+        assert_eq!(session.credentials().secret, None);
+        assert_eq!(session.next_event().await.expect("event"), Event::Pong(8));
+        let (first, bind, second, again, _peer) = server.await;
+        assert_eq!((first, second), (Pattern::Xx, Pattern::Ik));
+        assert_eq!(bind.secret.len(), 32);
+        assert!(again.secret.is_empty());
+        assert_eq!(session.reconnects(), 1);
+    });
+}
+
+#[test]
+fn reconnecting_session_gives_up_on_a_changed_server_key() {
+    run(|| async {
+        let (listener, opts) = listen();
+        let (_dir, keys) = server_keys();
+        let (_other_dir, other) = server_keys();
+        let server = glommio::spawn_local(async move {
+            let (peer, _) = Peer::accept_noise(&listener, &keys).await;
+            let mut peer = peer;
+            peer.welcome().await;
+            drop(peer);
+            // The server comes back with another key: the IK fails, the XX
+            // shows the new key.
+            let mut peer = Peer::accept(&listener).await;
+            assert!(peer.handshake(&other).await.is_err());
+            drop(peer);
+            let mut peer = Peer::accept(&listener).await;
+            assert!(peer.handshake(&other).await.is_err());
+        });
+        let options = ReconnectOptions {
+            backoff_initial: Duration::from_millis(5),
+            ..ReconnectOptions::default()
+        };
+        let session = ReconnectingSession::connect(&opts, &noise_credentials(None), options)
+            .await
+            .expect("connected");
+        let err = session.next_event().await.expect_err("gave up");
+        assert!(
+            matches!(err, ClientError::ServerKeyChanged { .. }),
+            "{err:?}"
+        );
+        server.await;
+    });
+}
+
+#[test]
+fn credentials_of_a_noise_device_round_trip_and_old_files_still_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("device.cred");
+    let creds = noise_credentials(Some([9; 32]));
+    creds.save(&path).expect("saved");
+    let text = std::fs::read_to_string(&path).expect("read");
+    assert!(!text.contains("secret"), "{text}");
+    assert_eq!(Credentials::load(&path).expect("loaded"), creds);
+    let debug = format!("{creds:?}");
+    assert!(
+        !debug.contains("0505"),
+        "Debug hides the private key: {debug}"
+    );
+    // A file from before Noise: user, device, secret.
+    std::fs::write(
+        &path,
+        format!("user = 1\ndevice = 2\nsecret = \"{}\"\n", "ab".repeat(32)),
+    )
+    .expect("written");
+    let old = Credentials::load(&path).expect("loaded");
+    assert_eq!(old.secret, Some([0xab; 32]));
+    assert_eq!((old.noise_private, old.server_key), (None, None));
+    // Neither a secret nor a key: nothing to log in with.
+    std::fs::write(&path, "user = 1\ndevice = 2\n").expect("written");
+    let err = Credentials::load(&path).expect_err("rejected");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
 }

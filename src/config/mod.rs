@@ -39,6 +39,30 @@ pub enum RegistrationPolicy {
     Closed,
 }
 
+/// Who may speak the protocol unencrypted (without the Noise handshake).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextPolicy {
+    /// Clients connecting from a loopback address (tests, local
+    /// development); anyone else is refused with PLAINTEXT_REFUSED.
+    Loopback,
+    /// Any client (a trusted network, or a proxy that encrypts).
+    Any,
+    /// Nobody: every client speaks Noise.
+    Off,
+}
+
+impl PlaintextPolicy {
+    /// Whether a plaintext client at `peer` may go on.
+    pub fn allows(self, peer: std::net::IpAddr) -> bool {
+        match self {
+            PlaintextPolicy::Loopback => peer.is_loopback(),
+            PlaintextPolicy::Any => true,
+            PlaintextPolicy::Off => false,
+        }
+    }
+}
+
 /// The most capable io_uring setup each shard's socket ring tries; weaker
 /// ones are the fallbacks when the kernel refuses it (docs/uring.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +120,12 @@ pub struct ServerConfig {
     /// only after an RCU grace period, 4-20 ms (docs/uring.md). 0: the
     /// eventfd alone. Default 1,000.
     pub socket_poll_interval_us: u32,
+    /// Accept Noise clients (docs/protocol.md §2). The server's static key
+    /// is `noise.key` in the data directory, made at first start. Default
+    /// true.
+    pub noise: bool,
+    /// Who may connect without Noise. Default `loopback`.
+    pub plaintext: PlaintextPolicy,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +142,8 @@ impl Default for ServerConfig {
             socket_ring_setup: SocketRingSetup::DeferTaskrun,
             shard_stall_ready_ms: crate::metrics::DEFAULT_STALL_LIMIT_MS as u32,
             socket_poll_interval_us: 1_000,
+            noise: true,
+            plaintext: PlaintextPolicy::Loopback,
         }
     }
 }

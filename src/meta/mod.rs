@@ -47,6 +47,11 @@ pub const SECRET_BYTES: usize = 32;
 
 /// (user id, device id) → SHA-256 of the device secret.
 const DEVICES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("devices");
+/// (user id, device id) → the device's Noise static public key (32 bytes):
+/// its login, recorded when it registered or linked over Noise, or bound
+/// once by a Noise Hello that carried its secret. A device with a row here
+/// logs in only by this key.
+const DEVICE_KEYS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("device_keys");
 /// Named counters: `next_user_id`.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NEXT_USER_ID: &str = "next_user_id";
@@ -168,6 +173,22 @@ fn hash_secret(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()
 }
 
+/// Whether `secret` is the stored secret of the device (constant time).
+fn secret_matches(
+    devices: &impl ReadableTable<(u64, u32), &'static [u8]>,
+    user: UserId,
+    device: DeviceId,
+    secret: &[u8],
+) -> Result<bool, redb::StorageError> {
+    let presented = hash_secret(secret);
+    Ok(match devices.get((user.0, device.0))? {
+        Some(stored) => {
+            secret.len() == SECRET_BYTES && bool::from(stored.value().ct_eq(&presented[..]))
+        }
+        None => false,
+    })
+}
+
 /// A link code as typed: hex digits, any case, with any spaces or dashes.
 fn normalize_code(code: &str) -> Option<[u8; LINK_CODE_BYTES]> {
     let digits: String = code
@@ -200,6 +221,7 @@ impl MetaStore {
         let next = {
             txn.open_table(DEVICES)?;
             txn.open_table(DEVICE_INFO)?;
+            txn.open_table(DEVICE_KEYS)?;
             txn.open_table(ACCOUNTS)?;
             txn.open_table(LINK_CODES)?;
             txn.open_table(groups::GROUPS)?;
@@ -303,8 +325,10 @@ impl MetaStore {
         })
     }
 
-    /// Creates an account with device 1 and a fresh random secret.
-    pub fn register(&self) -> Result<NewAccount, MetaError> {
+    /// Creates an account with device 1 and a fresh random secret; with
+    /// `noise_key`, the device logs in by that Noise static key instead (the
+    /// secret is stored hashed as ever, and never shown).
+    pub fn register(&self, noise_key: Option<[u8; 32]>) -> Result<NewAccount, MetaError> {
         let mut secret = [0u8; SECRET_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut secret);
         let device = DeviceId(1);
@@ -320,6 +344,10 @@ impl MetaStore {
                 .map_or(0, |d| d.as_millis() as u64);
             let mut info = txn.open_table(DEVICE_INFO)?;
             info.insert((user, device.0), (now_ms, 0, ""))?;
+            if let Some(key) = noise_key {
+                let mut keys = txn.open_table(DEVICE_KEYS)?;
+                keys.insert((user, device.0), key.as_slice())?;
+            }
             user
         };
         txn.commit()?;
@@ -333,20 +361,73 @@ impl MetaStore {
         })
     }
 
-    /// Whether `secret` is the device's secret. Unknown devices and wrong
-    /// secrets look the same to the caller.
+    /// Whether `secret` is the device's secret and the device has no Noise
+    /// key (such a device logs in only by its key). Unknown devices and
+    /// wrong secrets look the same to the caller.
     pub fn verify(&self, user: UserId, device: DeviceId, secret: &[u8]) -> Result<bool, MetaError> {
         let txn = self.db.begin_read()?;
+        let keys = txn.open_table(DEVICE_KEYS)?;
+        if keys.get((user.0, device.0))?.is_some() {
+            return Ok(false);
+        }
         let devices = txn.open_table(DEVICES)?;
-        let presented = hash_secret(secret);
-        let stored = devices.get((user.0, device.0))?;
-        Ok(match stored {
-            Some(stored) => {
-                let stored = stored.value();
-                secret.len() == SECRET_BYTES && bool::from(stored.ct_eq(&presented[..]))
+        Ok(secret_matches(&devices, user, device, secret)?)
+    }
+
+    /// Checks a Noise login: `key` (the connection's authenticated static
+    /// key) must be the device's recorded key. With `secret`, a device with
+    /// no key yet (registered in plaintext) whose secret matches gets `key`
+    /// bound to it, once; from then on only the key logs it in. Unknown
+    /// devices, wrong keys and wrong secrets look the same to the caller.
+    pub fn verify_key(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        key: &[u8; 32],
+        secret: &[u8],
+    ) -> Result<bool, MetaError> {
+        {
+            let txn = self.db.begin_read()?;
+            let keys = txn.open_table(DEVICE_KEYS)?;
+            if let Some(stored) = keys.get((user.0, device.0))? {
+                return Ok(secret.is_empty() && bool::from(stored.value().ct_eq(&key[..])));
             }
-            None => false,
-        })
+            if secret.is_empty() {
+                return Ok(false);
+            }
+            let devices = txn.open_table(DEVICES)?;
+            if !secret_matches(&devices, user, device, secret)? {
+                return Ok(false);
+            }
+        }
+        // Bind, checking again inside the write: a concurrent bind of
+        // another key wins, and this login fails.
+        let txn = self.db.begin_write()?;
+        let bound = {
+            let devices = txn.open_table(DEVICES)?;
+            let mut keys = txn.open_table(DEVICE_KEYS)?;
+            let taken = keys.get((user.0, device.0))?.is_some();
+            if taken || !secret_matches(&devices, user, device, secret)? {
+                false
+            } else {
+                keys.insert((user.0, device.0), key.as_slice())?;
+                true
+            }
+        };
+        txn.commit()?;
+        Ok(bound)
+    }
+
+    /// The device's Noise key, if it has one.
+    pub fn device_key(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<[u8; 32]>, MetaError> {
+        let txn = self.db.begin_read()?;
+        let keys = txn.open_table(DEVICE_KEYS)?;
+        let key = keys.get((user.0, device.0))?;
+        Ok(key.and_then(|k| k.value().try_into().ok()))
     }
 
     /// Whether the account exists (answered from memory; see the invariants).
@@ -434,6 +515,7 @@ impl MetaStore {
         name: &str,
         now_ms: u64,
         companions_max: u32,
+        noise_key: Option<[u8; 32]>,
     ) -> Result<NewAccount, LinkError> {
         let raw = normalize_code(code).ok_or(LinkError::InvalidCode)?;
         let key = hash_secret(&raw);
@@ -467,6 +549,10 @@ impl MetaStore {
             devices.insert((user, device.0), hash_secret(&secret).as_slice())?;
             let mut info = txn.open_table(DEVICE_INFO)?;
             info.insert((user, device.0), (now_ms, now_ms, clip_name(name)))?;
+            if let Some(key) = noise_key {
+                let mut keys = txn.open_table(DEVICE_KEYS)?;
+                keys.insert((user, device.0), key.as_slice())?;
+            }
             existing.push(device);
             existing.sort();
             Ok(Ok((
@@ -516,6 +602,8 @@ impl MetaStore {
             }
             let mut info = txn.open_table(DEVICE_INFO).map_err(MetaError::from)?;
             info.remove((user.0, device.0)).map_err(MetaError::from)?;
+            let mut keys = txn.open_table(DEVICE_KEYS).map_err(MetaError::from)?;
+            keys.remove((user.0, device.0)).map_err(MetaError::from)?;
             let mut accounts = txn.open_table(ACCOUNTS).map_err(MetaError::from)?;
             let (next_device, version) = accounts
                 .get(user.0)
@@ -600,8 +688,8 @@ mod tests {
         let path = dir.path().join("meta.redb");
         let first = {
             let meta = MetaStore::open(&path).unwrap();
-            let a = meta.register().unwrap();
-            let b = meta.register().unwrap();
+            let a = meta.register(None).unwrap();
+            let b = meta.register(None).unwrap();
             assert_eq!((a.user, b.user), (UserId(1), UserId(2)));
             assert_eq!(a.device, DeviceId(1));
             assert_ne!(a.secret, b.secret);
@@ -611,7 +699,7 @@ mod tests {
         assert!(meta.user_exists(UserId(2)));
         assert!(!meta.user_exists(UserId(3)));
         assert!(!meta.user_exists(UserId(0)));
-        assert_eq!(meta.register().unwrap().user, UserId(3));
+        assert_eq!(meta.register(None).unwrap().user, UserId(3));
         assert!(meta
             .verify(first.user, first.device, &first.secret)
             .unwrap());
@@ -622,7 +710,7 @@ mod tests {
     fn rejects_wrong_secret_unknown_device_and_short_secret() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(&dir.path().join("meta.redb")).unwrap();
-        let account = meta.register().unwrap();
+        let account = meta.register(None).unwrap();
         let mut wrong = account.secret;
         wrong[0] ^= 1;
         assert!(!meta.verify(account.user, account.device, &wrong).unwrap());
@@ -642,15 +730,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta.redb");
         let meta = MetaStore::open(&path).unwrap();
-        let owner = meta.register().unwrap();
-        let other = meta.register().unwrap();
+        let owner = meta.register(None).unwrap();
+        let other = meta.register(None).unwrap();
         assert_eq!(meta.device_set(owner.user), Some((1, vec![DeviceId(1)])));
         let code = meta.create_link_code(owner.user, 1_000, 60_000).unwrap();
         assert_eq!(code.code.len(), 2 * LINK_CODE_BYTES);
         assert_eq!(code.expires_at_ms, 61_000);
         // Typed with dashes and capitals, as a person would.
         let typed = format!("{}-{}", &code.code[..10], &code.code[10..]).to_uppercase();
-        let linked = meta.redeem_link_code(&typed, "laptop", 2_000, 4).unwrap();
+        let linked = meta
+            .redeem_link_code(&typed, "laptop", 2_000, 4, None)
+            .unwrap();
         assert_eq!((linked.user, linked.device), (owner.user, DeviceId(2)));
         assert!(meta
             .verify(owner.user, DeviceId(2), &linked.secret)
@@ -662,7 +752,7 @@ mod tests {
             Some((2, vec![DeviceId(1), DeviceId(2)]))
         );
         assert!(matches!(
-            meta.redeem_link_code(&code.code, "again", 2_000, 4),
+            meta.redeem_link_code(&code.code, "again", 2_000, 4, None),
             Err(LinkError::InvalidCode)
         ));
         let list = meta.device_list(owner.user).unwrap();
@@ -681,17 +771,17 @@ mod tests {
     fn expired_unknown_and_malformed_codes_are_refused_and_limits_hold() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(&dir.path().join("meta.redb")).unwrap();
-        let owner = meta.register().unwrap();
+        let owner = meta.register(None).unwrap();
         let code = meta.create_link_code(owner.user, 0, 100).unwrap();
         assert!(matches!(
-            meta.redeem_link_code(&code.code, "late", 100, 4),
+            meta.redeem_link_code(&code.code, "late", 100, 4, None),
             Err(LinkError::InvalidCode)
         ));
         // A newer code replaces an older one of the same account.
         let older = meta.create_link_code(owner.user, 0, 100).unwrap();
         let _newer = meta.create_link_code(owner.user, 0, 100).unwrap();
         assert!(matches!(
-            meta.redeem_link_code(&older.code, "old", 1, 4),
+            meta.redeem_link_code(&older.code, "old", 1, 4, None),
             Err(LinkError::InvalidCode)
         ));
         for bad in [
@@ -701,24 +791,26 @@ mod tests {
             "0123456789abcdef0123456789",
         ] {
             assert!(matches!(
-                meta.redeem_link_code(bad, "x", 0, 4),
+                meta.redeem_link_code(bad, "x", 0, 4, None),
                 Err(LinkError::InvalidCode)
             ));
         }
         for n in 0..2 {
             let code = meta.create_link_code(owner.user, 0, 100).unwrap();
             let name = "é".repeat(100);
-            let linked = meta.redeem_link_code(&code.code, &name, 1, 2).unwrap();
+            let linked = meta
+                .redeem_link_code(&code.code, &name, 1, 2, None)
+                .unwrap();
             assert_eq!(linked.device, DeviceId(2 + n));
         }
         let code = meta.create_link_code(owner.user, 0, 100).unwrap();
         assert!(matches!(
-            meta.redeem_link_code(&code.code, "third", 1, 2),
+            meta.redeem_link_code(&code.code, "third", 1, 2, None),
             Err(LinkError::TooManyDevices)
         ));
         // Used up even though refused.
         assert!(matches!(
-            meta.redeem_link_code(&code.code, "third", 1, 3),
+            meta.redeem_link_code(&code.code, "third", 1, 3, None),
             Err(LinkError::InvalidCode)
         ));
         let list = meta.device_list(owner.user).unwrap();
@@ -729,9 +821,11 @@ mod tests {
     fn removal_revokes_the_secret_bumps_the_version_and_never_reuses_the_id() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(&dir.path().join("meta.redb")).unwrap();
-        let owner = meta.register().unwrap();
+        let owner = meta.register(None).unwrap();
         let code = meta.create_link_code(owner.user, 0, 100).unwrap();
-        let linked = meta.redeem_link_code(&code.code, "tablet", 1, 4).unwrap();
+        let linked = meta
+            .redeem_link_code(&code.code, "tablet", 1, 4, None)
+            .unwrap();
         assert!(matches!(
             meta.remove_device(owner.user, DeviceId(1)),
             Err(RemoveError::Primary)
@@ -747,7 +841,9 @@ mod tests {
         assert!(!meta.device_exists(owner.user, linked.device));
         assert_eq!(meta.device_set(owner.user), Some((3, vec![DeviceId(1)])));
         let code = meta.create_link_code(owner.user, 0, 100).unwrap();
-        let again = meta.redeem_link_code(&code.code, "tablet", 2, 4).unwrap();
+        let again = meta
+            .redeem_link_code(&code.code, "tablet", 2, 4, None)
+            .unwrap();
         assert_eq!(again.device, DeviceId(3));
         meta.record_last_seen(&[
             (owner.user, DeviceId(3), 50),

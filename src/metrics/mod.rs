@@ -428,6 +428,12 @@ pub struct ShardMetrics {
     /// Devices registered.
     pub registrations: Counter,
     pub devices_linked: Counter,
+    /// Noise handshakes finished, XX (first contact) and IK (reconnect).
+    pub noise_xx_handshakes: Counter,
+    pub noise_ik_handshakes: Counter,
+    /// Noise handshakes that failed (garbage, a wrong or unknown server
+    /// key, a tampered message, a client payload): closed without an answer.
+    pub noise_handshake_failures: Counter,
     /// Frames received, by frame type (index with [`FrameType::index`]).
     pub frames_in: FrameCounters,
     /// Frames sent, by frame type.
@@ -811,6 +817,24 @@ impl Registry {
             "switchboard_devices_linked_total",
             "Companion devices linked with a link code.",
             |m| m.devices_linked.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_noise_xx_handshakes_total",
+            "Noise XX handshakes finished (a device's first contact).",
+            |m| m.noise_xx_handshakes.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_noise_ik_handshakes_total",
+            "Noise IK handshakes finished (a device that knew the server's key).",
+            |m| m.noise_ik_handshakes.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_noise_handshake_failures_total",
+            "Noise handshakes that failed and were closed without an answer.",
+            |m| m.noise_handshake_failures.get(),
         );
         self.frames(
             out,

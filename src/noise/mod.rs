@@ -89,6 +89,8 @@ pub enum NoiseError {
     WeakStaticKey,
     #[error("handshake message arrived when none was expected")]
     UnexpectedMessage,
+    #[error("the client sent a handshake payload; the login goes in the first sealed frame")]
+    PayloadNotEmpty,
     #[error("the handshake is not finished")]
     HandshakeUnfinished,
     #[error("transport message of {length} bytes is too short to hold a chunk and its tag")]

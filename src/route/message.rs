@@ -32,6 +32,8 @@ pub enum Request {
         peer: IpAddr,
         device: InboxKey,
         secret: Bytes,
+        /// A Noise client's static key (its login; see `MetaStore::verify_key`).
+        noise_key: Option<[u8; 32]>,
     },
     /// Redeem a link code for `origin`, a handshake on another shard, on
     /// the home shard of the client's address, which counts a bad code as a
@@ -41,6 +43,8 @@ pub enum Request {
         peer: IpAddr,
         code: String,
         name: String,
+        /// A Noise client's static key, recorded as the companion's login.
+        noise_key: Option<[u8; 32]>,
     },
     /// An authenticated connection moving to its device's home shard: the
     /// socket and the bytes already read past the Hello.
@@ -52,6 +56,9 @@ pub enum Request {
         buffered: Bytes,
         /// When the socket was accepted (`net::conn::connected_now`).
         connected_at: u32,
+        /// A Noise connection's transport (its cipher states and unopened
+        /// input); `buffered` is then plaintext.
+        sealing: Option<Box<crate::net::uring::Sealing>>,
     },
 }
 

@@ -17,8 +17,10 @@ use std::net::IpAddr;
 
 use bytes::{Bytes, BytesMut};
 
+use super::noise::{NoiseLogin, NoiseStep};
 use crate::config::RegistrationPolicy;
 use crate::ids::{DeviceId, InboxKey, UserId};
+use crate::noise::{NoiseError, ServerKeys};
 use crate::proto::{self, pb, ErrorCode, Frame};
 use crate::session::negotiate_version;
 
@@ -82,8 +84,12 @@ pub enum Step {
     /// Nothing until more input arrives (or a lookup ends).
     Wait,
     /// Create an account and answer Registered in `version`; then call
-    /// `lookup_done`.
-    Register { version: u32 },
+    /// `lookup_done`. `noise_key`: the Noise client's static key, to record
+    /// as the device's login.
+    Register {
+        version: u32,
+        noise_key: Option<[u8; 32]>,
+    },
     /// Redeem a link code for a companion of its account (the home shard of
     /// the client's address decides, counting failures like Hello's) and
     /// answer Registered in the version `take_link` gives; then call
@@ -92,13 +98,17 @@ pub enum Step {
         peer: IpAddr,
         code: String,
         name: String,
+        noise_key: Option<[u8; 32]>,
     },
     /// Check this credential (the verdict goes to `hello_verdict`-style
     /// glue, which takes the pending Hello back with `take_hello`).
+    /// `noise_key`: the Noise client's static key (checked against the
+    /// device's, or bound to it when `secret` is given).
     Hello {
         peer: IpAddr,
         device: InboxKey,
         secret: Bytes,
+        noise_key: Option<[u8; 32]>,
     },
     /// The peer half-closed and every frame it sent is handled: close.
     Done,
@@ -125,6 +135,20 @@ pub struct Handshake {
     hello: Option<(InboxKey, u32)>,
     /// The Link being redeemed: its negotiated version.
     link: Option<u32>,
+    /// Plaintext, a Noise handshake, or sealed.
+    channel: Channel,
+}
+
+/// How a handshaking connection speaks.
+#[derive(Debug)]
+enum Channel {
+    /// Nothing from a Noise client (yet): plaintext frames.
+    Plain,
+    /// A Noise handshake is under way.
+    Noise(Box<NoiseLogin>),
+    /// The Noise handshake is done; frames are sealed. The client's static
+    /// key is its login.
+    Sealed { client_key: [u8; 32] },
 }
 
 impl Handshake {
@@ -138,6 +162,53 @@ impl Handshake {
             input: BytesMut::new(),
             hello: None,
             link: None,
+            channel: Channel::Plain,
+        }
+    }
+
+    /// Bytes a Noise client sent during its handshake. On `Finished` the
+    /// frames that follow are sealed and the client's key goes with the
+    /// login. Errors are final (close without an answer).
+    pub fn noise_input(
+        &mut self,
+        bytes: &[u8],
+        keys: &ServerKeys,
+    ) -> Result<NoiseStep, NoiseError> {
+        let login = match &mut self.channel {
+            Channel::Noise(login) => login,
+            Channel::Plain => {
+                self.channel = Channel::Noise(Box::default());
+                let Channel::Noise(login) = &mut self.channel else {
+                    unreachable!("just set");
+                };
+                login
+            }
+            Channel::Sealed { .. } => return Err(NoiseError::UnexpectedMessage),
+        };
+        let step = login.input(bytes, keys)?;
+        if let NoiseStep::Finished { client_key, .. } = &step {
+            self.channel = Channel::Sealed {
+                client_key: *client_key,
+            };
+        }
+        Ok(step)
+    }
+
+    /// Whether the connection has said nothing of Noise: its frames are
+    /// plaintext.
+    pub fn is_plaintext(&self) -> bool {
+        matches!(self.channel, Channel::Plain)
+    }
+
+    /// Whether the Noise handshake is done (later bytes are sealed frames).
+    pub fn is_sealed(&self) -> bool {
+        matches!(self.channel, Channel::Sealed { .. })
+    }
+
+    fn noise_key(&self) -> Option<[u8; 32]> {
+        match self.channel {
+            Channel::Sealed { client_key } => Some(client_key),
+            _ => None,
         }
     }
 
@@ -219,7 +290,10 @@ impl Handshake {
                     .map_err(|c| (c, "unsupported protocol version", 0))?;
                 rules.check(&register)?;
                 self.busy = true;
-                Ok(Step::Register { version })
+                Ok(Step::Register {
+                    version,
+                    noise_key: self.noise_key(),
+                })
             }
             Some(Frame::Link(link)) => {
                 if self.registered {
@@ -238,6 +312,7 @@ impl Handshake {
                     peer: self.peer,
                     code: link.code,
                     name: link.device_name,
+                    noise_key: self.noise_key(),
                 })
             }
             Some(Frame::Hello(hello)) => {
@@ -253,6 +328,7 @@ impl Handshake {
                     peer: self.peer,
                     device,
                     secret: hello.secret,
+                    noise_key: self.noise_key(),
                 })
             }
             Some(_) => Err((
@@ -306,7 +382,13 @@ mod tests {
         let ping = Frame::Ping(pb::Ping { nonce: 5 }).to_bytes();
         bytes.extend_from_slice(&ping);
         hs.input(&bytes);
-        assert_eq!(hs.step(open(), MAX), Step::Register { version: 1 });
+        assert_eq!(
+            hs.step(open(), MAX),
+            Step::Register {
+                version: 1,
+                noise_key: None
+            }
+        );
         assert_eq!(hs.step(open(), MAX), Step::Wait, "busy with the lookup");
         hs.lookup_done();
         let Step::Hello { device, .. } = hs.step(open(), MAX) else {
@@ -412,7 +494,7 @@ mod tests {
                         prop_assert!(REFUSAL_CODES.contains(&code), "{code:?}");
                         break;
                     }
-                    Step::Register { version } => {
+                    Step::Register { version, .. } => {
                         prop_assert_eq!(version, crate::proto::PROTOCOL_VERSION);
                         registers += 1;
                         prop_assert!(registers <= 1);

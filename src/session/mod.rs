@@ -8,6 +8,7 @@
 //! They take the time as an argument, so tests drive them deterministically.
 
 pub mod handshake;
+pub mod noise;
 pub mod throttle;
 pub mod window;
 

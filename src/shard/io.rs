@@ -34,6 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -45,14 +46,16 @@ use crate::ids::InboxKey;
 use crate::metrics::ShardTask;
 use crate::net::conn::{self, Conn};
 use crate::net::uring::{
-    CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, FrameHeader, Notifier, SendError,
-    SendErrorKind, SetupMode, UringError,
+    CloseMode, ConnId, Driver, DriverConfig, DriverStats, Event, FrameHeader, Notifier, Sealing,
+    SendError, SendErrorKind, SetupMode, UringError,
 };
+use crate::noise::ServerKeys;
 use crate::proto::{self, error_frame, pb, ErrorCode, Frame, GoAwayReason};
 use crate::route::address_home;
 use crate::route::message::{ConnRef, HelloVerdict, LinkOutcome, Request};
 use crate::session::client_may_send_in_session;
 use crate::session::handshake::{Handshake, RegistrationRules, Step};
+use crate::session::noise::NoiseStep;
 
 /// Connections past `connections_per_shard_max` the driver still takes, so
 /// the ones over the limit can be told SERVER_BUSY before they are closed.
@@ -157,13 +160,20 @@ pub struct Sockets {
     sessions: Cell<usize>,
     /// Sockets in `Slot::Opening`, in the order they were deferred.
     opening: RefCell<Vec<ConnId>>,
+    /// The server's Noise static keys (`None`: Noise is off).
+    noise_keys: Option<Arc<ServerKeys>>,
 }
 
 impl Sockets {
     /// Creates the shard's ring. Runs on the shard's thread, inside its
     /// executor.
-    pub fn new(config: &Config) -> Result<Sockets, UringError> {
-        let driver = Driver::new(driver_config(config))?;
+    pub fn new(
+        config: &Config,
+        noise_keys: Option<Arc<ServerKeys>>,
+    ) -> Result<Sockets, UringError> {
+        let mut driver_config = driver_config(config);
+        driver_config.noise = noise_keys.is_some();
+        let driver = Driver::new(driver_config)?;
         let notifier = driver.notifier();
         Ok(Sockets {
             driver: RefCell::new(driver),
@@ -176,6 +186,7 @@ impl Sockets {
             finished: Cell::new(false),
             sessions: Cell::new(0),
             opening: RefCell::new(Vec::new()),
+            noise_keys,
         })
     }
 
@@ -429,6 +440,7 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
     match event {
         Event::Accepted { conn, peer } => accepted(shard, conn, peer.ip()),
         Event::Data { conn, frames } => data(shard, conn, frames),
+        Event::Raw { conn, bytes } => raw(shard, conn, bytes),
         Event::BadFrame { conn, header } => bad_frame(shard, conn, header),
         Event::InputClosed { conn } => input_closed(shard, conn),
         Event::Writable { conn } => {
@@ -445,7 +457,20 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
             }
             shard.connection_closed();
         }
-        Event::Released { conn, fd, buffered } => released(shard, conn, fd, buffered),
+        Event::Released {
+            conn,
+            fd,
+            buffered,
+            sealing,
+        } => released(
+            shard,
+            conn,
+            Adopted {
+                fd,
+                buffered,
+                sealing,
+            },
+        ),
     }
 }
 
@@ -518,14 +543,22 @@ fn admit(shard: &Shard, id: ConnId) -> bool {
 }
 
 /// Answers a socket that is not in session with a fatal Error and closes it.
+/// A Noise client mid-handshake has no key to open an answer with: it is
+/// closed without one.
 fn refuse(shard: &Shard, id: ConnId, code: ErrorCode, message: &str, retry_after_ms: u32) {
     shard.metrics_refused(code);
     let mut frame = error_frame(code, message, true);
     if let Frame::Error(e) = &mut frame {
         e.retry_after_ms = retry_after_ms;
     }
+    let mid_noise = shard
+        .sockets
+        .with_handshake(id, |hs| !hs.is_plaintext() && !hs.is_sealed())
+        .unwrap_or(false);
     shard.sockets.set(id, Slot::Closing);
-    shard.sockets.send_raw(id, frame.to_bytes());
+    if !mid_noise {
+        shard.sockets.send_raw(id, frame.to_bytes());
+    }
     shard.sockets.close(id);
 }
 
@@ -534,12 +567,27 @@ fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
         session_input(shard, &conn, frames);
         return;
     }
+    let plaintext_policy = shard.config.server.plaintext;
     let mut frames = Some(frames);
-    let handshaking = shard
-        .sockets
-        .with_handshake(id, |hs| hs.input(&frames.take().expect("taken once")));
-    if handshaking.is_some() {
-        return handshake_step(shard, id);
+    let handshaking = shard.sockets.with_handshake(id, |hs| {
+        if hs.is_plaintext() && !plaintext_policy.allows(hs.peer) {
+            return false;
+        }
+        hs.input(&frames.take().expect("taken once"));
+        true
+    });
+    match handshaking {
+        Some(true) => return handshake_step(shard, id),
+        Some(false) => {
+            return refuse(
+                shard,
+                id,
+                ErrorCode::PlaintextRefused,
+                "this server takes only Noise clients from this address",
+                0,
+            )
+        }
+        None => {}
     }
     if let Some(frames) = frames {
         shard
@@ -547,6 +595,65 @@ fn data(shard: &Rc<Shard>, id: ConnId, frames: Bytes) {
             .with_opening(id, |o| o.input.extend_from_slice(&frames));
     }
     // Closing or releasing: the input is of no use any more.
+}
+
+/// Bytes of a Noise client's handshake: answered, and once the handshake is
+/// done the driver seals the connection and later bytes come as frames.
+/// Bytes read before the switch but handled after it are opened then.
+fn raw(shard: &Rc<Shard>, id: ConnId, bytes: Bytes) {
+    let Some(keys) = shard.sockets.noise_keys.clone() else {
+        // The driver reports raw bytes only with Noise on.
+        return;
+    };
+    let step = shard.sockets.with_handshake(id, |hs| {
+        if hs.is_sealed() {
+            None
+        } else {
+            Some(hs.noise_input(&bytes, &keys))
+        }
+    });
+    let step = match step {
+        // Closing, releasing or gone.
+        None => return,
+        Some(None) => {
+            if let Err(err) = shard.sockets.driver.borrow_mut().sealed_input(id, &bytes) {
+                ring_failed(err);
+            }
+            return;
+        }
+        Some(Some(step)) => step,
+    };
+    match step {
+        Ok(NoiseStep::Wait) => {}
+        Ok(NoiseStep::Reply(reply)) => shard.sockets.send_raw(id, Bytes::from(reply)),
+        Ok(NoiseStep::Finished {
+            reply,
+            transport,
+            pattern,
+            unopened,
+            ..
+        }) => {
+            shard.metrics_noise_handshake(pattern);
+            if let Some(reply) = reply {
+                shard.sockets.send_raw(id, Bytes::from(reply));
+            }
+            let sealing = Sealing::new(transport);
+            let started = shard
+                .sockets
+                .driver
+                .borrow_mut()
+                .start_sealing(id, sealing, &unopened);
+            if let Err(err) = started {
+                ring_failed(err);
+            }
+        }
+        Err(err) => {
+            debug!(%id, %err, "noise handshake failed");
+            shard.metrics_noise_failed();
+            shard.sockets.set(id, Slot::Closing);
+            shard.sockets.close(id);
+        }
+    }
 }
 
 /// Handles buffered handshake frames until one needs an account lookup,
@@ -571,19 +678,28 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
             shard.sockets.set(id, Slot::Closing);
             shard.sockets.close(id);
         }
-        Step::Register { version } => {
+        Step::Register { version, noise_key } => {
             shard.sockets.pause(id);
-            shard.spawn(ShardTask::Other, register(shard.clone(), id, version));
+            shard.spawn(
+                ShardTask::Other,
+                register(shard.clone(), id, version, noise_key),
+            );
         }
         Step::Hello {
             peer,
             device,
             secret,
+            noise_key,
         } => {
             shard.sockets.pause(id);
-            check_hello(shard, id, peer, device, secret);
+            check_hello(shard, id, peer, device, secret, noise_key);
         }
-        Step::Link { peer, code, name } => {
+        Step::Link {
+            peer,
+            code,
+            name,
+            noise_key,
+        } => {
             shard.sockets.pause(id);
             let origin = ConnRef {
                 shard: shard.id,
@@ -597,6 +713,7 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
                     peer,
                     code,
                     name,
+                    noise_key,
                 },
             );
         }
@@ -605,7 +722,10 @@ fn handshake_step(shard: &Rc<Shard>, id: ConnId) {
 
 /// The outcome of a Link of handshake `id` (gone already: nothing to do).
 pub fn link_outcome(shard: &Rc<Shard>, id: ConnId, outcome: LinkOutcome) {
-    let Some(Some(version)) = shard.sockets.with_handshake(id, |hs| hs.take_link()) else {
+    let taken = shard
+        .sockets
+        .with_handshake(id, |hs| (hs.take_link(), hs.is_sealed()));
+    let Some((Some(version), sealed)) = taken else {
         // Closed (or timed out) meanwhile; a companion made exists unused.
         return;
     };
@@ -620,7 +740,12 @@ pub fn link_outcome(shard: &Rc<Shard>, id: ConnId, outcome: LinkOutcome) {
                 protocol_version: version,
                 user_id: user.0,
                 device_id: device.0,
-                secret: Bytes::copy_from_slice(&secret),
+                // A Noise device logs in by its key: no secret is shown.
+                secret: if sealed {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(&secret)
+                },
             });
             shard.sockets.send_raw(id, frame.to_bytes());
             lookup_done(shard, id);
@@ -656,9 +781,9 @@ fn lookup_done(shard: &Rc<Shard>, id: ConnId) {
     }
 }
 
-async fn register(shard: Rc<Shard>, id: ConnId, version: u32) {
+async fn register(shard: Rc<Shard>, id: ConnId, version: u32, noise_key: Option<[u8; 32]>) {
     let meta = shard.meta.clone();
-    let created = shard.blocking(move || meta.register()).await;
+    let created = shard.blocking(move || meta.register(noise_key)).await;
     if shard.sockets.with_handshake(id, |_| ()).is_none() {
         // Closed (or timed out) meanwhile; the account exists unused.
         return;
@@ -675,7 +800,12 @@ async fn register(shard: Rc<Shard>, id: ConnId, version: u32) {
         protocol_version: version,
         user_id: account.user.0,
         device_id: account.device.0,
-        secret: Bytes::copy_from_slice(&account.secret),
+        // A Noise device logs in by its key: no secret is shown.
+        secret: if noise_key.is_some() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&account.secret)
+        },
     });
     shard.sockets.send_raw(id, frame.to_bytes());
     lookup_done(&shard, id);
@@ -684,7 +814,14 @@ async fn register(shard: Rc<Shard>, id: ConnId, version: u32) {
 /// Sends a Hello's credential to the home shard of the client's address,
 /// which decides it (`Shard::check_hello`); the verdict comes back through
 /// `hello_verdict`. Reading stays paused meanwhile.
-fn check_hello(shard: &Rc<Shard>, id: ConnId, peer: IpAddr, device: InboxKey, secret: Bytes) {
+fn check_hello(
+    shard: &Rc<Shard>,
+    id: ConnId,
+    peer: IpAddr,
+    device: InboxKey,
+    secret: Bytes,
+    noise_key: Option<[u8; 32]>,
+) {
     let origin = ConnRef {
         shard: shard.id,
         id: id.to_u64(),
@@ -697,6 +834,7 @@ fn check_hello(shard: &Rc<Shard>, id: ConnId, peer: IpAddr, device: InboxKey, se
             peer,
             device,
             secret,
+            noise_key,
         },
     );
 }
@@ -780,7 +918,7 @@ fn authenticated(shard: &Rc<Shard>, id: ConnId, device: InboxKey, version: u32) 
 
 /// The driver gave up a socket authenticated for another shard: send it
 /// there with every byte read and not handled.
-fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
+fn released(shard: &Rc<Shard>, id: ConnId, socket: Adopted) {
     let Slot::Releasing(releasing) = shard.sockets.take(id) else {
         warn!(%id, "released socket had no handoff; closed");
         shard.connection_closed();
@@ -793,14 +931,15 @@ fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
         connected_at,
         mut input,
     } = *releasing;
-    input.extend_from_slice(&buffered);
+    input.extend_from_slice(&socket.buffered);
     shard.metrics_handoff_out();
     let request = Request::Handoff {
-        fd,
+        fd: socket.fd,
         device,
         version,
         buffered: input.freeze(),
         connected_at,
+        sealing: socket.sealing,
     };
     let outbound = Outbound::One(shard.home_of(device.user), request);
     if let Some(wait) = shard.forward(outbound) {
@@ -808,16 +947,29 @@ fn released(shard: &Rc<Shard>, id: ConnId, fd: OwnedFd, buffered: Bytes) {
     }
 }
 
+/// A socket given up by one shard's driver for another's to adopt.
+pub struct Adopted {
+    pub fd: OwnedFd,
+    /// Plaintext read and not handled.
+    pub buffered: Bytes,
+    /// A Noise connection's transport.
+    pub sealing: Option<Box<Sealing>>,
+}
+
 /// Takes over a socket handed off by another shard, with the bytes it read.
 pub fn adopt(
     shard: &Rc<Shard>,
-    fd: OwnedFd,
+    socket: Adopted,
     device: InboxKey,
     version: u32,
-    buffered: Bytes,
     connected_at: u32,
 ) {
-    let adopted = shard.sockets.driver.borrow_mut().adopt(fd, buffered);
+    let adopted =
+        shard
+            .sockets
+            .driver
+            .borrow_mut()
+            .adopt(socket.fd, socket.buffered, socket.sealing);
     let id = match adopted {
         Ok(id) => id,
         // The table is full: the descriptor was closed by the failed adopt.
@@ -930,12 +1082,18 @@ fn open_now(shard: &Rc<Shard>, id: ConnId, opening: Opening) {
 }
 
 fn go_away_raw(shard: &Shard, id: ConnId) {
+    let mid_noise = shard
+        .sockets
+        .with_handshake(id, |hs| !hs.is_plaintext() && !hs.is_sealed())
+        .unwrap_or(false);
     shard.sockets.set(id, Slot::Closing);
     let frame = Frame::GoAway(pb::GoAway {
         reason: GoAwayReason::ShuttingDown as i32,
         reconnect_after_ms: 1_000,
     });
-    shard.sockets.send_raw(id, frame.to_bytes());
+    if !mid_noise {
+        shard.sockets.send_raw(id, frame.to_bytes());
+    }
     shard.sockets.close(id);
 }
 

@@ -774,19 +774,27 @@ impl Shard {
                 version,
                 buffered,
                 connected_at,
+                sealing,
             } => {
                 self.metrics.handoffs_in.inc();
-                crate::shard::io::adopt(self, fd, device, version, buffered, connected_at);
+                let socket = crate::shard::io::Adopted {
+                    fd,
+                    buffered,
+                    sealing,
+                };
+                crate::shard::io::adopt(self, socket, device, version, connected_at);
             }
             Request::Hello {
                 origin,
                 peer,
                 device,
                 secret,
+                noise_key,
             } => {
                 self.spawn(
                     ShardTask::Other,
-                    self.clone().check_hello(origin, peer, device, secret),
+                    self.clone()
+                        .check_hello(origin, peer, device, secret, noise_key),
                 );
             }
             Request::Link {
@@ -794,10 +802,12 @@ impl Shard {
                 peer,
                 code,
                 name,
+                noise_key,
             } => {
                 self.spawn(
                     ShardTask::Other,
-                    self.clone().redeem_link(origin, peer, code, name),
+                    self.clone()
+                        .redeem_link(origin, peer, code, name, noise_key),
                 );
             }
         }
@@ -812,6 +822,7 @@ impl Shard {
         peer: std::net::IpAddr,
         code: String,
         name: String,
+        noise_key: Option<[u8; 32]>,
     ) {
         let wait = self.throttle.borrow_mut().check(peer, Instant::now());
         let outcome = match wait {
@@ -823,7 +834,9 @@ impl Shard {
                 let companions_max = self.config.limits.companions_max;
                 let now_ms = crate::store::Clock::now_ms(&crate::store::SystemClock);
                 let redeemed = self
-                    .blocking(move || meta.redeem_link_code(&code, &name, now_ms, companions_max))
+                    .blocking(move || {
+                        meta.redeem_link_code(&code, &name, now_ms, companions_max, noise_key)
+                    })
                     .await;
                 match redeemed {
                     Ok(account) => {
@@ -863,6 +876,7 @@ impl Shard {
         peer: std::net::IpAddr,
         device: InboxKey,
         secret: Bytes,
+        noise_key: Option<[u8; 32]>,
     ) {
         let wait = self.throttle.borrow_mut().check(peer, Instant::now());
         let verdict = match wait {
@@ -872,7 +886,10 @@ impl Shard {
             None => {
                 let meta = self.meta.clone();
                 let verified = self
-                    .blocking(move || meta.verify(device.user, device.device, &secret))
+                    .blocking(move || match noise_key {
+                        Some(key) => meta.verify_key(device.user, device.device, &key, &secret),
+                        None => meta.verify(device.user, device.device, &secret),
+                    })
                     .await;
                 match verified {
                     Err(err) => {
@@ -1005,6 +1022,15 @@ impl Shard {
     }
     pub fn metrics_linked(&self) {
         self.metrics.devices_linked.inc();
+    }
+    pub fn metrics_noise_handshake(&self, pattern: crate::noise::Pattern) {
+        match pattern {
+            crate::noise::Pattern::Xx => self.metrics.noise_xx_handshakes.inc(),
+            crate::noise::Pattern::Ik => self.metrics.noise_ik_handshakes.inc(),
+        }
+    }
+    pub fn metrics_noise_failed(&self) {
+        self.metrics.noise_handshake_failures.inc();
     }
     pub fn metrics_auth_failed(&self) {
         self.metrics.auth_failures.inc();

@@ -46,6 +46,8 @@ pub enum ServerError {
     Shard(u32, String),
     #[error("cannot start the media service on {0}: {1}")]
     Media(SocketAddr, std::io::Error),
+    #[error("Noise static key {0}: {1}")]
+    NoiseKey(PathBuf, String),
 }
 
 /// Listen backlog per shard socket (the kernel caps it at somaxconn).
@@ -58,6 +60,8 @@ pub struct Running {
     pub shards: u32,
     /// The media listener, when it runs.
     pub media: Option<SocketAddr>,
+    /// The Noise static public key clients pin, when Noise is on.
+    pub noise_key: Option<[u8; 32]>,
 }
 
 /// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
@@ -147,6 +151,8 @@ struct ShardStart {
     pusher: Option<crate::push::Pusher>,
     /// What grants need: the media key and the base URL handed out.
     media: Option<(crate::media::token::MediaKey, Arc<str>)>,
+    /// The Noise static keys (`None`: Noise is off).
+    noise_keys: Option<Arc<crate::noise::ServerKeys>>,
 }
 
 /// Runs the server until `stop` is set; calls `on_ready` once every shard
@@ -194,6 +200,19 @@ pub fn run(
     let media = media_service
         .as_ref()
         .map(|(service, key)| (key.clone(), Arc::<str>::from(service.public_url.as_str())));
+    let noise_keys = if config.server.noise {
+        let keys = crate::noise::ServerKeys::load_or_create(&data_dir).map_err(|e| {
+            ServerError::NoiseKey(data_dir.join(crate::noise::keys::KEY_FILE), e.to_string())
+        })?;
+        info!(
+            fingerprint = %crate::noise::fingerprint(keys.public()),
+            previous = keys.get(crate::noise::KeySlot::Previous).is_some(),
+            "noise static key"
+        );
+        Some(Arc::new(keys))
+    } else {
+        None
+    };
     let (listen, listeners) = bind_listeners(config.server.listen, shards)?;
     let capacity = config.limits.shard_channel_capacity as usize;
     let (mut req_tx, mut req_rx) = build_mesh::<Request>(shards as usize, capacity);
@@ -220,6 +239,7 @@ pub fn run(
             ready: ready_tx.clone(),
             pusher: pusher.clone(),
             media: media.clone(),
+            noise_keys: noise_keys.clone(),
         };
         // Placement: one shard per usable CPU when pinning (the thread-per-
         // core contract); unbound when shards outnumber CPUs or in tests.
@@ -258,6 +278,7 @@ pub fn run(
         listen,
         shards,
         media: media_service.as_ref().map(|(service, _)| service.addr),
+        noise_key: noise_keys.as_ref().map(|keys| *keys.public()),
     });
     for handle in handles {
         if let Err(err) = handle.join() {
@@ -326,7 +347,7 @@ async fn shard_main(start: ShardStart) {
             None => None,
         });
     }
-    let sockets = match crate::shard::io::Sockets::new(&start.config) {
+    let sockets = match crate::shard::io::Sockets::new(&start.config, start.noise_keys.clone()) {
         Ok(sockets) => sockets,
         Err(err) => {
             let _ = start

@@ -26,6 +26,8 @@ pub struct Server {
     pub admin: SocketAddr,
     /// The media service's listener, when it runs.
     pub media: Option<SocketAddr>,
+    /// The server's Noise static public key, when Noise is on.
+    pub noise_key: Option<[u8; 32]>,
     pub dir: PathBuf,
     pub config_path: PathBuf,
     pub config: Config,
@@ -43,6 +45,7 @@ impl Server {
             addr: "127.0.0.1:0".parse().unwrap(),
             admin: "127.0.0.1:0".parse().unwrap(),
             media: None,
+            noise_key: None,
             dir: dir.to_path_buf(),
             config_path,
             config,
@@ -85,7 +88,8 @@ impl Server {
             }
         };
         // "switchboard listening on ADDR with N shards, admin on http://ADDR"
-        // and, when the media service runs, ", media on http://ADDR".
+        // and, when the media service runs, ", media on http://ADDR", and
+        // with Noise on ", noise key HEX".
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words
             .get(3)
@@ -100,6 +104,13 @@ impl Server {
         };
         self.admin = after("admin").unwrap_or_else(|| panic!("no admin address in: {line}"));
         self.media = after("media");
+        self.noise_key = words
+            .windows(3)
+            .find(|w| w[0] == "noise" && w[1] == "key")
+            .map(|w| {
+                let key = hex::decode(w[2].trim_end_matches(',')).unwrap();
+                key.try_into().unwrap()
+            });
         self.child = Some(child);
     }
 
@@ -210,11 +221,28 @@ pub struct Account {
     pub secret: Bytes,
 }
 
-/// A blocking wire-protocol client.
+/// A blocking wire-protocol client, plaintext or (after
+/// [`RawClient::noise`]) sealed with Noise.
 pub struct RawClient {
     pub stream: TcpStream,
     buf: BytesMut,
     pub frame_bytes_max: u32,
+    noise: Option<NoiseIo>,
+}
+
+/// A Noise client's transport and its unopened input.
+struct NoiseIo {
+    transport: switchboard::noise::Transport,
+    input: BytesMut,
+}
+
+/// What a Noise handshake told the client.
+#[allow(dead_code)]
+pub struct NoiseHandshake {
+    /// The server's static key the handshake authenticated.
+    pub server_key: [u8; 32],
+    /// The current key, when an IK to the previous one announced it.
+    pub rotated: Option<[u8; 32]>,
 }
 
 impl RawClient {
@@ -232,17 +260,75 @@ impl RawClient {
             stream,
             buf: BytesMut::new(),
             frame_bytes_max: 16 << 20,
+            noise: None,
+        }
+    }
+
+    /// Connects and runs a Noise handshake as `client`: IK to `server_key`
+    /// when given, else XX. Err when the server closes before its handshake
+    /// message (a wrong key for IK, a refused handshake).
+    #[allow(dead_code)]
+    pub fn noise(
+        addr: SocketAddr,
+        client: &switchboard::noise::StaticKeypair,
+        server_key: Option<&[u8; 32]>,
+    ) -> Result<(RawClient, NoiseHandshake), String> {
+        use switchboard::noise::Initiator;
+        let mut c = RawClient::connect(addr);
+        let (mut initiator, opening) = match server_key {
+            Some(key) => Initiator::ik(client, key, &[]),
+            None => Initiator::xx(client, &[]),
+        }
+        .unwrap();
+        c.stream.write_all(&opening).map_err(|e| e.to_string())?;
+        let message = c.read_noise_message()?;
+        let third = initiator
+            .read_message(&message)
+            .map_err(|e| e.to_string())?;
+        if let Some(third) = third {
+            c.stream.write_all(&third).map_err(|e| e.to_string())?;
+        }
+        let handshake = NoiseHandshake {
+            server_key: initiator.server_static().unwrap(),
+            rotated: initiator.rotated_server_key(),
+        };
+        let transport = initiator.into_transport().map_err(|e| e.to_string())?;
+        let input = std::mem::take(&mut c.buf);
+        c.noise = Some(NoiseIo { transport, input });
+        Ok((c, handshake))
+    }
+
+    /// Reads one length-prefixed Noise handshake message (its body).
+    fn read_noise_message(&mut self) -> Result<Bytes, String> {
+        loop {
+            let next = switchboard::noise::wire::next_message(&mut self.buf, 65_535)
+                .map_err(|e| e.to_string())?;
+            if let Some(message) = next {
+                return Ok(message);
+            }
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("closed before the server's handshake message".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
         }
     }
 
     pub fn send(&mut self, frame: &Frame) {
-        self.stream
-            .write_all(&frame.to_bytes())
-            .expect("write frame");
+        self.send_bytes(&frame.to_bytes()).expect("write frame");
     }
 
+    /// Writes bytes of the frame stream (sealed first on a Noise client).
     pub fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes)
+        match self.noise.as_mut() {
+            Some(noise) => {
+                let mut sealed = BytesMut::new();
+                noise.transport.seal(bytes, &mut sealed).unwrap();
+                self.stream.write_all(&sealed)
+            }
+            None => self.stream.write_all(bytes),
+        }
     }
 
     /// The next frame, or None on a clean close (EOF or reset).
@@ -263,7 +349,16 @@ impl RawClient {
             let mut chunk = [0u8; 16 * 1024];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => match self.noise.as_mut() {
+                    Some(noise) => {
+                        noise.input.extend_from_slice(&chunk[..n]);
+                        noise
+                            .transport
+                            .open(&mut noise.input, &mut self.buf)
+                            .expect("the server's transport messages open");
+                    }
+                    None => self.buf.extend_from_slice(&chunk[..n]),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock

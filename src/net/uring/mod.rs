@@ -40,6 +40,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
+use crate::noise::Transport;
+
 pub use slab::ConnId;
 pub use sys::{SetupMode, IOVECS_PER_SEND};
 
@@ -99,6 +101,12 @@ pub struct DriverConfig {
     /// keeps the socket open for output until `close` (a half-close: the
     /// peer may still read the answers to what it sent).
     pub half_close: bool,
+    /// Tell Noise clients from plaintext ones by the first byte read: a
+    /// connection that opens with `'S'` (the Noise intro `"SBN1"`; a
+    /// plaintext frame's first byte is the top byte of its length, always 0)
+    /// is reported as [`Event::Raw`] until [`Driver::start_sealing`].
+    /// `false`: every connection is plaintext.
+    pub noise: bool,
 }
 
 impl DriverConfig {
@@ -122,6 +130,7 @@ impl DriverConfig {
             accept_retry: Duration::from_millis(50),
             linger: Duration::from_millis(200),
             half_close: false,
+            noise: false,
         }
     }
 
@@ -144,6 +153,7 @@ impl DriverConfig {
             accept_retry: Duration::from_millis(20),
             linger: Duration::from_millis(100),
             half_close: false,
+            noise: false,
         }
     }
 
@@ -188,6 +198,10 @@ pub enum CloseReason {
     Overloaded,
     /// The driver is shutting down.
     Shutdown,
+    /// A Noise transport message failed to open (altered, replayed, cut
+    /// short or from another session), or a nonce ran out. Noise has no
+    /// resynchronisation: the connection ends without an answer.
+    BadCiphertext,
 }
 
 /// How `close` ends a connection.
@@ -250,6 +264,10 @@ pub enum SendErrorKind {
 pub enum Event {
     /// A new connection on a listener; reading has started.
     Accepted { conn: ConnId, peer: SocketAddr },
+    /// Bytes as read, not framed: a Noise client's handshake (the
+    /// connection's first byte was the intro's, with `noise` on). Every
+    /// byte read is reported this way until [`Driver::start_sealing`].
+    Raw { conn: ConnId, bytes: Bytes },
     /// One or more complete frames, back to back, each with its length
     /// prefix (`proto::split_frame` takes them apart). Frames of one
     /// connection arrive in order.
@@ -271,11 +289,57 @@ pub enum Event {
     /// `release` finished: the socket, no longer touched by this ring, and
     /// the bytes read but not delivered (an incomplete frame and anything
     /// that arrived after the release began).
+    /// A sealed connection's transport state and unopened input travel in
+    /// `sealing`, to be given to [`Driver::adopt`].
     Released {
         conn: ConnId,
         fd: OwnedFd,
         buffered: Bytes,
+        sealing: Option<Box<Sealing>>,
     },
+}
+
+/// A Noise connection's transport: the cipher states of both directions
+/// and the bytes of a transport message not yet complete. Boxed beside the
+/// record only for Noise connections (about 112 bytes idle; the input
+/// buffer holds nothing between messages).
+pub struct Sealing {
+    transport: Transport,
+    /// Ciphertext of an incomplete transport message (counted in
+    /// `tail_bytes`).
+    input: BytesMut,
+}
+
+impl Sealing {
+    /// A connection's transport state, right after its handshake.
+    pub fn new(transport: Transport) -> Box<Sealing> {
+        Box::new(Sealing {
+            transport,
+            input: BytesMut::new(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Sealing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealing")
+            .field("transport", &self.transport)
+            .field("input_bytes", &self.input.len())
+            .finish()
+    }
+}
+
+/// How a connection's input is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Nothing read yet, `noise` on: the first byte decides.
+    Sniff,
+    /// Plaintext frames.
+    Plain,
+    /// A Noise handshake: bytes reported as read ([`Event::Raw`]).
+    Raw,
+    /// Noise transport messages, opened then framed (`sealing` is set).
+    Sealed,
 }
 
 /// Counters of one driver.
@@ -331,6 +395,7 @@ struct Conn {
     input_closed: bool,
     dirty: bool,
     backpressured: bool,
+    mode: Mode,
     /// Operations in flight that name this record.
     ops: u16,
     /// Bytes of the sendmsg in flight (0: none).
@@ -343,6 +408,8 @@ struct Conn {
     /// The incomplete frame at the end of what was read (boxed: a pointer
     /// in the record, which most connections leave empty).
     tail: Option<Box<BytesMut>>,
+    /// The Noise transport, in `Mode::Sealed`.
+    sealing: Option<Box<Sealing>>,
 }
 
 /// Frames queued on one connection. Boxed and allocated only while frames
@@ -568,15 +635,33 @@ impl Driver {
     }
 
     /// Takes over a connected socket (a handoff from another shard) and the
-    /// bytes already read from it; they are framed as if just received.
-    pub fn adopt(&mut self, fd: OwnedFd, buffered: Bytes) -> Result<ConnId, UringError> {
+    /// bytes already read from it; they are framed as if just received. A
+    /// Noise connection comes with its `sealing` (from [`Event::Released`]):
+    /// `buffered` is plaintext, the sealing's unopened input follows it.
+    pub fn adopt(
+        &mut self,
+        fd: OwnedFd,
+        buffered: Bytes,
+        mut sealing: Option<Box<Sealing>>,
+    ) -> Result<ConnId, UringError> {
         if self.conns.len() >= self.config.connections_max as usize {
             return Err(UringError::Full);
         }
-        let conn = self.conns.insert(new_conn(fd));
+        let unopened = sealing
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.input))
+            .unwrap_or_default();
+        let mode = if sealing.is_some() {
+            Mode::Sealed
+        } else {
+            Mode::Plain
+        };
+        let conn = self.conns.insert(new_conn(fd, mode));
+        let record = self.conns.get_mut(conn).expect("just inserted");
+        record.sealing = sealing;
+        let mut result = Ok(());
         if !buffered.is_empty() {
-            let record = self.conns.get_mut(conn).expect("just inserted");
-            let result = frame_input(
+            result = frame_input(
                 record,
                 conn,
                 &buffered,
@@ -584,13 +669,76 @@ impl Driver {
                 &mut self.tail_bytes,
                 &mut self.pending,
             );
-            if let Err(stop) = result {
-                self.stop_input(conn, stop)?;
-            }
+        }
+        if result.is_ok() && !unopened.is_empty() {
+            result = open_input(
+                record,
+                conn,
+                &unopened,
+                &self.config,
+                &mut self.tail_bytes,
+                &mut self.pending,
+            );
+        }
+        if let Err(stop) = result {
+            self.stop_input(conn, stop)?;
         }
         self.arm_recv(conn)?;
         self.shared.signal();
         Ok(conn)
+    }
+
+    /// Ends `conn`'s Noise handshake: from now on its input is opened with
+    /// `sealing` and framed, and everything [`Driver::send`] queues is
+    /// sealed. `unopened` is what the handshake read past its last message
+    /// (and any [`Event::Raw`] still to be handled for it, through
+    /// [`Driver::sealed_input`]); its frames come as [`Event::Data`].
+    /// Ignored unless `conn` is open and in its handshake.
+    pub fn start_sealing(
+        &mut self,
+        conn: ConnId,
+        sealing: Box<Sealing>,
+        unopened: &[u8],
+    ) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        if record.state != State::Open || record.mode != Mode::Raw {
+            return Ok(());
+        }
+        record.mode = Mode::Sealed;
+        record.sealing = Some(sealing);
+        self.sealed_input(conn, unopened)
+    }
+
+    /// Opens and frames `bytes` of a sealed connection as if just read: for
+    /// an [`Event::Raw`] that was reported before [`Driver::start_sealing`]
+    /// and handled after it. Frames come as [`Event::Data`], in order after
+    /// those of earlier input.
+    pub fn sealed_input(&mut self, conn: ConnId, bytes: &[u8]) -> Result<(), UringError> {
+        let Some(record) = self.conns.get_mut(conn) else {
+            return Ok(());
+        };
+        if bytes.is_empty() || record.mode != Mode::Sealed {
+            return Ok(());
+        }
+        let readable = record.state == State::Open && !record.bad_frame;
+        if !readable {
+            return Ok(());
+        }
+        let result = open_input(
+            record,
+            conn,
+            bytes,
+            &self.config,
+            &mut self.tail_bytes,
+            &mut self.pending,
+        );
+        if let Err(stop) = result {
+            self.stop_input(conn, stop)?;
+        }
+        self.shared.signal();
+        Ok(())
     }
 
     /// Queues a frame. Refuses (handing it back) when the queue is at its
@@ -611,7 +759,10 @@ impl Driver {
         if bytes.is_empty() {
             return Ok(());
         }
-        let len = bytes.len() as u64;
+        let len = match &record.sealing {
+            Some(_) => Transport::sealed_len(bytes.len()),
+            None => bytes.len(),
+        } as u64;
         if record.queued_bytes > 0
             && record.queued_bytes as u64 + len > self.config.send_queue_bytes_max as u64
         {
@@ -621,6 +772,24 @@ impl Driver {
                 bytes,
             });
         }
+        let bytes = match record.sealing.as_mut() {
+            Some(sealing) => {
+                let mut sealed = BytesMut::new();
+                if sealing.transport.seal(&bytes, &mut sealed).is_err() {
+                    // The nonces of this direction ran out (after 2^64
+                    // messages): the session cannot go on.
+                    if let Err(err) = self.begin_close(conn, CloseReason::BadCiphertext) {
+                        warn!(%err, "closing a connection out of nonces failed");
+                    }
+                    return Err(SendError {
+                        kind: SendErrorKind::Closed,
+                        bytes,
+                    });
+                }
+                sealed.freeze()
+            }
+            None => bytes,
+        };
         record.queued_bytes += bytes.len() as u32;
         record.queue.push_back(bytes);
         if !record.dirty {
@@ -969,7 +1138,12 @@ impl Driver {
                 drop(fd);
             } else {
                 let peer = peer_addr(&fd);
-                let conn = self.conns.insert(new_conn(fd));
+                let mode = if self.config.noise {
+                    Mode::Sniff
+                } else {
+                    Mode::Plain
+                };
+                let conn = self.conns.insert(new_conn(fd, mode));
                 self.accepted += 1;
                 self.arm_recv(conn)?;
                 out.push(Event::Accepted { conn, peer });
@@ -1027,17 +1201,42 @@ impl Driver {
             let data = self.ring.buffer(bid, completion.result as usize);
             match record.state {
                 State::Open if !record.bad_frame => {
-                    if let Err(reason) =
-                        frame_input(record, conn, data, &self.config, &mut self.tail_bytes, out)
-                    {
+                    if record.mode == Mode::Sniff {
+                        record.mode = if data[0] == crate::noise::wire::MAGIC[0] {
+                            Mode::Raw
+                        } else {
+                            Mode::Plain
+                        };
+                    }
+                    let result = match record.mode {
+                        Mode::Sniff | Mode::Plain => {
+                            frame_input(record, conn, data, &self.config, &mut self.tail_bytes, out)
+                        }
+                        Mode::Raw => {
+                            out.push(Event::Raw {
+                                conn,
+                                bytes: Bytes::copy_from_slice(data),
+                            });
+                            Ok(())
+                        }
+                        Mode::Sealed => {
+                            open_input(record, conn, data, &self.config, &mut self.tail_bytes, out)
+                        }
+                    };
+                    if let Err(reason) = result {
                         stop = Some(reason);
                     }
                 }
                 State::Releasing => {
-                    let tail = record.tail.get_or_insert_with(Default::default);
-                    let before = tail.capacity();
-                    tail.extend_from_slice(data);
-                    self.tail_bytes += tail.capacity() - before;
+                    // Kept as read: ciphertext for a sealed connection (its
+                    // new owner opens it), plaintext otherwise.
+                    let held = match record.sealing.as_mut() {
+                        Some(sealing) => &mut sealing.input,
+                        None => &mut **record.tail.get_or_insert_with(Default::default),
+                    };
+                    let before = held.capacity();
+                    held.extend_from_slice(data);
+                    self.tail_bytes += held.capacity() - before;
                 }
                 // Closing, or input after a bad frame: discarded.
                 _ => {}
@@ -1145,6 +1344,7 @@ impl Driver {
                 Ok(())
             }
             InputStop::Overloaded => self.begin_close(conn, CloseReason::Overloaded),
+            InputStop::BadCiphertext => self.begin_close(conn, CloseReason::BadCiphertext),
         }
     }
 
@@ -1209,10 +1409,16 @@ impl Driver {
                     }
                     None => Bytes::new(),
                 };
+                let sealing = record.sealing;
+                if let Some(sealing) = &sealing {
+                    // Counted again by the adopting driver.
+                    self.tail_bytes -= sealing.input.capacity();
+                }
                 self.pending.push(Event::Released {
                     conn,
                     fd: record.fd,
                     buffered,
+                    sealing,
                 });
                 self.shared.ready.set(true);
             }
@@ -1244,7 +1450,7 @@ impl Drop for Driver {
     }
 }
 
-fn new_conn(fd: OwnedFd) -> Conn {
+fn new_conn(fd: OwnedFd, mode: Mode) -> Conn {
     Conn {
         fd,
         state: State::Open,
@@ -1256,12 +1462,14 @@ fn new_conn(fd: OwnedFd) -> Conn {
         input_closed: false,
         dirty: false,
         backpressured: false,
+        mode,
         ops: 0,
         sending: 0,
         sent_offset: 0,
         queued_bytes: 0,
         queue: SendQueue::default(),
         tail: None,
+        sealing: None,
     }
 }
 
@@ -1322,9 +1530,15 @@ fn advance(record: &mut Conn, mut sent: usize) {
     }
 }
 
+/// Drops the input held for framing (and a sealed connection's unopened
+/// input): no more of it will be read.
 fn release_tail(record: &mut Conn, tail_bytes: &mut usize) {
     if let Some(tail) = record.tail.take() {
         *tail_bytes -= tail.capacity();
+    }
+    if let Some(sealing) = record.sealing.as_mut() {
+        *tail_bytes -= sealing.input.capacity();
+        sealing.input = BytesMut::new();
     }
 }
 
@@ -1333,6 +1547,8 @@ fn release_tail(record: &mut Conn, tail_bytes: &mut usize) {
 enum InputStop {
     BadHeader(FrameHeader),
     Overloaded,
+    /// A transport message did not open (or a nonce ran out).
+    BadCiphertext,
 }
 
 /// Bytes of a frame's header: the length prefix and the type byte.
@@ -1361,6 +1577,41 @@ fn frame_total(bytes: &[u8], config: &DriverConfig) -> Result<Option<usize>, Inp
         }
     }
     Ok(Some(LENGTH_PREFIX_BYTES + length as usize))
+}
+
+/// Opens the Noise transport messages `data` completes (after the sealing's
+/// unopened input) and frames their plaintext; keeps an incomplete message,
+/// counted in `tail_bytes`. The frames of messages before a bad one are
+/// emitted first.
+fn open_input(
+    record: &mut Conn,
+    conn: ConnId,
+    data: &[u8],
+    config: &DriverConfig,
+    tail_bytes: &mut usize,
+    out: &mut Vec<Event>,
+) -> Result<(), InputStop> {
+    let sealing = record.sealing.as_mut().expect("a sealed connection");
+    let before = sealing.input.capacity();
+    sealing.input.extend_from_slice(data);
+    let mut plaintext = BytesMut::new();
+    let opened = sealing.transport.open(&mut sealing.input, &mut plaintext);
+    if sealing.input.is_empty() {
+        // Between messages an idle connection holds no buffer.
+        sealing.input = BytesMut::new();
+    }
+    *tail_bytes = *tail_bytes - before + sealing.input.capacity();
+    let overloaded = *tail_bytes > config.tail_bytes_max;
+    if !plaintext.is_empty() {
+        frame_input(record, conn, &plaintext, config, tail_bytes, out)?;
+    }
+    if opened.is_err() {
+        return Err(InputStop::BadCiphertext);
+    }
+    if overloaded {
+        return Err(InputStop::Overloaded);
+    }
+    Ok(())
 }
 
 /// Frames `data` (just read) after the connection's tail: emits complete
@@ -1459,7 +1710,7 @@ mod tests {
 
     fn conn() -> Conn {
         let file = std::fs::File::open("/dev/null").expect("/dev/null");
-        new_conn(OwnedFd::from(file))
+        new_conn(OwnedFd::from(file), Mode::Plain)
     }
 
     /// Feeds `chunks` through the framer; returns the delivered bytes.
