@@ -111,10 +111,27 @@ pub enum Protocol {
     Mqtt,
 }
 
+/// How a Switchboard link speaks to the server (`--transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Noise, IK to the server key pinned when the account registered (a
+    /// device's reconnect; XX for an account without a pin).
+    #[default]
+    Ik,
+    /// Noise, XX at every login (first contact each time).
+    Xx,
+    /// No encryption (the server takes it from loopback by default).
+    Plain,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
     pub protocol: Protocol,
     pub server: SocketAddr,
+    /// Switchboard links only.
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 impl Target {
@@ -131,7 +148,11 @@ impl Target {
         let server = rest
             .parse()
             .with_context(|| format!("target {text:?} is not HOST:PORT with an IP address"))?;
-        Ok(Target { protocol, server })
+        Ok(Target {
+            protocol,
+            server,
+            transport: Transport::default(),
+        })
     }
 
     /// What the target's port should be, for hints.
@@ -150,13 +171,22 @@ impl Target {
     }
 }
 
-/// A Switchboard account as the harness stores it (`--users FILE`).
+/// A Switchboard account as the harness stores it (`--users FILE`): a
+/// plaintext device's secret, or a Noise device's static private key and
+/// the server key it pinned.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
     pub user: u64,
     pub device: u32,
-    /// The 32-byte secret, hex.
+    /// The 32-byte secret, hex; empty for a Noise device.
+    #[serde(default)]
     pub secret: String,
+    /// The Noise static private key, hex; empty for a plaintext device.
+    #[serde(default)]
+    pub noise_private: String,
+    /// The server's Noise key pinned at registration, hex.
+    #[serde(default)]
+    pub server_key: String,
 }
 
 /// A user of the run: its global index and, for Switchboard, its account.
@@ -273,18 +303,12 @@ pub struct SwitchboardLink {
     session: Session,
 }
 
-fn connect_options(
-    server: SocketAddr,
-    bind_ip: Option<IpAddr>,
-    timeout: Duration,
-) -> ConnectOptions {
-    let mut options = ConnectOptions::new(server);
+fn connect_options(target: &Target, bind_ip: Option<IpAddr>, timeout: Duration) -> ConnectOptions {
+    let mut options = ConnectOptions::new(target.server);
     options.bind_ip = bind_ip;
     options.frame_bytes_max = FRAME_BYTES_MAX;
     options.timeout = timeout;
-    // The accounts file keeps secrets, and the runs measure the plaintext
-    // server, so the harness logs in as before.
-    options.plaintext = true;
+    options.plaintext = target.transport == Transport::Plain;
     options
 }
 
@@ -317,51 +341,70 @@ fn handshake_error(
     }
 }
 
+/// A 32-byte hex field of an account (`None` when empty).
+fn key_field(text: &str, what: &str, user: u64) -> anyhow::Result<Option<[u8; 32]>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let bytes: [u8; 32] = hex::decode(text)?
+        .try_into()
+        .map_err(|_| anyhow!("the {what} of user {user} is not 32 bytes"))?;
+    Ok(Some(bytes))
+}
+
 impl Account {
-    fn credentials(&self) -> anyhow::Result<Credentials> {
-        let secret: [u8; 32] = hex::decode(&self.secret)?
-            .try_into()
-            .map_err(|_| anyhow!("the secret of user {} is not 32 bytes", self.user))?;
+    /// The client library's credentials; with `Transport::Xx` without the
+    /// pinned server key, so every login runs XX.
+    fn credentials(&self, transport: Transport) -> anyhow::Result<Credentials> {
+        let server_key = match transport {
+            Transport::Ik => key_field(&self.server_key, "server key", self.user)?,
+            Transport::Xx | Transport::Plain => None,
+        };
         Ok(Credentials {
             user: UserId(self.user),
             device: DeviceId(self.device),
-            secret: Some(secret),
-            noise_private: None,
-            server_key: None,
+            secret: key_field(&self.secret, "secret", self.user)?,
+            noise_private: key_field(&self.noise_private, "Noise key", self.user)?,
+            server_key,
         })
+    }
+
+    fn from_credentials(credentials: &Credentials) -> Account {
+        let hex_or_empty = |key: Option<[u8; 32]>| key.map(hex::encode).unwrap_or_default();
+        Account {
+            user: credentials.user.0,
+            device: credentials.device.0,
+            secret: hex_or_empty(credentials.secret),
+            noise_private: hex_or_empty(credentials.noise_private),
+            server_key: hex_or_empty(credentials.server_key),
+        }
     }
 }
 
 impl SwitchboardLink {
     /// Creates an account (Register → Registered).
     pub async fn register(
-        server: SocketAddr,
+        target: &Target,
         bind_ip: Option<IpAddr>,
         timeout: Duration,
     ) -> anyhow::Result<Account> {
-        let credentials = client::register(&connect_options(server, bind_ip, timeout), None)
+        let server = target.server;
+        let credentials = client::register(&connect_options(target, bind_ip, timeout), None)
             .await
             .map_err(|e| handshake_error(e, "registering", "Registered", server, timeout))?;
-        Ok(Account {
-            user: credentials.user.0,
-            device: credentials.device.0,
-            secret: hex::encode(
-                credentials
-                    .secret
-                    .ok_or_else(|| anyhow!("a plaintext registration returned no secret"))?,
-            ),
-        })
+        Ok(Account::from_credentials(&credentials))
     }
 
     pub async fn connect(
-        server: SocketAddr,
+        target: &Target,
         bind_ip: Option<IpAddr>,
         account: &Account,
         timeout: Duration,
     ) -> anyhow::Result<SwitchboardLink> {
+        let server = target.server;
         let session = Session::connect(
-            &connect_options(server, bind_ip, timeout),
-            &account.credentials()?,
+            &connect_options(target, bind_ip, timeout),
+            &account.credentials(target.transport)?,
         )
         .await
         .map_err(|e| handshake_error(e, "logging in", "Welcome", server, timeout))?;
@@ -466,7 +509,7 @@ impl Link {
                     .as_ref()
                     .ok_or_else(|| anyhow!("user {} has no account", user.index))?;
                 Link::Switchboard(
-                    SwitchboardLink::connect(target.server, bind_ip, account, timeout).await?,
+                    SwitchboardLink::connect(target, bind_ip, account, timeout).await?,
                 )
             }
             Protocol::Mqtt => Link::Mqtt(

@@ -35,7 +35,7 @@ use crate::cpu::StepCpu;
 use crate::fleet::Fleet;
 use crate::group::{GroupPlan, LocalGroups};
 use crate::latency::{monotonic_ns, ChainLatency, Latency};
-use crate::link::{Account, Protocol, Target, User};
+use crate::link::{Account, Protocol, Target, Transport, User};
 use crate::report::Second;
 use crate::sysmem::MemorySample;
 use crate::worker::{
@@ -116,6 +116,12 @@ struct Common {
     /// Do not bind to 127.0.0.2, 127.0.0.3, … (loopback targets only).
     #[arg(long)]
     no_source_spread: bool,
+    /// Switchboard: `ik` (Noise, the server key pinned at registration),
+    /// `xx` (Noise, first contact at every login) or `plain` (no
+    /// encryption). Accounts made in one mode log in the way they were made
+    /// (a plaintext account's secret, a Noise account's key).
+    #[arg(long, value_enum, default_value_t = Transport::Ik)]
+    transport: Transport,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -316,7 +322,8 @@ impl Run {
         common: Common,
         groups: Option<(u32, u32)>,
     ) -> anyhow::Result<Run> {
-        let target = Target::parse(&common.target)?;
+        let mut target = Target::parse(&common.target)?;
+        target.transport = common.transport;
         let count = common.connections & !1;
         if count == 0 {
             bail!("--connections must be at least 2");
@@ -383,6 +390,7 @@ impl Run {
         let out = json!({
             "scenario": scenario,
             "target": target.url(),
+            "transport": target.transport,
             "connections": count,
             "machine": machine(),
             "split": {

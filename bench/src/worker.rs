@@ -679,7 +679,7 @@ async fn register(worker: &Rc<Worker>) -> anyhow::Result<()> {
                 // their source port at connect time, where ports in
                 // TIME_WAIT are reused (loopback), so they never use up the
                 // sessions' source addresses.
-                match SwitchboardLink::register(w.spec.target.server, None, w.timeout).await {
+                match SwitchboardLink::register(&w.spec.target, None, w.timeout).await {
                     Ok(account) => {
                         slot.user.borrow_mut().account = Some(account.clone());
                         created

@@ -459,6 +459,52 @@ fn every_scenario_reports_consistent_numbers_against_switchboard() {
     assert_eq!(v["accounts"].as_array().unwrap().len(), 40);
 }
 
+/// Every transport logs in: Noise IK (the default, with the key pinned at
+/// registration), Noise XX, and plaintext with its own accounts; the
+/// accounts file says which kind each account is.
+#[test]
+fn connect_scenario_logs_in_over_each_transport() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (_server, addr) = start_switchboard(&data);
+    let target = addr.to_string();
+    let noise_users = dir.path().join("noise.json");
+    let plain_users = dir.path().join("plain.json");
+    for (transport, users) in [
+        ("ik", &noise_users),
+        ("xx", &noise_users),
+        ("plain", &plain_users),
+    ] {
+        let users = users.to_str().unwrap();
+        let args = [
+            "connect",
+            "-n",
+            "10",
+            "--transport",
+            transport,
+            "--target",
+            &target,
+            "--users",
+            users,
+        ];
+        let v = bench(dir.path(), &format!("connect-{transport}"), &args);
+        check_shape(&v, "connect", 10);
+        assert_eq!(number(&v, &["connect", "connected"]), 10.0, "{transport}");
+        assert_eq!(v["transport"].as_str(), Some(transport));
+    }
+    let noise: Value =
+        serde_json::from_str(&std::fs::read_to_string(&noise_users).unwrap()).unwrap();
+    let account = &noise["accounts"][0];
+    assert_eq!(account["secret"].as_str(), Some(""));
+    assert_eq!(account["noise_private"].as_str().unwrap().len(), 64);
+    assert_eq!(account["server_key"].as_str().unwrap().len(), 64);
+    let plain: Value =
+        serde_json::from_str(&std::fs::read_to_string(&plain_users).unwrap()).unwrap();
+    let account = &plain["accounts"][0];
+    assert_eq!(account["secret"].as_str().unwrap().len(), 64);
+    assert_eq!(account["noise_private"].as_str(), Some(""));
+}
+
 /// The media scenario at tiny scale against a real server (its media
 /// service on a free port): 2 × 64 KiB on one stream and on two, dd in the
 /// data directory, 10 uploads held in flight; checks the report's fields.
