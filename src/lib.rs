@@ -11,6 +11,8 @@
 //! - `net`: listeners, connection I/O, handoff between shards.
 //! - `client`: the async client library; `chat`: the terminal client.
 //! - `doctor`: host checks; `metrics`: counters and the admin endpoint.
+//! - `media`: the attachment service; `wss`: browsers over WebSocket and
+//!   TLS, bridged to the client listener (each on a tokio runtime of its own).
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
@@ -31,3 +33,4 @@ pub mod route;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod wss;

@@ -13,6 +13,7 @@ use nix::sys::signal::{SigSet, Signal};
 use switchboard::config::{Config, Durability, RegistrationPolicy};
 use switchboard::metrics::serve_admin;
 use switchboard::metrics::{Registry, ShardMetrics};
+use switchboard::shard::server::{Controls, ServiceStats};
 
 #[derive(Parser)]
 #[command(
@@ -254,11 +255,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::process::abort();
     }));
 
-    // SIGINT/SIGTERM are blocked here, so every thread inherits the mask,
-    // and taken synchronously by one waiting thread.
+    // SIGINT, SIGTERM and SIGHUP are blocked here, so every thread inherits
+    // the mask, and taken synchronously by one waiting thread.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
     signals.thread_block().context("blocking signals")?;
     raise_open_file_limit();
     let shards = config.shard_count();
@@ -268,18 +270,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Registry::from_shards(metrics.clone())
             .with_stall_limit_ms(u64::from(config.server.shard_stall_ready_ms)),
     );
-    let stop = Arc::new(AtomicBool::new(false));
+    let controls = Controls::default();
     {
-        let stop = stop.clone();
+        let controls = controls.clone();
         let registry = registry.clone();
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || {
-                if let Ok(signal) = signals.wait() {
-                    tracing::info!(?signal, "stopping: draining sessions and commits");
-                    // /readyz answers 503 first, so balancers stop sending.
-                    registry.set_draining(true);
-                    stop.store(true, Ordering::SeqCst);
+            .spawn(move || loop {
+                match signals.wait() {
+                    Ok(Signal::SIGHUP) => {
+                        tracing::info!("SIGHUP: reading the WSS certificate files again");
+                        controls.reload.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(signal) => {
+                        tracing::info!(?signal, "stopping: draining sessions and commits");
+                        // /readyz answers 503 first, so balancers stop sending.
+                        registry.set_draining(true);
+                        controls.stop.store(true, Ordering::SeqCst);
+                    }
+                    Err(_) => return,
                 }
             })
             .context("starting the signal thread")?;
@@ -289,14 +298,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin listener {}", config.server.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;
     let admin_stop = Arc::new(AtomicBool::new(false));
-    let push_stats = registry.push.clone();
-    let media_stats = registry.media.clone();
+    let stats = ServiceStats {
+        push: registry.push.clone(),
+        media: registry.media.clone(),
+        wss: registry.wss.clone(),
+    };
     let admin = serve_admin(admin_listener, registry, admin_stop.clone());
-    switchboard::shard::server::run(config, metrics, push_stats, media_stats, stop, |running| {
+    switchboard::shard::server::run(config, metrics, stats, controls, |running| {
         let mut out = std::io::stdout().lock();
         let media = running
             .media
             .map(|addr| format!(", media on http://{addr}"))
+            .unwrap_or_default();
+        let wss = running
+            .wss
+            .map(|addr| format!(", wss on wss://{addr}"))
             .unwrap_or_default();
         let noise = running
             .noise_key
@@ -304,7 +320,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "switchboard listening on {} with {} shards, admin on http://{}{media}{noise}",
+            "switchboard listening on {} with {} shards, admin on http://{}{media}{wss}{noise}",
             running.listen, running.shards, admin_addr
         );
         let _ = out.flush();

@@ -121,6 +121,7 @@ fn server_code_logs_instead_of_printing() {
         "/src/session/",
         "/src/store/",
         "/src/route/",
+        "/src/wss/",
     ];
     let mut offenders = Vec::new();
     for (path, text) in source_files() {

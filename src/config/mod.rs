@@ -309,7 +309,71 @@ pub struct Config {
     pub store: StoreConfig,
     pub push: PushConfig,
     pub media: MediaConfig,
+    pub wss: WssConfig,
 }
+
+/// The WebSocket-over-TLS listener for browsers (`wss`): TLS and the HTTP
+/// upgrade on a small tokio runtime of its own, each WebSocket bridged to
+/// the client listener over loopback (`crate::wss`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WssConfig {
+    /// Whether the listener runs. Default false: it needs a certificate,
+    /// which a fresh server does not have; `cert_path` and `key_path` must
+    /// be set when it is true.
+    pub enabled: bool,
+    /// Its TCP listener (TLS). Default 127.0.0.1:7703.
+    pub listen: SocketAddr,
+    /// The certificate chain, PEM, leaf first. Read at start and again on
+    /// SIGHUP. Default empty.
+    pub cert_path: PathBuf,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1). Read at
+    /// start and again on SIGHUP. Default empty.
+    pub key_path: PathBuf,
+    /// Threads running TLS and the bridges (never a shard's). Default 1.
+    pub threads: u16,
+    /// Browser connections open at once; the next one is accepted and
+    /// closed at once, before any TLS work. Default 10,000. Each costs
+    /// three descriptors in the process (the browser's socket, the bridge's
+    /// socket to the client listener and the shard's end of it), a shard
+    /// connection, and the bridge's memory (docs/benchmarks.md).
+    pub connections_max: u32,
+    /// From accept to the Noise intro: the TLS handshake, the HTTP upgrade
+    /// and the first 5 bytes of the Noise stream must all arrive within
+    /// this, ms. Default 10,000. From then on the client listener's own
+    /// handshake timeout applies as well.
+    pub handshake_timeout_ms: u32,
+    /// A browser that sends nothing (no message, no ping) this long is
+    /// closed, ms. Default 300,000: a backstop behind the shards' own
+    /// `limits.idle_timeout_ms`, which must not exceed it, so a live
+    /// session hears IDLE_TIMEOUT from the server first.
+    pub idle_timeout_ms: u32,
+    /// Largest WebSocket message (and frame) a browser may send, bytes.
+    /// Default 66,560; at least 65,542, the intro and the largest Noise
+    /// message with its length prefix. A larger one closes the connection
+    /// (1009). The bridge holds at most one message per connection.
+    pub message_bytes_max: u32,
+}
+
+impl Default for WssConfig {
+    fn default() -> Self {
+        WssConfig {
+            enabled: false,
+            listen: "127.0.0.1:7703".parse().expect("literal address"),
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+            threads: 1,
+            connections_max: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            message_bytes_max: 65_536 + 1_024,
+        }
+    }
+}
+
+/// Smallest `wss.message_bytes_max`: the 5-byte Noise intro and the
+/// largest Noise message with its 2-byte length prefix fit in one message.
+pub const WSS_MESSAGE_BYTES_MIN: u32 = 5 + 2 + 65_535;
 
 /// Where media blobs are kept (`media.backend`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -534,6 +598,13 @@ impl Config {
                 store_bytes_max: 256 << 20,
                 ..MediaConfig::default()
             },
+            wss: WssConfig {
+                listen: "127.0.0.1:0".parse().expect("literal address"),
+                connections_max: 16,
+                handshake_timeout_ms: 1_000,
+                idle_timeout_ms: 10_000,
+                ..WssConfig::default()
+            },
         }
     }
 
@@ -652,6 +723,31 @@ impl Config {
                 return invalid("media.backend = \"s3\" needs media.s3.bucket".into());
             }
         }
+        let w = &self.wss;
+        if w.enabled {
+            if w.cert_path.as_os_str().is_empty() || w.key_path.as_os_str().is_empty() {
+                return invalid("wss.enabled needs wss.cert_path and wss.key_path".into());
+            }
+            if !self.server.noise {
+                return invalid("wss.enabled needs server.noise: browsers speak Noise only".into());
+            }
+            if w.threads == 0 || w.connections_max == 0 || w.handshake_timeout_ms == 0 {
+                return invalid(
+                    "wss.threads, connections_max and handshake_timeout_ms must be positive".into(),
+                );
+            }
+            if w.idle_timeout_ms < l.idle_timeout_ms {
+                return invalid(format!(
+                    "wss.idle_timeout_ms ({}) must be at least limits.idle_timeout_ms ({})",
+                    w.idle_timeout_ms, l.idle_timeout_ms
+                ));
+            }
+            if !(WSS_MESSAGE_BYTES_MIN..=16 << 20).contains(&w.message_bytes_max) {
+                return invalid(format!(
+                    "wss.message_bytes_max must be between {WSS_MESSAGE_BYTES_MIN} and 16 MiB"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -742,6 +838,28 @@ mod tests {
             parsed, expected,
             "docs/operations.md's example drifted from the defaults"
         );
+    }
+
+    #[test]
+    fn wss_needs_a_certificate_noise_and_room_for_a_noise_message() {
+        let mut config = Config::default();
+        config.wss.enabled = true;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("cert_path"), "{err}");
+        config.wss.cert_path = PathBuf::from("cert.pem");
+        config.wss.key_path = PathBuf::from("key.pem");
+        config.validate().expect("a certificate is enough");
+        config.wss.message_bytes_max = WSS_MESSAGE_BYTES_MIN - 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("message_bytes_max"), "{err}");
+        config.wss.message_bytes_max = WSS_MESSAGE_BYTES_MIN;
+        config.wss.idle_timeout_ms = config.limits.idle_timeout_ms - 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("idle_timeout_ms"), "{err}");
+        config.wss.idle_timeout_ms = config.limits.idle_timeout_ms;
+        config.server.noise = false;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.noise"), "{err}");
     }
 
     #[test]

@@ -562,6 +562,8 @@ pub struct Registry {
     pub push: Arc<crate::push::PushStats>,
     /// The media service's counters and gauges.
     pub media: Arc<crate::media::stats::MediaStats>,
+    /// The WSS listener's counters and gauge.
+    pub wss: Arc<crate::wss::stats::WssStats>,
 }
 
 /// What `/readyz` found.
@@ -598,6 +600,7 @@ impl Registry {
             stall_limit_ms: DEFAULT_STALL_LIMIT_MS,
             push: Arc::new(crate::push::PushStats::default()),
             media: Arc::new(crate::media::stats::MediaStats::default()),
+            wss: Arc::new(crate::wss::stats::WssStats::default()),
         }
     }
 
@@ -744,6 +747,55 @@ impl Registry {
         ] {
             family(out, name, "gauge", help);
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+
+        family(
+            out,
+            "switchboard_wss_connections",
+            "gauge",
+            "Browser connections open on the WSS listener.",
+        );
+        let _ = writeln!(
+            out,
+            "switchboard_wss_connections {}",
+            self.wss.connections.load(Ordering::Relaxed)
+        );
+        for (name, help, value) in [
+            (
+                "switchboard_wss_accepted_total",
+                "Connections accepted on the WSS listener, refused ones included.",
+                &self.wss.accepted,
+            ),
+            (
+                "switchboard_wss_bridged_total",
+                "WSS connections that sent the Noise intro and were bridged to the client listener.",
+                &self.wss.bridged,
+            ),
+            (
+                "switchboard_wss_certificate_reloads_total",
+                "WSS certificate reloads (SIGHUP) that took effect.",
+                &self.wss.reloads,
+            ),
+            (
+                "switchboard_wss_certificate_reload_failures_total",
+                "WSS certificate reloads that failed; the previous certificate stays in use.",
+                &self.wss.reload_failures,
+            ),
+        ] {
+            family(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        family(
+            out,
+            "switchboard_wss_refused_total",
+            "counter",
+            "WSS connections refused or cut by the listener, by reason.",
+        );
+        for (reason, count) in self.wss.refusals() {
+            let _ = writeln!(
+                out,
+                "switchboard_wss_refused_total{{reason=\"{reason}\"}} {count}"
+            );
         }
 
         self.gauge(

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,9 @@ pub enum ServerError {
     Media(SocketAddr, std::io::Error),
     #[error("Noise static key {0}: {1}")]
     NoiseKey(PathBuf, String),
+    /// The WSS listener's certificate or socket.
+    #[error("cannot start the WSS listener: {0}")]
+    Wss(#[from] crate::wss::WssError),
 }
 
 /// Listen backlog per shard socket (the kernel caps it at somaxconn).
@@ -62,6 +65,30 @@ pub struct Running {
     pub media: Option<SocketAddr>,
     /// The Noise static public key clients pin, when Noise is on.
     pub noise_key: Option<[u8; 32]>,
+    /// The WSS (browser) listener, when it runs.
+    pub wss: Option<SocketAddr>,
+}
+
+/// The counters of the services that run beside the shards, which the
+/// admin endpoint reads.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceStats {
+    /// The push thread's.
+    pub push: Arc<crate::push::PushStats>,
+    /// The media service's.
+    pub media: Arc<crate::media::stats::MediaStats>,
+    /// The WSS listener's.
+    pub wss: Arc<crate::wss::stats::WssStats>,
+}
+
+/// How the caller steers a running server.
+#[derive(Clone, Debug, Default)]
+pub struct Controls {
+    /// Set to stop: the shards drain and `run` returns.
+    pub stop: Arc<AtomicBool>,
+    /// Changed (incremented) to make the WSS listener read its certificate
+    /// files again; the binary does it on SIGHUP.
+    pub reload: Arc<AtomicU64>,
 }
 
 /// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
@@ -155,16 +182,16 @@ struct ShardStart {
     noise_keys: Option<Arc<crate::noise::ServerKeys>>,
 }
 
-/// Runs the server until `stop` is set; calls `on_ready` once every shard
-/// serves. Returns after every shard has drained and stopped.
+/// Runs the server until `controls.stop` is set; calls `on_ready` once every
+/// shard serves. Returns after every shard has drained and stopped.
 pub fn run(
     config: Config,
     metrics: Vec<Arc<ShardMetrics>>,
-    push_stats: Arc<crate::push::PushStats>,
-    media_stats: Arc<crate::media::stats::MediaStats>,
-    stop: Arc<AtomicBool>,
+    stats: ServiceStats,
+    controls: Controls,
     on_ready: impl FnOnce(&Running),
 ) -> Result<(), ServerError> {
+    let Controls { stop, reload } = controls;
     config.validate()?;
     let shards = config.shard_count();
     assert_eq!(
@@ -176,7 +203,7 @@ pub fn run(
     std::fs::create_dir_all(&data_dir).map_err(|e| ServerError::DataDir(data_dir.clone(), e))?;
     let meta = Arc::new(MetaStore::open(&data_dir.join("meta.redb"))?);
     let pusher = if config.push.enabled {
-        let pusher = crate::push::start(&config.push, &data_dir, meta.clone(), push_stats)
+        let pusher = crate::push::start(&config.push, &data_dir, meta.clone(), stats.push)
             .map_err(|e| ServerError::DataDir(data_dir.join(crate::push::VAPID_FILE), e))?;
         Some(pusher)
     } else {
@@ -189,7 +216,7 @@ pub fn run(
             &config.media,
             &data_dir,
             key.clone(),
-            media_stats,
+            stats.media,
             stop.clone(),
         )
         .map_err(|e| ServerError::Media(config.media.listen, e))?;
@@ -214,6 +241,19 @@ pub fn run(
         None
     };
     let (listen, listeners) = bind_listeners(config.server.listen, shards)?;
+    // Browsers are bridged to the listeners just bound; until the shards
+    // accept, a bridge's connection waits in their backlog.
+    let wss_service = if config.wss.enabled {
+        Some(crate::wss::start(
+            &config.wss,
+            crate::wss::upstream::target(listen),
+            stats.wss,
+            stop.clone(),
+            reload,
+        )?)
+    } else {
+        None
+    };
     let capacity = config.limits.shard_channel_capacity as usize;
     let (mut req_tx, mut req_rx) = build_mesh::<Request>(shards as usize, capacity);
     let (mut rep_tx, mut rep_rx) = build_mesh::<Reply>(shards as usize, capacity);
@@ -279,6 +319,7 @@ pub fn run(
         shards,
         media: media_service.as_ref().map(|(service, _)| service.addr),
         noise_key: noise_keys.as_ref().map(|keys| *keys.public()),
+        wss: wss_service.as_ref().map(|service| service.addr),
     });
     for handle in handles {
         if let Err(err) = handle.join() {
@@ -286,6 +327,9 @@ pub fn run(
         }
     }
     if let Some((service, _)) = media_service {
+        service.join();
+    }
+    if let Some(service) = wss_service {
         service.join();
     }
     Ok(())

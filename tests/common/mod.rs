@@ -6,6 +6,7 @@
 
 pub mod media;
 pub mod store;
+pub mod wss;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +29,8 @@ pub struct Server {
     pub media: Option<SocketAddr>,
     /// The server's Noise static public key, when Noise is on.
     pub noise_key: Option<[u8; 32]>,
+    /// The WSS (browser) listener, when it runs.
+    pub wss: Option<SocketAddr>,
     pub dir: PathBuf,
     pub config_path: PathBuf,
     pub config: Config,
@@ -46,6 +49,7 @@ impl Server {
             admin: "127.0.0.1:0".parse().unwrap(),
             media: None,
             noise_key: None,
+            wss: None,
             dir: dir.to_path_buf(),
             config_path,
             config,
@@ -88,22 +92,25 @@ impl Server {
             }
         };
         // "switchboard listening on ADDR with N shards, admin on http://ADDR"
-        // and, when the media service runs, ", media on http://ADDR", and
-        // with Noise on ", noise key HEX".
+        // and, when the media service runs, ", media on http://ADDR", when
+        // the WSS listener runs ", wss on wss://ADDR", and with Noise on
+        // ", noise key HEX".
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words
             .get(3)
             .unwrap_or_else(|| panic!("unexpected first line: {line}"));
         self.addr = addr.parse().unwrap();
-        let after = |label: &str| {
+        let after = |label: &str, scheme: &str| {
             words
                 .windows(3)
                 .find(|w| w[0] == label && w[1] == "on")
-                .and_then(|w| w[2].trim_end_matches(',').strip_prefix("http://"))
+                .and_then(|w| w[2].trim_end_matches(',').strip_prefix(scheme))
                 .map(|a| a.parse::<SocketAddr>().unwrap())
         };
-        self.admin = after("admin").unwrap_or_else(|| panic!("no admin address in: {line}"));
-        self.media = after("media");
+        self.admin =
+            after("admin", "http://").unwrap_or_else(|| panic!("no admin address in: {line}"));
+        self.media = after("media", "http://");
+        self.wss = after("wss", "wss://");
         self.noise_key = words
             .windows(3)
             .find(|w| w[0] == "noise" && w[1] == "key")
@@ -145,6 +152,15 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGHUP: the WSS listener reads its certificate files again.
+    pub fn sighup(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -1,0 +1,191 @@
+//! Server memory per idle browser (WSS) session beside a native Noise one,
+//! measured (ignored by default; docs/benchmarks.md has the numbers):
+//!
+//! ```sh
+//! cargo test --release --test wss_memory -- --ignored --nocapture
+//! ```
+//!
+//! Each kind gets a server of its own: `WARM_UP` sessions first (allocator
+//! pools, TLS session caches and the like fill), then `SESSIONS` more,
+//! each logged in (Noise XX, Register and Hello on one connection) and left
+//! idle; the server's RSS is read before and after those, after a pause.
+//! The clients live in this process, so the server's RSS holds only the
+//! server's side: for a browser that is the TLS socket, the bridge's
+//! loopback socket and the shard's end of it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::wss::{TestCa, WsClient};
+use common::{RawClient, Server};
+use switchboard::config::Config;
+use switchboard::noise::StaticKeypair;
+use switchboard::proto::{pb, Frame, PROTOCOL_VERSION};
+
+const WARM_UP: usize = 100;
+const SESSIONS: usize = 1_000;
+
+fn tweak(c: &mut Config) {
+    c.limits.connections_per_shard_max = 100_000;
+    c.limits.handshake_timeout_ms = 30_000;
+    c.limits.idle_timeout_ms = 600_000;
+    c.wss.connections_max = 100_000;
+    c.wss.handshake_timeout_ms = 30_000;
+    c.wss.idle_timeout_ms = 600_000;
+}
+
+fn register() -> Frame {
+    Frame::Register(pb::Register {
+        protocol_version: PROTOCOL_VERSION,
+        registration_token: String::new(),
+    })
+}
+
+fn hello(user: u64, device: u32) -> Frame {
+    Frame::Hello(pb::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        user_id: user,
+        device_id: device,
+        secret: Bytes::new(),
+    })
+}
+
+/// A connection that carries frames: native or WebSocket.
+trait Frames {
+    fn send_frame(&mut self, frame: &Frame);
+    fn recv_frame(&mut self) -> Option<Frame>;
+}
+
+impl Frames for RawClient {
+    fn send_frame(&mut self, frame: &Frame) {
+        self.send(frame)
+    }
+    fn recv_frame(&mut self) -> Option<Frame> {
+        self.recv()
+    }
+}
+
+impl Frames for WsClient {
+    fn send_frame(&mut self, frame: &Frame) {
+        self.send(frame)
+    }
+    fn recv_frame(&mut self) -> Option<Frame> {
+        self.recv()
+    }
+}
+
+/// Register and Hello on one connection.
+fn log_in(c: &mut impl Frames) {
+    c.send_frame(&register());
+    let (user, device) = match c.recv_frame() {
+        Some(Frame::Registered(r)) => (r.user_id, r.device_id),
+        other => panic!("expected Registered, got {other:?}"),
+    };
+    c.send_frame(&hello(user, device));
+    assert!(matches!(c.recv_frame(), Some(Frame::Welcome(_))));
+}
+
+/// The machine's kernel slab, bytes (`Slab:` in /proc/meminfo).
+fn slab_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = meminfo.lines().find(|l| l.starts_with("Slab:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// Opens `count` sessions with `open`; returns the server's RSS growth and
+/// the machine's slab growth (both ends' sockets) per session, once idle.
+fn grow<T>(
+    server: &Server,
+    sessions: &mut Vec<T>,
+    count: usize,
+    open: impl Fn() -> T,
+) -> (f64, f64) {
+    std::thread::sleep(Duration::from_secs(2));
+    let before = server.rss_bytes();
+    let slab_before = slab_bytes();
+    let started = Instant::now();
+    for _ in 0..count {
+        sessions.push(open());
+    }
+    let opened_in = started.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = server.rss_bytes();
+    let slab_after = slab_bytes();
+    println!(
+        "  {count} sessions in {opened_in:.1?}: RSS {:.1} MiB -> {:.1} MiB, slab {:.1} MiB -> {:.1} MiB",
+        before as f64 / (1 << 20) as f64,
+        after as f64 / (1 << 20) as f64,
+        slab_before as f64 / (1 << 20) as f64,
+        slab_after as f64 / (1 << 20) as f64,
+    );
+    (
+        (after as f64 - before as f64) / count as f64,
+        (slab_after as f64 - slab_before as f64) / count as f64,
+    )
+}
+
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+#[test]
+#[ignore = "a measurement: run with --release --ignored --nocapture"]
+fn server_memory_per_idle_wss_session_and_per_native_noise_session() {
+    raise_open_file_limit();
+
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["native", "wss"] {
+        std::fs::create_dir(dir.path().join(kind)).unwrap();
+    }
+    let native_server = Server::start(&dir.path().join("native"), tweak);
+    let addr = native_server.addr;
+    let open_native = || {
+        let key = StaticKeypair::generate();
+        let (mut c, _) = RawClient::noise(addr, &key, None).expect("XX");
+        log_in(&mut c);
+        c
+    };
+    println!("native Noise sessions:");
+    let mut native = Vec::new();
+    grow(&native_server, &mut native, WARM_UP, open_native);
+    let per_native = grow(&native_server, &mut native, SESSIONS, open_native);
+    drop(native);
+    drop(native_server);
+
+    let ca = TestCa::new();
+    let cert = dir.path().join("wss.crt");
+    let key = dir.path().join("wss.key");
+    ca.leaf("memory").write(&cert, &key);
+    let wss_server = Server::start(&dir.path().join("wss"), |c| {
+        tweak(c);
+        c.wss.enabled = true;
+        c.wss.cert_path = cert.clone();
+        c.wss.key_path = key.clone();
+    });
+    let wss = wss_server.wss.unwrap();
+    let config = ca.client_config();
+    let open_browser = || {
+        let key = StaticKeypair::generate();
+        let (mut c, _) = WsClient::noise(wss, &config, &key, None).expect("XX over WebSocket");
+        log_in(&mut c);
+        c
+    };
+    println!("browser (WSS) sessions:");
+    let mut browsers = Vec::new();
+    grow(&wss_server, &mut browsers, WARM_UP, open_browser);
+    let per_browser = grow(&wss_server, &mut browsers, SESSIONS, open_browser);
+
+    println!(
+        "per idle native Noise session: server RSS {:.0} B, machine slab {:.0} B (2 sockets)",
+        per_native.0, per_native.1
+    );
+    println!(
+        "per idle WSS session:          server RSS {:.0} B, machine slab {:.0} B (4 sockets)",
+        per_browser.0, per_browser.1
+    );
+}
