@@ -1,4 +1,5 @@
 //! Server memory per idle browser (WSS) session beside a native Noise one,
+//! and server CPU per message over WSS, native Noise and plaintext,
 //! measured (ignored by default; docs/benchmarks.md has the numbers):
 //!
 //! ```sh
@@ -188,4 +189,151 @@ fn server_memory_per_idle_wss_session_and_per_native_noise_session() {
         "per idle WSS session:          server RSS {:.0} B, machine slab {:.0} B (4 sockets)",
         per_browser.0, per_browser.1
     );
+}
+
+/// The server's CPU time so far (user + system, all threads), in seconds.
+fn server_cpu_s(server: &Server) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap();
+    // Fields after the command name (which ends with ')'): utime and stime
+    // are the 12th and 13th of those.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // /proc counts in USER_HZ ticks, 100 a second on Linux.
+    ticks as f64 / 100.0
+}
+
+/// Messages from `a` to `b` in batches of `BATCH`: `b` acknowledges each
+/// batch's deliveries, `a` waits for its ServerAcks and acknowledges the
+/// receipts that come back. Returns the server's CPU µs per message and
+/// the messages per second of wall time.
+fn exchange(server: &Server, a: &mut impl Frames, b: &mut impl Frames, to: u64) -> (f64, f64) {
+    const MESSAGES: u64 = 20_000;
+    const BATCH: u64 = 32;
+    let cpu_before = server_cpu_s(server);
+    let started = Instant::now();
+    let mut receipt_seen = 0u64;
+    for batch in 0..MESSAGES / BATCH {
+        for i in 0..BATCH {
+            a.send_frame(&Frame::Send(pb::Send {
+                client_message_id: batch * BATCH + i + 1,
+                recipient_user_id: to,
+                payload: Bytes::from_static(&[7u8; 100]),
+                ..Default::default()
+            }));
+        }
+        let (mut delivered, mut last) = (0, 0);
+        while delivered < BATCH {
+            match b.recv_frame() {
+                Some(Frame::Deliver(d)) => {
+                    delivered += 1;
+                    last = d.sequence;
+                }
+                Some(_) => {}
+                None => panic!("the recipient was closed"),
+            }
+        }
+        b.send_frame(&Frame::Ack(pb::Ack {
+            up_to_sequence: last,
+            sequences: vec![],
+        }));
+        let mut acked = 0;
+        while acked < BATCH {
+            match a.recv_frame() {
+                Some(Frame::ServerAck(_)) => acked += 1,
+                Some(Frame::Receipt(r)) => receipt_seen = receipt_seen.max(r.sequence),
+                Some(_) => {}
+                None => panic!("the sender was closed"),
+            }
+        }
+        if receipt_seen > 0 {
+            a.send_frame(&Frame::Ack(pb::Ack {
+                up_to_sequence: receipt_seen,
+                sequences: vec![],
+            }));
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = server_cpu_s(server) - cpu_before;
+    (cpu * 1e6 / MESSAGES as f64, MESSAGES as f64 / elapsed)
+}
+
+/// Register and Hello on one connection; returns the user id.
+fn log_in_as_user(c: &mut impl Frames) -> u64 {
+    c.send_frame(&register());
+    let (user, device, secret) = match c.recv_frame() {
+        Some(Frame::Registered(r)) => (r.user_id, r.device_id, r.secret),
+        other => panic!("expected Registered, got {other:?}"),
+    };
+    // A plaintext device logs in with its secret; a Noise one's is empty.
+    c.send_frame(&Frame::Hello(pb::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        user_id: user,
+        device_id: device,
+        secret,
+    }));
+    assert!(matches!(c.recv_frame(), Some(Frame::Welcome(_))));
+    user
+}
+
+fn tweak_for_messages(c: &mut Config) {
+    tweak(c);
+    c.server.shards = 1;
+    c.limits.delivery_window_messages = 256;
+    c.limits.delivery_window_bytes = 1 << 20;
+    c.limits.sends_in_flight_max = 256;
+}
+
+#[test]
+#[ignore = "a measurement: run with --release --ignored --nocapture"]
+fn server_cpu_per_message_over_wss_native_noise_and_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    for kind in ["plain", "native", "wss"] {
+        std::fs::create_dir(dir.path().join(kind)).unwrap();
+    }
+    let server = Server::start(&dir.path().join("plain"), tweak_for_messages);
+    let mut a = RawClient::connect(server.addr);
+    let mut b = RawClient::connect(server.addr);
+    log_in_as_user(&mut a);
+    let to = log_in_as_user(&mut b);
+    let plain = exchange(&server, &mut a, &mut b, to);
+    drop((a, b, server));
+
+    let server = Server::start(&dir.path().join("native"), tweak_for_messages);
+    let noise = |addr| {
+        RawClient::noise(addr, &StaticKeypair::generate(), None)
+            .unwrap()
+            .0
+    };
+    let (mut a, mut b) = (noise(server.addr), noise(server.addr));
+    log_in_as_user(&mut a);
+    let to = log_in_as_user(&mut b);
+    let native = exchange(&server, &mut a, &mut b, to);
+    drop((a, b, server));
+
+    let ca = TestCa::new();
+    let cert = dir.path().join("wss.crt");
+    let key = dir.path().join("wss.key");
+    ca.leaf("cpu").write(&cert, &key);
+    let server = Server::start(&dir.path().join("wss"), |c| {
+        tweak_for_messages(c);
+        c.wss.enabled = true;
+        c.wss.cert_path = cert.clone();
+        c.wss.key_path = key.clone();
+    });
+    let config = ca.client_config();
+    let ws = |addr| {
+        WsClient::noise(addr, &config, &StaticKeypair::generate(), None)
+            .unwrap()
+            .0
+    };
+    let wss_addr = server.wss.unwrap();
+    let (mut a, mut b) = (ws(wss_addr), ws(wss_addr));
+    log_in_as_user(&mut a);
+    let to = log_in_as_user(&mut b);
+    let wss = exchange(&server, &mut a, &mut b, to);
+
+    for (kind, (us, rate)) in [("plaintext", plain), ("native Noise", native), ("WSS", wss)] {
+        println!("{kind:>13}: server CPU {us:.1} µs per message, {rate:.0} msg/s (one pair, batches of 32)");
+    }
 }
