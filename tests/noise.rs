@@ -12,7 +12,7 @@ mod common;
 use std::io::Write;
 
 use bytes::Bytes;
-use common::{hello, metric_sum, Account, RawClient, Server};
+use common::{hello, metric_sum, noise_hello, register_frame, Account, RawClient, Server};
 use switchboard::config::PlaintextPolicy;
 use switchboard::noise::{Initiator, StaticKeypair};
 use switchboard::proto::{pb, ErrorCode, Frame, PROTOCOL_VERSION};
@@ -22,22 +22,6 @@ struct NoiseDevice {
     user: u64,
     device: u32,
     key: StaticKeypair,
-}
-
-fn register_frame() -> Frame {
-    Frame::Register(pb::Register {
-        protocol_version: PROTOCOL_VERSION,
-        registration_token: String::new(),
-    })
-}
-
-fn noise_hello(user: u64, device: u32, secret: &[u8]) -> Frame {
-    Frame::Hello(pb::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        user_id: user,
-        device_id: device,
-        secret: Bytes::copy_from_slice(secret),
-    })
 }
 
 /// Registers over XX; checks the server's key is the one it announced and

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::wss::{read_response, tls_connect, write, Ended, TestCa, WsClient};
-use common::{metric_sum, RawClient, Server};
+use common::{metric_sum, noise_hello, register_frame, RawClient, Server};
 use switchboard::config::Config;
 use switchboard::noise::StaticKeypair;
-use switchboard::proto::{pb, ErrorCode, Frame, PROTOCOL_VERSION};
+use switchboard::proto::{pb, ErrorCode, Frame};
 
 /// A server with the WSS listener on, its certificate a fresh leaf of `ca`.
 fn start(dir: &std::path::Path, ca: &TestCa, tweak: impl FnOnce(&mut Config)) -> Server {
@@ -44,22 +44,6 @@ fn start(dir: &std::path::Path, ca: &TestCa, tweak: impl FnOnce(&mut Config)) ->
 
 fn cert_paths(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     (dir.join("wss.crt"), dir.join("wss.key"))
-}
-
-fn register_frame() -> Frame {
-    Frame::Register(pb::Register {
-        protocol_version: PROTOCOL_VERSION,
-        registration_token: String::new(),
-    })
-}
-
-fn noise_hello(user: u64, device: u32) -> Frame {
-    Frame::Hello(pb::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        user_id: user,
-        device_id: device,
-        secret: Bytes::new(),
-    })
 }
 
 fn send(to: u64, id: u64, payload: &[u8]) -> Frame {
@@ -115,7 +99,7 @@ fn browser_register_and_login(server: &Server, ca: &TestCa) -> (WsClient, Browse
         }
         other => panic!("expected Registered, got {other:?}"),
     };
-    ws.send(&noise_hello(user, device));
+    ws.send(&noise_hello(user, device, &[]));
     match ws.recv() {
         Some(Frame::Welcome(_)) => {}
         other => panic!("expected Welcome, got {other:?}"),
@@ -133,7 +117,7 @@ fn native_device(server: &Server) -> (RawClient, u64) {
         other => panic!("expected Registered, got {other:?}"),
     };
     let (mut c, _) = RawClient::noise(server.addr, &key, server.noise_key.as_ref()).expect("IK");
-    c.send(&noise_hello(user, device));
+    c.send(&noise_hello(user, device, &[]));
     assert!(matches!(c.recv(), Some(Frame::Welcome(_))));
     (c, user)
 }
@@ -189,7 +173,7 @@ fn a_browser_registers_logs_in_and_messages_a_native_client_both_ways() {
         server.noise_key.as_ref(),
     )
     .expect("IK over WebSocket");
-    again.send(&noise_hello(me.user, me.device));
+    again.send(&noise_hello(me.user, me.device, &[]));
     assert!(matches!(again.recv(), Some(Frame::Welcome(_))));
 
     assert_eq!(
@@ -394,7 +378,7 @@ fn each_browser_address_keeps_its_own_login_budget_behind_the_bridge() {
     let login = |source: IpAddr, key: &StaticKeypair| {
         let (mut ws, _) =
             WsClient::noise_from(addr, Some(source), &config, key, Some(&server_key)).unwrap();
-        ws.send(&noise_hello(device.user, device.device));
+        ws.send(&noise_hello(device.user, device.device, &[]));
         ws.recv()
     };
     for _ in 0..2 {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::wss::{TestCa, WsClient};
-use common::{RawClient, Server};
+use common::{register_frame, RawClient, Server};
 use switchboard::config::Config;
 use switchboard::noise::StaticKeypair;
 use switchboard::proto::{pb, Frame, PROTOCOL_VERSION};
@@ -35,22 +35,6 @@ fn tweak(c: &mut Config) {
     c.wss.connections_max = 100_000;
     c.wss.handshake_timeout_ms = 30_000;
     c.wss.idle_timeout_ms = 600_000;
-}
-
-fn register() -> Frame {
-    Frame::Register(pb::Register {
-        protocol_version: PROTOCOL_VERSION,
-        registration_token: String::new(),
-    })
-}
-
-fn hello(user: u64, device: u32) -> Frame {
-    Frame::Hello(pb::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        user_id: user,
-        device_id: device,
-        secret: Bytes::new(),
-    })
 }
 
 /// A connection that carries frames: native or WebSocket.
@@ -75,17 +59,6 @@ impl Frames for WsClient {
     fn recv_frame(&mut self) -> Option<Frame> {
         self.recv()
     }
-}
-
-/// Register and Hello on one connection.
-fn log_in(c: &mut impl Frames) {
-    c.send_frame(&register());
-    let (user, device) = match c.recv_frame() {
-        Some(Frame::Registered(r)) => (r.user_id, r.device_id),
-        other => panic!("expected Registered, got {other:?}"),
-    };
-    c.send_frame(&hello(user, device));
-    assert!(matches!(c.recv_frame(), Some(Frame::Welcome(_))));
 }
 
 /// The machine's kernel slab, bytes (`Slab:` in /proc/meminfo).
@@ -259,8 +232,8 @@ fn exchange(server: &Server, a: &mut impl Frames, b: &mut impl Frames, to: u64) 
 }
 
 /// Register and Hello on one connection; returns the user id.
-fn log_in_as_user(c: &mut impl Frames) -> u64 {
-    c.send_frame(&register());
+fn log_in(c: &mut impl Frames) -> u64 {
+    c.send_frame(&register_frame());
     let (user, device, secret) = match c.recv_frame() {
         Some(Frame::Registered(r)) => (r.user_id, r.device_id, r.secret),
         other => panic!("expected Registered, got {other:?}"),
@@ -294,8 +267,8 @@ fn server_cpu_per_message_over_wss_native_noise_and_plaintext() {
     let server = Server::start(&dir.path().join("plain"), tweak_for_messages);
     let mut a = RawClient::connect(server.addr);
     let mut b = RawClient::connect(server.addr);
-    log_in_as_user(&mut a);
-    let to = log_in_as_user(&mut b);
+    log_in(&mut a);
+    let to = log_in(&mut b);
     let plain = exchange(&server, &mut a, &mut b, to);
     drop((a, b, server));
 
@@ -306,8 +279,8 @@ fn server_cpu_per_message_over_wss_native_noise_and_plaintext() {
             .0
     };
     let (mut a, mut b) = (noise(server.addr), noise(server.addr));
-    log_in_as_user(&mut a);
-    let to = log_in_as_user(&mut b);
+    log_in(&mut a);
+    let to = log_in(&mut b);
     let native = exchange(&server, &mut a, &mut b, to);
     drop((a, b, server));
 
@@ -329,8 +302,8 @@ fn server_cpu_per_message_over_wss_native_noise_and_plaintext() {
     };
     let wss_addr = server.wss.unwrap();
     let (mut a, mut b) = (ws(wss_addr), ws(wss_addr));
-    log_in_as_user(&mut a);
-    let to = log_in_as_user(&mut b);
+    log_in(&mut a);
+    let to = log_in(&mut b);
     let wss = exchange(&server, &mut a, &mut b, to);
 
     for (kind, (us, rate)) in [("plaintext", plain), ("native Noise", native), ("WSS", wss)] {

@@ -542,19 +542,24 @@ fn admit(shard: &Shard, id: ConnId) -> bool {
     !over
 }
 
-/// Answers a socket that is not in session with a fatal Error and closes it.
-/// A Noise client mid-handshake has no key to open an answer with: it is
-/// closed without one.
+/// Whether `id` is a Noise client mid-handshake: it has no key to open an
+/// answer with, so it is closed without one.
+fn in_noise_handshake(shard: &Shard, id: ConnId) -> bool {
+    shard
+        .sockets
+        .with_handshake(id, |hs| !hs.is_plaintext() && !hs.is_sealed())
+        .unwrap_or(false)
+}
+
+/// Answers a socket that is not in session with a fatal Error and closes it
+/// (without an answer mid Noise handshake).
 fn refuse(shard: &Shard, id: ConnId, code: ErrorCode, message: &str, retry_after_ms: u32) {
     shard.metrics_refused(code);
     let mut frame = error_frame(code, message, true);
     if let Frame::Error(e) = &mut frame {
         e.retry_after_ms = retry_after_ms;
     }
-    let mid_noise = shard
-        .sockets
-        .with_handshake(id, |hs| !hs.is_plaintext() && !hs.is_sealed())
-        .unwrap_or(false);
+    let mid_noise = in_noise_handshake(shard, id);
     shard.sockets.set(id, Slot::Closing);
     if !mid_noise {
         shard.sockets.send_raw(id, frame.to_bytes());
@@ -1082,10 +1087,7 @@ fn open_now(shard: &Rc<Shard>, id: ConnId, opening: Opening) {
 }
 
 fn go_away_raw(shard: &Shard, id: ConnId) {
-    let mid_noise = shard
-        .sockets
-        .with_handshake(id, |hs| !hs.is_plaintext() && !hs.is_sealed())
-        .unwrap_or(false);
+    let mid_noise = in_noise_handshake(shard, id);
     shard.sockets.set(id, Slot::Closing);
     let frame = Frame::GoAway(pb::GoAway {
         reason: GoAwayReason::ShuttingDown as i32,

@@ -416,10 +416,7 @@ impl RawClient {
 
     pub fn register(addr: SocketAddr) -> Account {
         let mut c = RawClient::connect(addr);
-        c.send(&Frame::Register(pb::Register {
-            protocol_version: PROTOCOL_VERSION,
-            registration_token: String::new(),
-        }));
+        c.send(&register_frame());
         match c.recv() {
             Some(Frame::Registered(r)) => Account {
                 user: r.user_id,
@@ -507,6 +504,26 @@ impl RawClient {
         }
         out
     }
+}
+
+/// A Register with no token.
+pub fn register_frame() -> Frame {
+    Frame::Register(pb::Register {
+        protocol_version: PROTOCOL_VERSION,
+        registration_token: String::new(),
+    })
+}
+
+/// A Hello over Noise: `secret` empty (the key logs in), or a plaintext
+/// device's secret to bind the connection's key.
+#[allow(dead_code)]
+pub fn noise_hello(user: u64, device: u32, secret: &[u8]) -> Frame {
+    Frame::Hello(pb::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        user_id: user,
+        device_id: device,
+        secret: Bytes::copy_from_slice(secret),
+    })
 }
 
 pub fn hello(account: &Account) -> Frame {

@@ -1594,6 +1594,8 @@ fn open_input(
     let sealing = record.sealing.as_mut().expect("a sealed connection");
     let before = sealing.input.capacity();
     sealing.input.extend_from_slice(data);
+    // Allocated only when a whole message opens (an incomplete one may be
+    // far longer than what it adds now).
     let mut plaintext = BytesMut::new();
     let opened = sealing.transport.open(&mut sealing.input, &mut plaintext);
     if sealing.input.is_empty() {
