@@ -392,6 +392,49 @@ fn multi_recipient_message_is_indexed_in_every_inbox_and_recovered() {
 }
 
 #[test]
+fn a_group_record_read_for_each_member_shares_one_payload_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let alice = key(1, 1);
+    let members = [key(2, 1), key(3, 1), key(4, 1)];
+    let mut log = open(dir.path(), &config, &clock);
+    log.append_multi_message(&members, alice, ClientMessageId(1), b"to the group")
+        .unwrap();
+    let devices = [key(5, 1), key(5, 2)];
+    let parts: Vec<(InboxKey, &[u8])> = vec![(devices[0], b"phone"), (devices[1], b"laptop")];
+    log.append_device_message(&parts, alice, ClientMessageId(2))
+        .unwrap();
+    let read = |log: &Log, inbox: InboxKey| {
+        let (_, position) = pending(log, inbox)[0];
+        match log.read_for(inbox, position).unwrap().unwrap() {
+            StoredEntry::Message(msg) => msg.payload,
+            StoredEntry::Receipt(_) => panic!("expected a message"),
+        }
+    };
+    let first = read(&log, members[0]);
+    for m in &members[1..] {
+        let payload = read(&log, *m);
+        assert_eq!(&payload[..], b"to the group");
+        assert_eq!(
+            payload.as_ptr(),
+            first.as_ptr(),
+            "one copy for every member"
+        );
+    }
+    // Per-device parts are each their own, before and after another read.
+    assert_eq!(&read(&log, devices[0])[..], b"phone");
+    assert_eq!(&read(&log, members[0])[..], b"to the group");
+    assert_eq!(&read(&log, devices[1])[..], b"laptop");
+    // The record's sequence is still each member's own.
+    let (seq, position) = pending(&log, members[2])[0];
+    match log.read_for(members[2], position).unwrap().unwrap() {
+        StoredEntry::Message(msg) => assert_eq!(msg.seq, seq),
+        StoredEntry::Receipt(_) => panic!("expected a message"),
+    }
+}
+
+#[test]
 fn device_message_gives_each_inbox_its_own_payload_and_is_recovered() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(Durability::Os);

@@ -1,5 +1,8 @@
 //! Store log benchmarks: append throughput per payload size and durability
-//! level (fsync with group commit), then a one-shot report of commit
+//! level (fsync with group commit); the delivery read path (what the pump
+//! does per delivered entry: find the next pending entry of a device's
+//! inbox and read it back), for a group's record fanned out to 1,024
+//! member devices and for 1:1 messages; then a one-shot report of commit
 //! latency percentiles, recovery scan speed and index bytes per pending
 //! message.
 //!
@@ -14,7 +17,7 @@ use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use hdrhistogram::Histogram;
 use switchboard::config::{Durability, StoreConfig};
 use switchboard::ids::{ClientMessageId, DeviceId, InboxKey, InboxSeq, ShardId, UserId};
-use switchboard::store::{Clock, Log, NewMessage, SystemClock};
+use switchboard::store::{Clock, Log, NewGroupMessage, NewMessage, SystemClock};
 
 /// Records appended between two group commits in the fsync runs.
 const COMMIT_BATCH_RECORDS: u64 = 64;
@@ -129,6 +132,69 @@ fn append_throughput(c: &mut Criterion) {
     group.finish();
 }
 
+/// Member devices of the group in `delivery_reads`.
+const GROUP_MEMBERS: u64 = 1_024;
+
+/// Per delivered entry, what the pump asks of the log: the device's next
+/// pending entry (`pending_after`), whether it is durable, and the entry
+/// itself (`read_for`). One iteration delivers one group message to every
+/// member device, or one 1:1 message to each of as many devices.
+fn delivery_reads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("delivery_read");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(GROUP_MEMBERS));
+    let payload = vec![0xA5u8; 100];
+    let members: Vec<InboxKey> = (0..GROUP_MEMBERS).map(key).collect();
+    for shape in ["group", "one_to_one"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let clock: Rc<dyn Clock> = Rc::new(SystemClock);
+        let (mut log, _) =
+            Log::open(dir.path(), ShardId(0), &config(Durability::Os), clock).expect("open");
+        if shape == "group" {
+            log.append_group_message(&NewGroupMessage {
+                group_id: 7,
+                group_seq: 1,
+                event: false,
+                sender: key(1_000_000),
+                client_message_id: ClientMessageId(1),
+                recipients: &members,
+                remote_members: &[],
+                timestamp_ms: None,
+                payload: &payload,
+            })
+            .expect("append");
+        } else {
+            for (i, &recipient) in members.iter().enumerate() {
+                log.append_message(&NewMessage {
+                    recipient,
+                    sender: key(1_000_000),
+                    client_message_id: ClientMessageId(i as u64 + 1),
+                    payload: &payload,
+                })
+                .expect("append");
+            }
+        }
+        let mut latencies = Histogram::new(3).expect("histogram");
+        executor().run(commit(&mut log, &mut latencies));
+        let mut positions = Vec::new();
+        group.bench_function(shape, |b| {
+            b.iter(|| {
+                let mut bytes = 0;
+                for &member in &members {
+                    log.pending_after(member, InboxSeq(0), 64, &mut positions);
+                    let &(_, position) = positions.first().expect("a pending entry");
+                    assert!(log.is_durable(position));
+                    let entry = log.read_for(member, position).expect("read");
+                    bytes += std::hint::black_box(entry).is_some() as usize;
+                }
+                bytes
+            })
+        });
+    }
+    group.finish();
+}
+
 /// One-shot measurements criterion does not fit: printed as a report.
 fn report() {
     println!("== store_log report ==");
@@ -222,7 +288,7 @@ fn report() {
     );
 }
 
-criterion_group!(benches, append_throughput);
+criterion_group!(benches, append_throughput, delivery_reads);
 
 fn main() {
     report();

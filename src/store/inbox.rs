@@ -356,8 +356,10 @@ impl Dedupe {
     }
 }
 
-/// All inboxes of one log.
-pub type Inboxes = HashMap<InboxKey, Inbox>;
+/// All inboxes of one log. Looked up several times per message, so with a
+/// fast keyed hash (still seeded per process: keys cannot be chosen to
+/// collide).
+pub type Inboxes = HashMap<InboxKey, Inbox, ahash::RandomState>;
 
 #[cfg(test)]
 mod tests {

@@ -328,6 +328,10 @@ pub struct Log {
     /// CRC a read has checked, the last `CRC_CHECKED_SLOTS`.
     crc_checked: Cell<[u64; CRC_CHECKED_SLOTS]>,
     crc_checked_next: Cell<usize>,
+    /// The payload of the multi-recipient record read last (its position
+    /// key): a group's record is read once per member device in a row, and
+    /// each delivery shares this one copy instead of copying it again.
+    last_shared_payload: std::cell::RefCell<Option<(u64, Bytes)>>,
     removed_scratch: Vec<Entry>,
     reclaim_scratch: Vec<u32>,
     /// Every record before this position is durable (fsync level).
@@ -409,7 +413,7 @@ impl Log {
         let mut segments = BTreeMap::new();
         let mut state = State {
             meta: BTreeMap::new(),
-            inboxes: Inboxes::new(),
+            inboxes: Inboxes::default(),
             dedupe: Dedupe::new(DEDUPE_CAPACITY_DEFAULT),
             pending_total: 0,
             reclaim_wanted: true,
@@ -557,6 +561,7 @@ impl Log {
             scratch: Vec::new(),
             crc_checked: Cell::new([0; CRC_CHECKED_SLOTS]),
             crc_checked_next: Cell::new(0),
+            last_shared_payload: std::cell::RefCell::new(None),
             removed_scratch: Vec::new(),
             reclaim_scratch: Vec::new(),
             spare: Spare::None,
@@ -1355,6 +1360,21 @@ impl Log {
         self.read_inner(position, Some(inbox))
     }
 
+    /// The payload every recipient of the multi-recipient record at
+    /// `position` shares, copied out of the mapping once per run of reads.
+    fn shared_payload(&self, position: LogPosition, payload: &[u8]) -> Bytes {
+        let key = (u64::from(position.segment) << 32) | u64::from(position.offset);
+        let mut last = self.last_shared_payload.borrow_mut();
+        if let Some((at, shared)) = &*last {
+            if *at == key {
+                return shared.clone();
+            }
+        }
+        let shared = Bytes::copy_from_slice(payload);
+        *last = Some((key, shared.clone()));
+        shared
+    }
+
     fn read_inner(
         &self,
         position: LogPosition,
@@ -1402,11 +1422,13 @@ impl Log {
                 }
                 .ok_or_else(|| corrupt(position, "inbox is not a recipient of this record"))?;
                 let part = match lengths {
-                    Some(lengths) => lengths
-                        .part(index)
-                        .and_then(|range| payload.get(range))
-                        .ok_or_else(|| corrupt(position, "payload part out of range"))?,
-                    None => payload,
+                    Some(lengths) => Bytes::copy_from_slice(
+                        lengths
+                            .part(index)
+                            .and_then(|range| payload.get(range))
+                            .ok_or_else(|| corrupt(position, "payload part out of range"))?,
+                    ),
+                    None => self.shared_payload(position, payload),
                 };
                 StoredEntry::Message(StoredMessage {
                     seq,
@@ -1414,7 +1436,7 @@ impl Log {
                     client_message_id,
                     timestamp_ms,
                     expires_ms,
-                    payload: Bytes::copy_from_slice(part),
+                    payload: part,
                     group: group.map(|g| StoredGroup {
                         group_id: g.group_id,
                         group_seq: g.group_seq,
