@@ -14,6 +14,7 @@ mod cpu;
 mod fleet;
 mod group;
 mod latency;
+mod lean;
 mod limits;
 mod link;
 mod media;
@@ -39,7 +40,8 @@ use crate::link::{Account, Protocol, Target, Transport, User};
 use crate::report::Second;
 use crate::sysmem::MemorySample;
 use crate::worker::{
-    Command, CreatorOrder, GroupOrder, GroupStep, P2pStep, Report, StepResult, Subset, WorkerSpec,
+    Command, CreatorOrder, Engine, GroupOrder, GroupStep, P2pStep, Report, StepResult, Subset,
+    WorkerSpec,
 };
 
 #[derive(Parser)]
@@ -122,6 +124,11 @@ struct Common {
     /// (a plaintext account's secret, a Noise account's key).
     #[arg(long, value_enum, default_value_t = Transport::Ik)]
     transport: Transport,
+    /// How a worker drives its links: `glommio` (async tasks, every
+    /// scenario) or `lean` (one epoll loop, lighter per message; the p2p
+    /// scenario only, Switchboard in plaintext or MQTT).
+    #[arg(long, value_enum, default_value_t = Engine::Glommio)]
+    engine: Engine,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -324,6 +331,14 @@ impl Run {
     ) -> anyhow::Result<Run> {
         let mut target = Target::parse(&common.target)?;
         target.transport = common.transport;
+        if common.engine == Engine::Lean {
+            if scenario != "p2p" {
+                bail!("--engine lean runs the p2p scenario only");
+            }
+            if target.protocol == Protocol::Switchboard && target.transport != Transport::Plain {
+                bail!("--engine lean logs in in plaintext: add --transport plain");
+            }
+        }
         let count = common.connections & !1;
         if count == 0 {
             bail!("--connections must be at least 2");
@@ -374,6 +389,7 @@ impl Run {
                 connect_concurrency: common.connect_concurrency,
                 ping_interval_s: common.ping_interval,
                 follow: common.follow,
+                engine: common.engine,
                 groups,
             });
             first += share;
@@ -391,6 +407,7 @@ impl Run {
             "scenario": scenario,
             "target": target.url(),
             "transport": target.transport,
+            "engine": common.engine,
             "connections": count,
             "machine": machine(),
             "split": {

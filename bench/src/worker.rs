@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::group::{GroupHeader, GroupPlan, LocalGroups, MemberSeen};
 use crate::latency::{monotonic_ns, ChainLatency, Latency, Schedule};
+use crate::lean::{Lean, LeanLink};
 use crate::limits::source_ip_for;
 use crate::link::{
     explain, seconds, Account, Event, Link, PayloadHeader, Protocol, SwitchboardLink, Target, User,
@@ -53,6 +54,19 @@ pub struct WorkerSpec {
     /// ones in its list), at every login; 0: none.
     #[serde(default)]
     pub follow: u32,
+    /// How this worker drives its links.
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+/// How a worker drives its links: glommio tasks, or the lean engine's one
+/// epoll loop (`crate::lean`; the p2p scenario only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Glommio,
+    Lean,
 }
 
 /// Which users a command applies to: senders are the even local users.
@@ -337,6 +351,8 @@ struct Worker {
     stats: RefCell<Stats>,
     timeout: Duration,
     errors_printed: Cell<u64>,
+    /// The lean engine's links (`Engine::Lean`).
+    lean: RefCell<Option<Lean>>,
 }
 
 /// Errors a worker prints; the rest are only counted (`errors`), so a dead
@@ -498,7 +514,7 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
             create_refusal: RefCell::new(None),
         }
     });
-    let slots = spec
+    let slots: Vec<Rc<Slot>> = spec
         .users
         .iter()
         .enumerate()
@@ -521,6 +537,8 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
             })
         })
         .collect();
+    let spec_engine = spec.engine;
+    let slot_count = slots.len();
     let worker = Rc::new(Worker {
         timeout: Duration::from_secs_f64(spec.timeout_s),
         spec,
@@ -529,6 +547,10 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
         counters: Cell::new(Counters::default()),
         stats: RefCell::new(Stats::default()),
         errors_printed: Cell::new(0),
+        lean: RefCell::new(match spec_engine {
+            Engine::Lean => Some(Lean::new(slot_count)?),
+            Engine::Glommio => None,
+        }),
     });
     let done = Rc::new(Cell::new(false));
     let progress = glommio::spawn_local({
@@ -567,9 +589,34 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
         }
     })
     .detach();
+    let lean = worker.spec.engine == Engine::Lean;
     while let Some(command) = read_command().await? {
         match command {
             Command::Quit => break,
+            Command::Connect { subset } if lean => lean_connect(&worker, subset)?,
+            Command::Disconnect { subset } if lean => {
+                let mut links = worker.lean.borrow_mut();
+                let links = links.as_mut().expect("the lean engine's links");
+                for slot in worker.slots.iter().filter(|s| subset.contains(s.local)) {
+                    if links.close(slot.local) {
+                        worker.bump(|c| c.connected -= 1);
+                    }
+                }
+                emit(&Report::Disconnected);
+            }
+            Command::P2p(step) if lean => {
+                let result = lean_p2p(&worker, &step);
+                emit(&Report::Step(result));
+            }
+            other @ (Command::Burst { .. }
+            | Command::Drain { .. }
+            | Command::CreateGroups { .. }
+            | Command::AwaitGroupEvents
+            | Command::GroupStep(_))
+                if lean =>
+            {
+                anyhow::bail!("the lean engine does not run {}", other.name())
+            }
             Command::Register => register(&worker).await?,
             Command::Connect { subset } => connect(&worker, subset).await?,
             Command::Disconnect { subset } => {
@@ -1113,37 +1160,44 @@ async fn p2p(worker: &Rc<Worker>, step: &P2pStep) -> StepResult {
     }
     // Wait for everything sent to come back, bounded.
     let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
-    loop {
-        let c = worker.counters.get();
-        let sent = c.sent - before.sent;
-        let complete = c.acked - before.acked >= sent
-            && c.delivered - before.delivered >= sent
-            && (!worker.receipts_expected() || c.receipts - before.receipts >= sent);
-        if complete {
-            break;
-        }
-        if monotonic_ns() >= deadline {
-            let missing = |got: u64| sent.saturating_sub(got);
-            let receipts_missing = if worker.receipts_expected() {
-                missing(c.receipts - before.receipts)
-            } else {
-                0
-            };
-            eprintln!(
-                "worker {}: {} acks, {} deliveries and {receipts_missing} receipts of {sent} \
-                 messages did not come from {} within --drain-timeout {}",
-                worker.spec.worker,
-                missing(c.acked - before.acked),
-                missing(c.delivered - before.delivered),
-                worker.spec.target.server,
-                seconds(Duration::from_secs_f64(step.drain_timeout_s)),
-            );
-            break;
-        }
+    while !drained(worker, &before, step, deadline) {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
     finish_step(worker, &before, step.start_at_ns, &mut result);
     result
+}
+
+/// Whether a p2p step's drain is over: every message sent since `before`
+/// acked, delivered and (Switchboard) receipted, or `deadline` passed, which
+/// is reported with what is missing.
+fn drained(worker: &Worker, before: &Counters, step: &P2pStep, deadline: u64) -> bool {
+    let c = worker.counters.get();
+    let sent = c.sent - before.sent;
+    let complete = c.acked - before.acked >= sent
+        && c.delivered - before.delivered >= sent
+        && (!worker.receipts_expected() || c.receipts - before.receipts >= sent);
+    if complete {
+        return true;
+    }
+    if monotonic_ns() < deadline {
+        return false;
+    }
+    let missing = |got: u64| sent.saturating_sub(got);
+    let receipts_missing = if worker.receipts_expected() {
+        missing(c.receipts - before.receipts)
+    } else {
+        0
+    };
+    eprintln!(
+        "worker {}: {} acks, {} deliveries and {receipts_missing} receipts of {sent} \
+         messages did not come from {} within --drain-timeout {}",
+        worker.spec.worker,
+        missing(c.acked - before.acked),
+        missing(c.delivered - before.delivered),
+        worker.spec.target.server,
+        seconds(Duration::from_secs_f64(step.drain_timeout_s)),
+    );
+    true
 }
 
 /// Fills in a step's counts (since `before`) and histograms.
@@ -1477,6 +1531,191 @@ async fn burst(worker: &Rc<Worker>, per_user: u64, payload_bytes: usize) {
         acked: after.acked - before.acked,
         elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
     });
+}
+
+/// `connect` for the lean engine: each user in turn, blocking.
+fn lean_connect(worker: &Worker, subset: Subset) -> anyhow::Result<()> {
+    let started = monotonic_ns();
+    let timeout_ns = worker.timeout.as_nanos() as u64;
+    let mut links = worker.lean.borrow_mut();
+    let links = links.as_mut().expect("the lean engine's links");
+    let mut handshakes = Latency::default();
+    let mut failed = 0u64;
+    let mut tried = 0u64;
+    let mut first_error = None::<anyhow::Error>;
+    for slot in worker.slots.iter().filter(|s| subset.contains(s.local)) {
+        if links.is_connected(slot.local) {
+            continue;
+        }
+        // Against a port that never answers, each would wait out the
+        // timeout again.
+        if handshakes.count() == 0 && tried > 0 && monotonic_ns() - started >= timeout_ns {
+            break;
+        }
+        tried += 1;
+        let begin = monotonic_ns();
+        let user = slot.user.borrow().clone();
+        let connected = LeanLink::connect(
+            worker.spec.target.server,
+            worker.spec.target.protocol,
+            &user,
+            worker.bind_ip(slot),
+            worker.timeout,
+        )
+        .and_then(|link| links.insert(slot.local, link));
+        match connected {
+            Ok(()) => {
+                handshakes.record(begin, monotonic_ns());
+                worker.bump(|c| c.connected += 1);
+            }
+            Err(error) => {
+                failed += 1;
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        if handshakes.count() == 0 {
+            anyhow::bail!(
+                "none of {tried} connects to {} succeeded, the first error: {error:#}",
+                worker.spec.target.server
+            );
+        }
+        eprintln!(
+            "worker {}: {failed} connects failed, the first: {error:#}",
+            worker.spec.worker
+        );
+    }
+    emit(&Report::Connected {
+        connected: tried - failed,
+        failed,
+        elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
+        handshake_hex: handshakes.to_hex(),
+    });
+    Ok(())
+}
+
+/// `send_one` on a lean link; false when the sender is not connected.
+fn lean_send_one(
+    worker: &Worker,
+    links: &mut Lean,
+    slot: &Slot,
+    scheduled_ns: u64,
+    payload_bytes: usize,
+) -> bool {
+    let Some(link) = links.link_mut(slot.local) else {
+        return false;
+    };
+    let msg_id = slot.next_msg_id.get();
+    slot.next_msg_id.set(msg_id + 1);
+    let header = PayloadHeader {
+        sender_index: slot.user.borrow().index,
+        msg_id,
+        scheduled_ns,
+    };
+    slot.pending.borrow_mut().insert(msg_id, scheduled_ns);
+    let peer = worker.peer(slot);
+    let peer_user = peer.user.borrow();
+    if let Err(error) = link.send(&peer_user, msg_id, header.encode(payload_bytes)) {
+        slot.pending.borrow_mut().remove(&msg_id);
+        worker.report_error(format_args!("send: {error:#}"));
+        return false;
+    }
+    links.mark(slot.local);
+    worker.bump(|c| c.sent += 1);
+    true
+}
+
+/// `p2p` on the lean engine: the same schedule, counts and latencies, from
+/// one epoll loop on this thread (blocking it for the step and its drain).
+fn lean_p2p(worker: &Worker, step: &P2pStep) -> StepResult {
+    let pairs = (worker.slots.len() / 2) as u64;
+    let before = worker.counters.get();
+    reset_stats(worker, step.start_at_ns);
+    let mut result = StepResult::default();
+    if pairs == 0 || step.rate_per_s <= 0.0 {
+        return result;
+    }
+    if step.churn_per_s > 0.0 {
+        worker.report_error(format_args!(
+            "the lean engine does not churn; none this step"
+        ));
+    }
+    let schedule = Schedule::new(step.start_at_ns, step.rate_per_s, step.duration_s);
+    result.offered = schedule.count;
+    let mut links = worker.lean.borrow_mut();
+    let links = links.as_mut().expect("the lean engine's links");
+    let mut k = 0u64;
+    let mut deadline = None::<u64>;
+    let mut acks: Vec<usize> = Vec::new();
+    loop {
+        let now = monotonic_ns();
+        if k < schedule.count {
+            let due = schedule.due_count(now).min(k + SEND_BATCH_MAX);
+            while k < due {
+                let pair = k % pairs;
+                let direction = (k / pairs) % 2;
+                let slot = &worker.slots[(pair * 2 + direction) as usize];
+                if !lean_send_one(worker, links, slot, schedule.due_ns(k), step.payload_bytes) {
+                    result.skipped += 1;
+                }
+                k += 1;
+            }
+            if k == schedule.count {
+                let done = monotonic_ns();
+                result.send_s = done.saturating_sub(step.start_at_ns) as f64 / 1e9;
+                deadline = Some(done + (step.drain_timeout_s * 1e9) as u64);
+            }
+        }
+        let wait = match deadline {
+            None => {
+                if let Err(error) = links.wake_at(Some(schedule.due_ns(k))) {
+                    worker.report_error(format_args!("timerfd: {error:#}"));
+                }
+                Duration::from_secs(1)
+            }
+            Some(deadline) => {
+                if drained(worker, &before, step, deadline) {
+                    break;
+                }
+                let _ = links.wake_at(None);
+                Duration::from_millis(2)
+            }
+        };
+        let failed = links.turn(wait, |local, event| {
+            let slot = &worker.slots[local];
+            on_pair_event(worker, slot, event, monotonic_ns());
+            if slot.ack_due.get() > 0 {
+                acks.push(local);
+            }
+        });
+        // Answer once per burst of input: one Ack per link per turn.
+        for local in acks.drain(..) {
+            let due = worker.slots[local].ack_due.replace(0);
+            if let (true, Some(link)) = (due > 0, links.link_mut(local)) {
+                link.ack(due);
+                links.mark(local);
+            }
+        }
+        let mut fatal = false;
+        for (local, why) in failed {
+            worker.bump(|c| c.errors += 1);
+            if local < worker.slots.len() {
+                let index = worker.slots[local].user.borrow().index;
+                worker.bump(|c| c.connected -= 1);
+                worker.report_error(format_args!("user {index}: {why}"));
+            } else {
+                worker.report_error(format_args!("{why}"));
+                fatal = true;
+            }
+        }
+        if fatal {
+            break;
+        }
+    }
+    let _ = links.wake_at(None);
+    finish_step(worker, &before, step.start_at_ns, &mut result);
+    result
 }
 
 async fn drain(worker: &Rc<Worker>, expected: u64) {

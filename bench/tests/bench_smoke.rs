@@ -579,3 +579,89 @@ fn media_scenario_reports_transfers_disk_and_memory_against_switchboard() {
         .flatten()
         .any(|e| e.file_name().to_string_lossy().starts_with("bench-dd-")));
 }
+
+/// The p2p scenario on the lean engine (one epoll loop per worker) reports
+/// what the default engine does: every message sent, acked, delivered and
+/// (Switchboard) receipted, with the CPU figures, over two worker processes.
+fn lean_p2p(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
+    let mut args = vec![
+        "p2p",
+        "-n",
+        "20",
+        "--rate",
+        "400",
+        "--duration",
+        "1",
+        "--drain-timeout",
+        "10",
+        "--processes",
+        "2",
+        "--engine",
+        "lean",
+        "--target",
+        target,
+    ];
+    args.extend_from_slice(extra);
+    let v = bench(dir, "p2p-lean", &args);
+    check_shape(&v, "p2p", 20);
+    assert_eq!(v["engine"].as_str(), Some("lean"));
+    assert_eq!(number(&v, &["bench", "processes"]), 2.0);
+    let offered = number(&v, &["messages", "offered"]);
+    assert_eq!(offered, 400.0);
+    assert_eq!(number(&v, &["messages", "sent"]), offered);
+    assert_eq!(number(&v, &["messages", "acked"]), offered);
+    assert_eq!(number(&v, &["messages", "delivered"]), offered, "{v:#}");
+    assert_eq!(number(&v, &["messages", "duplicates"]), 0.0);
+    assert_eq!(number(&v, &["messages", "errors"]), 0.0);
+    check_summary(&v, "ack", offered);
+    check_summary(&v, "deliver", offered);
+    check_summary(&v, "receipt", if receipts { offered } else { 0.0 });
+    check_cpu(&v);
+}
+
+#[test]
+fn lean_engine_runs_p2p_against_switchboard_in_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (_server, addr) = start_switchboard(&data);
+    let users = dir.path().join("users.json");
+    let users = users.to_str().unwrap().to_string();
+    let target = addr.to_string();
+    let extra = ["--transport", "plain", "--users", &users];
+    lean_p2p(dir.path(), &target, true, &extra);
+    // A second run logs the same accounts in again, with the server's
+    // inbox of the first run empty.
+    lean_p2p(dir.path(), &target, true, &extra);
+}
+
+#[test]
+fn lean_engine_runs_p2p_against_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_broker, addr)) = start_mosquitto(dir.path()) else {
+        return;
+    };
+    lean_p2p(dir.path(), &format!("mqtt://{addr}"), false, &[]);
+}
+
+/// What the lean engine does not run is refused before anything connects,
+/// with the reason.
+#[test]
+fn lean_engine_refuses_other_scenarios_and_noise() {
+    let refused = |args: &[&str], reason: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+            .args(args)
+            .args(["--engine", "lean", "--quiet", "--target", "127.0.0.1:9"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} ran");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    };
+    refused(&["connect", "-n", "2"], "p2p scenario only");
+    refused(&["offline", "-n", "2"], "p2p scenario only");
+    refused(&["p2p", "-n", "2"], "--transport plain");
+    refused(
+        &["p2p", "-n", "2", "--transport", "ik"],
+        "--transport plain",
+    );
+}
