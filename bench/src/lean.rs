@@ -1,6 +1,6 @@
-//! The lean engine (`--engine lean`): the p2p scenario's links driven by one
-//! epoll set on the worker's thread, with non-blocking sockets and no async
-//! runtime in the hot path.
+//! The lean engine (`--engine lean`): the p2p and group scenarios' links
+//! driven by one epoll set on the worker's thread, with non-blocking sockets
+//! and no async runtime in the hot path.
 //!
 //! The default engine runs every link as glommio tasks, and glommio waits
 //! for a socket with one io_uring poll per read: each arrival is a
@@ -11,14 +11,14 @@
 //! turn, and the schedule's next send time is a timerfd in the same set, so
 //! an open-loop send is never late by more than the loop's own work.
 //!
-//! Only what the p2p scenario needs: plaintext Switchboard links (Hello →
-//! Welcome, then Send, Ack, and the server's ServerAck, Deliver and Receipt)
-//! and MQTT 3.1.1 QoS 1 links (the same persistent sessions and topics as
-//! the default engine's). The step's counters, latencies and timeline are
-//! the worker's own (`on_pair_event`), so reports are the same as with the
-//! default engine. A step blocks the worker's thread for its duration and
-//! its drain, both bounded; the coordinator hears from the worker again when
-//! the step's report comes.
+//! Only what those scenarios need: plaintext Switchboard links (Hello →
+//! Welcome, then Send, CreateGroup and Ack, and the server's ServerAck,
+//! Deliver, Receipt and GroupInfo) and MQTT 3.1.1 QoS 1 links (the same
+//! sessions and topics as the default engine's). The counters, latencies and
+//! timeline are the worker's own (`on_pair_event`, `on_group_event`), so
+//! reports are the same as with the default engine. A step blocks the
+//! worker's thread for its duration and its drain, both bounded; the
+//! coordinator hears from the worker again when the step's report comes.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -36,7 +36,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use switchboard::proto::{self, pb, Frame};
 
 use crate::link::{Event, Protocol, User, FRAME_BYTES_MAX};
-use crate::mqtt::topic;
+use crate::mqtt::{group_topic, topic, Subscriptions};
 
 /// Bytes read from a socket per `recv`.
 const READ_BYTES: usize = 64 * 1024;
@@ -176,6 +176,7 @@ impl LeanLink {
         server: SocketAddr,
         protocol: Protocol,
         user: &User,
+        subscriptions: &Subscriptions,
         bind_ip: Option<IpAddr>,
         timeout: Duration,
     ) -> anyhow::Result<LeanLink> {
@@ -211,8 +212,19 @@ impl LeanLink {
                 }
             }
             Protocol::Mqtt => {
-                let mut connect = v4::Connect::new(format!("sb-bench-u{}", user.index));
-                connect.clean_session = false;
+                // The default engine's sessions: persistent on the user's own
+                // topic (p2p), clean on the groups' topics.
+                let (client_id, topics) = match subscriptions {
+                    Subscriptions::Own => {
+                        (format!("sb-bench-u{}", user.index), vec![topic(user.index)])
+                    }
+                    Subscriptions::Groups(groups) => (
+                        format!("sb-bench-g-u{}", user.index),
+                        groups.iter().map(|&g| group_topic(g)).collect(),
+                    ),
+                };
+                let mut connect = v4::Connect::new(client_id);
+                connect.clean_session = *subscriptions != Subscriptions::Own;
                 connect.keep_alive = 0;
                 connect
                     .write(&mut output)
@@ -225,9 +237,11 @@ impl LeanLink {
                     }
                     other => bail!("{server} refused CONNECT: {other:?}"),
                 };
-                if !present {
+                if !present && !topics.is_empty() {
                     let mut subscribe = v4::Subscribe::empty_subscribe();
-                    subscribe.add(topic(user.index), QoS::AtLeastOnce);
+                    for topic in topics {
+                        subscribe.add(topic, QoS::AtLeastOnce);
+                    }
                     subscribe.pkid = 1;
                     subscribe
                         .write(&mut output)
@@ -271,19 +285,58 @@ impl LeanLink {
                 })
                 .encode(&mut self.output);
             }
-            Protocol::Mqtt => {
-                let packet_id = self.next_packet_id;
-                self.next_packet_id = packet_id.checked_add(1).unwrap_or(1);
-                let mut publish =
-                    v4::Publish::from_bytes(topic(peer.index), QoS::AtLeastOnce, payload);
-                publish.pkid = packet_id;
-                publish
-                    .write(&mut self.output)
-                    .map_err(|e| anyhow!("encoding PUBLISH: {e:?}"))?;
-                if self.inflight.insert(packet_id, msg_id).is_some() {
-                    bail!("65,535 PUBLISHes of one client are unacknowledged");
-                }
+            Protocol::Mqtt => self.publish(topic(peer.index), msg_id, payload)?,
+        }
+        Ok(())
+    }
+
+    /// Queues group message `msg_id` (Switchboard: to the server's group
+    /// `group_id`; MQTT: to the topic of group `group`).
+    pub fn send_group(
+        &mut self,
+        group: u32,
+        group_id: u64,
+        msg_id: u64,
+        payload: bytes::Bytes,
+    ) -> anyhow::Result<()> {
+        match self.protocol {
+            Protocol::Switchboard => {
+                Frame::Send(pb::Send {
+                    client_message_id: msg_id,
+                    group_id,
+                    payload,
+                    ..Default::default()
+                })
+                .encode(&mut self.output);
+                Ok(())
             }
+            Protocol::Mqtt => self.publish(group_topic(group), msg_id, payload),
+        }
+    }
+
+    /// Queues CreateGroup `request_id` with the accounts `members`
+    /// (Switchboard; an MQTT topic needs no creating).
+    pub fn create_group(&mut self, request_id: u64, name: &str, members: &[u64]) {
+        Frame::CreateGroup(pb::CreateGroup {
+            request_id,
+            name: name.to_string(),
+            member_user_ids: members.to_vec(),
+        })
+        .encode(&mut self.output);
+    }
+
+    /// Queues a QoS 1 PUBLISH of `payload` to `topic`; its PUBACK is the
+    /// ack of message `msg_id`.
+    fn publish(&mut self, topic: String, msg_id: u64, payload: bytes::Bytes) -> anyhow::Result<()> {
+        let packet_id = self.next_packet_id;
+        self.next_packet_id = packet_id.checked_add(1).unwrap_or(1);
+        let mut publish = v4::Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
+        publish.pkid = packet_id;
+        publish
+            .write(&mut self.output)
+            .map_err(|e| anyhow!("encoding PUBLISH: {e:?}"))?;
+        if self.inflight.insert(packet_id, msg_id).is_some() {
+            bail!("65,535 PUBLISHes of one client are unacknowledged");
         }
         Ok(())
     }
@@ -413,6 +466,10 @@ fn switchboard_event(frame: Frame) -> anyhow::Result<Option<Event>> {
         Frame::Receipt(r) => Some(Event::Receipt {
             sequence: r.sequence,
             msg_ids: Vec::new(),
+        }),
+        Frame::GroupInfo(info) => Some(Event::GroupCreated {
+            request_id: info.request_id,
+            group_id: info.group_id,
         }),
         Frame::Error(e) if !e.fatal => Some(Event::Refused {
             msg_id: e.client_message_id,

@@ -126,7 +126,7 @@ struct Common {
     transport: Transport,
     /// How a worker drives its links: `glommio` (async tasks, every
     /// scenario) or `lean` (one epoll loop, lighter per message; the p2p
-    /// scenario only, Switchboard in plaintext or MQTT).
+    /// and group scenarios, Switchboard in plaintext or MQTT).
     #[arg(long, value_enum, default_value_t = Engine::Glommio)]
     engine: Engine,
     /// Write the results as JSON.
@@ -332,8 +332,8 @@ impl Run {
         let mut target = Target::parse(&common.target)?;
         target.transport = common.transport;
         if common.engine == Engine::Lean {
-            if scenario != "p2p" {
-                bail!("--engine lean runs the p2p scenario only");
+            if scenario != "p2p" && scenario != "group" {
+                bail!("--engine lean runs the p2p and group scenarios only");
             }
             if target.protocol == Protocol::Switchboard && target.transport != Transport::Plain {
                 bail!("--engine lean logs in in plaintext: add --transport plain");

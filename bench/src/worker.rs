@@ -60,7 +60,7 @@ pub struct WorkerSpec {
 }
 
 /// How a worker drives its links: glommio tasks, or the lean engine's one
-/// epoll loop (`crate::lean`; the p2p scenario only).
+/// epoll loop (`crate::lean`; the p2p and group scenarios only).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Engine {
@@ -608,13 +608,13 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
                 let result = lean_p2p(&worker, &step);
                 emit(&Report::Step(result));
             }
-            other @ (Command::Burst { .. }
-            | Command::Drain { .. }
-            | Command::CreateGroups { .. }
-            | Command::AwaitGroupEvents
-            | Command::GroupStep(_))
-                if lean =>
-            {
+            Command::CreateGroups { creators } if lean => lean_create_groups(&worker, creators)?,
+            Command::AwaitGroupEvents if lean => lean_await_group_events(&worker),
+            Command::GroupStep(step) if lean => {
+                let result = lean_group_step(&worker, &step);
+                emit(&Report::Step(result));
+            }
+            other @ (Command::Burst { .. } | Command::Drain { .. }) if lean => {
                 anyhow::bail!("the lean engine does not run {}", other.name())
             }
             Command::Register => register(&worker).await?,
@@ -1239,6 +1239,26 @@ fn send_group_one(
     receipts_left: u64,
 ) -> Option<Rc<Link>> {
     let link = slot.link.borrow().clone()?;
+    let (msg_id, payload) =
+        next_group_message(slot, group, scheduled_ns, payload_bytes, receipts_left);
+    if let Err(error) = link.send_group(group, group_id, msg_id, payload) {
+        slot.group_pending.borrow_mut().remove(&msg_id);
+        worker.report_error(format_args!("group send: {error:#}"));
+        return None;
+    }
+    worker.bump(|c| c.sent += 1);
+    Some(link)
+}
+
+/// The next group message of `slot` (a group's sender): its id, noted as
+/// pending until acked and receipted, and its payload.
+fn next_group_message(
+    slot: &Slot,
+    group: u32,
+    scheduled_ns: u64,
+    payload_bytes: usize,
+    receipts_left: u64,
+) -> (u64, bytes::Bytes) {
     let msg_id = slot.next_msg_id.get();
     slot.next_msg_id.set(msg_id + 1);
     let header = GroupHeader {
@@ -1254,13 +1274,7 @@ fn send_group_one(
             receipts_left,
         },
     );
-    if let Err(error) = link.send_group(group, group_id, msg_id, header.encode(payload_bytes)) {
-        slot.group_pending.borrow_mut().remove(&msg_id);
-        worker.report_error(format_args!("group send: {error:#}"));
-        return None;
-    }
-    worker.bump(|c| c.sent += 1);
-    Some(link)
+    (msg_id, header.encode(payload_bytes))
 }
 
 /// One open-loop step of the group scenario: this worker's senders send
@@ -1319,32 +1333,7 @@ async fn group_step(worker: &Rc<Worker>, step: &GroupStep) -> StepResult {
     }
     result.send_s = (monotonic_ns().saturating_sub(step.start_at_ns)) as f64 / 1e9;
     let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
-    loop {
-        let c = worker.counters.get();
-        let sent = c.sent - before.sent;
-        let (acked, delivered, receipts) = (
-            c.acked - before.acked,
-            c.delivered - before.delivered,
-            c.receipts - before.receipts,
-        );
-        let receipts_expected = sent * receipts_per_message;
-        if acked >= sent && delivered >= step.deliveries_expected && receipts >= receipts_expected {
-            break;
-        }
-        if monotonic_ns() >= deadline {
-            eprintln!(
-                "worker {}: {} acks of {sent} group messages, {} of {} member deliveries and \
-                 {} of {receipts_expected} receipts did not come from {} within --drain-timeout {}",
-                worker.spec.worker,
-                sent.saturating_sub(acked),
-                step.deliveries_expected.saturating_sub(delivered),
-                step.deliveries_expected,
-                receipts_expected.saturating_sub(receipts),
-                worker.spec.target.server,
-                seconds(Duration::from_secs_f64(step.drain_timeout_s)),
-            );
-            break;
-        }
+    while !group_drained(worker, &before, step, receipts_per_message, deadline) {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
     // What was not acked or receipted by now will not count in a later step.
@@ -1356,6 +1345,44 @@ async fn group_step(worker: &Rc<Worker>, step: &GroupStep) -> StepResult {
     }
     finish_step(worker, &before, step.start_at_ns, &mut result);
     result
+}
+
+/// Whether a group step's drain is over: every message sent since `before`
+/// acked and receipted, and this worker's members' deliveries in, or
+/// `deadline` passed, which is reported with what is missing.
+fn group_drained(
+    worker: &Worker,
+    before: &Counters,
+    step: &GroupStep,
+    receipts_per_message: u64,
+    deadline: u64,
+) -> bool {
+    let c = worker.counters.get();
+    let sent = c.sent - before.sent;
+    let (acked, delivered, receipts) = (
+        c.acked - before.acked,
+        c.delivered - before.delivered,
+        c.receipts - before.receipts,
+    );
+    let receipts_expected = sent * receipts_per_message;
+    if acked >= sent && delivered >= step.deliveries_expected && receipts >= receipts_expected {
+        return true;
+    }
+    if monotonic_ns() < deadline {
+        return false;
+    }
+    eprintln!(
+        "worker {}: {} acks of {sent} group messages, {} of {} member deliveries and \
+         {} of {receipts_expected} receipts did not come from {} within --drain-timeout {}",
+        worker.spec.worker,
+        sent.saturating_sub(acked),
+        step.deliveries_expected.saturating_sub(delivered),
+        step.deliveries_expected,
+        receipts_expected.saturating_sub(receipts),
+        worker.spec.target.server,
+        seconds(Duration::from_secs_f64(step.drain_timeout_s)),
+    );
+    true
 }
 
 /// Creates the groups of `creators` on their sessions (Switchboard): every
@@ -1370,16 +1397,8 @@ async fn create_groups(worker: &Rc<Worker>, creators: Vec<CreatorOrder>) -> anyh
         .ok_or_else(|| anyhow::anyhow!("create_groups without a group plan"))?;
     let mut asked = 0u64;
     if worker.spec.target.protocol == Protocol::Switchboard {
-        let first_user = worker.slots.first().map_or(0, |s| s.user.borrow().index);
         for order in &creators {
-            let local = order
-                .user_index
-                .checked_sub(first_user)
-                .map(|l| l as usize)
-                .filter(|&l| l < worker.slots.len())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("creator {} is not this worker's", order.user_index)
-                })?;
+            let local = creator_slot(worker, order)?;
             let link =
                 worker.slots[local].link.borrow().clone().ok_or_else(|| {
                     anyhow::anyhow!("creator {} is not connected", order.user_index)
@@ -1399,19 +1418,44 @@ async fn create_groups(worker: &Rc<Worker>, creators: Vec<CreatorOrder>) -> anyh
         }
     }
     let deadline = started + worker.timeout.as_nanos() as u64;
-    while groups.creates_left.get() > 0 && groups.create_refusal.borrow().is_none() {
-        if monotonic_ns() >= deadline {
-            anyhow::bail!(
-                "{} of {asked} CreateGroup requests were not answered by {} within --timeout {}",
-                groups.creates_left.get(),
-                worker.spec.target.server,
-                seconds(worker.timeout),
-            );
-        }
+    while groups.creates_left.get() > 0
+        && groups.create_refusal.borrow().is_none()
+        && monotonic_ns() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
+    groups_created(worker, groups, asked, started)
+}
+
+/// This worker's slot of a group creator.
+fn creator_slot(worker: &Worker, order: &CreatorOrder) -> anyhow::Result<usize> {
+    let first_user = worker.slots.first().map_or(0, |s| s.user.borrow().index);
+    order
+        .user_index
+        .checked_sub(first_user)
+        .map(|l| l as usize)
+        .filter(|&l| l < worker.slots.len())
+        .ok_or_else(|| anyhow::anyhow!("creator {} is not this worker's", order.user_index))
+}
+
+/// Once the CreateGroup answers are in or the wait is over: fails on a
+/// refusal or a missing answer, else reports the groups created.
+fn groups_created(
+    worker: &Worker,
+    groups: &GroupState,
+    asked: u64,
+    started: u64,
+) -> anyhow::Result<()> {
     if let Some(refusal) = groups.create_refusal.borrow_mut().take() {
         anyhow::bail!("{} refused {refusal}", worker.spec.target.server);
+    }
+    if groups.creates_left.get() > 0 {
+        anyhow::bail!(
+            "{} of {asked} CreateGroup requests were not answered by {} within --timeout {}",
+            groups.creates_left.get(),
+            worker.spec.target.server,
+            seconds(worker.timeout),
+        );
     }
     emit(&Report::GroupsCreated {
         created: asked,
@@ -1425,27 +1469,38 @@ async fn create_groups(worker: &Rc<Worker>, creators: Vec<CreatorOrder>) -> anyh
 /// Missing ones are reported, not fatal: the step measures what comes.
 async fn await_group_events(worker: &Rc<Worker>) {
     let started = monotonic_ns();
-    let expected = match (&worker.groups, worker.spec.target.protocol) {
-        (Some(groups), Protocol::Switchboard) => groups.local.memberships(),
-        _ => 0,
-    };
+    let expected = group_events_expected(worker);
     let deadline = started + worker.timeout.as_nanos() as u64;
-    while worker.counters.get().group_events < expected {
-        if monotonic_ns() >= deadline {
-            eprintln!(
-                "worker {}: {} of {expected} \"group created\" messages did not come from {} \
-                 within --timeout {}",
-                worker.spec.worker,
-                expected - worker.counters.get().group_events,
-                worker.spec.target.server,
-                seconds(worker.timeout),
-            );
-            break;
-        }
+    while worker.counters.get().group_events < expected && monotonic_ns() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    group_events_done(worker, expected, started);
+}
+
+/// "Group created" messages this worker's devices are due: one per
+/// membership (Switchboard; none on MQTT).
+fn group_events_expected(worker: &Worker) -> u64 {
+    match (&worker.groups, worker.spec.target.protocol) {
+        (Some(groups), Protocol::Switchboard) => groups.local.memberships(),
+        _ => 0,
+    }
+}
+
+/// Reports the "group created" messages in (the missing ones too).
+fn group_events_done(worker: &Worker, expected: u64, started: u64) {
+    let events = worker.counters.get().group_events;
+    if events < expected {
+        eprintln!(
+            "worker {}: {} of {expected} \"group created\" messages did not come from {} \
+             within --timeout {}",
+            worker.spec.worker,
+            expected - events,
+            worker.spec.target.server,
+            seconds(worker.timeout),
+        );
+    }
     emit(&Report::GroupEvents {
-        events: worker.counters.get().group_events,
+        events,
         expected,
         elapsed_s: (monotonic_ns() - started) as f64 / 1e9,
     });
@@ -1559,6 +1614,7 @@ fn lean_connect(worker: &Worker, subset: Subset) -> anyhow::Result<()> {
             worker.spec.target.server,
             worker.spec.target.protocol,
             &user,
+            &worker.subscriptions(slot),
             worker.bind_ip(slot),
             worker.timeout,
         )
@@ -1626,6 +1682,94 @@ fn lean_send_one(
     true
 }
 
+/// One turn of the lean loop: waits at most `wait`, hands what was read to
+/// the scenario's handler, queues one Ack per link that has entries to
+/// acknowledge, and counts the links that failed. False when the epoll set
+/// itself failed.
+fn lean_turn(worker: &Worker, links: &mut Lean, wait: Duration) -> bool {
+    let mut acks: Vec<usize> = Vec::new();
+    let failed = links.turn(wait, |local, event| {
+        let slot = &worker.slots[local];
+        let now = monotonic_ns();
+        match &worker.groups {
+            Some(groups) => on_group_event(worker, groups, slot, event, now),
+            None => on_pair_event(worker, slot, event, now),
+        }
+        if slot.ack_due.get() > 0 {
+            acks.push(local);
+        }
+    });
+    // Answer once per burst of input: one Ack per link per turn.
+    for local in acks {
+        let due = worker.slots[local].ack_due.replace(0);
+        if let (true, Some(link)) = (due > 0, links.link_mut(local)) {
+            link.ack(due);
+            links.mark(local);
+        }
+    }
+    let mut ok = true;
+    for (local, why) in failed {
+        worker.bump(|c| c.errors += 1);
+        if local < worker.slots.len() {
+            let index = worker.slots[local].user.borrow().index;
+            worker.bump(|c| c.connected -= 1);
+            worker.report_error(format_args!("user {index}: {why}"));
+        } else {
+            worker.report_error(format_args!("{why}"));
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// Runs lean turns until `done()` or `deadline` (`CLOCK_MONOTONIC` ns);
+/// whether `done()` came.
+fn lean_until(worker: &Worker, links: &mut Lean, deadline: u64, done: impl Fn() -> bool) -> bool {
+    if let Err(error) = links.wake_at(None) {
+        worker.report_error(format_args!("timerfd: {error:#}"));
+    }
+    loop {
+        if done() {
+            return true;
+        }
+        if monotonic_ns() >= deadline || !lean_turn(worker, links, Duration::from_millis(2)) {
+            return false;
+        }
+    }
+}
+
+/// A step's open-loop sends on the lean engine: `send(links, k, due_ns)`
+/// queues message `k` when it is due (false: skipped), the loop's turns
+/// handling what comes back meanwhile. False when the epoll set failed.
+fn lean_sends(
+    worker: &Worker,
+    links: &mut Lean,
+    schedule: &Schedule,
+    start_at_ns: u64,
+    result: &mut StepResult,
+    mut send: impl FnMut(&mut Lean, u64, u64) -> bool,
+) -> bool {
+    let mut k = 0u64;
+    let mut ok = true;
+    while k < schedule.count && ok {
+        let due = schedule.due_count(monotonic_ns()).min(k + SEND_BATCH_MAX);
+        while k < due {
+            if !send(links, k, schedule.due_ns(k)) {
+                result.skipped += 1;
+            }
+            k += 1;
+        }
+        if k < schedule.count {
+            if let Err(error) = links.wake_at(Some(schedule.due_ns(k))) {
+                worker.report_error(format_args!("timerfd: {error:#}"));
+            }
+            ok = lean_turn(worker, links, Duration::from_secs(1));
+        }
+    }
+    result.send_s = monotonic_ns().saturating_sub(start_at_ns) as f64 / 1e9;
+    ok
+}
+
 /// `p2p` on the lean engine: the same schedule, counts and latencies, from
 /// one epoll loop on this thread (blocking it for the step and its drain).
 fn lean_p2p(worker: &Worker, step: &P2pStep) -> StepResult {
@@ -1645,77 +1789,151 @@ fn lean_p2p(worker: &Worker, step: &P2pStep) -> StepResult {
     result.offered = schedule.count;
     let mut links = worker.lean.borrow_mut();
     let links = links.as_mut().expect("the lean engine's links");
-    let mut k = 0u64;
-    let mut deadline = None::<u64>;
-    let mut acks: Vec<usize> = Vec::new();
-    loop {
-        let now = monotonic_ns();
-        if k < schedule.count {
-            let due = schedule.due_count(now).min(k + SEND_BATCH_MAX);
-            while k < due {
-                let pair = k % pairs;
-                let direction = (k / pairs) % 2;
-                let slot = &worker.slots[(pair * 2 + direction) as usize];
-                if !lean_send_one(worker, links, slot, schedule.due_ns(k), step.payload_bytes) {
-                    result.skipped += 1;
-                }
-                k += 1;
+    let sent = lean_sends(
+        worker,
+        links,
+        &schedule,
+        step.start_at_ns,
+        &mut result,
+        |links, k, due_ns| {
+            let pair = k % pairs;
+            let direction = (k / pairs) % 2;
+            let slot = &worker.slots[(pair * 2 + direction) as usize];
+            lean_send_one(worker, links, slot, due_ns, step.payload_bytes)
+        },
+    );
+    if sent {
+        let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
+        let _ = links.wake_at(None);
+        while !drained(worker, &before, step, deadline) {
+            if !lean_turn(worker, links, Duration::from_millis(2)) {
+                break;
             }
-            if k == schedule.count {
-                let done = monotonic_ns();
-                result.send_s = done.saturating_sub(step.start_at_ns) as f64 / 1e9;
-                deadline = Some(done + (step.drain_timeout_s * 1e9) as u64);
-            }
-        }
-        let wait = match deadline {
-            None => {
-                if let Err(error) = links.wake_at(Some(schedule.due_ns(k))) {
-                    worker.report_error(format_args!("timerfd: {error:#}"));
-                }
-                Duration::from_secs(1)
-            }
-            Some(deadline) => {
-                if drained(worker, &before, step, deadline) {
-                    break;
-                }
-                let _ = links.wake_at(None);
-                Duration::from_millis(2)
-            }
-        };
-        let failed = links.turn(wait, |local, event| {
-            let slot = &worker.slots[local];
-            on_pair_event(worker, slot, event, monotonic_ns());
-            if slot.ack_due.get() > 0 {
-                acks.push(local);
-            }
-        });
-        // Answer once per burst of input: one Ack per link per turn.
-        for local in acks.drain(..) {
-            let due = worker.slots[local].ack_due.replace(0);
-            if let (true, Some(link)) = (due > 0, links.link_mut(local)) {
-                link.ack(due);
-                links.mark(local);
-            }
-        }
-        let mut fatal = false;
-        for (local, why) in failed {
-            worker.bump(|c| c.errors += 1);
-            if local < worker.slots.len() {
-                let index = worker.slots[local].user.borrow().index;
-                worker.bump(|c| c.connected -= 1);
-                worker.report_error(format_args!("user {index}: {why}"));
-            } else {
-                worker.report_error(format_args!("{why}"));
-                fatal = true;
-            }
-        }
-        if fatal {
-            break;
         }
     }
-    let _ = links.wake_at(None);
     finish_step(worker, &before, step.start_at_ns, &mut result);
     result
+}
+
+/// `group_step` on the lean engine.
+fn lean_group_step(worker: &Worker, step: &GroupStep) -> StepResult {
+    let groups = worker
+        .groups
+        .as_ref()
+        .expect("the coordinator sends group steps only with a group plan");
+    let before = worker.counters.get();
+    reset_stats(worker, step.start_at_ns);
+    let mut result = StepResult::default();
+    let receipts_per_message = groups.receipts_per_message(worker.spec.target.protocol);
+    let sends = &groups.local.sends;
+    let mut links = worker.lean.borrow_mut();
+    let links = links.as_mut().expect("the lean engine's links");
+    let mut ok = true;
+    if !sends.is_empty() && step.rate_per_s > 0.0 && step.messages > 0 {
+        let schedule = Schedule {
+            count: step.messages,
+            ..Schedule::new(step.start_at_ns, step.rate_per_s, step.duration_s)
+        };
+        result.offered = schedule.count;
+        ok = lean_sends(
+            worker,
+            links,
+            &schedule,
+            step.start_at_ns,
+            &mut result,
+            |links, k, due_ns| {
+                let at = (k % sends.len() as u64) as usize;
+                let sender = sends[at];
+                let group_id = groups.ids.borrow()[at];
+                let slot = &worker.slots[sender.local];
+                let Some(link) = links.link_mut(sender.local) else {
+                    return false;
+                };
+                let (msg_id, payload) = next_group_message(
+                    slot,
+                    sender.group,
+                    due_ns,
+                    step.payload_bytes,
+                    receipts_per_message,
+                );
+                if let Err(error) = link.send_group(sender.group, group_id, msg_id, payload) {
+                    slot.group_pending.borrow_mut().remove(&msg_id);
+                    worker.report_error(format_args!("group send: {error:#}"));
+                    return false;
+                }
+                links.mark(sender.local);
+                worker.bump(|c| c.sent += 1);
+                true
+            },
+        );
+    }
+    if ok {
+        let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
+        let _ = links.wake_at(None);
+        while !group_drained(worker, &before, step, receipts_per_message, deadline) {
+            if !lean_turn(worker, links, Duration::from_millis(2)) {
+                break;
+            }
+        }
+    }
+    for sender in sends {
+        worker.slots[sender.local]
+            .group_pending
+            .borrow_mut()
+            .clear();
+    }
+    finish_step(worker, &before, step.start_at_ns, &mut result);
+    result
+}
+
+/// `create_groups` on the lean engine.
+fn lean_create_groups(worker: &Worker, creators: Vec<CreatorOrder>) -> anyhow::Result<()> {
+    let started = monotonic_ns();
+    let groups = worker
+        .groups
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("create_groups without a group plan"))?;
+    let mut links = worker.lean.borrow_mut();
+    let links = links.as_mut().expect("the lean engine's links");
+    let mut asked = 0u64;
+    if worker.spec.target.protocol == Protocol::Switchboard {
+        for order in &creators {
+            let local = creator_slot(worker, order)?;
+            let link = links
+                .link_mut(local)
+                .ok_or_else(|| anyhow::anyhow!("creator {} is not connected", order.user_index))?;
+            for group in &order.groups {
+                link.create_group(
+                    u64::from(group.group) + 1,
+                    &format!("bench-g{}", group.group),
+                    &group.member_user_ids,
+                );
+                asked += 1;
+            }
+            links.mark(local);
+            groups
+                .creates_left
+                .set(groups.creates_left.get() + order.groups.len() as u64);
+        }
+    }
+    let deadline = started + worker.timeout.as_nanos() as u64;
+    lean_until(worker, links, deadline, || {
+        groups.creates_left.get() == 0 || groups.create_refusal.borrow().is_some()
+    });
+    groups_created(worker, groups, asked, started)
+}
+
+/// `await_group_events` on the lean engine.
+fn lean_await_group_events(worker: &Worker) {
+    let started = monotonic_ns();
+    let expected = group_events_expected(worker);
+    let mut links = worker.lean.borrow_mut();
+    let links = links.as_mut().expect("the lean engine's links");
+    let deadline = started + worker.timeout.as_nanos() as u64;
+    lean_until(worker, links, deadline, || {
+        worker.counters.get().group_events >= expected
+    });
+    group_events_done(worker, expected, started);
 }
 
 async fn drain(worker: &Rc<Worker>, expected: u64) {

@@ -643,6 +643,31 @@ fn lean_engine_runs_p2p_against_mosquitto() {
     lean_p2p(dir.path(), &format!("mqtt://{addr}"), false, &[]);
 }
 
+/// The group scenario on the lean engine: groups created and every member
+/// device's "group created" message in over the lean links, then the same
+/// consistent step as the default engine's.
+#[test]
+fn lean_engine_runs_the_group_scenario_against_switchboard_and_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, addr) = start_switchboard(&dir.path().join("data"));
+    let users = dir.path().join("users.json");
+    let users = users.to_str().unwrap();
+    let extra = ["--users", users, "--transport", "plain", "--engine", "lean"];
+    let v = group_scenario(dir.path(), &addr.to_string(), true, &extra);
+    assert_eq!(v["engine"].as_str(), Some("lean"));
+    assert_eq!(number(&v, &["groups", "created"]), 2.0);
+    assert_eq!(number(&v, &["groups", "group_events"]), 16.0);
+    if let Some((_broker, addr)) = start_mosquitto(dir.path()) {
+        let v = group_scenario(
+            dir.path(),
+            &format!("mqtt://{addr}"),
+            false,
+            &["--engine", "lean"],
+        );
+        assert_eq!(v["engine"].as_str(), Some("lean"));
+    }
+}
+
 /// What the lean engine does not run is refused before anything connects,
 /// with the reason.
 #[test]
@@ -657,8 +682,9 @@ fn lean_engine_refuses_other_scenarios_and_noise() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(reason), "{args:?}: {stderr}");
     };
-    refused(&["connect", "-n", "2"], "p2p scenario only");
-    refused(&["offline", "-n", "2"], "p2p scenario only");
+    refused(&["connect", "-n", "2"], "p2p and group scenarios only");
+    refused(&["offline", "-n", "2"], "p2p and group scenarios only");
+    refused(&["churn", "-n", "2"], "p2p and group scenarios only");
     refused(&["p2p", "-n", "2"], "--transport plain");
     refused(
         &["p2p", "-n", "2", "--transport", "ik"],

@@ -36,6 +36,22 @@ pub struct Server {
     pub config: Config,
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up by
+/// default). A test server keeps its client port across restarts; a port
+/// the kernel handed out itself could meanwhile be taken as the source port
+/// of some client's connection, and the restart would fail to listen.
+fn port_outside_the_ephemeral_range() -> u16 {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..1_000 {
+        let port = rng.gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between 20,000 and 32,000");
+}
+
 impl Server {
     /// Starts a server with `Config::for_tests` bounds, changed by `tweak`.
     pub fn start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Server {
@@ -45,7 +61,7 @@ impl Server {
         std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
         let mut server = Server {
             child: None,
-            addr: "127.0.0.1:0".parse().unwrap(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port_outside_the_ephemeral_range())),
             admin: "127.0.0.1:0".parse().unwrap(),
             media: None,
             noise_key: None,
