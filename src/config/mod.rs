@@ -120,6 +120,13 @@ pub struct ServerConfig {
     /// only after an RCU grace period, 4-20 ms (docs/uring.md). 0: the
     /// eventfd alone. Default 1,000.
     pub socket_poll_interval_us: u32,
+    /// While traffic lasts and no commit is pending, the socket loop sleeps
+    /// in its own ring (woken by the kernel the moment a socket has work,
+    /// at most `socket_poll_interval_us` later) instead of parking the
+    /// executor until the ring's eventfd. Lower latency at more CPU per
+    /// message; the executor's other work (timers, messages from other
+    /// shards) may wait up to one interval. Default false.
+    pub socket_wait_in_ring: bool,
     /// Accept Noise clients (docs/protocol.md §2). The server's static key
     /// is `noise.key` in the data directory, made at first start. Default
     /// true.
@@ -142,6 +149,7 @@ impl Default for ServerConfig {
             socket_ring_setup: SocketRingSetup::DeferTaskrun,
             shard_stall_ready_ms: crate::metrics::DEFAULT_STALL_LIMIT_MS as u32,
             socket_poll_interval_us: 1_000,
+            socket_wait_in_ring: false,
             noise: true,
             plaintext: PlaintextPolicy::Loopback,
         }
@@ -683,6 +691,12 @@ impl Config {
         if poll != 0 && !(100..=1_000_000).contains(&poll) {
             return invalid(
                 "server.socket_poll_interval_us must be 0 or between 100 and 1,000,000".into(),
+            );
+        }
+        if self.server.socket_wait_in_ring && poll == 0 {
+            return invalid(
+                "server.socket_wait_in_ring needs socket_poll_interval_us above 0 (it bounds the wait)"
+                    .into(),
             );
         }
         if self.server.registration == RegistrationPolicy::Token

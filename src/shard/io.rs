@@ -395,17 +395,32 @@ pub async fn run(shard: Rc<Shard>) {
     let mut opening = Vec::new();
     let poll_every = Duration::from_micros(u64::from(shard.config.server.socket_poll_interval_us));
     let mut last_traffic_ms = 0u64;
+    let wait_in_ring = shard.config.server.socket_wait_in_ring && !poll_every.is_zero();
     loop {
-        let waiting = shard.sockets.driver.borrow_mut().park();
         let active =
             crate::metrics::monotonic_ms().saturating_sub(last_traffic_ms) < POLL_ACTIVE_WINDOW_MS;
-        if waiting || poll_every.is_zero() || !active {
-            notifier.wait().await;
+        if wait_in_ring && active && shard.engine.borrow().commit_idle() {
+            // Sleep in the socket ring: the kernel wakes this thread as soon
+            // as a socket has work, with no eventfd in between. Only while
+            // no commit is pending, whose completion comes through the
+            // executor's ring; then yield so the executor's other tasks run.
+            let signalled = notifier.take();
+            if !signalled && !shard.sockets.driver.borrow_mut().has_work() {
+                if let Err(err) = shard.sockets.driver.borrow_mut().wait_in_ring(poll_every) {
+                    ring_failed(err);
+                }
+            }
+            glommio::executor().yield_now().await;
         } else {
-            // The eventfd may come a grace period late; look again soon.
-            futures_lite::future::or(notifier.wait(), glommio::timer::sleep(poll_every)).await;
+            let waiting = shard.sockets.driver.borrow_mut().park();
+            if waiting || poll_every.is_zero() || !active {
+                notifier.wait().await;
+            } else {
+                // The eventfd may come a grace period late; look again soon.
+                futures_lite::future::or(notifier.wait(), glommio::timer::sleep(poll_every)).await;
+            }
+            shard.sockets.driver.borrow_mut().unpark();
         }
-        shard.sockets.driver.borrow_mut().unpark();
         shard
             .metrics
             .liveness

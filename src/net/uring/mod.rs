@@ -481,6 +481,11 @@ impl Notifier {
         self.0.signal();
     }
 
+    /// Whether work was signalled since the last look (and clears it).
+    pub fn take(&self) -> bool {
+        self.0.ready.replace(false)
+    }
+
     /// Completes when `poll_events` has something to do. Cancel safe: it
     /// only reads a flag.
     pub fn wait(&self) -> impl Future<Output = ()> + '_ {
@@ -1004,6 +1009,15 @@ impl Driver {
             self.shared.ready.set(true);
         }
         waiting
+    }
+
+    /// Sleeps in the socket ring itself until it has work or `timeout`
+    /// passes (the eventfd stays off).
+    pub fn wait_in_ring(&mut self, timeout: std::time::Duration) -> Result<(), UringError> {
+        self.flush_sends()?;
+        self.ring.publish();
+        self.ring.wait(timeout)?;
+        Ok(())
     }
 
     /// The loop woke: eventfd signals off until it parks again.

@@ -570,6 +570,28 @@ impl Ring {
         }
     }
 
+    /// Submits what is queued and sleeps in this ring until a completion or
+    /// deferred work is there, or `timeout` passes. With DEFER_TASKRUN the
+    /// kernel wakes a thread waiting here directly when work is queued for
+    /// it, without the eventfd.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        let timeout = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&timeout);
+        self.counters.enters += 1;
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     /// Whether the kernel holds work for this ring that only an enter with
     /// GETEVENTS runs (`IORING_SQ_TASKRUN`): deferred task work it has not
     /// run yet, or completions in its overflow list. Cheap; no syscall.
