@@ -41,6 +41,15 @@ use crate::mqtt::{group_topic, topic, Subscriptions};
 /// Bytes read from a socket per `recv`.
 const READ_BYTES: usize = 64 * 1024;
 
+/// `recv` calls per link per turn: a server that sends faster than the
+/// harness reads cannot hold the loop on one link (epoll reports the rest
+/// at the next turn).
+const READS_PER_TURN_MAX: usize = 4;
+
+/// Bytes a link may hold unwritten; a send past it fails (the server is not
+/// reading), as the default engine's queue bound does.
+const OUTPUT_BYTES_MAX: usize = 4 << 20;
+
 /// Epoll events taken per wait.
 const EVENTS_MAX: usize = 256;
 
@@ -72,6 +81,9 @@ pub struct Lean {
     timer: TimerFd,
     links: Vec<Option<LeanLink>>,
     dirty: Vec<usize>,
+    /// Scratch of `turn`: the links to read, and the buffer they read into.
+    readable: Vec<usize>,
+    chunk: Box<[u8]>,
 }
 
 /// Opens a TCP connection to `server` from `bind_ip`, blocking, within
@@ -271,6 +283,7 @@ impl LeanLink {
 
     /// Queues message `msg_id` to `peer`.
     pub fn send(&mut self, peer: &User, msg_id: u64, payload: bytes::Bytes) -> anyhow::Result<()> {
+        self.check_room()?;
         match self.protocol {
             Protocol::Switchboard => {
                 let account = peer
@@ -299,6 +312,7 @@ impl LeanLink {
         msg_id: u64,
         payload: bytes::Bytes,
     ) -> anyhow::Result<()> {
+        self.check_room()?;
         match self.protocol {
             Protocol::Switchboard => {
                 Frame::Send(pb::Send {
@@ -312,6 +326,17 @@ impl LeanLink {
             }
             Protocol::Mqtt => self.publish(group_topic(group), msg_id, payload),
         }
+    }
+
+    /// Fails when the output holds `OUTPUT_BYTES_MAX` already.
+    fn check_room(&self) -> anyhow::Result<()> {
+        if self.output.len() >= OUTPUT_BYTES_MAX {
+            bail!(
+                "{} bytes queued that the server has not read",
+                self.output.len()
+            );
+        }
+        Ok(())
     }
 
     /// Queues CreateGroup `request_id` with the accounts `members`
@@ -392,37 +417,33 @@ impl LeanLink {
         }
     }
 
-    /// Reads what the socket holds (until it would block). False once the
-    /// peer closed or the read failed.
-    fn fill(&mut self) -> bool {
-        loop {
-            let start = self.input.len();
-            self.input.resize(start + READ_BYTES, 0);
-            let read = self.stream.read(&mut self.input[start..]);
-            match read {
+    /// Reads what the socket holds, until it would block or for at most
+    /// `READS_PER_TURN_MAX` reads, through `chunk`. False once the peer
+    /// closed or the read failed.
+    fn fill(&mut self, chunk: &mut [u8]) -> bool {
+        let mut reads = 0;
+        while reads < READS_PER_TURN_MAX {
+            match self.stream.read(chunk) {
                 Ok(0) => {
-                    self.input.truncate(start);
                     self.closed = true;
                     return false;
                 }
                 Ok(n) => {
-                    self.input.truncate(start + n);
-                    if n < READ_BYTES {
+                    reads += 1;
+                    self.input.extend_from_slice(&chunk[..n]);
+                    if n < chunk.len() {
                         return true;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    self.input.truncate(start);
-                    return true;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => self.input.truncate(start),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.input.truncate(start);
                     self.closed = true;
                     return false;
                 }
             }
         }
+        true
     }
 
     /// Writes what is queued, until the socket would block. False when the
@@ -497,6 +518,8 @@ impl Lean {
             timer,
             links: (0..slots).map(|_| None).collect(),
             dirty: Vec::new(),
+            readable: Vec::new(),
+            chunk: vec![0u8; READ_BYTES].into_boxed_slice(),
         })
     }
 
@@ -587,7 +610,8 @@ impl Lean {
                 return failed;
             }
         };
-        let mut readable: Vec<usize> = Vec::with_capacity(n + self.dirty.len());
+        let mut readable = std::mem::take(&mut self.readable);
+        readable.clear();
         for event in &events[..n] {
             let token = event.data();
             if token == TIMER_TOKEN {
@@ -617,11 +641,11 @@ impl Lean {
                 readable.push(slot);
             }
         }
-        for slot in readable {
+        for &slot in &readable {
             let Some(link) = self.links[slot].as_mut() else {
                 continue;
             };
-            let open = link.fill();
+            let open = link.fill(&mut self.chunk);
             while let Some(link) = self.links[slot].as_mut() {
                 match link.next_event() {
                     Ok(Some(event)) => on_event(slot, event),
@@ -644,6 +668,7 @@ impl Lean {
                 self.close(slot);
             }
         }
+        self.readable = readable;
         failed
     }
 

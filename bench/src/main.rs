@@ -338,6 +338,9 @@ impl Run {
             if target.protocol == Protocol::Switchboard && target.transport != Transport::Plain {
                 bail!("--engine lean logs in in plaintext: add --transport plain");
             }
+            if common.follow > 0 {
+                bail!("--engine lean does not follow presence: drop --follow");
+            }
         }
         let count = common.connections & !1;
         if count == 0 {

@@ -1230,7 +1230,7 @@ impl Log {
         // bytes per recipient, so checking it on every read would cost
         // O(recipients²) per group message. Its CRC is checked on its first
         // read and the position remembered among the last few checked.
-        let key = (u64::from(position.segment) << 32) | u64::from(position.offset);
+        let key = position_key(position);
         let multi = bytes.get(8).is_some_and(|&k| {
             matches!(
                 RecordKind::from_byte(k),
@@ -1363,7 +1363,7 @@ impl Log {
     /// The payload every recipient of the multi-recipient record at
     /// `position` shares, copied out of the mapping once per run of reads.
     fn shared_payload(&self, position: LogPosition, payload: &[u8]) -> Bytes {
-        let key = (u64::from(position.segment) << 32) | u64::from(position.offset);
+        let key = position_key(position);
         let mut last = self.last_shared_payload.borrow_mut();
         if let Some((at, shared)) = &*last {
             if *at == key {
@@ -1780,4 +1780,10 @@ impl Log {
             expired_total: self.expired_total,
         }
     }
+}
+
+/// One number for a record's position, for the small caches of records
+/// read lately.
+fn position_key(position: LogPosition) -> u64 {
+    (u64::from(position.segment) << 32) | u64::from(position.offset)
 }

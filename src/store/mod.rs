@@ -68,7 +68,8 @@ impl Clock for ManualClock {
 }
 
 /// The real clock: the kernel's coarse wall clock, which moves once per
-/// scheduler tick (1-4 ms) and costs a memory read instead of a timer read.
+/// scheduler tick (4 ms here, by `clock_getres`) and costs a memory read
+/// instead of a timer read.
 /// The log reads it several times per delivery (expiry checks), and what it
 /// stamps (message times, 30-day expiry) needs no finer grain.
 pub struct SystemClock;
