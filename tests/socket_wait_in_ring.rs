@@ -1,8 +1,9 @@
 //! `server.socket_wait_in_ring`: the socket loop sleeps in its own ring while
 //! traffic lasts. Over real sockets against the real binary (two shards):
 //! messages across shards and on one shard, their ✓ and ✓✓, with `os` and
-//! `fsync` durability; a session left idle still gets the server's idle
-//! timeout; a kill -9 loses no acknowledged message.
+//! `fsync` durability, and with batched waits (`socket_wait_batch_us`); a
+//! session left idle still gets the server's idle timeout; a kill -9 loses
+//! no acknowledged message; the settings' refusals.
 
 mod common;
 
@@ -98,10 +99,35 @@ fn messages_and_receipts_flow_with_fsync_durability() {
 }
 
 #[test]
-fn an_idle_session_still_times_out() {
+fn messages_and_receipts_flow_with_batched_waits() {
+    // Each wait in the ring gathers completions for up to 200 µs (kernel
+    // 6.12+; older kernels wake at the first one, which this also passes).
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), |c| {
         c.server.socket_wait_in_ring = true;
+        c.server.socket_wait_batch_us = 200;
+        c.store.durability = Durability::Os;
+    });
+    exchange(&server);
+}
+
+#[test]
+fn an_idle_session_still_times_out_with_batched_waits() {
+    idle_session_times_out(200);
+}
+
+#[test]
+fn an_idle_session_still_times_out() {
+    idle_session_times_out(0);
+}
+
+/// A session answered once, then silent: the server's idle timeout still
+/// fires while the loop sleeps in the ring (`batch_us`: the batched wait).
+fn idle_session_times_out(batch_us: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| {
+        c.server.socket_wait_in_ring = true;
+        c.server.socket_wait_batch_us = batch_us;
     });
     let alice = RawClient::register(server.addr);
     let (mut a, _) = RawClient::login(server.addr, &alice);
@@ -141,6 +167,18 @@ fn a_kill_9_loses_no_acknowledged_message() {
     let (mut b, _) = RawClient::login(server.addr, &bob);
     let ids = b.receive_and_ack(MESSAGES as usize);
     assert_eq!(ids, (1..=MESSAGES).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_batched_wait_needs_the_ring_wait_and_a_longer_interval() {
+    let mut config = switchboard::config::Config::default();
+    config.server.socket_wait_batch_us = 100;
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("socket_wait_batch_us"), "{error}");
+    config.server.socket_wait_in_ring = true;
+    config.server.socket_poll_interval_us = 100;
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("below socket_poll_interval_us"), "{error}");
 }
 
 #[test]

@@ -127,6 +127,13 @@ pub struct ServerConfig {
     /// message; the executor's other work (timers, messages from other
     /// shards) may wait up to one interval. Default false.
     pub socket_wait_in_ring: bool,
+    /// With `socket_wait_in_ring`: a wait in the ring that sees its first
+    /// completion keeps gathering more for up to this long, µs, from when
+    /// it began (or until 64 are there), so one wake-up serves several
+    /// arrivals. Needs kernel 6.12+ (`IORING_FEAT_MIN_TIMEOUT`); older ones
+    /// wake at the first completion, with a warning at start. 0: wake at
+    /// the first completion. Default 0.
+    pub socket_wait_batch_us: u32,
     /// Accept Noise clients (docs/protocol.md §2). The server's static key
     /// is `noise.key` in the data directory, made at first start. Default
     /// true.
@@ -150,6 +157,7 @@ impl Default for ServerConfig {
             shard_stall_ready_ms: crate::metrics::DEFAULT_STALL_LIMIT_MS as u32,
             socket_poll_interval_us: 1_000,
             socket_wait_in_ring: false,
+            socket_wait_batch_us: 0,
             noise: true,
             plaintext: PlaintextPolicy::Loopback,
         }
@@ -699,6 +707,15 @@ impl Config {
                     .into(),
             );
         }
+        let batch = self.server.socket_wait_batch_us;
+        if batch != 0 && !self.server.socket_wait_in_ring {
+            return invalid("server.socket_wait_batch_us needs socket_wait_in_ring = true".into());
+        }
+        if batch != 0 && batch >= poll {
+            return invalid(
+                "server.socket_wait_batch_us must be below socket_poll_interval_us".into(),
+            );
+        }
         if self.server.registration == RegistrationPolicy::Token
             && self.server.registration_tokens.is_empty()
         {
@@ -801,6 +818,21 @@ mod tests {
             config.server.socket_poll_interval_us = us;
             assert_eq!(config.validate().is_ok(), ok, "{us}");
         }
+    }
+
+    #[test]
+    fn socket_wait_batch_needs_ring_wait_and_stays_below_the_interval() {
+        let mut config = Config::default();
+        config.server.socket_wait_batch_us = 100;
+        assert!(config.validate().is_err(), "without socket_wait_in_ring");
+        config.server.socket_wait_in_ring = true;
+        config
+            .validate()
+            .expect("100 us under the 1,000 us interval");
+        config.server.socket_wait_batch_us = 1_000;
+        assert!(config.validate().is_err(), "not below the interval");
+        config.server.socket_wait_batch_us = 0;
+        config.validate().expect("0 is off");
     }
 
     #[test]

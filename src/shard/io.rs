@@ -396,6 +396,13 @@ pub async fn run(shard: Rc<Shard>) {
     let poll_every = Duration::from_micros(u64::from(shard.config.server.socket_poll_interval_us));
     let mut last_traffic_ms = 0u64;
     let wait_in_ring = shard.config.server.socket_wait_in_ring && !poll_every.is_zero();
+    let batch_us = shard.config.server.socket_wait_batch_us;
+    if wait_in_ring && batch_us > 0 && !shard.sockets.driver.borrow().supports_wait_batch() {
+        warn!(
+            "server.socket_wait_batch_us needs kernel 6.12+ (IORING_FEAT_MIN_TIMEOUT); \
+             waits in the ring wake at the first completion"
+        );
+    }
     loop {
         let active =
             crate::metrics::monotonic_ms().saturating_sub(last_traffic_ms) < POLL_ACTIVE_WINDOW_MS;
@@ -405,15 +412,35 @@ pub async fn run(shard: Rc<Shard>) {
             // no commit is pending, whose completion comes through the
             // executor's ring; then yield so the executor's other tasks run.
             let signalled = notifier.take();
-            if !signalled && !shard.sockets.driver.borrow_mut().has_work() {
-                if let Err(err) = shard.sockets.driver.borrow_mut().wait_in_ring(poll_every) {
+            if !signalled
+                && !shard
+                    .sockets
+                    .driver
+                    .borrow_mut()
+                    .must_turn_before_ring_wait()
+            {
+                if let Err(err) = shard
+                    .sockets
+                    .driver
+                    .borrow_mut()
+                    .wait_in_ring(poll_every, batch_us)
+                {
                     ring_failed(err);
                 }
             }
             glommio::executor().yield_now().await;
         } else {
             let waiting = shard.sockets.driver.borrow_mut().park();
-            if waiting || poll_every.is_zero() || !active {
+            if waiting && wait_in_ring {
+                // Here because a commit is pending. Work is there already,
+                // perhaps only the kernel's flag for deferred work, which
+                // can stay set after its work has run (`Notifier::take`):
+                // let the executor's other tasks (the commit) run before
+                // the next turn, rather than turn on empty enters until
+                // the next arrival.
+                notifier.take();
+                glommio::executor().yield_now().await;
+            } else if waiting || poll_every.is_zero() || !active {
                 notifier.wait().await;
             } else {
                 // The eventfd may come a grace period late; look again soon.

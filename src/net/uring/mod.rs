@@ -455,6 +455,10 @@ struct Listener {
 
 struct Shared {
     ready: Cell<bool>,
+    /// The kernel held deferred work for the ring at the end of the last
+    /// turn (`IORING_SQ_TASKRUN`): a loop that parks on the eventfd must
+    /// turn again first, and a wait in the ring runs that work itself.
+    kernel_work: Cell<bool>,
     waker: Cell<Option<Waker>>,
     stopped: Cell<bool>,
     eventfd_wakeups: Cell<u64>,
@@ -481,8 +485,16 @@ impl Notifier {
         self.0.signal();
     }
 
-    /// Whether work was signalled since the last look (and clears it).
+    /// Whether work was signalled since the last look (and clears it),
+    /// for a loop about to wait in the ring. Deferred kernel work does not
+    /// count: the wait runs it first and returns at once if it posts
+    /// completions. The kernel's flag for it can also stay set after the
+    /// work it announced has run (it is cleared before the deferred list is
+    /// taken, so an item queued in between sets it again and then runs in
+    /// the same pass), and a loop that turned on it would spin on empty
+    /// enters until the next arrival.
     pub fn take(&self) -> bool {
+        self.0.kernel_work.set(false);
         self.0.ready.replace(false)
     }
 
@@ -490,7 +502,7 @@ impl Notifier {
     /// only reads a flag.
     pub fn wait(&self) -> impl Future<Output = ()> + '_ {
         futures_lite::future::poll_fn(move |cx| {
-            if self.0.ready.replace(false) {
+            if self.0.ready.replace(false) | self.0.kernel_work.replace(false) {
                 Poll::Ready(())
             } else {
                 self.0.waker.set(Some(cx.waker().clone()));
@@ -546,6 +558,7 @@ impl Driver {
         let wake_fd = eventfd.try_clone()?;
         let shared = Rc::new(Shared {
             ready: Cell::new(false),
+            kernel_work: Cell::new(false),
             waker: Cell::new(None),
             stopped: Cell::new(false),
             eventfd_wakeups: Cell::new(0),
@@ -937,11 +950,29 @@ impl Driver {
     /// kernel holds. Cheap (no syscall); the liveness check reads it.
     pub fn has_work(&mut self) -> bool {
         self.shared.ready.get()
+            || self.shared.kernel_work.get()
             || !self.dirty.is_empty()
             || !self.pending.is_empty()
             || self.ring.unsubmitted() > 0
             || self.ring.has_completions()
             || self.ring.kernel_work_pending()
+    }
+
+    /// Whether the loop must take another turn before it may sleep in the
+    /// ring: a wake-up not yet taken, events already reported, or
+    /// completions already posted. Frames to send and operations to submit
+    /// do not count (`wait_in_ring` submits them in the same enter), nor
+    /// does the kernel's `IORING_SQ_TASKRUN` flag: an enter that waits runs
+    /// the deferred work first and returns at once if it posts completions,
+    /// and the flag can stay set after the work it announced has run, so a
+    /// loop that trusted it would spin on empty enters instead of sleeping.
+    pub fn must_turn_before_ring_wait(&mut self) -> bool {
+        self.shared.ready.get() || !self.pending.is_empty() || self.ring.has_completions()
+    }
+
+    /// Whether `wait_in_ring` can gather a batch (kernel 6.12+).
+    pub fn supports_wait_batch(&self) -> bool {
+        self.ring.supports_wait_batch()
     }
 
     /// No connection left and no operation in flight.
@@ -984,12 +1015,11 @@ impl Driver {
         // (`IO_LOCAL_TW_DEFAULT_MAX`), keeping the rest on a retry list with
         // `IORING_SQ_TASKRUN` still set. A loop that parked then would wait
         // for a signal that never comes (see docs/reliability.md).
-        if self.ring.unsubmitted() > 0
-            || self.ring.has_completions()
-            || !self.dirty.is_empty()
-            || self.ring.kernel_work_pending()
-        {
+        if self.ring.unsubmitted() > 0 || self.ring.has_completions() || !self.dirty.is_empty() {
             self.shared.ready.set(true);
+        }
+        if self.ring.kernel_work_pending() {
+            self.shared.kernel_work.set(true);
         }
         result
     }
@@ -1012,11 +1042,16 @@ impl Driver {
     }
 
     /// Sleeps in the socket ring itself until it has work or `timeout`
-    /// passes (the eventfd stays off).
-    pub fn wait_in_ring(&mut self, timeout: std::time::Duration) -> Result<(), UringError> {
+    /// passes (the eventfd stays off); `batch_us` above 0 gathers a batch
+    /// of completions for up to that long first (`Ring::wait`).
+    pub fn wait_in_ring(
+        &mut self,
+        timeout: std::time::Duration,
+        batch_us: u32,
+    ) -> Result<(), UringError> {
         self.flush_sends()?;
         self.ring.publish();
-        self.ring.wait(timeout)?;
+        self.ring.wait(timeout, batch_us)?;
         Ok(())
     }
 

@@ -110,6 +110,10 @@ pub struct Completion {
     pub accepted: Option<OwnedFd>,
 }
 
+/// The completions a batched wait in the ring (`Ring::wait`) gathers before
+/// it returns early: a loop turn's worth of socket events.
+const WAIT_BATCH_COMPLETIONS: usize = 64;
+
 /// How the ring was set up, for logs and docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SetupMode {
@@ -574,11 +578,27 @@ impl Ring {
     /// deferred work is there, or `timeout` passes. With DEFER_TASKRUN the
     /// kernel wakes a thread waiting here directly when work is queued for
     /// it, without the eventfd.
-    pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+    ///
+    /// `batch_us` above 0 (and a kernel with `IORING_FEAT_MIN_TIMEOUT`,
+    /// 6.12+): the wait gathers a batch first. It returns once
+    /// `WAIT_BATCH_COMPLETIONS` completions are there, or after `batch_us`
+    /// if at least one is; with none by then it goes on waiting for the
+    /// first until `timeout`. A lone arrival in a quiet ring still wakes
+    /// the thread at once after `batch_us` has passed since the wait began.
+    pub fn wait(&mut self, timeout: Duration, batch_us: u32) -> io::Result<()> {
         let timeout = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&timeout);
+        let (want, args) = if batch_us > 0 && self.supports_wait_batch() {
+            (
+                WAIT_BATCH_COMPLETIONS,
+                types::SubmitArgs::new()
+                    .timespec(&timeout)
+                    .min_wait_usec(batch_us),
+            )
+        } else {
+            (1, types::SubmitArgs::new().timespec(&timeout))
+        };
         self.counters.enters += 1;
-        match self.ring.submitter().submit_with_args(1, &args) {
+        match self.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => Ok(()),
             Err(err)
                 if matches!(
@@ -590,6 +610,11 @@ impl Ring {
             }
             Err(err) => Err(err),
         }
+    }
+
+    /// Whether the kernel takes a minimum batch wait (`wait`'s `batch_us`).
+    pub fn supports_wait_batch(&self) -> bool {
+        self.ring.params().is_feature_min_timeout()
     }
 
     /// Whether the kernel holds work for this ring that only an enter with
