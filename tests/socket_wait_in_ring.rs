@@ -3,7 +3,8 @@
 //! messages across shards and on one shard, their ✓ and ✓✓, with `os` and
 //! `fsync` durability, and with batched waits (`socket_wait_batch_us`); a
 //! session left idle still gets the server's idle timeout; a kill -9 loses
-//! no acknowledged message; the settings' refusals.
+//! no acknowledged message; the setting's refusal without a poll interval
+//! (the batched wait's refusals are config unit tests).
 
 mod common;
 
@@ -80,33 +81,29 @@ fn exchange(server: &Server) {
 
 #[test]
 fn messages_and_receipts_flow_with_os_durability() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), |c| {
-        c.server.socket_wait_in_ring = true;
-        c.store.durability = Durability::Os;
-    });
-    exchange(&server);
+    exchange_on_a_server(Durability::Os, 0);
 }
 
 #[test]
 fn messages_and_receipts_flow_with_fsync_durability() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), |c| {
-        c.server.socket_wait_in_ring = true;
-        c.store.durability = Durability::Fsync;
-    });
-    exchange(&server);
+    exchange_on_a_server(Durability::Fsync, 0);
 }
 
 #[test]
 fn messages_and_receipts_flow_with_batched_waits() {
     // Each wait in the ring gathers completions for up to 200 µs (kernel
     // 6.12+; older kernels wake at the first one, which this also passes).
+    exchange_on_a_server(Durability::Os, 200);
+}
+
+/// `exchange` on a fresh server that waits in the ring (`batch_us`: the
+/// batched wait, 0 for none).
+fn exchange_on_a_server(durability: Durability, batch_us: u32) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), |c| {
         c.server.socket_wait_in_ring = true;
-        c.server.socket_wait_batch_us = 200;
-        c.store.durability = Durability::Os;
+        c.server.socket_wait_batch_us = batch_us;
+        c.store.durability = durability;
     });
     exchange(&server);
 }
@@ -167,18 +164,6 @@ fn a_kill_9_loses_no_acknowledged_message() {
     let (mut b, _) = RawClient::login(server.addr, &bob);
     let ids = b.receive_and_ack(MESSAGES as usize);
     assert_eq!(ids, (1..=MESSAGES).collect::<Vec<_>>());
-}
-
-#[test]
-fn a_batched_wait_needs_the_ring_wait_and_a_longer_interval() {
-    let mut config = switchboard::config::Config::default();
-    config.server.socket_wait_batch_us = 100;
-    let error = config.validate().unwrap_err().to_string();
-    assert!(error.contains("socket_wait_batch_us"), "{error}");
-    config.server.socket_wait_in_ring = true;
-    config.server.socket_poll_interval_us = 100;
-    let error = config.validate().unwrap_err().to_string();
-    assert!(error.contains("below socket_poll_interval_us"), "{error}");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::group::{GroupHeader, GroupPlan, LocalGroups, MemberSeen};
+use crate::group::{GroupHeader, GroupPlan, LocalGroups, MemberSeen, SenderGroup};
 use crate::latency::{monotonic_ns, ChainLatency, Latency, Schedule};
 use crate::lean::{Lean, LeanLink};
 use crate::limits::source_ip_for;
@@ -324,6 +324,13 @@ struct GroupState {
 }
 
 impl GroupState {
+    /// The sender and server group id of this worker's `k`-th group
+    /// message: message `k` goes to the `k mod n`-th of its `n` sends.
+    fn kth_send(&self, k: u64) -> (SenderGroup, u64) {
+        let at = (k % self.local.sends.len() as u64) as usize;
+        (self.local.sends[at], self.ids.borrow()[at])
+    }
+
     /// Receipts the sender of a group message waits for: one per other
     /// member's device (Switchboard; MQTT has none).
     fn receipts_per_message(&self, protocol: Protocol) -> u64 {
@@ -1282,30 +1289,17 @@ fn next_group_message(
 /// then the step waits (bounded) for the acks, the receipts of what it sent
 /// and the deliveries its members are due.
 async fn group_step(worker: &Rc<Worker>, step: &GroupStep) -> StepResult {
-    let groups = worker
-        .groups
-        .as_ref()
-        .expect("the coordinator sends group steps only with a group plan");
-    let before = worker.counters.get();
-    reset_stats(worker, step.start_at_ns);
     let mut result = StepResult::default();
-    let receipts_per_message = groups.receipts_per_message(worker.spec.target.protocol);
-    let sends = &groups.local.sends;
-    if !sends.is_empty() && step.rate_per_s > 0.0 && step.messages > 0 {
-        let schedule = Schedule {
-            count: step.messages,
-            ..Schedule::new(step.start_at_ns, step.rate_per_s, step.duration_s)
-        };
-        result.offered = schedule.count;
+    let start = begin_group_step(worker, step, &mut result);
+    let (groups, receipts_per_message) = (start.groups, start.receipts_per_message);
+    if let Some(schedule) = start.schedule {
         let mut k = 0u64;
         let mut dirty: Vec<Rc<Link>> = Vec::new();
         while k < schedule.count {
             sleep_until(schedule.due_ns(k)).await;
             let due = schedule.due_count(monotonic_ns()).min(k + SEND_BATCH_MAX);
             while k < due {
-                let at = (k % sends.len() as u64) as usize;
-                let sender = sends[at];
-                let group_id = groups.ids.borrow()[at];
+                let (sender, group_id) = groups.kth_send(k);
                 let slot = &worker.slots[sender.local];
                 let sent = send_group_one(
                     worker,
@@ -1333,18 +1327,65 @@ async fn group_step(worker: &Rc<Worker>, step: &GroupStep) -> StepResult {
     }
     result.send_s = (monotonic_ns().saturating_sub(step.start_at_ns)) as f64 / 1e9;
     let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
-    while !group_drained(worker, &before, step, receipts_per_message, deadline) {
+    while !group_drained(worker, &start.before, step, receipts_per_message, deadline) {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
-    // What was not acked or receipted by now will not count in a later step.
-    for sender in sends {
+    end_group_step(worker, &start, step, &mut result);
+    result
+}
+
+/// What both engines' group steps begin with.
+struct GroupStepStart<'a> {
+    groups: &'a GroupState,
+    /// The counters before the step.
+    before: Counters,
+    receipts_per_message: u64,
+    /// The senders' schedule; `None` when this worker sends nothing.
+    schedule: Option<Schedule>,
+}
+
+/// Begins a group step on either engine: counters and latencies reset, the
+/// schedule of this worker's senders (its count in `result.offered`).
+fn begin_group_step<'a>(
+    worker: &'a Worker,
+    step: &GroupStep,
+    result: &mut StepResult,
+) -> GroupStepStart<'a> {
+    let groups = worker
+        .groups
+        .as_ref()
+        .expect("the coordinator sends group steps only with a group plan");
+    let before = worker.counters.get();
+    reset_stats(worker, step.start_at_ns);
+    let sends = !groups.local.sends.is_empty();
+    let schedule = (sends && step.rate_per_s > 0.0 && step.messages > 0).then(|| Schedule {
+        count: step.messages,
+        ..Schedule::new(step.start_at_ns, step.rate_per_s, step.duration_s)
+    });
+    result.offered = schedule.map_or(0, |s| s.count);
+    GroupStepStart {
+        groups,
+        before,
+        receipts_per_message: groups.receipts_per_message(worker.spec.target.protocol),
+        schedule,
+    }
+}
+
+/// Ends a group step on either engine: what was not acked or receipted by
+/// now will not count in a later step.
+fn end_group_step(
+    worker: &Worker,
+    start: &GroupStepStart,
+    step: &GroupStep,
+    result: &mut StepResult,
+) {
+    for sender in &start.groups.local.sends {
         worker.slots[sender.local]
             .group_pending
             .borrow_mut()
             .clear();
     }
-    finish_step(worker, &before, step.start_at_ns, &mut result);
-    result
+    finish_step(worker, &start.before, step.start_at_ns, result);
 }
 
 /// Whether a group step's drain is over: every message sent since `before`
@@ -1817,24 +1858,13 @@ fn lean_p2p(worker: &Worker, step: &P2pStep) -> StepResult {
 
 /// `group_step` on the lean engine.
 fn lean_group_step(worker: &Worker, step: &GroupStep) -> StepResult {
-    let groups = worker
-        .groups
-        .as_ref()
-        .expect("the coordinator sends group steps only with a group plan");
-    let before = worker.counters.get();
-    reset_stats(worker, step.start_at_ns);
     let mut result = StepResult::default();
-    let receipts_per_message = groups.receipts_per_message(worker.spec.target.protocol);
-    let sends = &groups.local.sends;
+    let start = begin_group_step(worker, step, &mut result);
+    let (groups, receipts_per_message) = (start.groups, start.receipts_per_message);
     let mut links = worker.lean.borrow_mut();
     let links = links.as_mut().expect("the lean engine's links");
     let mut ok = true;
-    if !sends.is_empty() && step.rate_per_s > 0.0 && step.messages > 0 {
-        let schedule = Schedule {
-            count: step.messages,
-            ..Schedule::new(step.start_at_ns, step.rate_per_s, step.duration_s)
-        };
-        result.offered = schedule.count;
+    if let Some(schedule) = start.schedule {
         ok = lean_sends(
             worker,
             links,
@@ -1842,9 +1872,7 @@ fn lean_group_step(worker: &Worker, step: &GroupStep) -> StepResult {
             step.start_at_ns,
             &mut result,
             |links, k, due_ns| {
-                let at = (k % sends.len() as u64) as usize;
-                let sender = sends[at];
-                let group_id = groups.ids.borrow()[at];
+                let (sender, group_id) = groups.kth_send(k);
                 let slot = &worker.slots[sender.local];
                 let Some(link) = links.link_mut(sender.local) else {
                     return false;
@@ -1870,19 +1898,13 @@ fn lean_group_step(worker: &Worker, step: &GroupStep) -> StepResult {
     if ok {
         let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
         let _ = links.wake_at(None);
-        while !group_drained(worker, &before, step, receipts_per_message, deadline) {
+        while !group_drained(worker, &start.before, step, receipts_per_message, deadline) {
             if !lean_turn(worker, links, Duration::from_millis(2)) {
                 break;
             }
         }
     }
-    for sender in sends {
-        worker.slots[sender.local]
-            .group_pending
-            .borrow_mut()
-            .clear();
-    }
-    finish_step(worker, &before, step.start_at_ns, &mut result);
+    end_group_step(worker, &start, step, &mut result);
     result
 }
 

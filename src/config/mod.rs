@@ -824,13 +824,15 @@ mod tests {
     fn socket_wait_batch_needs_ring_wait_and_stays_below_the_interval() {
         let mut config = Config::default();
         config.server.socket_wait_batch_us = 100;
-        assert!(config.validate().is_err(), "without socket_wait_in_ring");
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("needs socket_wait_in_ring"), "{error}");
         config.server.socket_wait_in_ring = true;
         config
             .validate()
             .expect("100 us under the 1,000 us interval");
         config.server.socket_wait_batch_us = 1_000;
-        assert!(config.validate().is_err(), "not below the interval");
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("below socket_poll_interval_us"), "{error}");
         config.server.socket_wait_batch_us = 0;
         config.validate().expect("0 is off");
     }
