@@ -672,6 +672,17 @@ impl Lean {
         failed
     }
 
+    /// Writes what the marked links queued since the last turn, without
+    /// waiting for input: a loop that stops turning sends its last answers
+    /// (the Acks of a step's final deliveries, which the senders' receipts
+    /// wait on) instead of leaving them queued. Returns the slots whose
+    /// link failed, with why.
+    pub fn write_queued(&mut self) -> Vec<(usize, String)> {
+        let mut failed = Vec::new();
+        self.write_marked(&mut failed);
+        failed
+    }
+
     fn write_marked(&mut self, failed: &mut Vec<(usize, String)>) {
         for slot in std::mem::take(&mut self.dirty) {
             let Some(link) = self.links[slot].as_mut() else {

@@ -1748,6 +1748,12 @@ fn lean_turn(worker: &Worker, links: &mut Lean, wait: Duration) -> bool {
             links.mark(local);
         }
     }
+    count_failed(worker, failed)
+}
+
+/// Counts and reports the links that failed; false when the epoll set
+/// itself failed.
+fn count_failed(worker: &Worker, failed: Vec<(usize, String)>) -> bool {
     let mut ok = true;
     for (local, why) in failed {
         worker.bump(|c| c.errors += 1);
@@ -1770,10 +1776,18 @@ fn lean_until(worker: &Worker, links: &mut Lean, deadline: u64, done: impl Fn() 
         worker.report_error(format_args!("timerfd: {error:#}"));
     }
     loop {
+        // The last turn's answers go out even when it was the last one: a
+        // worker whose own share is in still owes the server the Acks that
+        // other workers' senders wait on for their receipts.
         if done() {
+            count_failed(worker, links.write_queued());
             return true;
         }
-        if monotonic_ns() >= deadline || !lean_turn(worker, links, Duration::from_millis(2)) {
+        if monotonic_ns() >= deadline {
+            count_failed(worker, links.write_queued());
+            return false;
+        }
+        if !lean_turn(worker, links, Duration::from_millis(2)) {
             return false;
         }
     }
@@ -1844,13 +1858,11 @@ fn lean_p2p(worker: &Worker, step: &P2pStep) -> StepResult {
         },
     );
     if sent {
+        // `drained` ends the drain at its deadline, reporting what is missing.
         let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
-        let _ = links.wake_at(None);
-        while !drained(worker, &before, step, deadline) {
-            if !lean_turn(worker, links, Duration::from_millis(2)) {
-                break;
-            }
-        }
+        lean_until(worker, links, u64::MAX, || {
+            drained(worker, &before, step, deadline)
+        });
     }
     finish_step(worker, &before, step.start_at_ns, &mut result);
     result
@@ -1896,13 +1908,12 @@ fn lean_group_step(worker: &Worker, step: &GroupStep) -> StepResult {
         );
     }
     if ok {
+        // `group_drained` ends the drain at its deadline, reporting what is
+        // missing.
         let deadline = monotonic_ns() + (step.drain_timeout_s * 1e9) as u64;
-        let _ = links.wake_at(None);
-        while !group_drained(worker, &start.before, step, receipts_per_message, deadline) {
-            if !lean_turn(worker, links, Duration::from_millis(2)) {
-                break;
-            }
-        }
+        lean_until(worker, links, u64::MAX, || {
+            group_drained(worker, &start.before, step, receipts_per_message, deadline)
+        });
     }
     end_group_step(worker, &start, step, &mut result);
     result
