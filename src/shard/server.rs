@@ -292,9 +292,7 @@ pub fn run(
             .name(&format!("shard-{index}"))
             // Polled I/O is not used; no spinning so an idle shard sleeps.
             .spin_before_park(Duration::from_millis(0))
-            // Short preemption so long loops yield to the socket and
-            // commit tasks often.
-            .preempt_timer(Duration::from_millis(5));
+            .preempt_timer(PREEMPT_INTERVAL);
         let handle = builder
             .spawn(move || shard_main(start))
             .map_err(|e| ServerError::Executor(e.to_string()))?;
@@ -569,6 +567,21 @@ async fn shard_main(start: ShardStart) {
         .await;
     info!(shard = %id, "stopped");
 }
+
+/// How long a shard's task may run before the executor looks at its rings.
+///
+/// glommio reaps its main ring (where the commit's fdatasync completes)
+/// only when its task queues run dry or this timer fires. A busy socket
+/// loop never runs dry, so a finished fdatasync waited for the timer: at
+/// 5 ms, commits at 245,000 group deliveries/s took 8-10 ms instead of the
+/// disk's 0.6, and the members' deliveries waited with them. 1 ms cut that
+/// to 3.3 ms and the deliver p99 from 53-56 to 41-44 ms. In 1:1 runs the
+/// CPU per message moved within noise with `os` (2,000-20,000 msg/s) and
+/// by up to 6 % with `fsync` at 20,000 msg/s, whose p99 fell from 19-23 to
+/// 12-16 ms (docs/benchmarks.md, "The executor's preemption timer").
+/// Shorter costs: 250 µs took 17-28 % more CPU per message at 10,000 msg/s
+/// with `os`.
+const PREEMPT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Awaits `future`, polling it again every few milliseconds even when
 /// nothing wakes it.
