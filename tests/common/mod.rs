@@ -70,6 +70,15 @@ impl Server {
             config_path,
             config,
         };
+        // The port was free when probed, but another test's server may take
+        // it before this one listens; a server that exits before its
+        // readiness line gets a fresh port.
+        for _ in 0..4 {
+            if server.try_launch().is_ok() {
+                return server;
+            }
+            server.addr.set_port(port_outside_the_ephemeral_range());
+        }
         server.launch();
         server
     }
@@ -77,6 +86,14 @@ impl Server {
     /// Starts the process (again) on the same config and data; a restart
     /// keeps the port it had.
     pub fn launch(&mut self) {
+        if let Err(exit) = self.try_launch() {
+            panic!("server exited before reporting readiness: {exit}");
+        }
+    }
+
+    /// `launch`, but a server that exits before its readiness line (its
+    /// error is on stderr) is an `Err` with its exit status.
+    fn try_launch(&mut self) -> Result<(), String> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
         command.arg("serve").arg("--config").arg(&self.config_path);
         if self.addr.port() != 0 {
@@ -102,6 +119,7 @@ impl Server {
         });
         let line = match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(Some(Ok(line))) => line,
+            Ok(None) => return Err(format!("{:?}", child.wait())),
             other => {
                 let _ = child.kill();
                 panic!("server did not report readiness within 30 s: {other:?}");
@@ -135,6 +153,7 @@ impl Server {
                 key.try_into().unwrap()
             });
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
