@@ -575,12 +575,12 @@ async fn shard_main(start: ShardStart) {
 /// loop never runs dry, so a finished fdatasync waited for the timer: at
 /// 5 ms, commits at 245,000 group deliveries/s took 8-10 ms instead of the
 /// disk's 0.6, and the members' deliveries waited with them. 1 ms cut that
-/// to 3.3 ms and the deliver p99 from 53-56 to 41-44 ms. In 1:1 runs the
-/// CPU per message moved within noise with `os` (2,000-20,000 msg/s) and
-/// by up to 6 % with `fsync` at 20,000 msg/s, whose p99 fell from 19-23 to
-/// 12-16 ms (docs/benchmarks.md, "The executor's preemption timer").
-/// Shorter costs: 250 µs took 17-28 % more CPU per message at 10,000 msg/s
-/// with `os`.
+/// to about 3 ms and the deliver p99 from 53-56 to 38-45 ms (six runs). In
+/// 1:1 runs the CPU per message moved within noise with `os` (2,000-20,000
+/// msg/s) and by up to 6 % with `fsync` at 20,000 msg/s, whose p99 fell
+/// from 19-23 to 12-16 ms (docs/benchmarks.md, "The executor's preemption
+/// timer"). Shorter costs: 250 µs took 17-28 % more CPU per message at
+/// 10,000 msg/s with `os`.
 const PREEMPT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Awaits `future`, polling it again every few milliseconds even when
