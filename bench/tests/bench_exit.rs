@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader, ErrorKind};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
@@ -103,7 +103,24 @@ impl Run {
         // Orphaned workers come to this process, so one that its coordinator
         // left unreaped is seen as our zombie.
         nix::sys::prctl::set_child_subreaper(true).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"));
+        // The tests send SIGINT and SIGHUP, which a run keeps ignoring when
+        // its starter ignored them (`nohup`; a script's background job
+        // ignores SIGINT), so the run starts with their default actions
+        // whatever this test process inherited.
+        // SAFETY: the closure runs between fork and exec, where only
+        // async-signal-safe calls are allowed: it makes only sigaction
+        // calls (async-signal-safe) and allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+                for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+                    sigaction(signal, &default)?;
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .args(args)
             .args(["--quiet"])
             .env("RUST_BACKTRACE", "0")
