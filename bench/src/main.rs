@@ -74,6 +74,17 @@ enum Scenario {
     Media(media::MediaArgs),
     /// Print two JSON results side by side.
     Compare { a: PathBuf, b: PathBuf },
+    /// Draw deliver p50 and p99 against offered rate from JSON results
+    /// (each `--rate max` search's steps, or a run's one rate) as one SVG,
+    /// and print the points. `LABEL=FILE`; files with the same label form
+    /// one series.
+    Curve {
+        /// The SVG to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        runs: Vec<String>,
+    },
     /// Internal: a worker process (started by the coordinator).
     #[command(hide = true)]
     Worker,
@@ -259,7 +270,10 @@ struct ChurnArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if !matches!(cli.command, Scenario::Worker | Scenario::Compare { .. }) {
+    if !matches!(
+        cli.command,
+        Scenario::Worker | Scenario::Compare { .. } | Scenario::Curve { .. }
+    ) {
         // Before any other thread starts, so every thread blocks the stop
         // signals and Ctrl-C reaches the thread that kills the workers.
         reaper::handle_stop_signals()?;
@@ -275,6 +289,27 @@ fn main() -> anyhow::Result<()> {
             };
             print!("{}", report::compare(&read(&a)?, &read(&b)?));
             Ok(())
+        }
+        Scenario::Curve { out, runs } => {
+            let mut series: Vec<(String, Vec<report::CurvePoint>)> = Vec::new();
+            for run in &runs {
+                let (label, file) = run
+                    .split_once('=')
+                    .with_context(|| format!("{run}: expected LABEL=FILE"))?;
+                let text =
+                    std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+                let points = report::curve_points(&serde_json::from_str(&text)?);
+                anyhow::ensure!(!points.is_empty(), "{file}: no rate with a deliver p99");
+                match series.iter_mut().find(|(l, _)| l == label) {
+                    Some((_, all)) => all.extend(points),
+                    None => series.push((label.to_string(), points)),
+                }
+            }
+            for (_, points) in &mut series {
+                points.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+            }
+            print!("{}", report::curve_table(&series));
+            report::curve(&out, &series)
         }
         Scenario::Connect(common) => Run::start("connect", common, None)?.connect(),
         Scenario::Idle(common) => Run::start("idle", common, None)?.idle(),
@@ -678,6 +713,7 @@ impl Run {
                 let step = run_step(self, rate)?;
                 let ok = step.ok(search.p99_max_ms);
                 trail.push(json!({"rate": rate, "delivered": step.result.delivered, "offered": step.result.offered,
+                    "deliver_p50_us": step.chain.deliver.summary().p50,
                     "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok, "attempt": attempt,
                     "deliveries_per_server_core_s": step.deliveries_per_server_core_s(),
                     "cpu": step.cpu_json()}));

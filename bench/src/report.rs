@@ -250,6 +250,133 @@ pub fn plot(path: &Path, title: &str, seconds: &[Second]) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// One offered rate's deliver latency, for [`curve`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CurvePoint {
+    pub rate: f64,
+    /// Microseconds; `None` where the report did not record it.
+    pub p50_us: Option<f64>,
+    pub p99_us: f64,
+    /// The harness's busiest thread was at least 0.90 busy at this rate.
+    pub harness_bound: bool,
+}
+
+/// The points a JSON report holds: every step of a `--rate max` search
+/// (`search`), or else the run's one offered rate. Sorted by rate.
+pub fn curve_points(report: &Value) -> Vec<CurvePoint> {
+    let mut points: Vec<CurvePoint> = match report["search"].as_array() {
+        Some(steps) => steps
+            .iter()
+            .filter_map(|step| {
+                Some(CurvePoint {
+                    rate: step["rate"].as_f64()?,
+                    p50_us: step["deliver_p50_us"].as_f64(),
+                    p99_us: step["deliver_p99_us"].as_f64()?,
+                    harness_bound: step["cpu"]["harness_bound"] == true,
+                })
+            })
+            .collect(),
+        None => (|| {
+            let deliver = &report["latency_us"]["deliver"];
+            Some(CurvePoint {
+                rate: report["rates"]["offered_msgs_per_s"].as_f64()?,
+                p50_us: deliver["p50"].as_f64(),
+                p99_us: deliver["p99"].as_f64()?,
+                harness_bound: report["cpu"]["harness_bound"] == true,
+            })
+        })()
+        .into_iter()
+        .collect(),
+    };
+    points.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    points
+}
+
+/// The points of each series as text, one line per point.
+pub fn curve_table(series: &[(String, Vec<CurvePoint>)]) -> String {
+    let mut out = format!(
+        "{:<24} {:>10} {:>12} {:>12}\n",
+        "series", "msg/s", "p50 ms", "p99 ms"
+    );
+    for (label, points) in series {
+        for p in points {
+            let p50 = p
+                .p50_us
+                .map_or("-".to_string(), |v| format!("{:.2}", v / 1000.0));
+            out.push_str(&format!(
+                "{label:<24} {:>10.0} {p50:>12} {:>12.2}  {}\n",
+                p.rate,
+                p.p99_us / 1000.0,
+                if p.harness_bound { "yes" } else { "no" }
+            ));
+        }
+    }
+    out
+}
+
+/// Deliver p50 (thin) and p99 (thick) against offered rate, one colour per
+/// series, latency on a log scale, as SVG.
+pub fn curve(path: &Path, series: &[(String, Vec<CurvePoint>)]) -> anyhow::Result<()> {
+    let all = || series.iter().flat_map(|(_, points)| points.iter());
+    anyhow::ensure!(all().next().is_some(), "no points to draw");
+    let rate_max = all().map(|p| p.rate).fold(1.0, f64::max);
+    let latency_ms = |us: f64| (us / 1000.0).max(0.01);
+    let ms_max = all().map(|p| latency_ms(p.p99_us)).fold(0.01, f64::max);
+    let ms_min = all()
+        .flat_map(|p| [p.p50_us, Some(p.p99_us)].into_iter().flatten())
+        .map(latency_ms)
+        .fold(ms_max, f64::min);
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "deliver latency against offered rate (p50 thin, p99 thick)",
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            0f64..rate_max * 1.05,
+            (ms_min * 0.8..ms_max * 1.25).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("offered msg/s")
+        .y_desc("ms")
+        .draw()?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (label, points)) in series.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.rate, latency_ms(p.p99_us))),
+                color.stroke_width(3),
+            ))?
+            .label(format!("{label} p99"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        chart
+            .draw_series(LineSeries::new(
+                points
+                    .iter()
+                    .filter_map(|p| Some((p.rate, latency_ms(p.p50_us?)))),
+                color.stroke_width(1),
+            ))?
+            .label(format!("{label} p50"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,6 +476,60 @@ mod tests {
             "{text}"
         );
         assert_eq!(row(&text, "delivered msg/s"), None, "{text}");
+    }
+
+    #[test]
+    fn curve_reads_a_search_and_a_single_rate_and_draws_both() {
+        let search = json!({"search": [
+            {"rate": 8000.0, "deliver_p50_us": 900.0, "deliver_p99_us": 12000.0,
+                "cpu": {"harness_bound": true}},
+            {"rate": 4000.0, "deliver_p50_us": 700.0, "deliver_p99_us": 2000.0},
+            {"rate": 6000.0, "deliver_p99_us": 5000.0},
+            {"rate": 7000.0}
+        ]});
+        let points = curve_points(&search);
+        let rates: Vec<f64> = points.iter().map(|p| p.rate).collect();
+        assert_eq!(
+            rates,
+            [4000.0, 6000.0, 8000.0],
+            "a step without a p99 is left out"
+        );
+        assert_eq!(points[1].p50_us, None);
+        let single = json!({"rates": {"offered_msgs_per_s": 10000.0},
+            "latency_us": {"deliver": {"p50": 150, "p99": 2500}}});
+        assert_eq!(
+            curve_points(&single),
+            [CurvePoint {
+                rate: 10000.0,
+                p50_us: Some(150.0),
+                p99_us: 2500.0,
+                harness_bound: false
+            }]
+        );
+        let series = vec![
+            ("Switchboard".to_string(), points),
+            ("mosquitto".to_string(), curve_points(&single)),
+        ];
+        let text = curve_table(&series);
+        assert!(
+            text.contains("Switchboard                    6000            -         5.00  no"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Switchboard                    8000         0.90        12.00  yes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mosquitto                     10000         0.15         2.50  no"),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.svg");
+        curve(&path, &series).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("Switchboard p99") && svg.contains("mosquitto p50"));
+        assert!(curve(&path, &[("empty".into(), vec![])]).is_err());
     }
 
     #[test]
