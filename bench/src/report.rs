@@ -314,8 +314,47 @@ pub fn curve_table(series: &[(String, Vec<CurvePoint>)]) -> String {
     out
 }
 
+/// The runs of one rate in a series: lowest, median and highest value.
+#[derive(Debug, PartialEq)]
+struct Spread {
+    rate: f64,
+    low: f64,
+    median: f64,
+    high: f64,
+}
+
+/// `value` of `points` (sorted by rate) gathered per rate; points without
+/// a value are left out.
+fn spread_by_rate(
+    points: &[CurvePoint],
+    value: impl Fn(&CurvePoint) -> Option<f64>,
+) -> Vec<Spread> {
+    let mut spreads = Vec::new();
+    let mut rest = points;
+    while let Some(first) = rest.first() {
+        let same = rest.iter().take_while(|p| p.rate == first.rate).count();
+        let mut values: Vec<f64> = rest[..same].iter().filter_map(&value).collect();
+        rest = &rest[same..];
+        values.sort_by(f64::total_cmp);
+        let (Some(&low), Some(&high)) = (values.first(), values.last()) else {
+            continue;
+        };
+        let n = values.len();
+        let median = (values[(n - 1) / 2] + values[n / 2]) / 2.0;
+        spreads.push(Spread {
+            rate: first.rate,
+            low,
+            median,
+            high,
+        });
+    }
+    spreads
+}
+
 /// Deliver p50 (thin) and p99 (thick) against offered rate, one colour per
-/// series, latency on a log scale, as SVG.
+/// series, latency on a log scale, as SVG. Where a series measured a rate
+/// more than once the line goes through the runs' median, and a vertical
+/// stroke spans the lowest to the highest run.
 pub fn curve(path: &Path, series: &[(String, Vec<CurvePoint>)]) -> anyhow::Result<()> {
     let all = || series.iter().flat_map(|(_, points)| points.iter());
     anyhow::ensure!(all().next().is_some(), "no points to draw");
@@ -344,28 +383,31 @@ pub fn curve(path: &Path, series: &[(String, Vec<CurvePoint>)]) -> anyhow::Resul
         .configure_mesh()
         .x_desc("offered msg/s")
         .y_desc("ms")
+        .x_label_formatter(&|rate| format!("{rate:.0}"))
+        .y_label_formatter(&|ms| format!("{ms}"))
         .draw()?;
     let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (i, (label, points)) in series.iter().enumerate() {
         let color = colors[i % colors.len()];
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|p| (p.rate, latency_ms(p.p99_us))),
-                color.stroke_width(3),
-            ))?
-            .label(format!("{label} p99"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-            });
-        chart
-            .draw_series(LineSeries::new(
-                points
+        let p99: fn(&CurvePoint) -> Option<f64> = |p| Some(p.p99_us);
+        let p50: fn(&CurvePoint) -> Option<f64> = |p| p.p50_us;
+        for (name, width, value) in [("p99", 3, p99), ("p50", 1, p50)] {
+            let spreads = spread_by_rate(points, |p| value(p).map(latency_ms));
+            let style = color.stroke_width(width);
+            chart
+                .draw_series(LineSeries::new(
+                    spreads.iter().map(|s| (s.rate, s.median)),
+                    style,
+                ))?
+                .label(format!("{label} {name}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            chart.draw_series(
+                spreads
                     .iter()
-                    .filter_map(|p| Some((p.rate, latency_ms(p.p50_us?)))),
-                color.stroke_width(1),
-            ))?
-            .label(format!("{label} p50"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                    .filter(|s| s.high > s.low)
+                    .map(|s| PathElement::new(vec![(s.rate, s.low), (s.rate, s.high)], style)),
+            )?;
+        }
     }
     chart
         .configure_series_labels()
@@ -530,6 +572,40 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("Switchboard p99") && svg.contains("mosquitto p50"));
         assert!(curve(&path, &[("empty".into(), vec![])]).is_err());
+    }
+
+    #[test]
+    fn spreads_gather_the_runs_of_each_rate() {
+        let point = |rate, p50_us, p99_us| CurvePoint {
+            rate,
+            p50_us,
+            p99_us,
+            harness_bound: false,
+        };
+        let points = [
+            point(1000.0, Some(1.0), 10.0),
+            point(1000.0, None, 30.0),
+            point(1000.0, Some(3.0), 20.0),
+            point(2000.0, None, 5.0),
+        ];
+        let spread = |rate, low, median, high| Spread {
+            rate,
+            low,
+            median,
+            high,
+        };
+        assert_eq!(
+            spread_by_rate(&points, |p| Some(p.p99_us)),
+            [
+                spread(1000.0, 10.0, 20.0, 30.0),
+                spread(2000.0, 5.0, 5.0, 5.0)
+            ]
+        );
+        assert_eq!(
+            spread_by_rate(&points, |p| p.p50_us),
+            [spread(1000.0, 1.0, 2.0, 3.0)],
+            "an even count's median is the mean of the middle two; a rate without values is left out"
+        );
     }
 
     #[test]
