@@ -464,7 +464,8 @@ pub struct ShardMetrics {
     pub log_bytes: Gauge,
     /// Segment files of this shard's log (gauge).
     pub log_segments: Gauge,
-    /// Time from the first append of a group commit to its fdatasync completing.
+    /// Time of a group commit's fdatasyncs: from submitting them to the shard
+    /// seeing them done, the executor's wait to reap them included.
     pub commit_latency: LatencyHistogram,
     /// Messages waiting in this shard's inbound channels from other shards (gauge).
     pub shard_channel_depth: Gauge,
@@ -1107,7 +1108,7 @@ impl Registry {
         self.histogram(
             out,
             "switchboard_commit_latency_microseconds",
-            "Group commit latency, first append to fdatasync done, in microseconds.",
+            "Group commit latency, fdatasyncs submitted to seen done by the shard, in microseconds.",
             |m| &m.commit_latency,
         );
     }
