@@ -106,6 +106,34 @@ fn exchange_on_a_server(durability: Durability, batch_us: u32) {
         c.store.durability = durability;
     });
     exchange(&server);
+    // With `fsync` the log's fdatasyncs went through the socket ring, so
+    // the wait there saw them complete; with `os` there are none.
+    match durability {
+        Durability::Fsync => wait_for_ring_syncs(&server),
+        Durability::Os => {
+            std::thread::sleep(Duration::from_millis(1_500));
+            assert_eq!(ring_syncs(&server), 0.0);
+        }
+    }
+}
+
+/// fdatasyncs through the socket ring, as the admin endpoint reports them.
+fn ring_syncs(server: &Server) -> f64 {
+    let (_, text) = common::admin_get(server.admin, "/metrics");
+    common::metric_sum(&text, "switchboard_socket_ring_syncs_total", "")
+}
+
+/// Waits (5 s at most) for the metrics, published once a maintenance tick,
+/// to count an fdatasync through the socket ring.
+fn wait_for_ring_syncs(server: &Server) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ring_syncs(server) == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fdatasync went through the socket ring"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -159,6 +187,9 @@ fn a_kill_9_loses_no_acknowledged_message() {
         ids.sort_unstable();
         assert_eq!(ids, (first..=last).collect::<Vec<_>>());
     }
+    // Acknowledged after fdatasyncs through the socket ring (`fsync` is the
+    // tests' durability).
+    wait_for_ring_syncs(&server);
     server.kill9();
     server.launch();
     let (mut b, _) = RawClient::login(server.addr, &bob);

@@ -478,6 +478,8 @@ pub struct ShardMetrics {
     pub socket_ring_enters: Counter,
     /// Completions reaped from the socket ring.
     pub socket_ring_completions: Counter,
+    /// The log's fdatasyncs that went through the socket ring.
+    pub socket_ring_syncs: Counter,
     /// Receives re-armed because the provided-buffer ring was empty.
     pub socket_ring_no_buffers: Counter,
     /// Completions that named a connection already gone (expected 0).
@@ -828,6 +830,12 @@ impl Registry {
             "switchboard_socket_ring_completions_total",
             "Completions reaped from the shard's socket ring.",
             |m| m.socket_ring_completions.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_socket_ring_syncs_total",
+            "The log's fdatasyncs that went through the shard's socket ring (with server.socket_wait_in_ring).",
+            |m| m.socket_ring_syncs.get(),
         );
         self.counter(
             out,

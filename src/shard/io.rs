@@ -32,7 +32,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -162,6 +162,21 @@ pub struct Sockets {
     opening: RefCell<Vec<ConnId>>,
     /// The server's Noise static keys (`None`: Noise is off).
     noise_keys: Option<Arc<ServerKeys>>,
+    /// `server.socket_wait_in_ring` in effect: the loop sleeps in the ring
+    /// while traffic lasts, and the log's fdatasyncs go through the ring.
+    wait_in_ring: bool,
+    /// The log's fdatasyncs in flight through the ring.
+    syncs: RefCell<RingSyncs>,
+    /// The loop has ended: fdatasyncs go through the executor's ring again.
+    loop_ended: Cell<bool>,
+}
+
+/// fdatasyncs through the socket ring, by the number the driver reports.
+#[derive(Default)]
+struct RingSyncs {
+    next: u32,
+    /// The result once in, and the waker of the commit awaiting it.
+    in_flight: HashMap<u32, (Option<std::io::Result<()>>, Option<std::task::Waker>)>,
 }
 
 impl Sockets {
@@ -187,7 +202,71 @@ impl Sockets {
             sessions: Cell::new(0),
             opening: RefCell::new(Vec::new()),
             noise_keys,
+            wait_in_ring: config.server.socket_wait_in_ring
+                && config.server.socket_poll_interval_us > 0,
+            syncs: RefCell::new(RingSyncs::default()),
+            loop_ended: Cell::new(false),
         })
+    }
+
+    /// Whether the log's fdatasyncs go through this ring
+    /// ([`Sockets::fdatasync`]): with `server.socket_wait_in_ring`, while
+    /// the loop runs. A loop asleep in its ring would see an fdatasync
+    /// complete on the executor's ring only at its next socket event or
+    /// look; one through its own ring wakes it.
+    pub fn syncs_in_ring(&self) -> bool {
+        self.wait_in_ring && !self.loop_ended.get()
+    }
+
+    /// Whether an fdatasync through the ring is in flight.
+    fn sync_in_flight(&self) -> bool {
+        !self.syncs.borrow().in_flight.is_empty()
+    }
+
+    /// fdatasync of `fd` through the ring; `fd` must stay open until this
+    /// returns. Cancel safety: a call dropped before its completion leaves
+    /// an entry behind, which the completion fills and nothing reads (the
+    /// commit loop is dropped only with the shard).
+    pub async fn fdatasync(&self, fd: RawFd) -> std::io::Result<()> {
+        let number = {
+            let mut syncs = self.syncs.borrow_mut();
+            let number = syncs.next;
+            syncs.next = number.wrapping_add(1);
+            syncs.in_flight.insert(number, (None, None));
+            number
+        };
+        if let Err(err) = self.driver.borrow_mut().fdatasync(fd, number) {
+            self.syncs.borrow_mut().in_flight.remove(&number);
+            return Err(std::io::Error::other(err));
+        }
+        futures_lite::future::poll_fn(|cx| {
+            let mut syncs = self.syncs.borrow_mut();
+            let entry = syncs
+                .in_flight
+                .get_mut(&number)
+                .expect("an fdatasync's entry lives until its caller reads it");
+            match entry.0.take() {
+                Some(result) => {
+                    syncs.in_flight.remove(&number);
+                    std::task::Poll::Ready(result)
+                }
+                None => {
+                    entry.1 = Some(cx.waker().clone());
+                    std::task::Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    fn synced(&self, number: u32, result: std::io::Result<()>) {
+        let mut syncs = self.syncs.borrow_mut();
+        if let Some(entry) = syncs.in_flight.get_mut(&number) {
+            entry.0 = Some(result);
+            if let Some(waker) = entry.1.take() {
+                waker.wake();
+            }
+        }
     }
 
     pub fn notifier(&self) -> Notifier {
@@ -218,6 +297,7 @@ impl Sockets {
         let stats = self.stats();
         metrics.socket_ring_enters.set_total(stats.enters);
         metrics.socket_ring_completions.set_total(stats.completions);
+        metrics.socket_ring_syncs.set_total(stats.syncs);
         metrics.socket_ring_no_buffers.set_total(stats.no_buffers);
         metrics
             .socket_ring_stale_completions
@@ -395,7 +475,7 @@ pub async fn run(shard: Rc<Shard>) {
     let mut opening = Vec::new();
     let poll_every = Duration::from_micros(u64::from(shard.config.server.socket_poll_interval_us));
     let mut last_traffic_ms = 0u64;
-    let wait_in_ring = shard.config.server.socket_wait_in_ring && !poll_every.is_zero();
+    let wait_in_ring = shard.sockets.wait_in_ring;
     let batch_us = shard.config.server.socket_wait_batch_us;
     if wait_in_ring && batch_us > 0 && !shard.sockets.driver.borrow().supports_wait_batch() {
         warn!(
@@ -406,11 +486,15 @@ pub async fn run(shard: Rc<Shard>) {
     loop {
         let active =
             crate::metrics::monotonic_ms().saturating_sub(last_traffic_ms) < POLL_ACTIVE_WINDOW_MS;
-        if wait_in_ring && active && shard.engine.borrow().commit_idle() {
+        let commit_waits_on_ring =
+            shard.sockets.sync_in_flight() || shard.engine.borrow().commit_idle();
+        if wait_in_ring && active && commit_waits_on_ring {
             // Sleep in the socket ring: the kernel wakes this thread as soon
             // as a socket has work, with no eventfd in between. Only while
-            // no commit is pending, whose completion comes through the
-            // executor's ring; then yield so the executor's other tasks run.
+            // the commit is idle or waits on an fdatasync in this ring (the
+            // log's syncs go through it, `Sockets::fdatasync`): a commit
+            // about to run needs the executor. Then yield so the executor's
+            // other tasks (the commit a completion woke) run.
             let signalled = notifier.take();
             if !signalled
                 && !shard
@@ -419,6 +503,14 @@ pub async fn run(shard: Rc<Shard>) {
                     .borrow_mut()
                     .must_turn_before_ring_wait()
             {
+                // A wait while an fdatasync is in flight does not gather:
+                // its completion ends the wait at once, since the batch's
+                // acknowledgements wait on it.
+                let batch_us = if shard.sockets.sync_in_flight() {
+                    0
+                } else {
+                    batch_us
+                };
                 if let Err(err) = shard
                     .sockets
                     .driver
@@ -472,6 +564,7 @@ pub async fn run(shard: Rc<Shard>) {
             flush(&shard, socket);
         }
         if shard.sockets.finished.get() && shard.sockets.driver.borrow().is_idle() {
+            shard.sockets.loop_ended.set(true);
             return;
         }
         glommio::yield_if_needed().await;
@@ -499,6 +592,7 @@ fn on_event(shard: &Rc<Shard>, event: Event) {
             }
             shard.connection_closed();
         }
+        Event::Synced { number, result } => shard.sockets.synced(number, result),
         Event::Released {
             conn,
             fd,

@@ -1104,7 +1104,12 @@ impl Shard {
             let batch = self.engine.borrow_mut().log_mut().begin_commit();
             if let Some(batch) = batch {
                 let started = Instant::now();
-                if let Err(err) = batch.sync().await {
+                let synced = if self.sockets.syncs_in_ring() {
+                    self.sync_in_ring(&batch).await
+                } else {
+                    batch.sync().await
+                };
+                if let Err(err) = synced {
                     error!(shard = %self.id, %err, "fdatasync of the log failed; exiting without acknowledging more");
                     std::process::exit(70);
                 }
@@ -1117,6 +1122,19 @@ impl Shard {
             self.prepare_spare();
             glommio::yield_if_needed().await;
         }
+    }
+
+    /// `CommitBatch::sync` through the socket ring (`Sockets::fdatasync`),
+    /// one file after another in the batch's order.
+    async fn sync_in_ring(
+        &self,
+        batch: &crate::store::CommitBatch,
+    ) -> Result<(), crate::store::StoreError> {
+        use std::os::fd::AsRawFd;
+        for handle in batch.sync_files()? {
+            self.sockets.fdatasync(handle.file.as_raw_fd()).await?;
+        }
+        Ok(())
     }
 
     /// Has the log's next segment file made ahead of its roll, the

@@ -121,8 +121,14 @@ impl Server {
             Ok(Some(Ok(line))) => line,
             Ok(None) => return Err(format!("{:?}", child.wait())),
             other => {
+                // What each thread waits in, to tell a hang from a slow start,
+                // and where each is, when gdb is there to say.
+                let threads = thread_states(child.id());
+                let stacks = thread_stacks(child.id());
                 let _ = child.kill();
-                panic!("server did not report readiness within 30 s: {other:?}");
+                panic!(
+                    "server did not report readiness within 30 s: {other:?}; threads:\n{threads}\n{stacks}"
+                );
             }
         };
         // "switchboard listening on ADDR with N shards, admin on http://ADDR"
@@ -256,6 +262,54 @@ pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
+}
+
+/// One line per thread of process `pid`: its id, name, state and the
+/// kernel function it sleeps in.
+fn thread_states(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".into();
+    };
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let mut lines: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let dir = task.path();
+            let stat = read(dir.join("stat"));
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .unwrap_or("?")
+                .to_string();
+            format!(
+                "{} {} {state} {}",
+                task.file_name().to_string_lossy(),
+                read(dir.join("comm")),
+                read(dir.join("wchan"))
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+/// Every thread's stack of process `pid` from gdb (at most 20 s), or
+/// nothing when gdb is not installed.
+fn thread_stacks(pid: u32) -> String {
+    let output = Command::new("timeout")
+        .args(["20", "gdb", "-batch", "-p", &pid.to_string()])
+        .args(["-ex", "thread apply all bt 25"])
+        .stdin(Stdio::null())
+        .output();
+    match output {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        _ => String::new(),
+    }
 }
 
 impl Drop for Server {

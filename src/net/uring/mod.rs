@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -297,6 +297,8 @@ pub enum Event {
         buffered: Bytes,
         sealing: Option<Box<Sealing>>,
     },
+    /// The fdatasync `Driver::fdatasync` numbered `number` finished.
+    Synced { number: u32, result: io::Result<()> },
 }
 
 /// A Noise connection's transport: the cipher states of both directions
@@ -355,6 +357,8 @@ pub struct DriverStats {
     pub eventfd_wakeups: u64,
     /// Completions whose connection was gone (expected: 0).
     pub stale_completions: u64,
+    /// fdatasyncs completed through the ring (`Driver::fdatasync`).
+    pub syncs: u64,
     /// Connections accepted.
     pub accepted: u64,
     /// Accepted sockets closed at once (table full or shutting down).
@@ -532,6 +536,7 @@ pub struct Driver {
     /// still produce are closed at once.
     accept_stopped: bool,
     stale_completions: u64,
+    syncs: u64,
     accepted: u64,
     refused: u64,
     accept_retries: u64,
@@ -599,6 +604,7 @@ impl Driver {
             shutting_down: false,
             accept_stopped: false,
             stale_completions: 0,
+            syncs: 0,
             accepted: 0,
             refused: 0,
             accept_retries: 0,
@@ -625,6 +631,7 @@ impl Driver {
             no_buffers: ring.no_buffers,
             eventfd_wakeups: self.shared.eventfd_wakeups.get(),
             stale_completions: self.stale_completions,
+            syncs: self.syncs,
             accepted: self.accepted,
             refused: self.refused,
             accept_retries: self.accept_retries,
@@ -906,6 +913,18 @@ impl Driver {
         Ok(())
     }
 
+    /// fdatasync of `fd` through the ring, submitted at the loop's next enter
+    /// (in the same enter as a wait in the ring) and run by the kernel on a
+    /// worker thread; `Event::Synced` with `number` reports it. `fd` must
+    /// stay open until then. The shard's log syncs this way while its loop
+    /// waits in the ring, so the completion wakes that wait.
+    pub fn fdatasync(&mut self, fd: RawFd, number: u32) -> Result<(), UringError> {
+        self.ring
+            .fdatasync(fd, listener_token(Kind::Sync, number))?;
+        self.shared.signal();
+        Ok(())
+    }
+
     /// Stops accepting; connections already accepted carry on (a graceful
     /// stop lets them flush a last frame before `shutdown`).
     pub fn stop_accepting(&mut self) -> Result<(), UringError> {
@@ -1149,6 +1168,19 @@ impl Driver {
                 Ok(())
             }
             Kind::Drain => Ok(()),
+            Kind::Sync => {
+                self.syncs += 1;
+                let result = if completion.result < 0 {
+                    Err(io::Error::from_raw_os_error(-completion.result))
+                } else {
+                    Ok(())
+                };
+                out.push(Event::Synced {
+                    number: token.index,
+                    result,
+                });
+                Ok(())
+            }
             Kind::Recv => self.on_recv(completion, out),
             Kind::Send => self.on_send(completion, out),
             Kind::Cancel | Kind::Shutdown | Kind::Linger => {

@@ -46,6 +46,8 @@ pub enum Kind {
     Linger = 7,
     /// Cancels issued by `Ring::drop`; no record behind them.
     Drain = 8,
+    /// An fdatasync for the shard's log; `index` is the caller's number.
+    Sync = 9,
 }
 
 impl Kind {
@@ -59,6 +61,7 @@ impl Kind {
             6 => Kind::Shutdown,
             7 => Kind::Linger,
             8 => Kind::Drain,
+            9 => Kind::Sync,
             _ => return None,
         })
     }
@@ -453,6 +456,16 @@ impl Ring {
         };
         self.cancel(target, token)?;
         Ok(true)
+    }
+
+    /// fdatasync of `fd`, which must stay open until its completion; the
+    /// kernel runs it on a worker thread.
+    pub fn fdatasync(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
+        let entry = opcode::Fsync::new(types::Fd(fd))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .user_data(token.encode());
+        self.push(entry)
     }
 
     pub fn shutdown_write(&mut self, fd: RawFd, token: Token) -> io::Result<()> {
