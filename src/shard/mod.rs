@@ -438,6 +438,10 @@ pub struct Shard {
     commit_waker: Cell<Option<std::task::Waker>>,
     started: Instant,
     pub stopping: Cell<bool>,
+    /// The executor's task queue the shard's tasks run in: its latency
+    /// setting is what makes the executor look at its rings every
+    /// `server::PREEMPT_INTERVAL` while they run.
+    queue: glommio::TaskQueueHandle,
 }
 
 impl Shard {
@@ -475,6 +479,7 @@ impl Shard {
             commit_waker: Cell::new(None),
             started: Instant::now(),
             stopping: Cell::new(false),
+            queue: crate::shard::server::shard_task_queue(),
         }
     }
 
@@ -509,7 +514,17 @@ impl Shard {
 
     /// Starts a detached task of the shard, its polls timed as `task`.
     pub fn spawn(&self, task: ShardTask, future: impl Future<Output = ()> + 'static) {
-        glommio::spawn_local(timed(self.metrics.clone(), task, future)).detach();
+        self.spawn_joinable(task, future).detach();
+    }
+
+    /// `spawn`, keeping the task's handle.
+    pub fn spawn_joinable<T: 'static>(
+        &self,
+        task: ShardTask,
+        future: impl Future<Output = T> + 'static,
+    ) -> glommio::Task<T> {
+        glommio::spawn_local_into(timed(self.metrics.clone(), task, future), self.queue)
+            .expect("the shard's task queue lives as long as its executor")
     }
 
     // ---- sessions -------------------------------------------------------

@@ -292,7 +292,7 @@ pub fn run(
             .name(&format!("shard-{index}"))
             // Polled I/O is not used; no spinning so an idle shard sleeps.
             .spin_before_park(Duration::from_millis(0))
-            .preempt_timer(PREEMPT_INTERVAL);
+            .preempt_timer(START_PREEMPT_INTERVAL);
         let handle = builder
             .spawn(move || shard_main(start))
             .map_err(|e| ServerError::Executor(e.to_string()))?;
@@ -502,11 +502,8 @@ async fn shard_main(start: ShardStart) {
             .send(Err(format!("accepting on its listener: {err}")));
         return;
     }
-    let socket_loop = glommio::spawn_local(crate::shard::timed(
-        shard.metrics.clone(),
-        ShardTask::Sockets,
-        crate::shard::io::run(shard.clone()),
-    ));
+    let socket_loop =
+        shard.spawn_joinable(ShardTask::Sockets, crate::shard::io::run(shard.clone()));
     shard.metrics.set_recovered(true);
     let _ = start.ready.send(Ok(id));
     while !shard.stopping.get() {
@@ -581,7 +578,31 @@ async fn shard_main(start: ShardStart) {
 /// from 19-23 to 12-16 ms (docs/benchmarks.md, "The executor's preemption
 /// timer"). Shorter costs: 250 µs took 17-28 % more CPU per message at
 /// 10,000 msg/s with `os`.
-const PREEMPT_INTERVAL: Duration = Duration::from_millis(1);
+pub const PREEMPT_INTERVAL: Duration = Duration::from_millis(1);
+
+/// The executor's own preemption timer, which applies while no task of the
+/// shard's queue (`shard_task_queue`, `PREEMPT_INTERVAL`) is runnable: at
+/// start, before the shard's first task runs.
+///
+/// glommio 0.9 arms the timer, then runs its task queues, and stops before
+/// the first if the timer has already fired; it then parks as if nothing
+/// were runnable. A thread descheduled for longer than the timer in that
+/// window at start parked with the shard's first task never run and
+/// nothing to wake it: one start in about 250 with six two-shard servers
+/// starting at once on two CPUs, at 1 ms (and at 5 ms too). A timer this
+/// long makes that window need a 100 ms stall.
+const START_PREEMPT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A task queue for the shard's tasks whose latency requirement sets the
+/// executor's preemption timer to `PREEMPT_INTERVAL` while any of them is
+/// runnable. Must be called on the shard's executor.
+pub fn shard_task_queue() -> glommio::TaskQueueHandle {
+    glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::Matters(PREEMPT_INTERVAL),
+        "shard",
+    )
+}
 
 /// Awaits `future`, polling it again every few milliseconds even when
 /// nothing wakes it.
