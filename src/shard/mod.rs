@@ -1146,8 +1146,8 @@ impl Shard {
         batch: &crate::store::CommitBatch,
     ) -> Result<(), crate::store::StoreError> {
         use std::os::fd::AsRawFd;
-        for handle in batch.sync_files()? {
-            self.sockets.fdatasync(handle.file.as_raw_fd()).await?;
+        for handle in batch.sync_files() {
+            self.sockets.fdatasync(handle?.file.as_raw_fd()).await?;
         }
         Ok(())
     }

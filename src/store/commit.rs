@@ -88,24 +88,27 @@ impl CommitBatch {
     /// Cancel safety: dropping the future leaves the batch unfinished; drop
     /// the batch and call `begin_commit` again, which syncs its files anew.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        for handle in self.sync_files()? {
-            handle.fdatasync().await?;
+        for handle in self.sync_files() {
+            handle?.fdatasync().await?;
         }
         Ok(())
     }
 
     /// The files `sync` makes durable, in its order (the dirty segments,
     /// then the directory if segments were created or removed), once the
-    /// storage allows each: for a caller that runs the fdatasyncs itself
-    /// (the shard, through its socket ring). The same rules as `sync`: a
-    /// failure is fatal, and the files stay open while the batch lives.
-    pub fn sync_files(&self) -> Result<Vec<Rc<SyncHandle>>, StoreError> {
-        let mut files = Vec::with_capacity(self.files.len() + 1);
-        for handle in self.files.iter().map(|(h, _)| h).chain(&self.dir) {
-            self.storage.check_sync(&handle.path)?;
-            files.push(handle.clone());
-        }
-        Ok(files)
+    /// storage allows each, checked as each is reached: for a caller that
+    /// runs the fdatasyncs itself (the shard, through its socket ring). The
+    /// same rules as `sync`: a failure is fatal, and the files stay open
+    /// while the batch lives.
+    pub fn sync_files(&self) -> impl Iterator<Item = Result<&SyncHandle, StoreError>> + '_ {
+        self.files
+            .iter()
+            .map(|(h, _)| h)
+            .chain(&self.dir)
+            .map(|handle| {
+                self.storage.check_sync(&handle.path)?;
+                Ok(&**handle)
+            })
     }
 
     /// Makes the batch durable with blocking fdatasyncs on this thread,
