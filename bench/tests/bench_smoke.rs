@@ -92,12 +92,41 @@ fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
         .arg("--data-dir")
         .arg(data)
         .args(["--shards", "2", "--no-pin", "--log-level", "warn"])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("starting switchboard serve");
-    wait_listening(addr, &mut child, "switchboard serve");
+    wait_ready(&mut child);
     (Guard(child), addr)
+}
+
+/// Waits (bounded) for the server's readiness line, printed once every
+/// shard serves. Its port accepts before then (the listeners are bound
+/// before the shards start, and a connection waits in a shard's backlog),
+/// so the port says nothing about the shards. The rest of its stdout is
+/// read and dropped so the pipe never fills.
+fn wait_ready(child: &mut Child) {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("switchboard listening on ") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(()) => {}
+        Err(_) => match child.try_wait() {
+            Ok(Some(status)) => panic!("switchboard serve exited before ready: {status}"),
+            _ => panic!("switchboard serve did not report ready within 30 s"),
+        },
+    }
 }
 
 /// The mosquitto binary: on the PATH, or where Debian installs it

@@ -18,6 +18,7 @@
 
 pub mod io;
 pub mod server;
+mod start_watch;
 
 /// Runs `future`, timing each of its polls as shard task `task`
 /// (`ShardMetrics::task_polled`): a poll holds the shard's thread, so these

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
+
+use super::start_watch;
 use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
@@ -175,6 +177,8 @@ struct ShardStart {
     /// others' requests (receipts relayed to it), until it reaches 0.
     draining: Arc<AtomicU32>,
     ready: crossbeam_channel::Sender<Result<ShardId, String>>,
+    /// Set by the shard as it reports ready (see `start_watch`).
+    serving: Arc<AtomicBool>,
     pusher: Option<crate::push::Pusher>,
     /// What grants need: the media key and the base URL handed out.
     media: Option<(crate::media::token::MediaKey, Arc<str>)>,
@@ -277,6 +281,7 @@ pub fn run(
             stop: stop.clone(),
             draining: draining.clone(),
             ready: ready_tx.clone(),
+            serving: Arc::new(AtomicBool::new(false)),
             pusher: pusher.clone(),
             media: media.clone(),
             noise_keys: noise_keys.clone(),
@@ -289,28 +294,55 @@ pub fn run(
             Placement::Unbound
         };
         let builder = LocalExecutorBuilder::new(placement)
-            .name(&format!("shard-{index}"))
             // Polled I/O is not used; no spinning so an idle shard sleeps.
             .spin_before_park(Duration::from_millis(0))
             .preempt_timer(START_PREEMPT_INTERVAL);
-        let handle = builder
-            .spawn(move || shard_main(start))
+        let serving = start.serving.clone();
+        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let thread_tid = tid.clone();
+        let ready = ready_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{index}"))
+            .spawn(move || {
+                thread_tid.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
+                match builder.make() {
+                    Ok(executor) => executor.run(shard_main(start)),
+                    Err(err) => {
+                        let _ = ready.send(Err(format!("creating its executor: {err}")));
+                    }
+                }
+            })
             .map_err(|e| ServerError::Executor(e.to_string()))?;
-        handles.push(handle);
+        handles.push(start_watch::Starting::new(
+            index as u32,
+            thread,
+            tid,
+            serving,
+        ));
     }
     drop(ready_tx);
+    start_watch::install();
     let mut ready = 0;
     while ready < shards {
-        match ready_rx.recv() {
+        match ready_rx.recv_timeout(start_watch::INTERVAL) {
             Ok(Ok(_)) => ready += 1,
             Ok(Err(message)) => {
                 stop.store(true, Ordering::SeqCst);
                 return Err(ServerError::Shard(ready, message));
             }
-            Err(_) => {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                for starting in &mut handles {
+                    starting.wake_if_parked();
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 return Err(ServerError::Shard(ready, "exited during start".into()));
             }
         }
+    }
+    let woken: u32 = handles.iter().map(|starting| starting.woken).sum();
+    if woken > 0 {
+        info!(woken, "shard threads woken while starting");
     }
     on_ready(&Running {
         listen,
@@ -320,8 +352,8 @@ pub fn run(
         wss: wss_service.as_ref().map(|service| service.addr),
     });
     for handle in handles {
-        if let Err(err) = handle.join() {
-            error!(%err, "shard ended with an error");
+        if handle.thread.join().is_err() {
+            error!(shard = handle.shard, "shard thread panicked");
         }
     }
     if let Some((service, _)) = media_service {
@@ -505,6 +537,7 @@ async fn shard_main(start: ShardStart) {
     let socket_loop =
         shard.spawn_joinable(ShardTask::Sockets, crate::shard::io::run(shard.clone()));
     shard.metrics.set_recovered(true);
+    start.serving.store(true, Ordering::SeqCst);
     let _ = start.ready.send(Ok(id));
     while !shard.stopping.get() {
         glommio::timer::sleep(Duration::from_millis(50)).await;
