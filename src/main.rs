@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -297,13 +297,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_listener = std::net::TcpListener::bind(config.server.admin_listen)
         .with_context(|| format!("binding the admin listener {}", config.server.admin_listen))?;
     let admin_addr = admin_listener.local_addr()?;
-    let admin_stop = Arc::new(AtomicBool::new(false));
     let stats = ServiceStats {
         push: registry.push.clone(),
         media: registry.media.clone(),
         wss: registry.wss.clone(),
     };
-    let admin = serve_admin(admin_listener, registry, admin_stop.clone());
+    let admin =
+        serve_admin(admin_listener, registry).context("starting the admin endpoint's thread")?;
     switchboard::shard::server::run(config, metrics, stats, controls, |running| {
         let mut out = std::io::stdout().lock();
         let media = running
@@ -325,7 +325,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         let _ = out.flush();
     })?;
-    admin_stop.store(true, Ordering::SeqCst);
-    let _ = admin.join();
+    let _ = admin.stop();
     Ok(())
 }

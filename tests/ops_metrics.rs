@@ -2,29 +2,27 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard::metrics::{monotonic_ms, serve_admin, Registry, ADMIN_REQUEST_BYTES_MAX};
+use switchboard::metrics::{
+    monotonic_ms, serve_admin, AdminServer, Registry, ADMIN_REQUEST_BYTES_MAX,
+};
 use switchboard::proto::{ErrorCode, FrameType};
 
 struct Admin {
     address: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: Option<AdminServer>,
 }
 
 impl Admin {
     fn start(registry: Arc<Registry>) -> Admin {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = serve_admin(listener, registry, Arc::clone(&stop));
+        let server = serve_admin(listener, registry).unwrap();
         Admin {
             address,
-            stop,
-            thread: Some(thread),
+            server: Some(server),
         }
     }
 
@@ -56,9 +54,8 @@ impl Admin {
 
 impl Drop for Admin {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            thread.join().unwrap();
+        if let Some(server) = self.server.take() {
+            server.stop().unwrap();
         }
     }
 }
@@ -259,15 +256,18 @@ fn silent_client_does_not_block_the_endpoint_forever() {
 }
 
 #[test]
-fn stop_flag_ends_the_admin_thread() {
+fn stop_ends_the_admin_thread_asleep_or_serving() {
     let registry = Arc::new(Registry::new(1));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread = serve_admin(listener, registry, Arc::clone(&stop));
-    stop.store(true, Ordering::Relaxed);
+    let address = listener.local_addr().unwrap();
+    let server = serve_admin(listener, registry).unwrap();
+    // Asleep in poll(2) with no timeout: the stop wakes it.
+    std::thread::sleep(Duration::from_millis(200));
     let started = std::time::Instant::now();
-    thread.join().unwrap();
+    server.stop().unwrap();
     assert!(started.elapsed() < Duration::from_secs(2));
+    // Nothing listens any more.
+    assert!(TcpStream::connect(address).is_err());
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,36 +21,57 @@ pub const ADMIN_REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// How long a client may take to send its request head, and to read the answer.
 pub const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How often the accept loop looks at `stop` while no client connects. The loop waits
-/// in poll(2) on the listener, so a connecting client is served at once, not after it.
-const ACCEPT_POLL_INTERVAL_MS: u16 = 25;
+/// How long the accept loop backs off after an accept error other than "nothing to
+/// accept" (EMFILE and friends), rather than spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(25);
+
+/// The admin endpoint's thread; `stop` ends it.
+pub struct AdminServer {
+    thread: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    /// Writing a byte here wakes the thread out of its poll(2).
+    wake: UnixStream,
+}
+
+impl AdminServer {
+    /// Ends the accept loop (a request being answered is finished first) and waits
+    /// for the thread.
+    pub fn stop(self) -> std::thread::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(error) = (&self.wake).write_all(&[1]) {
+            // The thread has gone already (its end of the pair is closed).
+            tracing::debug!(%error, "admin thread not woken");
+        }
+        self.thread.join()
+    }
+}
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` from a new thread named
-/// `switchboard-admin`, until `stop` is set (checked at least every 25 ms).
+/// `switchboard-admin`, until `AdminServer::stop`. The thread sleeps in poll(2) on the
+/// listener and a wake-up socket, with no timeout: an idle endpoint costs no wake-ups.
 ///
 /// - `GET /metrics`: the registry in Prometheus text format.
 /// - `GET /healthz`: 200 `ok` while the process runs.
 /// - `GET /readyz`: 200 `ready` once every shard recovered its log, 503 before that
 ///   and while draining.
 /// - Anything else: 404; a method other than GET or HEAD: 405.
-pub fn serve_admin(
-    listener: TcpListener,
-    registry: Arc<Registry>,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<()> {
-    std::thread::Builder::new()
+pub fn serve_admin(listener: TcpListener, registry: Arc<Registry>) -> io::Result<AdminServer> {
+    let (wake, woken) = UnixStream::pair()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
         .name("switchboard-admin".into())
-        .spawn(move || accept_loop(listener, &registry, &stop))
-        .expect("spawning the admin thread")
+        .spawn(move || accept_loop(listener, &registry, &thread_stop, &woken))?;
+    Ok(AdminServer { thread, stop, wake })
 }
 
-fn accept_loop(listener: TcpListener, registry: &Registry, stop: &AtomicBool) {
-    // Nonblocking accept so the loop sees `stop` without needing a connection to wake it.
+fn accept_loop(listener: TcpListener, registry: &Registry, stop: &AtomicBool, woken: &UnixStream) {
+    // Nonblocking accept: poll(2) says when there is a connection or a stop.
     if let Err(error) = listener.set_nonblocking(true) {
         tracing::error!(%error, "admin listener cannot be made nonblocking; admin endpoint off");
         return;
     }
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, _peer)) => {
                 if let Err(error) = handle_connection(stream, registry) {
@@ -57,28 +79,29 @@ fn accept_loop(listener: TcpListener, registry: &Registry, stop: &AtomicBool) {
                 }
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                wait_readable(&listener);
+                wait_readable(&listener, woken);
             }
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => {
                 // EMFILE and friends: back off rather than spin, and keep serving.
                 tracing::warn!(%error, "admin accept failed");
-                std::thread::sleep(Duration::from_millis(u64::from(ACCEPT_POLL_INTERVAL_MS)));
+                std::thread::sleep(ACCEPT_ERROR_BACKOFF);
             }
         }
     }
 }
 
-/// Waits until the listener has a connection to accept or the poll interval passes.
-fn wait_readable(listener: &TcpListener) {
+/// Waits until the listener has a connection to accept or the wake-up socket is
+/// written (or closed).
+fn wait_readable(listener: &TcpListener, woken: &UnixStream) {
     use std::os::fd::AsFd;
-    let mut fds = [nix::poll::PollFd::new(
-        listener.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    if nix::poll::poll(&mut fds, ACCEPT_POLL_INTERVAL_MS).is_err() {
-        // EINTR or a transient failure: sleep instead so the loop cannot spin.
-        std::thread::sleep(Duration::from_millis(u64::from(ACCEPT_POLL_INTERVAL_MS)));
+    let mut fds = [
+        nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN),
+        nix::poll::PollFd::new(woken.as_fd(), nix::poll::PollFlags::POLLIN),
+    ];
+    if nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE).is_err() {
+        // EINTR or a transient failure: back off so the loop cannot spin.
+        std::thread::sleep(ACCEPT_ERROR_BACKOFF);
     }
 }
 

@@ -16,7 +16,7 @@
 
 mod admin;
 
-pub use admin::{serve_admin, ADMIN_READ_TIMEOUT, ADMIN_REQUEST_BYTES_MAX};
+pub use admin::{serve_admin, AdminServer, ADMIN_READ_TIMEOUT, ADMIN_REQUEST_BYTES_MAX};
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

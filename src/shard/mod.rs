@@ -438,7 +438,10 @@ pub struct Shard {
     pub sockets: crate::shard::io::Sockets,
     commit_waker: Cell<Option<std::task::Waker>>,
     started: Instant,
+    /// Set once by `begin_stopping`; read anywhere.
     pub stopping: Cell<bool>,
+    /// The task waiting in `stopping_begun`, woken when `stopping` is set.
+    stop_waker: Cell<Option<std::task::Waker>>,
     /// The executor's task queue the shard's tasks run in: its latency
     /// setting is what makes the executor look at its rings every
     /// `server::PREEMPT_INTERVAL` while they run.
@@ -480,6 +483,7 @@ impl Shard {
             commit_waker: Cell::new(None),
             started: Instant::now(),
             stopping: Cell::new(false),
+            stop_waker: Cell::new(None),
             queue: crate::shard::server::shard_task_queue(),
         }
     }
@@ -979,6 +983,29 @@ impl Shard {
     /// Time passed: the engine ends presence grace periods.
     pub fn tick(self: &Rc<Self>) {
         self.feed_detached(Event::Tick);
+    }
+
+    /// Marks the shard as stopping and wakes the task waiting for that.
+    pub fn begin_stopping(&self) {
+        self.stopping.set(true);
+        if let Some(waker) = self.stop_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once `begin_stopping` has been called: the shard's main
+    /// task waits here without a timer, so a quiet shard is not woken for
+    /// it.
+    pub async fn stopping_begun(&self) {
+        std::future::poll_fn(|cx| {
+            if self.stopping.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.stop_waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Wakes the commit task.

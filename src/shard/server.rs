@@ -539,9 +539,7 @@ async fn shard_main(start: ShardStart) {
     shard.metrics.set_recovered(true);
     start.serving.store(true, Ordering::SeqCst);
     let _ = start.ready.send(Ok(id));
-    while !shard.stopping.get() {
-        glommio::timer::sleep(Duration::from_millis(50)).await;
-    }
+    shard.stopping_begun().await;
 
     // Stopping: no new sockets, GoAway to everyone, let sessions flush,
     // finish pending commits, then close what is left.
@@ -691,7 +689,7 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
             shard.sockets.notifier().notify();
         }
         if stop.load(Ordering::Relaxed) && !shard.stopping.get() {
-            shard.stopping.set(true);
+            shard.begin_stopping();
         }
         // Idle sessions are found by one pass a second over the shard's
         // sessions rather than a timer per connection (which would cost
