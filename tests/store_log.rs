@@ -815,3 +815,72 @@ fn relay_inboxes_hold_receipts_until_acknowledged_and_survive_reopen() {
     }
     assert!(split_relay_ids(&[1]).is_none());
 }
+
+/// The `VmFlags` of every mapping of `file` in this process, with each
+/// mapping's size in bytes.
+fn mappings_of(file: &Path) -> Vec<(u64, String)> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let name = file.to_str().unwrap();
+    let mut out = Vec::new();
+    let mut current: Option<u64> = None;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: "start-end perms offset dev inode path".
+            current = line.ends_with(name).then(|| {
+                let (start, end) = first.split_once('-').unwrap();
+                u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap()
+            });
+        } else if let (Some(size), Some(flags)) = (current, line.strip_prefix("VmFlags:")) {
+            out.push((size, flags.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// The part of a segment not yet written has read-ahead off (`rr`, the
+/// kernel's MADV_RANDOM), so an append's page fault never zero-fills
+/// megabytes ahead of it on the shard's thread; after a reopen, the active
+/// segment's tail is advised again and what is written keeps read-ahead
+/// for the recovery scan and reads.
+#[test]
+fn the_unwritten_part_of_a_segment_is_mapped_without_read_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let config = config(Durability::Os);
+    let segment = |dir: &Path| {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        names.sort();
+        names.pop().expect("a segment file")
+    };
+    let (alice, bob) = (key(1, 1), key(2, 1));
+    {
+        let mut log = open(dir.path(), &config, &clock);
+        send(&mut log, bob, alice, 1, b"hello");
+        let maps = mappings_of(&segment(dir.path()));
+        assert_eq!(maps.len(), 1, "{maps:?}");
+        assert!(maps[0].1.split(' ').any(|f| f == "rr"), "{maps:?}");
+        // Well past the first page.
+        let payload = vec![7u8; 1000];
+        for id in 2..40 {
+            send(&mut log, bob, alice, id, &payload);
+        }
+    }
+    let log = open(dir.path(), &config, &clock);
+    let maps = mappings_of(&segment(dir.path()));
+    let random: u64 = maps
+        .iter()
+        .filter(|(_, flags)| flags.split(' ').any(|f| f == "rr"))
+        .map(|(size, _)| *size)
+        .sum();
+    let total: u64 = maps.iter().map(|(size, _)| *size).sum();
+    assert_eq!(total, config.segment_size_bytes, "{maps:?}");
+    assert!(random > 0 && random < total, "{maps:?}");
+    // The written part (about 40 KB) keeps read-ahead.
+    assert!(total - random >= 32 * 1024, "{maps:?}");
+    drop(log);
+}

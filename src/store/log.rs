@@ -513,6 +513,10 @@ impl Log {
                 .corruptions
                 .extend(outcome.corruptions.iter().copied());
             seg.write_offset = outcome.end_offset;
+            if Some(seq) == last_seq {
+                // Appends continue here.
+                seg.advise_unwritten();
+            }
             if let Some((start, end, reason)) = outcome.tail_garbage {
                 if Some(seq) == last_seq {
                     // Torn tail: zero it so later appends never sit next to

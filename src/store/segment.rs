@@ -163,12 +163,14 @@ impl Segment {
         let mut map = map_mut(&file, header.size_bytes)?;
         map[..SEGMENT_HEADER_BYTES as usize].copy_from_slice(&header.encode());
         storage.wrote(&path, 0, SEGMENT_HEADER_BYTES as u64);
-        Ok(Segment {
+        let segment = Segment {
             seq: header.seq,
             handle: Rc::new(SyncHandle::new(path, file)),
             map,
             write_offset: SEGMENT_HEADER_BYTES,
-        })
+        };
+        segment.advise_unwritten();
+        Ok(segment)
     }
 
     /// Makes a segment of a spare file made by `preallocate_spare`: renames
@@ -218,6 +220,42 @@ impl Segment {
 
     pub fn size_bytes(&self) -> u32 {
         self.map.len() as u32
+    }
+
+    /// Turns the kernel's read-ahead off for the part of the map not yet
+    /// written (from the page holding `write_offset` to the end), so each
+    /// append that reaches a new page faults in that page alone.
+    ///
+    /// With read-ahead on, the first write fault past a read-ahead window
+    /// made the kernel read ahead of it: for a preallocated file that means
+    /// zero-filling up to the device's read-ahead size (8 MiB on this
+    /// machine's disk) in large folios, on the shard's thread, inside one
+    /// append. At 20,000 msg/s that was a 15-28 ms stall every second or
+    /// so, the longest single poll of the socket loop and the maximum
+    /// latency (docs/benchmarks.md, "Read-ahead in the log's mapping").
+    /// Nothing reads the unwritten part but the appends themselves, so
+    /// read-ahead there never pays.
+    pub fn advise_unwritten(&self) {
+        let page = page_size();
+        let start = (self.write_offset as usize / page) * page;
+        if start >= self.map.len() {
+            return;
+        }
+        if let Err(error) =
+            self.map
+                .advise_range(memmap2::Advice::Random, start, self.map.len() - start)
+        {
+            // Only a cost: appends then fault with read-ahead.
+            tracing::debug!(%error, seq = self.seq, "madvise(MADV_RANDOM) on the segment's tail");
+        }
+    }
+}
+
+/// The size of a memory page (4 KiB where `sysconf` cannot say).
+fn page_size() -> usize {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+        Ok(Some(size)) if size > 0 => size as usize,
+        _ => 4096,
     }
 }
 
