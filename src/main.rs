@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -280,13 +279,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 match signals.wait() {
                     Ok(Signal::SIGHUP) => {
                         tracing::info!("SIGHUP: reading the WSS certificate files again");
-                        controls.reload.fetch_add(1, Ordering::SeqCst);
+                        controls.reload.raise();
                     }
                     Ok(signal) => {
                         tracing::info!(?signal, "stopping: draining sessions and commits");
                         // /readyz answers 503 first, so balancers stop sending.
                         registry.set_draining(true);
-                        controls.stop.store(true, Ordering::SeqCst);
+                        controls.stop.raise();
                     }
                     Err(_) => return,
                 }

@@ -43,12 +43,13 @@ pub mod token;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::beacon::Beacon;
 use crate::config::MediaConfig;
 use token::MediaKey;
 
@@ -63,9 +64,6 @@ const READ_BUFFER_BYTES_MAX: usize = 16 << 10;
 
 /// How often the metrics' gauges are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How often the service checks the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// Blocking-pool threads (index calls, file reads, syncs). Each request
 /// uses at most one at a time; redb runs one write transaction at a time
@@ -82,20 +80,20 @@ pub struct MediaService {
 }
 
 impl MediaService {
-    /// Waits for the service to stop (after `stop` was set).
+    /// Waits for the service to stop (after `stop` was raised).
     pub fn join(self) {
         let _ = self.thread.join();
     }
 }
 
 /// Recovers the media index, binds the listener and starts serving on
-/// `config.threads` threads; the service stops once `stop` is set.
+/// `config.threads` threads; the service stops once `stop` is raised.
 pub fn start(
     config: &MediaConfig,
     data_dir: &Path,
     key: MediaKey,
     stats: Arc<stats::MediaStats>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Beacon>,
 ) -> std::io::Result<MediaService> {
     let (shared, _) = service::Shared::recover(config, data_dir, key)?;
     let connections_max = config.connections_max;
@@ -134,17 +132,11 @@ pub fn start(
     })
 }
 
-async fn stopped(stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        tokio::time::sleep(STOP_POLL).await;
-    }
-}
-
 async fn serve(
     mut listener: conn::BoundedListener,
     shared: Arc<service::Shared>,
     stats: Arc<stats::MediaStats>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Beacon>,
 ) {
     use axum::serve::Listener as _;
     let sweep = tokio::spawn(sweep::run(shared.clone()));
@@ -170,7 +162,7 @@ async fn serve(
     loop {
         let (io, _peer) = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = stopped(&stop) => break,
+            () = stop.raised_wait() => break,
         };
         let busy = io.busy();
         let service = tower::ServiceExt::map_request(

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use nix::sys::socket::{
 };
 use tracing::{error, info, warn};
 
+use crate::beacon::Beacon;
 use crate::config::{usable_cpus, Config};
 use crate::ids::ShardId;
 use crate::meta::MetaStore;
@@ -86,11 +87,11 @@ pub struct ServiceStats {
 /// How the caller steers a running server.
 #[derive(Clone, Debug, Default)]
 pub struct Controls {
-    /// Set to stop: the shards drain and `run` returns.
-    pub stop: Arc<AtomicBool>,
-    /// Changed (incremented) to make the WSS listener read its certificate
-    /// files again; the binary does it on SIGHUP.
-    pub reload: Arc<AtomicU64>,
+    /// Raised to stop: the shards drain and `run` returns.
+    pub stop: Arc<Beacon>,
+    /// Raised to make the WSS listener read its certificate files again;
+    /// the binary does it on SIGHUP.
+    pub reload: Arc<Beacon>,
 }
 
 /// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
@@ -172,7 +173,7 @@ struct ShardStart {
     request_receivers: Vec<Option<SharedReceiver<Request>>>,
     reply_senders: Vec<Option<SharedSender<Reply>>>,
     reply_receivers: Vec<Option<SharedReceiver<Reply>>>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Beacon>,
     /// Shards still draining after a stop: each stays up, answering the
     /// others' requests (receipts relayed to it), until it reaches 0.
     draining: Arc<AtomicU32>,
@@ -327,7 +328,7 @@ pub fn run(
         match ready_rx.recv_timeout(start_watch::INTERVAL) {
             Ok(Ok(_)) => ready += 1,
             Ok(Err(message)) => {
-                stop.store(true, Ordering::SeqCst);
+                stop.raise();
                 return Err(ServerError::Shard(ready, message));
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
@@ -663,7 +664,7 @@ async fn repolled<F: std::future::Future>(future: F) -> F::Output {
 const MAINTENANCE_SLICE: usize = 1024;
 
 /// Periodic work: stop requests, idle sessions, expiry.
-async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
+async fn maintenance(shard: Rc<Shard>, stop: Arc<Beacon>) {
     let mut last_expiry = Instant::now();
     let mut last_sweep = Instant::now();
     let mut last_seen_written = Instant::now();
@@ -688,7 +689,7 @@ async fn maintenance(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
         if shard.sockets.loop_work_waiting() {
             shard.sockets.notifier().notify();
         }
-        if stop.load(Ordering::Relaxed) && !shard.stopping.get() {
+        if stop.raised() && !shard.stopping.get() {
             shard.begin_stopping();
         }
         // Idle sessions are found by one pass a second over the shard's

@@ -30,19 +30,17 @@ pub mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+use crate::beacon::Beacon;
 use crate::config::WssConfig;
 use stats::{Refusal, WssStats};
 use tls::{Certificates, TlsError};
-
-/// How often the service looks at the stop flag and the reload counter.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long, after a stop, connections may take to end on their own (the
 /// shards say GoAway and close their ends, which the bridges pass on),
@@ -72,21 +70,21 @@ pub struct WssService {
 }
 
 impl WssService {
-    /// Waits for the service to stop (after the stop flag was set).
+    /// Waits for the service to stop (after `stop` was raised).
     pub fn join(self) {
         let _ = self.thread.join();
     }
 }
 
 /// Reads the certificate, binds `config.listen` and serves until `stop` is
-/// set, bridging each browser to `target` (the client listener). The
-/// certificate files are read again whenever `reload` changes (SIGHUP).
+/// raised, bridging each browser to `target` (the client listener). The
+/// certificate files are read again whenever `reload` is raised (SIGHUP).
 pub fn start(
     config: &WssConfig,
     target: SocketAddr,
     stats: Arc<WssStats>,
-    stop: Arc<AtomicBool>,
-    reload: Arc<AtomicU64>,
+    stop: Arc<Beacon>,
+    reload: Arc<Beacon>,
 ) -> Result<WssService, WssError> {
     let certificates = Arc::new(Certificates::load(&config.cert_path, &config.key_path)?);
     let tls_config = Certificates::server_config(certificates.clone())?;
@@ -136,10 +134,9 @@ async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<bridge::Shared>,
     connections_max: usize,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Beacon>,
 ) {
     let open = Arc::new(Semaphore::new(connections_max));
-    let mut poll = tokio::time::interval(POLL_INTERVAL);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -150,12 +147,7 @@ async fn serve(
                     continue;
                 }
             },
-            _ = poll.tick() => {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                continue;
-            }
+            () = stop.raised_wait() => break,
         };
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         // At the cap a connection is closed before any TLS work: the cap
@@ -184,17 +176,11 @@ async fn serve(
     }
 }
 
-/// Reads the certificate files again each time `reload` changes.
-async fn reloads(certificates: Arc<Certificates>, reload: Arc<AtomicU64>, stats: Arc<WssStats>) {
-    let mut seen = reload.load(Ordering::SeqCst);
-    let mut poll = tokio::time::interval(POLL_INTERVAL);
+/// Reads the certificate files again each time `reload` is raised.
+async fn reloads(certificates: Arc<Certificates>, reload: Arc<Beacon>, stats: Arc<WssStats>) {
+    let mut seen = reload.count();
     loop {
-        poll.tick().await;
-        let now = reload.load(Ordering::SeqCst);
-        if now == seen {
-            continue;
-        }
-        seen = now;
+        seen = reload.changed(seen).await;
         let certificates = certificates.clone();
         let reloaded = tokio::task::spawn_blocking(move || certificates.reload()).await;
         match reloaded {
