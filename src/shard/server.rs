@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
-
-use super::start_watch;
 use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 use tracing::{error, info, warn};
 
+use super::start_watch;
 use crate::beacon::Beacon;
 use crate::config::{usable_cpus, Config};
 use crate::ids::ShardId;
@@ -301,7 +300,6 @@ pub fn run(
         let serving = start.serving.clone();
         let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let thread_tid = tid.clone();
-        let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("shard-{index}"))
             .spawn(move || {
@@ -309,7 +307,9 @@ pub fn run(
                 match builder.make() {
                     Ok(executor) => executor.run(shard_main(start)),
                     Err(err) => {
-                        let _ = ready.send(Err(format!("creating its executor: {err}")));
+                        let _ = start
+                            .ready
+                            .send(Err(format!("creating its executor: {err}")));
                     }
                 }
             })
