@@ -35,7 +35,7 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use switchboard::proto::{self, pb, Frame};
 
-use crate::link::{Event, Protocol, User, FRAME_BYTES_MAX};
+use crate::link::{Event, PayloadHeader, Protocol, ReceiptPayload, User, FRAME_BYTES_MAX};
 use crate::mqtt::{group_topic, topic, Subscriptions};
 
 /// Bytes read from a socket per `recv`.
@@ -70,10 +70,18 @@ pub struct LeanLink {
     /// EPOLLOUT is armed: the socket took only part of the output.
     armed_out: bool,
     closed: bool,
-    /// MQTT: packet id → our message id, until its PUBACK.
+    /// MQTT: packet id → our message id, until its PUBACK
+    /// (`RECEIPT_PUBLISH` for a receipt this link published).
     inflight: HashMap<u16, u64>,
     next_packet_id: u16,
+    /// MQTT: answer each message delivered with a delivered receipt
+    /// published to its sender's topic (`LeanLink::with_mqtt_receipts`).
+    mqtt_receipts: bool,
 }
+
+/// `LeanLink::inflight`'s value for a receipt's PUBLISH: its PUBACK is no
+/// event (message ids start far above it).
+const RECEIPT_PUBLISH: u64 = u64::MAX;
 
 /// The worker's lean links: slot index → link, and the epoll set.
 pub struct Lean {
@@ -278,7 +286,18 @@ impl LeanLink {
             closed: false,
             inflight: HashMap::new(),
             next_packet_id: 1,
+            mqtt_receipts: false,
         })
+    }
+
+    /// MQTT: makes the link answer every message delivered to it with a
+    /// delivered receipt, the ✓✓ of a Switchboard exchange carried over
+    /// MQTT: a QoS 1 PUBLISH of `ReceiptPayload` to the sender's topic,
+    /// queued with the message's PUBACK; a receipt delivered to the link is
+    /// acknowledged and reported as `Event::Receipt`.
+    pub fn with_mqtt_receipts(mut self, on: bool) -> LeanLink {
+        self.mqtt_receipts = on && self.protocol == Protocol::Mqtt;
+        self
     }
 
     /// Queues message `msg_id` to `peer`.
@@ -392,6 +411,7 @@ impl LeanLink {
                 Protocol::Mqtt => match mqtt_packet(&mut self.input)? {
                     None => return Ok(None),
                     Some(Packet::PubAck(ack)) => match self.inflight.remove(&ack.pkid) {
+                        Some(RECEIPT_PUBLISH) => None,
                         Some(msg_id) => Some(Event::Ack { msg_id }),
                         None => bail!("PUBACK for unknown packet id {}", ack.pkid),
                     },
@@ -401,11 +421,34 @@ impl LeanLink {
                                 .write(&mut self.output)
                                 .map_err(|e| anyhow!("encoding PUBACK: {e:?}"))?;
                         }
-                        Some(Event::Deliver {
-                            sequence: 0,
-                            payload: publish.payload,
-                            group_event: false,
-                        })
+                        if !self.mqtt_receipts {
+                            Some(Event::Deliver {
+                                sequence: 0,
+                                payload: publish.payload,
+                                group_event: false,
+                            })
+                        } else if let Some(receipt) = ReceiptPayload::decode(&publish.payload) {
+                            Some(Event::Receipt {
+                                sequence: 0,
+                                msg_ids: vec![receipt.msg_id],
+                            })
+                        } else {
+                            if let Some(header) = PayloadHeader::decode(&publish.payload) {
+                                let receipt = ReceiptPayload {
+                                    msg_id: header.msg_id,
+                                };
+                                self.publish(
+                                    topic(header.sender_index),
+                                    RECEIPT_PUBLISH,
+                                    receipt.encode(),
+                                )?;
+                            }
+                            Some(Event::Deliver {
+                                sequence: 0,
+                                payload: publish.payload,
+                                group_event: false,
+                            })
+                        }
                     }
                     Some(Packet::PingResp | Packet::SubAck(_)) => None,
                     Some(other) => bail!("unexpected packet from the broker: {other:?}"),

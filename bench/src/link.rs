@@ -683,9 +683,51 @@ impl PayloadHeader {
     }
 }
 
+const RECEIPT_MAGIC: u32 = 0x5342_5231; // "SBR1"
+
+/// The payload of a delivered receipt carried over MQTT
+/// (`--mqtt-receipts`): which message of the topic's owner was delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReceiptPayload {
+    pub msg_id: u64,
+}
+
+impl ReceiptPayload {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(12);
+        out.put_u32(RECEIPT_MAGIC);
+        out.put_u64(self.msg_id);
+        out.freeze()
+    }
+
+    pub fn decode(mut payload: &[u8]) -> Option<ReceiptPayload> {
+        if payload.len() != 12 || payload.get_u32() != RECEIPT_MAGIC {
+            return None;
+        }
+        Some(ReceiptPayload {
+            msg_id: payload.get_u64(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receipt_payload_round_trips_and_is_no_message() {
+        let receipt = ReceiptPayload { msg_id: 42 };
+        let bytes = receipt.encode();
+        assert_eq!(ReceiptPayload::decode(&bytes), Some(receipt));
+        assert_eq!(PayloadHeader::decode(&bytes), None);
+        let message = PayloadHeader {
+            sender_index: 1,
+            msg_id: 42,
+            scheduled_ns: 5,
+        }
+        .encode(100);
+        assert_eq!(ReceiptPayload::decode(&message), None);
+    }
 
     #[test]
     fn payload_header_round_trips_at_any_size() {

@@ -57,6 +57,10 @@ pub struct WorkerSpec {
     /// How this worker drives its links.
     #[serde(default)]
     pub engine: Engine,
+    /// MQTT (lean engine, p2p): delivered receipts as PUBLISHes to the
+    /// sender's topic (`LeanLink::with_mqtt_receipts`).
+    #[serde(default)]
+    pub mqtt_receipts: bool,
 }
 
 /// How a worker drives its links: glommio tasks, or the lean engine's one
@@ -395,7 +399,7 @@ impl Worker {
     }
 
     fn receipts_expected(&self) -> bool {
-        self.spec.target.protocol == Protocol::Switchboard
+        self.spec.target.protocol == Protocol::Switchboard || self.spec.mqtt_receipts
     }
 
     /// What `slot`'s MQTT session subscribes to.
@@ -1659,6 +1663,7 @@ fn lean_connect(worker: &Worker, subset: Subset) -> anyhow::Result<()> {
             worker.bind_ip(slot),
             worker.timeout,
         )
+        .map(|link| link.with_mqtt_receipts(worker.spec.mqtt_receipts))
         .and_then(|link| links.insert(slot.local, link));
         match connected {
             Ok(()) => {

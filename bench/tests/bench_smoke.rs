@@ -670,6 +670,54 @@ fn lean_engine_runs_p2p_against_mosquitto() {
         return;
     };
     lean_p2p(dir.path(), &format!("mqtt://{addr}"), false, &[]);
+    // With the delivered receipt carried over MQTT, every message's receipt
+    // comes back to its sender and is timed.
+    lean_p2p(
+        dir.path(),
+        &format!("mqtt://{addr}"),
+        true,
+        &["--mqtt-receipts"],
+    );
+}
+
+/// `--mqtt-receipts` runs where it means something (MQTT, p2p, the lean
+/// engine) and is refused elsewhere before anything connects.
+#[test]
+fn mqtt_receipts_are_refused_outside_mqtt_p2p_on_the_lean_engine() {
+    let refused = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+            .args(args)
+            .args(["--mqtt-receipts", "--quiet"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} ran");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--mqtt-receipts needs"),
+            "{args:?}: {stderr}"
+        );
+    };
+    refused(&["p2p", "-n", "2", "--target", "mqtt://127.0.0.1:9"]);
+    refused(&[
+        "p2p",
+        "-n",
+        "2",
+        "--engine",
+        "lean",
+        "--transport",
+        "plain",
+        "--target",
+        "127.0.0.1:9",
+    ]);
+    refused(&[
+        "group",
+        "-n",
+        "2",
+        "--engine",
+        "lean",
+        "--target",
+        "mqtt://127.0.0.1:9",
+    ]);
 }
 
 /// The group scenario on the lean engine: groups created and every member
