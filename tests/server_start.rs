@@ -36,3 +36,41 @@ fn parallel_two_shard_starts_all_report_readiness_and_serve() {
             .expect("every start reported readiness and served");
     }
 }
+
+/// The server grows its descriptor table to the open-file limit at start,
+/// so no accept or open while it serves has to grow it: growing a shared
+/// table waits for an RCU grace period inside that call, which held a
+/// shard's thread 15 ms (docs/benchmarks.md, "The descriptor table").
+#[test]
+fn the_descriptor_table_is_sized_for_the_open_file_limit_at_start() {
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = soft.min(1 << 23).min(nr_open);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |_| {});
+    let fd_size = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:"))
+            .expect("FDSize in /proc/<pid>/status")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let at_start = fd_size();
+    assert!(
+        at_start >= want,
+        "descriptor table of {at_start} entries, open-file limit {soft}"
+    );
+    // Sessions come and the table stays as it was.
+    let _clients: Vec<_> = (0..8)
+        .map(|_| RawClient::login(server.addr, &RawClient::register(server.addr)).0)
+        .collect();
+    assert_eq!(fd_size(), at_start);
+}

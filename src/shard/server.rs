@@ -95,6 +95,38 @@ pub struct Controls {
 
 /// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
 /// of 0 is resolved by the first bind and reused by the rest.
+/// Largest descriptor table made ahead (`presize_descriptor_table`): 8 M
+/// descriptors, 64 MiB of table.
+const DESCRIPTOR_TABLE_AHEAD_MAX: u64 = 1 << 23;
+
+/// Grows the process's descriptor table once, now, to the open-file limit
+/// (at most `DESCRIPTOR_TABLE_AHEAD_MAX`), and returns the number of
+/// descriptors it was sized for.
+///
+/// The kernel doubles the table when a new descriptor does not fit, and in
+/// a process with more than one thread it then waits for an RCU grace
+/// period (`expand_files` → `synchronize_rcu`) in whatever call made the
+/// descriptor: an accept on a shard's ring, a segment's open. That held a
+/// shard's thread 15 ms in the trace that found it, while its clients
+/// waited (a grace period takes 4-20 ms on a busy 2-CPU host). Made ahead, the table never grows while
+/// the server serves. It costs 8 bytes per descriptor of the limit (8 MiB
+/// at a limit of a million), the memory a server holding that many
+/// sockets needs for its table anyway.
+fn presize_descriptor_table() -> std::io::Result<u64> {
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    let size = soft.min(DESCRIPTOR_TABLE_AHEAD_MAX);
+    if size < 2 {
+        return Ok(size);
+    }
+    let null = std::fs::File::open("/dev/null")?;
+    let top = i32::try_from(size - 1).unwrap_or(i32::MAX);
+    let raw = nix::fcntl::fcntl(null.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(top))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else
+    // owns; the OwnedFd closes it, and the table keeps its size.
+    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) });
+    Ok(size)
+}
+
 fn bind_listeners(
     addr: SocketAddr,
     shards: u32,
@@ -197,6 +229,15 @@ pub fn run(
 ) -> Result<(), ServerError> {
     let Controls { stop, reload } = controls;
     config.validate()?;
+    match presize_descriptor_table() {
+        Ok(size) => info!(
+            descriptors = size,
+            "descriptor table sized for the open-file limit"
+        ),
+        Err(err) => {
+            warn!(%err, "could not size the descriptor table ahead; it grows as sockets come")
+        }
+    }
     let shards = config.shard_count();
     assert_eq!(
         metrics.len(),
