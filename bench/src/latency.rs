@@ -180,7 +180,7 @@ pub struct Summary {
     pub count: u64,
 }
 
-/// The three latencies of the ✓ / ✓✓ chain.
+/// The three latencies of the ✓ / ✓✓ chain, and the harness's own lag.
 #[derive(Clone, Debug, Default)]
 pub struct ChainLatency {
     /// Scheduled send → server ack (✓) at the sender.
@@ -189,6 +189,10 @@ pub struct ChainLatency {
     pub deliver: Latency,
     /// Scheduled send → the delivered receipt (✓✓) at the sender.
     pub receipt: Latency,
+    /// Scheduled send → the harness queuing it for its link: how far
+    /// behind its own schedule the harness ran. Every latency above
+    /// includes this; a tail here is the harness's, not the server's.
+    pub send_lag: Latency,
 }
 
 #[cfg(test)]

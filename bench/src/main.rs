@@ -731,6 +731,8 @@ impl Run {
                 trail.push(json!({"rate": rate, "delivered": step.result.delivered, "offered": step.result.offered,
                     "deliver_p50_us": step.chain.deliver.summary().p50,
                     "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok, "attempt": attempt,
+                    "send_lag_p99_us": step.chain.send_lag.summary().p99,
+                    "send_lag_max_us": step.chain.send_lag.summary().max,
                     "deliveries_per_server_core_s": step.deliveries_per_server_core_s(),
                     "cpu": step.cpu_json()}));
                 let verdict = match (ok, step.harness_bound()) {
@@ -808,6 +810,7 @@ impl Run {
         self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
         self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
         self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
+        self.out["latency_us"]["send_lag"] = report::summary_json(&step.chain.send_lag.summary());
         if self.target.protocol == Protocol::Mqtt && !self.common.mqtt_receipts {
             self.out["latency_us"]["receipt_note"] =
                 json!("MQTT has no delivered receipt; count stays 0 (see --mqtt-receipts)");
@@ -832,6 +835,7 @@ impl Run {
                 ("ack", &chain.ack),
                 ("deliver", &chain.deliver),
                 ("receipt", &chain.receipt),
+                ("send_lag", &chain.send_lag),
                 ("reconnect", &reconnect),
             ],
             &seconds,
@@ -1014,6 +1018,7 @@ impl Run {
         self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
         self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
         self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
+        self.out["latency_us"]["send_lag"] = report::summary_json(&step.chain.send_lag.summary());
         if self.target.protocol == Protocol::Mqtt {
             self.out["latency_us"]["receipt_note"] =
                 json!("MQTT has no delivered receipt; count stays 0");
@@ -1032,6 +1037,7 @@ impl Run {
                 ("ack", &chain.ack),
                 ("deliver", &chain.deliver),
                 ("receipt", &chain.receipt),
+                ("send_lag", &chain.send_lag),
             ],
             &seconds,
         )
@@ -1177,6 +1183,11 @@ impl Step {
         self.chain.ack.add(&Latency::from_hex(&r.ack_hex)?);
         self.chain.deliver.add(&Latency::from_hex(&r.deliver_hex)?);
         self.chain.receipt.add(&Latency::from_hex(&r.receipt_hex)?);
+        if !r.send_lag_hex.is_empty() {
+            self.chain
+                .send_lag
+                .add(&Latency::from_hex(&r.send_lag_hex)?);
+        }
         self.reconnect.add(&Latency::from_hex(&r.reconnect_hex)?);
         for point in &r.timeline {
             let second = self.seconds.entry(point.second).or_insert_with(|| Second {

@@ -100,6 +100,8 @@ const ROWS: &[(&str, &[&str])] = &[
     ("deliver max us", &["latency_us", "deliver", "max"]),
     ("receipt p50 us", &["latency_us", "receipt", "p50"]),
     ("receipt p99 us", &["latency_us", "receipt", "p99"]),
+    ("harness lag p99 us", &["latency_us", "send_lag", "p99"]),
+    ("harness lag max us", &["latency_us", "send_lag", "max"]),
     ("reconnect p99 us", &["latency_us", "reconnect", "p99"]),
 ];
 

@@ -230,6 +230,9 @@ pub struct StepResult {
     pub ack_hex: String,
     pub deliver_hex: String,
     pub receipt_hex: String,
+    /// `ChainLatency::send_lag`, hex (absent from older workers).
+    #[serde(default)]
+    pub send_lag_hex: String,
     pub reconnects: u64,
     pub reconnect_hex: String,
     /// Seconds from the scheduled start to the last send.
@@ -418,6 +421,17 @@ impl Worker {
         self.report_error(format_args!(
             "user {index}: message {msg_id} refused: {code}"
         ));
+    }
+
+    /// Notes that a message scheduled at `scheduled_ns` is being queued
+    /// now (`ChainLatency::send_lag`).
+    fn note_send(&self, scheduled_ns: u64) {
+        let now = monotonic_ns();
+        self.stats
+            .borrow_mut()
+            .chain
+            .send_lag
+            .record(scheduled_ns, now);
     }
 
     /// Counts a delivery of a message scheduled at `scheduled_ns`, seen at
@@ -1116,6 +1130,7 @@ fn send_one(
         worker.report_error(format_args!("send: {error:#}"));
         return None;
     }
+    worker.note_send(scheduled_ns);
     worker.bump(|c| c.sent += 1);
     Some(link)
 }
@@ -1225,6 +1240,7 @@ fn finish_step(worker: &Worker, before: &Counters, start_at_ns: u64, result: &mu
     result.ack_hex = stats.chain.ack.to_hex();
     result.deliver_hex = stats.chain.deliver.to_hex();
     result.receipt_hex = stats.chain.receipt.to_hex();
+    result.send_lag_hex = stats.chain.send_lag.to_hex();
     result.reconnects = stats.reconnect.count();
     result.reconnect_hex = stats.reconnect.to_hex();
     result.timeline = stats
@@ -1257,6 +1273,7 @@ fn send_group_one(
         worker.report_error(format_args!("group send: {error:#}"));
         return None;
     }
+    worker.note_send(scheduled_ns);
     worker.bump(|c| c.sent += 1);
     Some(link)
 }
@@ -1724,6 +1741,7 @@ fn lean_send_one(
         return false;
     }
     links.mark(slot.local);
+    worker.note_send(scheduled_ns);
     worker.bump(|c| c.sent += 1);
     true
 }
@@ -1907,6 +1925,7 @@ fn lean_group_step(worker: &Worker, step: &GroupStep) -> StepResult {
                     return false;
                 }
                 links.mark(sender.local);
+                worker.note_send(due_ns);
                 worker.bump(|c| c.sent += 1);
                 true
             },

@@ -335,6 +335,8 @@ fn scenarios(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
     check_summary(&v, "ack", offered);
     check_summary(&v, "deliver", delivered);
     check_summary(&v, "receipt", if receipts { offered } else { 0.0 });
+    // Every message sent was timed against its schedule on the harness too.
+    check_summary(&v, "send_lag", offered);
     assert!(
         number(&v, &["rates", "delivered_msgs_per_s"])
             <= number(&v, &["rates", "offered_msgs_per_s"]) * 1.01
@@ -414,6 +416,7 @@ fn group_scenario(dir: &Path, target: &str, receipts: bool, extra: &[&str]) -> V
     check_summary(&v, "ack", offered);
     check_summary(&v, "deliver", delivered);
     check_summary(&v, "receipt", if receipts { delivered } else { 0.0 });
+    check_summary(&v, "send_lag", offered);
     assert_eq!(
         number(&v, &["messages", "receipts"]),
         if receipts { delivered } else { 0.0 }
@@ -644,6 +647,7 @@ fn lean_p2p(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
     assert_eq!(number(&v, &["messages", "errors"]), 0.0);
     check_summary(&v, "ack", offered);
     check_summary(&v, "deliver", offered);
+    check_summary(&v, "send_lag", offered);
     check_summary(&v, "receipt", if receipts { offered } else { 0.0 });
     check_cpu(&v);
 }
