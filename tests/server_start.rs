@@ -74,3 +74,61 @@ fn the_descriptor_table_is_sized_for_the_open_file_limit_at_start() {
         .collect();
     assert_eq!(fd_size(), at_start);
 }
+
+/// The scheduling policy of thread `tid` (`sched_getscheduler`).
+fn policy(tid: i32) -> i32 {
+    // SAFETY: sched_getscheduler only reads the policy of the thread named.
+    unsafe { libc::sched_getscheduler(tid) }
+}
+
+/// With `server.shard_realtime_priority`, each shard's thread runs under
+/// SCHED_FIFO and the rest of the process stays ordinary; where this
+/// process may not use SCHED_FIFO, the server still starts and serves
+/// with ordinary threads.
+#[test]
+fn shard_threads_run_under_sched_fifo_when_asked() {
+    let allowed = std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: a valid sched_param; pid 0 is this short-lived thread.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+    })
+    .join()
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), |c| {
+        c.server.shards = 2;
+        c.server.shard_realtime_priority = 5;
+    });
+    let mut shard_threads = 0;
+    let mut fifo = 0;
+    let mut others_fifo = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap() {
+        let entry = entry.unwrap();
+        let tid: i32 = entry.file_name().to_string_lossy().parse().unwrap();
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        let is_fifo = policy(tid) == libc::SCHED_FIFO;
+        if comm.starts_with("shard-") {
+            shard_threads += 1;
+            fifo += usize::from(is_fifo);
+        } else if is_fifo && !comm.starts_with("iou-wrk") {
+            others_fifo.push(comm.to_string());
+        }
+    }
+    // Each shard's executor thread, and its blocking pool's (same name).
+    assert!(shard_threads >= 2, "{shard_threads} shard threads");
+    assert_eq!(fifo, if allowed { 2 } else { 0 }, "allowed: {allowed}");
+    assert!(others_fifo.is_empty(), "{others_fifo:?}");
+    for shard in 0..2 {
+        RawClient::register_on_shard(server.addr, shard, server.shards());
+    }
+}
+
+/// A priority outside 1-99 is refused before anything starts.
+#[test]
+fn a_realtime_priority_above_99_is_refused() {
+    let mut config = switchboard::config::Config::default();
+    config.server.shard_realtime_priority = 100;
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("shard_realtime_priority"), "{err}");
+}

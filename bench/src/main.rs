@@ -147,6 +147,12 @@ struct Common {
     /// way per message, against Switchboard's three frames and QoS 1's two.
     #[arg(long)]
     mqtt_receipts: bool,
+    /// Runs each worker's loop under SCHED_FIFO at this priority (1-99), so
+    /// ordinary threads on the harness's CPU do not delay its sends and
+    /// reads (root or CAP_SYS_NICE; otherwise a warning and an ordinary
+    /// thread). 0: off.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
+    realtime_priority: u8,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -443,6 +449,7 @@ impl Run {
                 follow: common.follow,
                 engine: common.engine,
                 mqtt_receipts: common.mqtt_receipts,
+                realtime_priority: common.realtime_priority,
                 groups,
             });
             first += share;
@@ -462,6 +469,7 @@ impl Run {
             "transport": target.transport,
             "engine": common.engine,
             "mqtt_receipts": common.mqtt_receipts,
+            "realtime_priority": common.realtime_priority,
             "connections": count,
             "machine": machine(),
             "split": {

@@ -61,6 +61,9 @@ pub struct WorkerSpec {
     /// sender's topic (`LeanLink::with_mqtt_receipts`).
     #[serde(default)]
     pub mqtt_receipts: bool,
+    /// SCHED_FIFO priority of the worker's loop; 0: an ordinary thread.
+    #[serde(default)]
+    pub realtime_priority: u8,
 }
 
 /// How a worker drives its links: glommio tasks, or the lean engine's one
@@ -487,6 +490,21 @@ pub fn run() -> anyhow::Result<()> {
         .name("bench-worker")
         .make()
         .map_err(|e| anyhow::anyhow!("starting the executor: {e}"))?;
+    if spec.realtime_priority > 0 {
+        let param = libc::sched_param {
+            sched_priority: i32::from(spec.realtime_priority),
+        };
+        // SAFETY: `param` is a valid sched_param that outlives the call;
+        // pid 0 names the calling thread, the one that runs the executor.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+            eprintln!(
+                "worker {}: --realtime-priority {}: {} (the worker runs as an ordinary thread)",
+                spec.worker,
+                spec.realtime_priority,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     executor.run(async move {
         if let Err(error) = serve(spec).await {
             emit(&Report::Failed {

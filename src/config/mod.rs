@@ -134,6 +134,16 @@ pub struct ServerConfig {
     /// wake at the first completion, with a warning at start. 0: wake at
     /// the first completion. Default 0.
     pub socket_wait_batch_us: u32,
+    /// Runs each shard's thread under SCHED_FIFO at this priority (1-99),
+    /// so no ordinary thread on its CPU (kernel workers, the blocking pool,
+    /// other processes) preempts it; interrupts and their soft work still
+    /// do. Needs CAP_SYS_NICE (or an RLIMIT_RTPRIO this high); without it
+    /// the shard logs a warning and runs as an ordinary thread. For CPUs
+    /// given to the shards alone: the rest of the process and the system
+    /// then run on a CPU only while its shard sleeps, or in the 5 % the
+    /// kernel keeps back from real-time threads
+    /// (`kernel.sched_rt_runtime_us`). 0: off. Default 0.
+    pub shard_realtime_priority: u8,
     /// Accept Noise clients (docs/protocol.md §2). The server's static key
     /// is `noise.key` in the data directory, made at first start. Default
     /// true.
@@ -158,6 +168,7 @@ impl Default for ServerConfig {
             socket_poll_interval_us: 1_000,
             socket_wait_in_ring: false,
             socket_wait_batch_us: 0,
+            shard_realtime_priority: 0,
             noise: true,
             plaintext: PlaintextPolicy::Loopback,
         }
@@ -700,6 +711,12 @@ impl Config {
             return invalid(
                 "server.socket_poll_interval_us must be 0 or between 100 and 1,000,000".into(),
             );
+        }
+        if self.server.shard_realtime_priority > 99 {
+            return invalid(format!(
+                "server.shard_realtime_priority must be 0 (off) or 1-99, not {}",
+                self.server.shard_realtime_priority
+            ));
         }
         if self.server.socket_wait_in_ring && poll == 0 {
             return invalid(

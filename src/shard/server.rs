@@ -95,6 +95,28 @@ pub struct Controls {
 
 /// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
 /// of 0 is resolved by the first bind and reused by the rest.
+/// Puts the calling shard thread under SCHED_FIFO at `priority`
+/// (`server.shard_realtime_priority`; 0: leaves it as it is). Threads it
+/// starts later (the kernel's io-wq workers for its rings) inherit the
+/// policy; the executor's blocking pool, started before, does not.
+fn run_realtime(shard: usize, priority: u8) {
+    if priority == 0 {
+        return;
+    }
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
+    // names the calling thread.
+    let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if set == 0 {
+        info!(shard, priority, "shard thread runs under SCHED_FIFO");
+    } else {
+        let err = std::io::Error::last_os_error();
+        warn!(shard, priority, %err, "server.shard_realtime_priority: could not set SCHED_FIFO (needs CAP_SYS_NICE); the shard runs as an ordinary thread");
+    }
+}
+
 /// Largest descriptor table made ahead (`presize_descriptor_table`): 8 M
 /// descriptors, 64 MiB of table.
 const DESCRIPTOR_TABLE_AHEAD_MAX: u64 = 1 << 23;
@@ -339,6 +361,7 @@ pub fn run(
             .spin_before_park(Duration::from_millis(0))
             .preempt_timer(START_PREEMPT_INTERVAL);
         let serving = start.serving.clone();
+        let realtime_priority = config.server.shard_realtime_priority;
         let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let thread_tid = tid.clone();
         let thread = std::thread::Builder::new()
@@ -346,7 +369,12 @@ pub fn run(
             .spawn(move || {
                 thread_tid.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
                 match builder.make() {
-                    Ok(executor) => executor.run(shard_main(start)),
+                    Ok(executor) => {
+                        // After the executor is made, so the blocking pool
+                        // it starts stays ordinary.
+                        run_realtime(index, realtime_priority);
+                        executor.run(shard_main(start))
+                    }
                     Err(err) => {
                         let _ = start
                             .ready
