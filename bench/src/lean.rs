@@ -80,7 +80,7 @@ pub struct LeanLink {
 }
 
 /// `LeanLink::inflight`'s value for a receipt's PUBLISH: its PUBACK is no
-/// event (message ids start far above it).
+/// event (no message id comes near it).
 const RECEIPT_PUBLISH: u64 = u64::MAX;
 
 /// The worker's lean links: slot index → link, and the epoll set.

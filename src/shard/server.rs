@@ -93,8 +93,6 @@ pub struct Controls {
     pub reload: Arc<Beacon>,
 }
 
-/// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
-/// of 0 is resolved by the first bind and reused by the rest.
 /// Puts the calling shard thread under SCHED_FIFO at `priority`
 /// (`server.shard_realtime_priority`; 0: leaves it as it is). Threads it
 /// starts later (the kernel's io-wq workers for its rings) inherit the
@@ -130,10 +128,10 @@ const DESCRIPTOR_TABLE_AHEAD_MAX: u64 = 1 << 23;
 /// period (`expand_files` → `synchronize_rcu`) in whatever call made the
 /// descriptor: an accept on a shard's ring, a segment's open. That held a
 /// shard's thread 15 ms in the trace that found it, while its clients
-/// waited (a grace period takes 4-20 ms on a busy 2-CPU host). Made ahead, the table never grows while
-/// the server serves. It costs 8 bytes per descriptor of the limit (8 MiB
-/// at a limit of a million), the memory a server holding that many
-/// sockets needs for its table anyway.
+/// waited (a grace period takes 4-20 ms on a busy 2-CPU host). Made ahead,
+/// the table never grows while the server serves. It costs 8 bytes per
+/// descriptor of the limit (8 MiB at a limit of a million), the memory a
+/// server holding that many sockets needs for its table anyway.
 fn presize_descriptor_table() -> std::io::Result<u64> {
     let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
     let size = soft.min(DESCRIPTOR_TABLE_AHEAD_MAX);
@@ -149,6 +147,8 @@ fn presize_descriptor_table() -> std::io::Result<u64> {
     Ok(size)
 }
 
+/// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
+/// of 0 is resolved by the first bind and reused by the rest.
 fn bind_listeners(
     addr: SocketAddr,
     shards: u32,
