@@ -490,18 +490,14 @@ pub fn run() -> anyhow::Result<()> {
         .name("bench-worker")
         .make()
         .map_err(|e| anyhow::anyhow!("starting the executor: {e}"))?;
+    // This thread runs the executor, so the whole worker loop.
     if spec.realtime_priority > 0 {
-        let param = libc::sched_param {
-            sched_priority: i32::from(spec.realtime_priority),
-        };
-        // SAFETY: `param` is a valid sched_param that outlives the call;
-        // pid 0 names the calling thread, the one that runs the executor.
-        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        if let Err(error) =
+            switchboard::shard::server::sched_fifo_this_thread(spec.realtime_priority)
+        {
             eprintln!(
-                "worker {}: --realtime-priority {}: {} (the worker runs as an ordinary thread)",
-                spec.worker,
-                spec.realtime_priority,
-                std::io::Error::last_os_error()
+                "worker {}: --realtime-priority {}: {error} (the worker runs as an ordinary thread)",
+                spec.worker, spec.realtime_priority,
             );
         }
     }

@@ -93,6 +93,22 @@ pub struct Controls {
     pub reload: Arc<Beacon>,
 }
 
+/// Puts the calling thread under SCHED_FIFO at `priority` (1-99). Threads
+/// it starts later inherit the policy. Fails without CAP_SYS_NICE or an
+/// `RLIMIT_RTPRIO` at least `priority`. The bench's workers use it too.
+pub fn sched_fifo_this_thread(priority: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
+    // names the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Puts the calling shard thread under SCHED_FIFO at `priority`
 /// (`server.shard_realtime_priority`; 0: leaves it as it is). Threads it
 /// starts later (the kernel's io-wq workers for its rings) inherit the
@@ -101,17 +117,11 @@ fn run_realtime(shard: usize, priority: u8) {
     if priority == 0 {
         return;
     }
-    let param = libc::sched_param {
-        sched_priority: i32::from(priority),
-    };
-    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
-    // names the calling thread.
-    let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if set == 0 {
-        info!(shard, priority, "shard thread runs under SCHED_FIFO");
-    } else {
-        let err = std::io::Error::last_os_error();
-        warn!(shard, priority, %err, "server.shard_realtime_priority: could not set SCHED_FIFO (needs CAP_SYS_NICE); the shard runs as an ordinary thread");
+    match sched_fifo_this_thread(priority) {
+        Ok(()) => info!(shard, priority, "shard thread runs under SCHED_FIFO"),
+        Err(err) => {
+            warn!(shard, priority, %err, "server.shard_realtime_priority: could not set SCHED_FIFO (needs CAP_SYS_NICE); the shard runs as an ordinary thread")
+        }
     }
 }
 
