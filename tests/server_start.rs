@@ -132,3 +132,57 @@ fn a_realtime_priority_above_99_is_refused() {
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("shard_realtime_priority"), "{err}");
 }
+
+/// A second server started on a port another one listens on refuses to
+/// start: SO_REUSEPORT would otherwise let it join the first one's
+/// listening group and take part of its connections. The first one still
+/// serves on both shards.
+#[test]
+fn a_second_server_on_a_taken_port_refuses_to_start() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let first_dir = tempfile::tempdir().unwrap();
+    let first = Server::start(first_dir.path(), |c| c.server.shards = 2);
+    let second_dir = tempfile::tempdir().unwrap();
+    let config = switchboard::config::Config::for_tests(&second_dir.path().join("data"));
+    let config_path = second_dir.path().join("switchboard.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--listen", &first.addr.to_string(), "--shards", "2"])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second server on {} kept running", first.addr);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "the second server exited with {status}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", first.addr))
+            && stderr.contains("Address already in use"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("switchboard listening on"),
+        "the second server reported readiness"
+    );
+    for shard in 0..2 {
+        RawClient::register_on_shard(first.addr, shard, first.shards());
+    }
+}

@@ -2,7 +2,7 @@
 //! and (when installed) a real mosquitto; checks the JSON report's fields
 //! and that its numbers add up.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,20 +15,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} did not listen on {addr} within 20 s");
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -77,18 +63,20 @@ fn server_binary() -> PathBuf {
 }
 
 fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin = format!("127.0.0.1:{}", free_port());
-    // The media service has no command-line flag for its listener, and its
-    // default port would be shared by the servers of tests running at once:
-    // any free port, which the bench learns from the grants.
+    // Port 0 for every listener: the kernel picks ports nothing holds, and
+    // the readiness line says which. A port picked here and bound later
+    // could be picked by a test running at once in between, and the client
+    // listener's SO_REUSEPORT would let both servers share it, each taking
+    // part of the other's connections. The media service has no
+    // command-line flag for its listener (the bench learns its port from
+    // the grants).
     let config = data.with_extension("toml");
     std::fs::write(&config, "[media]\nlisten = \"127.0.0.1:0\"\n").unwrap();
     let mut child = Command::new(server_binary())
         .arg("serve")
         .arg("--config")
         .arg(&config)
-        .args(["--listen", &addr.to_string(), "--admin-listen", &admin])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data)
         .args(["--shards", "2", "--no-pin", "--log-level", "warn"])
@@ -96,16 +84,20 @@ fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("starting switchboard serve");
-    wait_ready(&mut child);
+    let line = wait_ready(&mut child);
+    // "switchboard listening on ADDR with N shards, admin on http://ADDR…"
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no listening address in: {line}"));
     (Guard(child), addr)
 }
 
 /// Waits (bounded) for the server's readiness line, printed once every
-/// shard serves. Its port accepts before then (the listeners are bound
-/// before the shards start, and a connection waits in a shard's backlog),
-/// so the port says nothing about the shards. The rest of its stdout is
-/// read and dropped so the pipe never fills.
-fn wait_ready(child: &mut Child) {
+/// shard serves, and returns it. The rest of its stdout is read and dropped
+/// so the pipe never fills.
+fn wait_ready(child: &mut Child) -> String {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -115,13 +107,13 @@ fn wait_ready(child: &mut Child) {
             let Ok(line) = line else { break };
             if line.starts_with("switchboard listening on ") {
                 if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
+                    let _ = tx.send(line);
                 }
             }
         }
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(()) => {}
+        Ok(line) => line,
         Err(_) => match child.try_wait() {
             Ok(Some(status)) => panic!("switchboard serve exited before ready: {status}"),
             _ => panic!("switchboard serve did not report ready within 30 s"),
@@ -145,39 +137,85 @@ fn mosquitto_binary() -> Option<PathBuf> {
         })
 }
 
+/// Whether process `pid` holds a TCP socket listening on 127.0.0.1:`port`
+/// (its descriptors against /proc/net/tcp's LISTEN rows).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|row| {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            (cols.len() > 9 && cols[1] == local && cols[3] == "0A")
+                .then(|| format!("socket:[{}]", cols[9]))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
+/// Starts mosquitto on a free port. mosquitto has no way to say which port
+/// it took, so the port is picked here; a test running at once may take it
+/// before mosquitto binds it, and mosquitto then exits: it is started again
+/// on another port. It counts as started once the listening socket is its
+/// own, not merely once the port accepts.
 fn start_mosquitto(dir: &Path) -> Option<(Guard, SocketAddr)> {
     let Some(binary) = mosquitto_binary() else {
         println!("note: mosquitto is not installed; the MQTT smoke test is skipped");
         return None;
     };
-    let port = free_port();
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mosquitto.conf")).unwrap();
-    let config: String = shipped
-        .lines()
-        .map(|line| {
-            if line.starts_with("listener ") {
-                format!("listener {port} 127.0.0.1")
-            } else if line.starts_with("persistence_location ") {
-                format!("persistence_location {}/", dir.display())
-            } else {
-                line.to_string()
+    for _attempt in 0..5 {
+        let port = free_port();
+        let config: String = shipped
+            .lines()
+            .map(|line| {
+                if line.starts_with("listener ") {
+                    format!("listener {port} 127.0.0.1")
+                } else if line.starts_with("persistence_location ") {
+                    format!("persistence_location {}/", dir.display())
+                } else {
+                    line.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = dir.join("mosquitto.conf");
+        std::fs::write(&path, config + "\n").unwrap();
+        let mut child = Command::new(&binary)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting mosquitto");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if listens_on(child.id(), port) {
+                let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+                return Some((Guard(child), addr));
             }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let path = dir.join("mosquitto.conf");
-    std::fs::write(&path, config + "\n").unwrap();
-    let mut child = Command::new(binary)
-        .arg("-c")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting mosquitto");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr, &mut child, "mosquitto");
-    Some((Guard(child), addr))
+            if let Ok(Some(status)) = child.try_wait() {
+                println!("note: mosquitto on port {port} exited ({status}); another port");
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mosquitto did not listen on port {port} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("mosquitto exited on five ports in a row");
 }
 
 /// Runs the harness with `args` plus `--json`, bounded in time; the report.
@@ -188,9 +226,25 @@ fn bench(dir: &Path, name: &str, args: &[&str]) -> Value {
         .args(["--quiet", "--timeout", "20", "--json"])
         .arg(&json)
         .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its stderr is kept for the failure message (a failed run says why
+    // there), and read as it comes so the pipe never fills.
+    let stderr = child.stderr.take().expect("piped stderr");
+    // The harness's worker processes hold the pipe too: the text is waited
+    // for a bounded time, so a worker that outlives its coordinator cannot
+    // hang the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        let _ = tx.send(text);
+    });
+    let reader = move || {
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| "(its stderr stayed open 10 s after it exited)".into())
+    };
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -198,13 +252,17 @@ fn bench(dir: &Path, name: &str, args: &[&str]) -> Value {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("switchboard-bench {args:?} ran past 90 s");
+            let _ = child.wait();
+            let stderr = reader();
+            panic!("switchboard-bench {args:?} ran past 90 s; its stderr:\n{stderr}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let stderr = reader();
+    eprint!("{stderr}");
     assert!(
         status.success(),
-        "switchboard-bench {args:?} failed: {status}"
+        "switchboard-bench {args:?} failed: {status}; its stderr:\n{stderr}"
     );
     serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
 }

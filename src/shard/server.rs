@@ -159,10 +159,21 @@ fn presize_descriptor_table() -> std::io::Result<u64> {
 
 /// Binds `shards` listening sockets with SO_REUSEPORT on one address; a port
 /// of 0 is resolved by the first bind and reused by the rest.
+///
+/// SO_REUSEPORT also lets a socket of another process of the same user join
+/// the group: a second server started on a taken port by mistake would bind
+/// without error and take part of the first one's connections. So a named
+/// port is first bound by a probe socket without SO_REUSEPORT, which fails
+/// with `EADDRINUSE` while anything listens there; the server then refuses
+/// to start. (A port of 0 needs no probe: the kernel picks a port no
+/// socket holds.)
 fn bind_listeners(
     addr: SocketAddr,
     shards: u32,
 ) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
+    if addr.port() != 0 {
+        probe_unshared(addr).map_err(|e| ServerError::Listen(addr, e))?;
+    }
     let mut bound = addr;
     let mut fds = Vec::new();
     for _ in 0..shards {
@@ -197,6 +208,20 @@ fn bind_listeners(
         fds.push(fd);
     }
     Ok((bound, fds))
+}
+
+/// Binds `addr` with SO_REUSEADDR only (TIME_WAIT connections of an
+/// earlier run do not block it) and closes the socket again: `EADDRINUSE`
+/// when a socket listens there, SO_REUSEPORT or not.
+fn probe_unshared(addr: SocketAddr) -> Result<(), nix::Error> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let probe = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&probe, sockopt::ReuseAddr, &true)?;
+    socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(addr))
 }
 
 type Mesh<T> = (
