@@ -77,6 +77,9 @@ pub struct LeanLink {
     /// MQTT: answer each message delivered with a delivered receipt
     /// published to its sender's topic (`LeanLink::with_mqtt_receipts`).
     mqtt_receipts: bool,
+    /// Switchboard: the Deliver/Receipt frames the server keeps
+    /// unacknowledged, from Welcome (0 for MQTT).
+    delivery_window: u32,
 }
 
 /// `LeanLink::inflight`'s value for a receipt's PUBLISH: its PUBACK is no
@@ -203,6 +206,7 @@ impl LeanLink {
         let mut stream = connect_stream(server, bind_ip, timeout)?;
         let mut input = BytesMut::new();
         let mut output = BytesMut::new();
+        let mut delivery_window = 0;
         match protocol {
             Protocol::Switchboard => {
                 let account = user
@@ -226,7 +230,7 @@ impl LeanLink {
                 stream.write_all(&output)?;
                 output.clear();
                 match read_until(&mut stream, &mut input, switchboard_frame)? {
-                    Frame::Welcome(_) => {}
+                    Frame::Welcome(welcome) => delivery_window = welcome.delivery_window,
                     Frame::Error(e) => bail!("{server} refused the login: {e:?}"),
                     other => bail!("{server} answered Hello with {other:?}"),
                 }
@@ -287,7 +291,13 @@ impl LeanLink {
             inflight: HashMap::new(),
             next_packet_id: 1,
             mqtt_receipts: false,
+            delivery_window,
         })
+    }
+
+    /// Switchboard: the delivery window the server's Welcome announced.
+    pub fn delivery_window(&self) -> u32 {
+        self.delivery_window
     }
 
     /// MQTT: makes the link answer every message delivered to it with a

@@ -147,6 +147,15 @@ struct Common {
     /// way per message, against Switchboard's three frames and QoS 1's two.
     #[arg(long)]
     mqtt_receipts: bool,
+    /// Switchboard, p2p, `--engine lean`: hold the Ack a user owes only for
+    /// Receipts (✓✓) for up to this many milliseconds, so it goes out with
+    /// the next frame the user sends anyway (a Send, or the Ack of a
+    /// Deliver, which is never held), as protocol §4.5 allows: one segment
+    /// fewer per message each way of a chat. A held Ack still goes out
+    /// alone once its time is up, and every held Ack goes out before a step
+    /// ends. 0: every Ack at once (the default).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    receipt_ack_delay_ms: u32,
     /// Runs each worker's loop under SCHED_FIFO at this priority (1-99), so
     /// ordinary threads on the harness's CPU do not delay its sends and
     /// reads (root or CAP_SYS_NICE; otherwise a warning and an ordinary
@@ -397,6 +406,13 @@ impl Run {
         {
             bail!("--mqtt-receipts needs an mqtt:// target, the p2p scenario and --engine lean");
         }
+        if common.receipt_ack_delay_ms > 0
+            && (target.protocol != Protocol::Switchboard
+                || scenario != "p2p"
+                || common.engine != Engine::Lean)
+        {
+            bail!("--receipt-ack-delay-ms needs a Switchboard target, the p2p scenario and --engine lean");
+        }
         let count = common.connections & !1;
         if count == 0 {
             bail!("--connections must be at least 2");
@@ -450,6 +466,7 @@ impl Run {
                 engine: common.engine,
                 mqtt_receipts: common.mqtt_receipts,
                 realtime_priority: common.realtime_priority,
+                receipt_ack_delay_ms: common.receipt_ack_delay_ms,
                 groups,
             });
             first += share;
@@ -470,6 +487,7 @@ impl Run {
             "engine": common.engine,
             "mqtt_receipts": common.mqtt_receipts,
             "realtime_priority": common.realtime_priority,
+            "receipt_ack_delay_ms": common.receipt_ack_delay_ms,
             "connections": count,
             "machine": machine(),
             "split": {

@@ -15,7 +15,7 @@
 //! apart). Every wait is bounded by the step's timeout.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Write};
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -64,6 +64,10 @@ pub struct WorkerSpec {
     /// SCHED_FIFO priority of the worker's loop; 0: an ordinary thread.
     #[serde(default)]
     pub realtime_priority: u8,
+    /// Switchboard (lean engine, p2p): milliseconds an Ack owed only for
+    /// Receipts waits for a frame the user sends anyway; 0: none waits.
+    #[serde(default)]
+    pub receipt_ack_delay_ms: u32,
 }
 
 /// How a worker drives its links: glommio tasks, or the lean engine's one
@@ -305,11 +309,24 @@ struct Slot {
     pending: RefCell<HashMap<u64, u64>>,
     last_received_msg_id: Cell<u64>,
     ack_due: Cell<u64>,
+    /// The highest Receipt sequence whose Ack is held
+    /// (`--receipt-ack-delay-ms`); 0: none is.
+    receipt_ack_held: Cell<u64>,
+    /// How many Receipts that Ack covers.
+    receipt_acks_held_count: Cell<u32>,
     /// Group messages this user sent, until acked and (Switchboard) every
     /// member's receipt is in.
     group_pending: RefCell<HashMap<u64, GroupPending>>,
     /// The last message seen from each group the user receives from.
     group_seen: RefCell<MemberSeen>,
+}
+
+impl Slot {
+    /// The held Receipt Ack's sequence (0: none), no longer held.
+    fn take_receipt_ack(&self) -> u64 {
+        self.receipt_acks_held_count.set(0);
+        self.receipt_ack_held.replace(0)
+    }
 }
 
 /// A group message waiting for its ack and its members' receipts.
@@ -370,6 +387,13 @@ struct Worker {
     errors_printed: Cell<u64>,
     /// The lean engine's links (`Engine::Lean`).
     lean: RefCell<Option<Lean>>,
+    /// Slots holding a Receipt's Ack, oldest first, with when it must go
+    /// out at the latest (`CLOCK_MONOTONIC` ns; `--receipt-ack-delay-ms`).
+    /// An entry whose slot sent its Ack meanwhile is skipped.
+    receipt_acks_held: RefCell<VecDeque<(u64, usize)>>,
+    /// Receipts a slot may hold unacknowledged: half the smallest delivery
+    /// window a Welcome announced, so held Acks never stall a delivery.
+    receipt_acks_hold_max: Cell<u32>,
 }
 
 /// Errors a worker prints; the rest are only counted (`errors`), so a dead
@@ -377,6 +401,26 @@ struct Worker {
 const ERRORS_PRINTED_MAX: u64 = 10;
 
 impl Worker {
+    /// Holds the Ack of Receipt `sequence` on `slot` until the slot sends
+    /// something anyway, or `--receipt-ack-delay-ms` after `now`.
+    fn hold_receipt_ack(&self, slot: &Slot, sequence: u64, now: u64) {
+        let held = slot.receipt_ack_held.get();
+        slot.receipt_ack_held.set(held.max(sequence));
+        slot.receipt_acks_held_count
+            .set(slot.receipt_acks_held_count.get() + 1);
+        if slot.receipt_acks_held_count.get() >= self.receipt_acks_hold_max.get() {
+            // Half the window is held: the Ack goes out this turn.
+            slot.ack_due
+                .set(slot.ack_due.get().max(slot.receipt_ack_held.get()));
+        }
+        if held == 0 {
+            let delay_ns = u64::from(self.spec.receipt_ack_delay_ms) * 1_000_000;
+            self.receipt_acks_held
+                .borrow_mut()
+                .push_back((now + delay_ns, slot.local));
+        }
+    }
+
     fn report_error(&self, what: std::fmt::Arguments<'_>) {
         let printed = self.errors_printed.get();
         if printed < ERRORS_PRINTED_MAX {
@@ -571,6 +615,8 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
                 pending: RefCell::new(HashMap::new()),
                 last_received_msg_id: Cell::new(msg_id_base - 1),
                 ack_due: Cell::new(0),
+                receipt_ack_held: Cell::new(0),
+                receipt_acks_held_count: Cell::new(0),
                 group_pending: RefCell::new(HashMap::new()),
                 group_seen: RefCell::new(group_seen),
             })
@@ -590,6 +636,8 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
             Engine::Lean => Some(Lean::new(slot_count)?),
             Engine::Glommio => None,
         }),
+        receipt_acks_held: RefCell::new(VecDeque::new()),
+        receipt_acks_hold_max: Cell::new(u32::MAX),
     });
     let done = Rc::new(Cell::new(false));
     let progress = glommio::spawn_local({
@@ -975,7 +1023,11 @@ fn on_pair_event(worker: &Worker, slot: &Slot, event: Event, now: u64) {
             }
         }
         Event::Receipt { sequence, msg_ids } => {
-            slot.ack_due.set(slot.ack_due.get().max(sequence));
+            if worker.spec.receipt_ack_delay_ms > 0 {
+                worker.hold_receipt_ack(slot, sequence, now);
+            } else {
+                slot.ack_due.set(slot.ack_due.get().max(sequence));
+            }
             for msg_id in msg_ids {
                 let scheduled = slot.pending.borrow_mut().remove(&msg_id);
                 if let Some(scheduled) = scheduled {
@@ -1695,7 +1747,14 @@ fn lean_connect(worker: &Worker, subset: Subset) -> anyhow::Result<()> {
             worker.timeout,
         )
         .map(|link| link.with_mqtt_receipts(worker.spec.mqtt_receipts))
-        .and_then(|link| links.insert(slot.local, link));
+        .and_then(|link| {
+            if link.delivery_window() > 0 {
+                let half = (link.delivery_window() / 2).max(1);
+                let max = &worker.receipt_acks_hold_max;
+                max.set(max.get().min(half));
+            }
+            links.insert(slot.local, link)
+        });
         match connected {
             Ok(()) => {
                 handshakes.record(begin, monotonic_ns());
@@ -1754,6 +1813,11 @@ fn lean_send_one(
         worker.report_error(format_args!("send: {error:#}"));
         return false;
     }
+    // A held Receipt Ack goes out with the Send, in the same write.
+    let held = slot.take_receipt_ack();
+    if held > 0 {
+        link.ack(held);
+    }
     links.mark(slot.local);
     worker.note_send(scheduled_ns);
     worker.bump(|c| c.sent += 1);
@@ -1777,15 +1841,35 @@ fn lean_turn(worker: &Worker, links: &mut Lean, wait: Duration) -> bool {
             acks.push(local);
         }
     });
-    // Answer once per burst of input: one Ack per link per turn.
+    // Answer once per burst of input: one Ack per link per turn, which
+    // also covers the link's held Receipt Acks (acks are cumulative).
     for local in acks {
-        let due = worker.slots[local].ack_due.replace(0);
+        let slot = &worker.slots[local];
+        let due = slot.ack_due.replace(0).max(slot.take_receipt_ack());
         if let (true, Some(link)) = (due > 0, links.link_mut(local)) {
             link.ack(due);
             links.mark(local);
         }
     }
+    release_receipt_acks(worker, links, monotonic_ns());
     count_failed(worker, failed)
+}
+
+/// Queues the held Receipt Acks whose time is up at `now` (every one for
+/// `u64::MAX`), each alone on its link.
+fn release_receipt_acks(worker: &Worker, links: &mut Lean, now: u64) {
+    let mut held = worker.receipt_acks_held.borrow_mut();
+    while let Some(&(deadline, local)) = held.front() {
+        if deadline > now {
+            break;
+        }
+        held.pop_front();
+        let due = worker.slots[local].take_receipt_ack();
+        if let (true, Some(link)) = (due > 0, links.link_mut(local)) {
+            link.ack(due);
+            links.mark(local);
+        }
+    }
 }
 
 /// Counts and reports the links that failed; false when the epoll set
@@ -1817,10 +1901,12 @@ fn lean_until(worker: &Worker, links: &mut Lean, deadline: u64, done: impl Fn() 
         // worker whose own share is in still owes the server the Acks that
         // other workers' senders wait on for their receipts.
         if done() {
+            release_receipt_acks(worker, links, u64::MAX);
             count_failed(worker, links.write_queued());
             return true;
         }
         if monotonic_ns() >= deadline {
+            release_receipt_acks(worker, links, u64::MAX);
             count_failed(worker, links.write_queued());
             return false;
         }

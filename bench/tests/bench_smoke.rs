@@ -22,9 +22,85 @@ struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        let pid = self.0.id();
+        RUNNING.lock().unwrap().retain(|server| server.pid != pid);
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A Switchboard server this test binary runs, for a failed harness run to
+/// report on.
+struct Running {
+    pid: u32,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// The servers running now (tests run at once share the list).
+static RUNNING: std::sync::Mutex<Vec<Running>> = std::sync::Mutex::new(Vec::new());
+
+/// What each running server's threads are doing and what its shards count:
+/// why a harness run against it may have failed (a shard that stopped
+/// accepting or turning shows here).
+fn servers_state() -> String {
+    const METRICS: [&str; 8] = [
+        "switchboard_accepts_total",
+        "switchboard_connections{",
+        "switchboard_registrations_total",
+        "switchboard_shard_loop_last_turn_age_seconds",
+        "switchboard_shard_stalled_seconds",
+        "switchboard_shard_task_poll_max_seconds",
+        "switchboard_socket_ring_enters_total",
+        "switchboard_socket_ring_completions_total",
+    ];
+    let mut out = String::new();
+    for server in RUNNING.lock().unwrap().iter() {
+        out += &format!(
+            "server pid {} on {} (admin {}), threads (name, state, wait channel):\n",
+            server.pid, server.addr, server.admin
+        );
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", server.pid)) {
+            for task in tasks.flatten() {
+                let read = |file: &str| {
+                    std::fs::read_to_string(task.path().join(file)).unwrap_or_default()
+                };
+                let stat = read("stat");
+                let state = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .unwrap_or("?")
+                    .to_string();
+                out += &format!("  {} {state} {}\n", read("comm").trim(), read("wchan"));
+            }
+        }
+        match metrics_text(server.admin) {
+            Ok(text) => {
+                for line in text
+                    .lines()
+                    .filter(|l| METRICS.iter().any(|m| l.starts_with(m)))
+                {
+                    out += &format!("  {line}\n");
+                }
+            }
+            Err(error) => out += &format!("  metrics: {error}\n"),
+        }
+    }
+    out
+}
+
+/// The admin endpoint's /metrics body (bounded in time).
+fn metrics_text(admin: SocketAddr) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }
 
 /// The workspace's target directory (this test binary lives in
@@ -62,7 +138,8 @@ fn server_binary() -> PathBuf {
     path
 }
 
-fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
+/// A server on free ports: its process, client address and admin address.
+fn start_switchboard(data: &Path) -> (Guard, SocketAddr, SocketAddr) {
     // Port 0 for every listener: the kernel picks ports nothing holds, and
     // the readiness line says which. A port picked here and bound later
     // could be picked by a test running at once in between, and the client
@@ -85,13 +162,35 @@ fn start_switchboard(data: &Path) -> (Guard, SocketAddr) {
         .spawn()
         .expect("starting switchboard serve");
     let line = wait_ready(&mut child);
-    // "switchboard listening on ADDR with N shards, admin on http://ADDR…"
-    let addr = line
-        .split_whitespace()
-        .nth(3)
+    // "switchboard listening on ADDR with N shards, admin on http://ADDR, …"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let addr = words
+        .get(3)
         .and_then(|a| a.parse::<SocketAddr>().ok())
         .unwrap_or_else(|| panic!("no listening address in: {line}"));
-    (Guard(child), addr)
+    let admin = words
+        .windows(3)
+        .find(|w| w[0] == "admin" && w[1] == "on")
+        .and_then(|w| w[2].trim_end_matches(',').strip_prefix("http://"))
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no admin address in: {line}"));
+    RUNNING.lock().unwrap().push(Running {
+        pid: child.id(),
+        addr,
+        admin,
+    });
+    (Guard(child), addr, admin)
+}
+
+/// The inbox entries a server holds that their devices have not
+/// acknowledged, summed over its shards (`switchboard_inbox_depth`).
+fn inbox_depth(admin: SocketAddr) -> u64 {
+    metrics_text(admin)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("switchboard_inbox_depth{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
 }
 
 /// Waits (bounded) for the server's readiness line, printed once every
@@ -254,7 +353,10 @@ fn bench(dir: &Path, name: &str, args: &[&str]) -> Value {
             let _ = child.kill();
             let _ = child.wait();
             let stderr = reader();
-            panic!("switchboard-bench {args:?} ran past 90 s; its stderr:\n{stderr}");
+            panic!(
+                "switchboard-bench {args:?} ran past 90 s; its stderr:\n{stderr}\n{}",
+                servers_state()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -262,7 +364,8 @@ fn bench(dir: &Path, name: &str, args: &[&str]) -> Value {
     eprint!("{stderr}");
     assert!(
         status.success(),
-        "switchboard-bench {args:?} failed: {status}; its stderr:\n{stderr}"
+        "switchboard-bench {args:?} failed: {status}; its stderr:\n{stderr}\n{}",
+        servers_state()
     );
     serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
 }
@@ -512,7 +615,7 @@ fn group_scenario_reports_consistent_numbers_against_mosquitto() {
 #[test]
 fn group_scenario_reports_consistent_numbers_against_switchboard() {
     let dir = tempfile::tempdir().unwrap();
-    let (_server, addr) = start_switchboard(&dir.path().join("data"));
+    let (_server, addr, _) = start_switchboard(&dir.path().join("data"));
     let users = dir.path().join("users.json");
     let v = group_scenario(
         dir.path(),
@@ -539,7 +642,7 @@ fn every_scenario_reports_consistent_numbers_against_mosquitto() {
 fn every_scenario_reports_consistent_numbers_against_switchboard() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (_server, addr) = start_switchboard(&data);
+    let (_server, addr, _) = start_switchboard(&data);
     let users = dir.path().join("users.json");
     let users = users.to_str().unwrap().to_string();
     scenarios(dir.path(), &addr.to_string(), true, &["--users", &users]);
@@ -556,7 +659,7 @@ fn every_scenario_reports_consistent_numbers_against_switchboard() {
 fn connect_scenario_logs_in_over_each_transport() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (_server, addr) = start_switchboard(&data);
+    let (_server, addr, _) = start_switchboard(&data);
     let target = addr.to_string();
     let noise_users = dir.path().join("noise.json");
     let plain_users = dir.path().join("plain.json");
@@ -602,7 +705,7 @@ fn connect_scenario_logs_in_over_each_transport() {
 fn media_scenario_reports_transfers_disk_and_memory_against_switchboard() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (_server, addr) = start_switchboard(&data);
+    let (_server, addr, _) = start_switchboard(&data);
     let v = bench(
         dir.path(),
         "media",
@@ -673,7 +776,7 @@ fn media_scenario_reports_transfers_disk_and_memory_against_switchboard() {
 /// The p2p scenario on the lean engine (one epoll loop per worker) reports
 /// what the default engine does: every message sent, acked, delivered and
 /// (Switchboard) receipted, with the CPU figures, over two worker processes.
-fn lean_p2p(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
+fn lean_p2p(dir: &Path, target: &str, receipts: bool, extra: &[&str]) -> Value {
     let mut args = vec![
         "p2p",
         "-n",
@@ -708,13 +811,14 @@ fn lean_p2p(dir: &Path, target: &str, receipts: bool, extra: &[&str]) {
     check_summary(&v, "send_lag", offered);
     check_summary(&v, "receipt", if receipts { offered } else { 0.0 });
     check_cpu(&v);
+    v
 }
 
 #[test]
 fn lean_engine_runs_p2p_against_switchboard_in_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (_server, addr) = start_switchboard(&data);
+    let (_server, addr, _) = start_switchboard(&data);
     let users = dir.path().join("users.json");
     let users = users.to_str().unwrap().to_string();
     let target = addr.to_string();
@@ -726,6 +830,91 @@ fn lean_engine_runs_p2p_against_switchboard_in_plaintext() {
     let mut extra = extra.to_vec();
     extra.extend(["--realtime-priority", "1"]);
     lean_p2p(dir.path(), &target, true, &extra);
+}
+
+/// With `--receipt-ack-delay-ms`, an Ack owed only for Receipts waits for
+/// the user's next frame (here longer than the run, so only a Send, a
+/// Deliver's Ack, half the delivery window or the step's end sends it),
+/// and still every message is acked, delivered and receipted, and once the
+/// run is over the server holds no entry unacknowledged.
+#[test]
+fn held_receipt_acks_all_go_out_by_the_end_of_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (_server, addr, admin) = start_switchboard(&data);
+    let users = dir.path().join("users.json");
+    let users = users.to_str().unwrap().to_string();
+    let extra = [
+        "--transport",
+        "plain",
+        "--users",
+        &users,
+        "--receipt-ack-delay-ms",
+        "5000",
+    ];
+    let v = lean_p2p(dir.path(), &addr.to_string(), true, &extra);
+    assert_eq!(v["receipt_ack_delay_ms"].as_u64(), Some(5000));
+    // The last Acks reach the server just before the harness exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let depth = inbox_depth(admin);
+        if depth == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{depth} inbox entries still unacknowledged 10 s after the run"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs the harness with `args` and `option` (quietly) and checks that it
+/// refuses to, saying `why` on stderr.
+fn refused_with(args: &[&str], option: &[&str], why: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
+        .args(args)
+        .args(option)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} {option:?} ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(why), "{args:?} {option:?}: {stderr}");
+}
+
+/// `--receipt-ack-delay-ms` runs only where it means something
+/// (Switchboard, p2p, the lean engine).
+#[test]
+fn a_receipt_ack_delay_is_refused_outside_switchboard_p2p_on_the_lean_engine() {
+    let refused = |args: &[&str]| {
+        refused_with(
+            args,
+            &["--receipt-ack-delay-ms", "10"],
+            "--receipt-ack-delay-ms needs",
+        )
+    };
+    refused(&["p2p", "-n", "2", "--target", "127.0.0.1:9"]);
+    refused(&[
+        "p2p",
+        "-n",
+        "2",
+        "--engine",
+        "lean",
+        "--target",
+        "mqtt://127.0.0.1:9",
+    ]);
+    refused(&[
+        "group",
+        "-n",
+        "4",
+        "--engine",
+        "lean",
+        "--transport",
+        "plain",
+        "--target",
+        "127.0.0.1:9",
+    ]);
 }
 
 #[test]
@@ -749,19 +938,7 @@ fn lean_engine_runs_p2p_against_mosquitto() {
 /// engine) and is refused elsewhere before anything connects.
 #[test]
 fn mqtt_receipts_are_refused_outside_mqtt_p2p_on_the_lean_engine() {
-    let refused = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_switchboard-bench"))
-            .args(args)
-            .args(["--mqtt-receipts", "--quiet"])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{args:?} ran");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("--mqtt-receipts needs"),
-            "{args:?}: {stderr}"
-        );
-    };
+    let refused = |args: &[&str]| refused_with(args, &["--mqtt-receipts"], "--mqtt-receipts needs");
     refused(&["p2p", "-n", "2", "--target", "mqtt://127.0.0.1:9"]);
     refused(&[
         "p2p",
@@ -791,7 +968,7 @@ fn mqtt_receipts_are_refused_outside_mqtt_p2p_on_the_lean_engine() {
 #[test]
 fn lean_engine_runs_the_group_scenario_against_switchboard_and_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
-    let (_server, addr) = start_switchboard(&dir.path().join("data"));
+    let (_server, addr, _) = start_switchboard(&dir.path().join("data"));
     let users = dir.path().join("users.json");
     let users = users.to_str().unwrap();
     let extra = ["--users", users, "--transport", "plain", "--engine", "lean"];

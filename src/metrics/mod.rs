@@ -493,6 +493,9 @@ pub struct ShardMetrics {
     pub recovered: AtomicBool,
     /// Whether the shard's loops still run (see [`Liveness`]).
     pub liveness: Liveness,
+    /// Times the main thread woke the shard's thread, parked by glommio
+    /// with its work unrun (`shard::start_watch`).
+    pub parked_wakes: Counter,
     /// How long each poll of the shard's tasks held its thread.
     pub task_poll: LatencyHistogram,
     /// The longest poll of each task since start, microseconds (index with
@@ -818,6 +821,12 @@ impl Registry {
             "switchboard_accepts_total",
             "Connections accepted on the shard's listener.",
             |m| m.accepts.get(),
+        );
+        self.counter(
+            out,
+            "switchboard_shard_parked_wakes_total",
+            "Times the shard's thread was found parked with its work unrun and woken.",
+            |m| m.parked_wakes.get(),
         );
         self.counter(
             out,

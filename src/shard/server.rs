@@ -456,6 +456,18 @@ pub fn run(
         noise_key: noise_keys.as_ref().map(|keys| *keys.public()),
         wss: wss_service.as_ref().map(|service| service.addr),
     });
+    // While the shards serve, wake any that glommio parked with its work
+    // unrun (`start_watch`); then join them as they end.
+    while !handles.iter().all(|h| h.thread.is_finished()) {
+        std::thread::sleep(start_watch::SERVING_INTERVAL);
+        let now = crate::metrics::monotonic_ms();
+        for handle in &mut handles {
+            let shard = &metrics[handle.shard as usize];
+            if handle.wake_if_stalled(&shard.liveness, now) {
+                shard.parked_wakes.inc();
+            }
+        }
+    }
     for handle in handles {
         if handle.thread.join().is_err() {
             error!(shard = handle.shard, "shard thread panicked");
