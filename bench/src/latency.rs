@@ -195,6 +195,19 @@ pub struct ChainLatency {
     pub send_lag: Latency,
 }
 
+impl ChainLatency {
+    /// Each latency with its name in the report (`latency_us.<name>`) and
+    /// its histogram file (`<name>.hgrm`).
+    pub fn named(&self) -> [(&'static str, &Latency); 4] {
+        [
+            ("ack", &self.ack),
+            ("deliver", &self.deliver),
+            ("receipt", &self.receipt),
+            ("send_lag", &self.send_lag),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

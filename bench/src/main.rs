@@ -754,11 +754,12 @@ impl Run {
             let (step, ok) = loop {
                 let step = run_step(self, rate)?;
                 let ok = step.ok(search.p99_max_ms);
+                let (deliver, lag) = (step.chain.deliver.summary(), step.chain.send_lag.summary());
                 trail.push(json!({"rate": rate, "delivered": step.result.delivered, "offered": step.result.offered,
-                    "deliver_p50_us": step.chain.deliver.summary().p50,
-                    "deliver_p99_us": step.chain.deliver.summary().p99, "ok": ok, "attempt": attempt,
-                    "send_lag_p99_us": step.chain.send_lag.summary().p99,
-                    "send_lag_max_us": step.chain.send_lag.summary().max,
+                    "deliver_p50_us": deliver.p50,
+                    "deliver_p99_us": deliver.p99, "ok": ok, "attempt": attempt,
+                    "send_lag_p99_us": lag.p99,
+                    "send_lag_max_us": lag.max,
                     "deliveries_per_server_core_s": step.deliveries_per_server_core_s(),
                     "cpu": step.cpu_json()}));
                 let verdict = match (ok, step.harness_bound()) {
@@ -833,10 +834,9 @@ impl Run {
         self.out["rates"]["delivered_msgs_per_s"] =
             json!(r.delivered as f64 / r.elapsed_s.max(step.duration));
         self.out["cpu"] = step.cpu_json();
-        self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
-        self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
-        self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
-        self.out["latency_us"]["send_lag"] = report::summary_json(&step.chain.send_lag.summary());
+        for (name, latency) in step.chain.named() {
+            self.out["latency_us"][name] = report::summary_json(&latency.summary());
+        }
         if self.target.protocol == Protocol::Mqtt && !self.common.mqtt_receipts {
             self.out["latency_us"]["receipt_note"] =
                 json!("MQTT has no delivered receipt; count stays 0 (see --mqtt-receipts)");
@@ -856,16 +856,9 @@ impl Run {
             .collect::<Vec<_>>());
         let chain = step.chain.clone();
         let reconnect = step.reconnect.clone();
-        self.finish(
-            &[
-                ("ack", &chain.ack),
-                ("deliver", &chain.deliver),
-                ("receipt", &chain.receipt),
-                ("send_lag", &chain.send_lag),
-                ("reconnect", &reconnect),
-            ],
-            &seconds,
-        )
+        let mut histograms = chain.named().to_vec();
+        histograms.push(("reconnect", &reconnect));
+        self.finish(&histograms, &seconds)
     }
 
     /// Each worker's view of the group plan, in worker order.
@@ -1041,10 +1034,9 @@ impl Run {
                 .filter(|_| r.sent > 0)
                 .map(|cores| cores * cpu.span_s * 1e6 / r.sent as f64));
         }
-        self.out["latency_us"]["ack"] = report::summary_json(&step.chain.ack.summary());
-        self.out["latency_us"]["deliver"] = report::summary_json(&step.chain.deliver.summary());
-        self.out["latency_us"]["receipt"] = report::summary_json(&step.chain.receipt.summary());
-        self.out["latency_us"]["send_lag"] = report::summary_json(&step.chain.send_lag.summary());
+        for (name, latency) in step.chain.named() {
+            self.out["latency_us"][name] = report::summary_json(&latency.summary());
+        }
         if self.target.protocol == Protocol::Mqtt {
             self.out["latency_us"]["receipt_note"] =
                 json!("MQTT has no delivered receipt; count stays 0");
@@ -1058,15 +1050,7 @@ impl Run {
             "deliver_p50_us": s.deliver.summary().p50, "deliver_p99_us": s.deliver.summary().p99}))
             .collect::<Vec<_>>());
         let chain = step.chain.clone();
-        self.finish(
-            &[
-                ("ack", &chain.ack),
-                ("deliver", &chain.deliver),
-                ("receipt", &chain.receipt),
-                ("send_lag", &chain.send_lag),
-            ],
-            &seconds,
-        )
+        self.finish(&chain.named(), &seconds)
     }
 
     fn offline(mut self, args: &OfflineArgs) -> anyhow::Result<()> {

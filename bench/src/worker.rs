@@ -314,6 +314,10 @@ struct Slot {
     receipt_ack_held: Cell<u64>,
     /// How many Receipts that Ack covers.
     receipt_acks_held_count: Cell<u32>,
+    /// When the held Ack must go out at the latest (`CLOCK_MONOTONIC` ns;
+    /// 0: none is held): an entry of `Worker::receipt_acks_held` with
+    /// another deadline belongs to a hold that already ended.
+    receipt_ack_deadline: Cell<u64>,
     /// Group messages this user sent, until acked and (Switchboard) every
     /// member's receipt is in.
     group_pending: RefCell<HashMap<u64, GroupPending>>,
@@ -325,6 +329,7 @@ impl Slot {
     /// The held Receipt Ack's sequence (0: none), no longer held.
     fn take_receipt_ack(&self) -> u64 {
         self.receipt_acks_held_count.set(0);
+        self.receipt_ack_deadline.set(0);
         self.receipt_ack_held.replace(0)
     }
 }
@@ -389,7 +394,9 @@ struct Worker {
     lean: RefCell<Option<Lean>>,
     /// Slots holding a Receipt's Ack, oldest first, with when it must go
     /// out at the latest (`CLOCK_MONOTONIC` ns; `--receipt-ack-delay-ms`).
-    /// An entry whose slot sent its Ack meanwhile is skipped.
+    /// One entry per hold, removed once its time is up, so it holds at most
+    /// the holds begun in the last delay; an entry whose hold ended (its
+    /// Ack went out with another frame) is skipped.
     receipt_acks_held: RefCell<VecDeque<(u64, usize)>>,
     /// Receipts a slot may hold unacknowledged: half the smallest delivery
     /// window a Welcome announced, so held Acks never stall a delivery.
@@ -414,10 +421,11 @@ impl Worker {
                 .set(slot.ack_due.get().max(slot.receipt_ack_held.get()));
         }
         if held == 0 {
-            let delay_ns = u64::from(self.spec.receipt_ack_delay_ms) * 1_000_000;
+            let deadline = now + u64::from(self.spec.receipt_ack_delay_ms) * 1_000_000;
+            slot.receipt_ack_deadline.set(deadline);
             self.receipt_acks_held
                 .borrow_mut()
-                .push_back((now + delay_ns, slot.local));
+                .push_back((deadline, slot.local));
         }
     }
 
@@ -617,6 +625,7 @@ async fn serve(spec: WorkerSpec) -> anyhow::Result<()> {
                 ack_due: Cell::new(0),
                 receipt_ack_held: Cell::new(0),
                 receipt_acks_held_count: Cell::new(0),
+                receipt_ack_deadline: Cell::new(0),
                 group_pending: RefCell::new(HashMap::new()),
                 group_seen: RefCell::new(group_seen),
             })
@@ -1864,7 +1873,13 @@ fn release_receipt_acks(worker: &Worker, links: &mut Lean, now: u64) {
             break;
         }
         held.pop_front();
-        let due = worker.slots[local].take_receipt_ack();
+        let slot = &worker.slots[local];
+        // Only the hold this entry was made for: a later hold of the slot
+        // has its own entry, still queued.
+        if slot.receipt_ack_deadline.get() != deadline {
+            continue;
+        }
+        let due = slot.take_receipt_ack();
         if let (true, Some(link)) = (due > 0, links.link_mut(local)) {
             link.ack(due);
             links.mark(local);

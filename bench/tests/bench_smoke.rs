@@ -138,6 +138,30 @@ fn server_binary() -> PathBuf {
     path
 }
 
+/// A test's Switchboard server, with its data directory and accounts file
+/// in the test's temporary directory.
+struct TestServer {
+    _process: Guard,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    data: PathBuf,
+    /// The harness's `--users` file (made by the first run that registers).
+    users: String,
+}
+
+/// Starts a server on free ports with its data in `dir/data`.
+fn switchboard_in(dir: &Path) -> TestServer {
+    let data = dir.join("data");
+    let (process, addr, admin) = start_switchboard(&data);
+    TestServer {
+        _process: process,
+        addr,
+        admin,
+        data,
+        users: dir.join("users.json").to_str().unwrap().to_string(),
+    }
+}
+
 /// A server on free ports: its process, client address and admin address.
 fn start_switchboard(data: &Path) -> (Guard, SocketAddr, SocketAddr) {
     // Port 0 for every listener: the kernel picks ports nothing holds, and
@@ -615,14 +639,9 @@ fn group_scenario_reports_consistent_numbers_against_mosquitto() {
 #[test]
 fn group_scenario_reports_consistent_numbers_against_switchboard() {
     let dir = tempfile::tempdir().unwrap();
-    let (_server, addr, _) = start_switchboard(&dir.path().join("data"));
-    let users = dir.path().join("users.json");
-    let v = group_scenario(
-        dir.path(),
-        &addr.to_string(),
-        true,
-        &["--users", users.to_str().unwrap()],
-    );
+    let server = switchboard_in(dir.path());
+    let (addr, users) = (server.addr, &server.users);
+    let v = group_scenario(dir.path(), &addr.to_string(), true, &["--users", users]);
     assert_eq!(number(&v, &["groups", "created"]), 2.0);
     // One "group created" message per membership, the creators' included.
     assert_eq!(number(&v, &["groups", "group_events_expected"]), 16.0);
@@ -641,10 +660,8 @@ fn every_scenario_reports_consistent_numbers_against_mosquitto() {
 #[test]
 fn every_scenario_reports_consistent_numbers_against_switchboard() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (_server, addr, _) = start_switchboard(&data);
-    let users = dir.path().join("users.json");
-    let users = users.to_str().unwrap().to_string();
+    let server = switchboard_in(dir.path());
+    let (addr, users) = (server.addr, server.users.clone());
     scenarios(dir.path(), &addr.to_string(), true, &["--users", &users]);
     // The accounts file now holds the 40 users of the widest scenario.
     let text = std::fs::read_to_string(&users).unwrap();
@@ -658,9 +675,8 @@ fn every_scenario_reports_consistent_numbers_against_switchboard() {
 #[test]
 fn connect_scenario_logs_in_over_each_transport() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (_server, addr, _) = start_switchboard(&data);
-    let target = addr.to_string();
+    let server = switchboard_in(dir.path());
+    let target = server.addr.to_string();
     let noise_users = dir.path().join("noise.json");
     let plain_users = dir.path().join("plain.json");
     for (transport, users) in [
@@ -704,8 +720,8 @@ fn connect_scenario_logs_in_over_each_transport() {
 #[test]
 fn media_scenario_reports_transfers_disk_and_memory_against_switchboard() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (_server, addr, _) = start_switchboard(&data);
+    let server = switchboard_in(dir.path());
+    let (addr, data) = (server.addr, server.data.clone());
     let v = bench(
         dir.path(),
         "media",
@@ -817,10 +833,8 @@ fn lean_p2p(dir: &Path, target: &str, receipts: bool, extra: &[&str]) -> Value {
 #[test]
 fn lean_engine_runs_p2p_against_switchboard_in_plaintext() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (_server, addr, _) = start_switchboard(&data);
-    let users = dir.path().join("users.json");
-    let users = users.to_str().unwrap().to_string();
+    let server = switchboard_in(dir.path());
+    let (addr, users) = (server.addr, server.users.clone());
     let target = addr.to_string();
     let extra = ["--transport", "plain", "--users", &users];
     lean_p2p(dir.path(), &target, true, &extra);
@@ -840,10 +854,8 @@ fn lean_engine_runs_p2p_against_switchboard_in_plaintext() {
 #[test]
 fn held_receipt_acks_all_go_out_by_the_end_of_the_step() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (_server, addr, admin) = start_switchboard(&data);
-    let users = dir.path().join("users.json");
-    let users = users.to_str().unwrap().to_string();
+    let server = switchboard_in(dir.path());
+    let (addr, admin, users) = (server.addr, server.admin, server.users.clone());
     let extra = [
         "--transport",
         "plain",
@@ -968,9 +980,8 @@ fn mqtt_receipts_are_refused_outside_mqtt_p2p_on_the_lean_engine() {
 #[test]
 fn lean_engine_runs_the_group_scenario_against_switchboard_and_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
-    let (_server, addr, _) = start_switchboard(&dir.path().join("data"));
-    let users = dir.path().join("users.json");
-    let users = users.to_str().unwrap();
+    let server = switchboard_in(dir.path());
+    let (addr, users) = (server.addr, server.users.as_str());
     let extra = ["--users", users, "--transport", "plain", "--engine", "lean"];
     let v = group_scenario(dir.path(), &addr.to_string(), true, &extra);
     assert_eq!(v["engine"].as_str(), Some("lean"));

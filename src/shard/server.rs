@@ -177,14 +177,9 @@ fn bind_listeners(
     let mut bound = addr;
     let mut fds = Vec::new();
     for _ in 0..shards {
-        let family = if bound.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
         let err = |e| ServerError::Listen(addr, e);
         let fd = socket::socket(
-            family,
+            family_of(bound),
             SockType::Stream,
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
@@ -214,14 +209,22 @@ fn bind_listeners(
 /// earlier run do not block it) and closes the socket again: `EADDRINUSE`
 /// when a socket listens there, SO_REUSEPORT or not.
 fn probe_unshared(addr: SocketAddr) -> Result<(), nix::Error> {
-    let family = if addr.is_ipv4() {
+    let probe = socket::socket(
+        family_of(addr),
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::setsockopt(&probe, sockopt::ReuseAddr, &true)?;
+    socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(addr))
+}
+
+fn family_of(addr: SocketAddr) -> AddressFamily {
+    if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
-    };
-    let probe = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    socket::setsockopt(&probe, sockopt::ReuseAddr, &true)?;
-    socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(addr))
+    }
 }
 
 type Mesh<T> = (
