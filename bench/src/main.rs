@@ -7,8 +7,8 @@
 //! (`fleet`, `worker`), samples the server's and the kernel's memory
 //! (`sysmem`) and the harness's and the server's CPU time over each p2p or
 //! group step (`cpu`), and writes the results (`report`). The group
-//! scenario's plan (who is in which group, who sends) is `group`. See
-//! docs/benchmarks.md.
+//! scenario's plan (who is in which group, who sends) is `group`; the disk
+//! probe, which needs no server, is `sync`. See docs/benchmarks.md.
 
 mod cpu;
 mod fleet;
@@ -21,6 +21,7 @@ mod media;
 mod mqtt;
 mod reaper;
 mod report;
+mod sync;
 mod sysmem;
 mod worker;
 
@@ -72,6 +73,10 @@ enum Scenario {
     /// The media service: upload and download MB/s per blob size (with the
     /// disk's own by dd), and server memory per upload in flight.
     Media(media::MediaArgs),
+    /// The disk under the log, without a server: records written at a
+    /// fixed rate through a shared mapping of a preallocated file, each
+    /// timed until an fdatasync begun after it ends.
+    Sync(sync::SyncArgs),
     /// Print two JSON results side by side.
     Compare { a: PathBuf, b: PathBuf },
     /// Draw deliver p50 and p99 against offered rate from JSON results
@@ -345,6 +350,7 @@ fn main() -> anyhow::Result<()> {
             Run::start("group", args.common.clone(), Some(shape))?.group(&args)
         }
         Scenario::Media(args) => media::run(&args, machine()),
+        Scenario::Sync(args) => sync::run(&args, machine()),
     }
 }
 

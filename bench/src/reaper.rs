@@ -14,6 +14,7 @@
 //! the kernel for SIGKILL on its parent's death), which covers the one exit no
 //! code of ours sees: a SIGKILL of the coordinator.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -25,6 +26,26 @@ use nix::sys::signal::{SigSet, Signal};
 pub const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
 static WORKERS: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+/// Scratch files a stop signal removes (the `sync` scenario's probe file).
+static SCRATCH: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Has a stop signal remove `path`; the owner removes it on its other exit
+/// paths and then calls [`scratch_removed`].
+pub fn remove_on_stop(path: &Path) {
+    SCRATCH
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(path.to_path_buf());
+}
+
+/// `path`, registered by [`remove_on_stop`], is gone.
+pub fn scratch_removed(path: &Path) {
+    SCRATCH
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|p| p != path);
+}
 
 fn workers() -> MutexGuard<'static, Vec<Child>> {
     // A panic elsewhere must not stop the workers from being killed.
@@ -126,6 +147,13 @@ pub fn handle_stop_signals() -> anyhow::Result<()> {
             let pids: Vec<u32> = workers.iter().map(Child::id).collect();
             for child in workers.iter_mut() {
                 kill_and_wait(child);
+            }
+            for path in SCRATCH
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+            {
+                let _ = std::fs::remove_file(path);
             }
             eprintln!(
                 "{signal}: stopped; killed and reaped {} worker process(es) {pids:?}",
