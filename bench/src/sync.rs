@@ -10,8 +10,8 @@
 //! commits, a record written during a sync waits for that one and then its
 //! own; `--in-flight 2` shows what a second sync in flight would change.
 //!
-//! Bounded: `rate × duration` records, and the whole run ends with an error
-//! at `--timeout`. The file is removed on every exit path but SIGKILL (a
+//! Bounded: `rate × duration` records, and the run ends with an error
+//! `--timeout` seconds after its schedule's end. The file is removed on every exit path but SIGKILL (a
 //! stop signal removes it through `reaper`).
 
 use std::fs::{File, OpenOptions};
@@ -53,8 +53,9 @@ pub struct SyncArgs {
     /// fdatasyncs in flight at most (1 to 8); the log runs one at a time.
     #[arg(long, default_value_t = 1)]
     in_flight: usize,
-    /// Seconds the whole run may take before it ends with an error.
-    #[arg(long, default_value_t = 120.0)]
+    /// Seconds past the end of the schedule the run may take before it
+    /// ends with an error (a disk that stops answering).
+    #[arg(long, default_value_t = 30.0)]
     timeout: f64,
     /// Write the results as JSON to this file.
     #[arg(long)]
@@ -117,6 +118,9 @@ pub fn run(args: &SyncArgs, machine: Value) -> anyhow::Result<()> {
     if !(args.duration.is_finite() && args.duration > 0.0) {
         bail!("--duration must be a positive number of seconds");
     }
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
     if !(1..=IN_FLIGHT_MAX).contains(&args.in_flight) {
         bail!("--in-flight must be 1 to {IN_FLIGHT_MAX}");
     }
@@ -145,8 +149,8 @@ pub fn run(args: &SyncArgs, machine: Value) -> anyhow::Result<()> {
     // its own page, with no read-ahead of zeros.
     let _ = map.advise(memmap2::Advice::Random);
 
-    let deadline = monotonic_ns() + (args.timeout * 1e9) as u64;
     let start = monotonic_ns() + 1_000_000;
+    let deadline = start + ((args.duration + args.timeout) * 1e9) as u64;
     let shared = Arc::new(Shared {
         progress: Mutex::new(Progress {
             written: 0,
