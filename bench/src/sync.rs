@@ -67,9 +67,8 @@ pub struct SyncArgs {
 
 /// What the writer and the syncing threads share.
 struct Progress {
-    /// Records written so far.
-    written: u64,
-    /// When each record written so far was written (monotonic ns).
+    /// When each record written so far was written (monotonic ns); its
+    /// length is the count written.
     written_at: Vec<u64>,
     /// Records covered by the latest fdatasync begun.
     begun: u64,
@@ -84,6 +83,13 @@ struct Progress {
     durable_latency: Latency,
     /// Each fdatasync's own duration.
     sync_latency: Latency,
+}
+
+impl Progress {
+    /// Records written so far.
+    fn written(&self) -> u64 {
+        self.written_at.len() as u64
+    }
 }
 
 struct Shared {
@@ -153,7 +159,6 @@ pub fn run(args: &SyncArgs, machine: Value) -> anyhow::Result<()> {
     let deadline = start + ((args.duration + args.timeout) * 1e9) as u64;
     let shared = Arc::new(Shared {
         progress: Mutex::new(Progress {
-            written: 0,
             written_at: Vec::with_capacity(schedule.count as usize),
             begun: 0,
             durable: 0,
@@ -291,7 +296,6 @@ fn write_all(
         if let Some(error) = &progress.error {
             bail!("fdatasync failed: {error}");
         }
-        progress.written = k + 1;
         progress.written_at.push(written);
         drop(progress);
         shared.changed.notify_all();
@@ -336,7 +340,7 @@ fn syncer(shared: &Shared, file: &File, max: usize) {
                 if progress.done || progress.error.is_some() {
                     return;
                 }
-                if progress.written > progress.begun && progress.in_flight < max {
+                if progress.written() > progress.begun && progress.in_flight < max {
                     break;
                 }
                 progress = shared
@@ -344,9 +348,9 @@ fn syncer(shared: &Shared, file: &File, max: usize) {
                     .wait(progress)
                     .unwrap_or_else(|e| e.into_inner());
             }
-            progress.begun = progress.written;
+            progress.begun = progress.written();
             progress.in_flight += 1;
-            progress.written
+            progress.begun
         };
         let began = monotonic_ns();
         let synced = file.sync_data();
